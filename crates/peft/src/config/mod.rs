@@ -1,0 +1,580 @@
+//! `adapter_config.json`: one struct per PEFT method, field for field with PEFT 0.21.2's config dataclasses.
+//!
+//! [`PeftConfig`] is the file as a whole, tagged by its `peft_type`. Reading applies PEFT's default to every
+//! absent key and keeps every key we do not know (in each struct's `extra`, reported by
+//! [`PeftConfig::unknown_keys`] and written back unchanged). Writing reproduces PEFT's
+//! `json.dumps(d, indent=2, sort_keys=True)` byte for byte, with `inference_mode` forced to `true` as PEFT does
+//! when it saves an adapter. Because PEFT writes its set-valued fields (`target_modules`, …) in hash order,
+//! compare configs with [`json_content_eq`], never byte for byte.
+//!
+//! Parsing only checks the shape of the document. [`PeftConfig::validate`] then applies PEFT's own consistency
+//! checks ([`PeftError::InvalidConfig`]) and refuses every feature peft-rs does not implement when it is set
+//! to a non-default value ([`PeftError::Unsupported`], naming the field). Loading code must call it.
+
+pub mod common;
+pub(crate) mod helpers;
+pub mod json;
+
+pub use crate::tuners::adalora::config::AdaLoraConfig;
+pub use crate::tuners::boft::config::BoftConfig;
+pub use crate::tuners::ia3::config::Ia3Config;
+pub use crate::tuners::loha::config::LoHaConfig;
+pub use crate::tuners::lokr::config::{LoKrConfig, LoKrInitWeights};
+pub use crate::tuners::lora::config::{InitLoraWeights, LoraBias, LoraConfig, LoraOptionalFeatures};
+pub use crate::tuners::oft::config::OftConfig;
+pub use crate::tuners::p_tuning::config::{PromptEncoderConfig, PromptEncoderReparameterizationType};
+pub use crate::tuners::prefix_tuning::config::PrefixTuningConfig;
+pub use crate::tuners::prompt_tuning::config::{PromptTuningConfig, PromptTuningInit};
+pub use crate::tuners::vera::config::VeraConfig;
+pub use common::{BiasMode, LayersToTransform, StrOrList, TargetModules, TargetSpec};
+pub use json::{json_content_eq, python_dumps};
+
+use crate::{PeftError, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::str::FromStr;
+
+/// The config file name in an adapter directory.
+pub const CONFIG_NAME: &str = "adapter_config.json";
+
+/// The PEFT version whose file format this crate reproduces; written as `peft_version` when a config does not
+/// carry one (PEFT fills in its own version the same way).
+pub const PEFT_VERSION: &str = "0.21.2";
+
+/// The methods peft-rs reads, as named by `peft_type` in `adapter_config.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeftType {
+    /// `"LORA"`: LoRA and its variants (rsLoRA, DoRA, `lora_bias`).
+    Lora,
+    /// `"ADALORA"`: AdaLoRA.
+    AdaLora,
+    /// `"IA3"`: (IA)³.
+    Ia3,
+    /// `"LOHA"`: LoHa.
+    LoHa,
+    /// `"LOKR"`: LoKr.
+    LoKr,
+    /// `"OFT"`: orthogonal fine-tuning.
+    Oft,
+    /// `"BOFT"`: butterfly orthogonal fine-tuning.
+    Boft,
+    /// `"VERA"`: VeRA.
+    Vera,
+    /// `"PROMPT_TUNING"`: prompt tuning.
+    PromptTuning,
+    /// `"PREFIX_TUNING"`: prefix tuning.
+    PrefixTuning,
+    /// `"P_TUNING"`: P-tuning (prompt encoder).
+    PTuning,
+}
+
+impl PeftType {
+    /// Every method, in the order of PEFT's `PeftType` enum.
+    pub const ALL: [PeftType; 11] = [
+        PeftType::PromptTuning,
+        PeftType::PTuning,
+        PeftType::PrefixTuning,
+        PeftType::Lora,
+        PeftType::AdaLora,
+        PeftType::Boft,
+        PeftType::Ia3,
+        PeftType::LoHa,
+        PeftType::LoKr,
+        PeftType::Oft,
+        PeftType::Vera,
+    ];
+
+    /// The name written as `peft_type` (`"LORA"`, `"P_TUNING"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeftType::Lora => "LORA",
+            PeftType::AdaLora => "ADALORA",
+            PeftType::Ia3 => "IA3",
+            PeftType::LoHa => "LOHA",
+            PeftType::LoKr => "LOKR",
+            PeftType::Oft => "OFT",
+            PeftType::Boft => "BOFT",
+            PeftType::Vera => "VERA",
+            PeftType::PromptTuning => "PROMPT_TUNING",
+            PeftType::PrefixTuning => "PREFIX_TUNING",
+            PeftType::PTuning => "P_TUNING",
+        }
+    }
+
+    /// Whether the method is prompt learning (virtual tokens instead of wrapped layers).
+    pub fn is_prompt_learning(self) -> bool {
+        matches!(self, PeftType::PromptTuning | PeftType::PrefixTuning | PeftType::PTuning)
+    }
+}
+
+impl fmt::Display for PeftType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PeftType {
+    type Err = PeftError;
+
+    /// Parses a `peft_type` exactly as written (PEFT's names are upper case); anything else is
+    /// [`PeftError::UnknownPeftType`], including methods PEFT has but peft-rs does not read.
+    fn from_str(s: &str) -> Result<Self> {
+        PeftType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| PeftError::UnknownPeftType(s.to_string()))
+    }
+}
+
+impl Serialize for PeftType {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for PeftType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `task_type`: the kind of model head the adapter was trained with (PEFT's `TaskType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskType {
+    /// `"SEQ_CLS"`: text classification.
+    #[serde(rename = "SEQ_CLS")]
+    SeqCls,
+    /// `"SEQ_2_SEQ_LM"`: sequence-to-sequence language modelling.
+    #[serde(rename = "SEQ_2_SEQ_LM")]
+    Seq2SeqLm,
+    /// `"CAUSAL_LM"`: causal language modelling.
+    #[serde(rename = "CAUSAL_LM")]
+    CausalLm,
+    /// `"TOKEN_CLS"`: token classification.
+    #[serde(rename = "TOKEN_CLS")]
+    TokenCls,
+    /// `"QUESTION_ANS"`: question answering.
+    #[serde(rename = "QUESTION_ANS")]
+    QuestionAns,
+    /// `"FEATURE_EXTRACTION"`: hidden states as features.
+    #[serde(rename = "FEATURE_EXTRACTION")]
+    FeatureExtraction,
+}
+
+impl TaskType {
+    /// The name as written in `adapter_config.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskType::SeqCls => "SEQ_CLS",
+            TaskType::Seq2SeqLm => "SEQ_2_SEQ_LM",
+            TaskType::CausalLm => "CAUSAL_LM",
+            TaskType::TokenCls => "TOKEN_CLS",
+            TaskType::QuestionAns => "QUESTION_ANS",
+            TaskType::FeatureExtraction => "FEATURE_EXTRACTION",
+        }
+    }
+}
+
+/// The fields every PEFT config has (PEFT's `PeftConfigMixin` and `PeftConfig`), flattened into each method's
+/// struct as its `base` field. `peft_type` is not here: it is the tag of [`PeftConfig`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PeftConfigBase {
+    /// `task_type` (default `null`).
+    pub task_type: Option<TaskType>,
+    /// `auto_mapping`: how to rebuild a custom base model class (default `null`; kept as written).
+    pub auto_mapping: Option<Value>,
+    /// `peft_version`: the PEFT version that wrote the file; absent in files older than PEFT 0.18, where PEFT
+    /// fills in its own version, as we do ([`PEFT_VERSION`]).
+    pub peft_version: Option<String>,
+    /// `base_model_name_or_path` (default `null`).
+    pub base_model_name_or_path: Option<String>,
+    /// `revision` of the base model (default `null`).
+    pub revision: Option<String>,
+    /// `inference_mode` (default `false`; PEFT writes `true` when it saves an adapter).
+    pub inference_mode: bool,
+}
+
+impl Default for PeftConfigBase {
+    fn default() -> Self {
+        Self {
+            task_type: None,
+            auto_mapping: None,
+            peft_version: Some(PEFT_VERSION.to_string()),
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+        }
+    }
+}
+
+/// The fields of every prompt-learning config (PEFT's `PromptLearningConfig`), flattened into
+/// [`PromptTuningConfig`], [`PrefixTuningConfig`] and [`PromptEncoderConfig`] as their `prompt` field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PromptLearningBase {
+    /// `num_virtual_tokens` (no default in PEFT: `null`; [`PeftConfig::validate`] requires it).
+    pub num_virtual_tokens: Option<usize>,
+    /// `token_dim`: the hidden size of the base model (filled in from the model when `null`).
+    pub token_dim: Option<usize>,
+    /// `num_transformer_submodules`: 1, or 2 for encoder-decoder models (filled in when `null`).
+    pub num_transformer_submodules: Option<usize>,
+    /// `num_attention_heads` of the base model (filled in when `null`).
+    pub num_attention_heads: Option<usize>,
+    /// `num_layers` of the base model (filled in when `null`).
+    pub num_layers: Option<usize>,
+    /// `modules_to_save`: extra modules trained in full and saved with the adapter (default `null`).
+    pub modules_to_save: Option<Vec<String>>,
+}
+
+impl PromptLearningBase {
+    /// PEFT needs `num_virtual_tokens` to build any prompt-learning adapter.
+    pub(crate) fn validate(&self) -> Result<()> {
+        match self.num_virtual_tokens {
+            None => Err(PeftError::InvalidConfig("`num_virtual_tokens` must be set for prompt learning".into())),
+            Some(0) => Err(PeftError::InvalidConfig("`num_virtual_tokens` must be positive, got 0".into())),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// An `adapter_config.json`: one variant per method, tagged by `peft_type`.
+///
+/// Read it with [`from_dir`](Self::from_dir) / [`from_file`](Self::from_file) /
+/// [`from_json_str`](Self::from_json_str), check it with [`validate`](Self::validate), write it with
+/// [`save`](Self::save) / [`to_json_string`](Self::to_json_string). Its serde form is the JSON object with
+/// `peft_type`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeftConfig {
+    /// `"LORA"`.
+    Lora(LoraConfig),
+    /// `"ADALORA"`.
+    AdaLora(AdaLoraConfig),
+    /// `"IA3"`.
+    Ia3(Ia3Config),
+    /// `"LOHA"`.
+    LoHa(LoHaConfig),
+    /// `"LOKR"`.
+    LoKr(LoKrConfig),
+    /// `"OFT"`.
+    Oft(OftConfig),
+    /// `"BOFT"`.
+    Boft(BoftConfig),
+    /// `"VERA"`.
+    Vera(VeraConfig),
+    /// `"PROMPT_TUNING"`.
+    PromptTuning(PromptTuningConfig),
+    /// `"PREFIX_TUNING"`.
+    PrefixTuning(PrefixTuningConfig),
+    /// `"P_TUNING"`.
+    PTuning(PromptEncoderConfig),
+}
+
+/// Runs `$body` with `$c` bound to the inner config of every variant.
+macro_rules! each_config {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            PeftConfig::Lora($c) => $body,
+            PeftConfig::AdaLora($c) => $body,
+            PeftConfig::Ia3($c) => $body,
+            PeftConfig::LoHa($c) => $body,
+            PeftConfig::LoKr($c) => $body,
+            PeftConfig::Oft($c) => $body,
+            PeftConfig::Boft($c) => $body,
+            PeftConfig::Vera($c) => $body,
+            PeftConfig::PromptTuning($c) => $body,
+            PeftConfig::PrefixTuning($c) => $body,
+            PeftConfig::PTuning($c) => $body,
+        }
+    };
+}
+
+macro_rules! impl_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for PeftConfig {
+            fn from(c: $ty) -> Self {
+                PeftConfig::$variant(c)
+            }
+        }
+    )*};
+}
+
+impl_from!(
+    Lora(LoraConfig),
+    AdaLora(AdaLoraConfig),
+    Ia3(Ia3Config),
+    LoHa(LoHaConfig),
+    LoKr(LoKrConfig),
+    Oft(OftConfig),
+    Boft(BoftConfig),
+    Vera(VeraConfig),
+    PromptTuning(PromptTuningConfig),
+    PrefixTuning(PrefixTuningConfig),
+    PTuning(PromptEncoderConfig),
+);
+
+/// Keys whose list value PEFT turns into a set (so duplicates disappear when it saves).
+const SET_KEYS: &[&str] = &["target_modules", "exclude_modules", "feedforward_modules"];
+
+fn json_error(context: &str, e: impl fmt::Display) -> PeftError {
+    PeftError::Json { context: context.to_string(), message: e.to_string() }
+}
+
+fn parse_variant<T: serde::de::DeserializeOwned>(map: Map<String, Value>, context: &str, t: PeftType) -> Result<T> {
+    serde_json::from_value(Value::Object(map)).map_err(|e| json_error(&format!("{context} ({t} config)"), e))
+}
+
+impl PeftConfig {
+    /// The method.
+    pub fn peft_type(&self) -> PeftType {
+        match self {
+            PeftConfig::Lora(_) => PeftType::Lora,
+            PeftConfig::AdaLora(_) => PeftType::AdaLora,
+            PeftConfig::Ia3(_) => PeftType::Ia3,
+            PeftConfig::LoHa(_) => PeftType::LoHa,
+            PeftConfig::LoKr(_) => PeftType::LoKr,
+            PeftConfig::Oft(_) => PeftType::Oft,
+            PeftConfig::Boft(_) => PeftType::Boft,
+            PeftConfig::Vera(_) => PeftType::Vera,
+            PeftConfig::PromptTuning(_) => PeftType::PromptTuning,
+            PeftConfig::PrefixTuning(_) => PeftType::PrefixTuning,
+            PeftConfig::PTuning(_) => PeftType::PTuning,
+        }
+    }
+
+    /// Whether the method is prompt learning.
+    pub fn is_prompt_learning(&self) -> bool {
+        self.peft_type().is_prompt_learning()
+    }
+
+    /// The fields every config has.
+    pub fn base(&self) -> &PeftConfigBase {
+        each_config!(self, c => &c.base)
+    }
+
+    /// The fields every config has, mutably.
+    pub fn base_mut(&mut self) -> &mut PeftConfigBase {
+        each_config!(self, c => &mut c.base)
+    }
+
+    /// `base_model_name_or_path`.
+    pub fn base_model_name_or_path(&self) -> Option<&str> {
+        self.base().base_model_name_or_path.as_deref()
+    }
+
+    /// `inference_mode`.
+    pub fn inference_mode(&self) -> bool {
+        self.base().inference_mode
+    }
+
+    /// `task_type`.
+    pub fn task_type(&self) -> Option<TaskType> {
+        self.base().task_type
+    }
+
+    /// `modules_to_save`: modules trained in full and saved with the adapter.
+    pub fn modules_to_save(&self) -> Option<&[String]> {
+        match self {
+            PeftConfig::Lora(c) => c.modules_to_save.as_deref(),
+            PeftConfig::AdaLora(c) => c.modules_to_save.as_deref(),
+            PeftConfig::Ia3(c) => c.modules_to_save.as_deref(),
+            PeftConfig::LoHa(c) => c.modules_to_save.as_deref(),
+            PeftConfig::LoKr(c) => c.modules_to_save.as_deref(),
+            PeftConfig::Oft(c) => c.modules_to_save.as_deref(),
+            PeftConfig::Boft(c) => c.modules_to_save.as_deref(),
+            PeftConfig::Vera(c) => c.modules_to_save.as_deref(),
+            PeftConfig::PromptTuning(c) => c.prompt.modules_to_save.as_deref(),
+            PeftConfig::PrefixTuning(c) => c.prompt.modules_to_save.as_deref(),
+            PeftConfig::PTuning(c) => c.prompt.modules_to_save.as_deref(),
+        }
+    }
+
+    /// Which modules the adapter wraps; `None` for prompt learning, which wraps none.
+    pub fn target_spec(&self) -> Option<TargetSpec<'_>> {
+        match self {
+            PeftConfig::Lora(c) => Some(c.target_spec()),
+            PeftConfig::AdaLora(c) => Some(c.target_spec()),
+            PeftConfig::Ia3(c) => Some(c.target_spec()),
+            PeftConfig::LoHa(c) => Some(c.target_spec()),
+            PeftConfig::LoKr(c) => Some(c.target_spec()),
+            PeftConfig::Oft(c) => Some(c.target_spec()),
+            PeftConfig::Boft(c) => Some(c.target_spec()),
+            PeftConfig::Vera(c) => Some(c.target_spec()),
+            PeftConfig::PromptTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuning(_) => None,
+        }
+    }
+
+    /// The keys of the file that PEFT 0.21.2's config class does not have (kept, and written back on save).
+    pub fn unknown_keys(&self) -> Vec<String> {
+        self.extra().keys().cloned().collect()
+    }
+
+    /// The unknown keys with their values.
+    pub fn extra(&self) -> &Map<String, Value> {
+        each_config!(self, c => &c.extra)
+    }
+
+    /// Checks the config as PEFT 0.21.2 does when it builds the adapter ([`PeftError::InvalidConfig`]) and
+    /// refuses every feature peft-rs does not implement when it is set to a non-default value
+    /// ([`PeftError::Unsupported`], naming the field). Unknown keys are accepted at `null` / `false` / `0` / empty
+    /// values and refused otherwise, since their effect is unknown.
+    pub fn validate(&self) -> Result<()> {
+        each_config!(self, c => c.validate())
+    }
+
+    /// The config as PEFT's `to_dict()` gives it: every field, `peft_type` included, unknown keys kept.
+    /// `inference_mode` is as held (see [`to_json_string`](Self::to_json_string) for the saved form).
+    pub fn to_json_value(&self) -> Value {
+        let value = each_config!(self, c => serde_json::to_value(c));
+        // Serializing these structs cannot fail: every map key is a string.
+        let mut map = match value {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        map.insert("peft_type".into(), Value::String(self.peft_type().as_str().into()));
+        for key in SET_KEYS {
+            if let Some(Value::Array(items)) = map.get_mut(*key) {
+                let mut seen: Vec<Value> = Vec::with_capacity(items.len());
+                items.retain(|v| {
+                    let new = !seen.contains(v);
+                    if new {
+                        seen.push(v.clone());
+                    }
+                    new
+                });
+            }
+        }
+        Value::Object(map)
+    }
+
+    /// The text PEFT writes as `adapter_config.json` for this config: `json.dumps(d, indent=2, sort_keys=True)`
+    /// with `inference_mode` forced to `true` (PEFT sets it when it saves an adapter), no trailing newline.
+    pub fn to_json_string(&self) -> String {
+        let mut value = self.to_json_value();
+        if let Value::Object(map) = &mut value {
+            map.insert("inference_mode".into(), Value::Bool(true));
+        }
+        python_dumps(&value)
+    }
+
+    /// Writes [`to_json_string`](Self::to_json_string) to `<dir>/adapter_config.json`, creating `dir` if needed.
+    /// The file is written as `adapter_config.json.tmp` in the same directory and then renamed, so a failure
+    /// never leaves a half-written config behind.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+        let path = dir.join(CONFIG_NAME);
+        let tmp = dir.join(format!("{CONFIG_NAME}.tmp"));
+        let text = self.to_json_string();
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(PeftError::io(path, e));
+        }
+        Ok(())
+    }
+
+    /// Parses the text of an `adapter_config.json`.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::from_json_str_in(text, CONFIG_NAME)
+    }
+
+    fn from_json_str_in(text: &str, context: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|e| json_error(context, e))?;
+        Self::from_json_value_in(value, context)
+    }
+
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+        Self::from_json_str_in(&text, &path.display().to_string())
+    }
+
+    /// Reads `<dir>/adapter_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_file(&dir.join(CONFIG_NAME))
+    }
+
+    /// Builds a config from a parsed JSON object, as PEFT's `PeftConfig.from_pretrained` does: `peft_type` picks
+    /// the class, absent keys take PEFT's defaults, unknown keys are kept, and `runtime_config` is dropped (PEFT
+    /// drops it on load: runtime settings are never read from a file).
+    ///
+    /// Errors: not an object or no string `peft_type` ([`PeftError::InvalidConfig`]); a `peft_type` peft-rs does
+    /// not read ([`PeftError::UnknownPeftType`]); a field of the wrong type ([`PeftError::Json`]); an OFT config
+    /// from before PEFT 0.14 (no `oft_block_size`), which PEFT refuses too.
+    pub fn from_json_value(value: Value) -> Result<Self> {
+        Self::from_json_value_in(value, CONFIG_NAME)
+    }
+
+    fn from_json_value_in(value: Value, context: &str) -> Result<Self> {
+        let mut map = match value {
+            Value::Object(map) => map,
+            other => {
+                return Err(PeftError::InvalidConfig(format!(
+                    "{context}: an adapter config must be a JSON object, got {}",
+                    helpers::show(&other)
+                )));
+            }
+        };
+        map.remove("runtime_config");
+        let peft_type: PeftType = match map.remove("peft_type") {
+            Some(Value::String(s)) => s.parse()?,
+            Some(other) => {
+                return Err(PeftError::InvalidConfig(format!(
+                    "{context}: `peft_type` must be a string, got {}",
+                    helpers::show(&other)
+                )));
+            }
+            None => {
+                return Err(PeftError::InvalidConfig(format!(
+                    "{context}: no `peft_type` key, so the adapter method is unknown"
+                )));
+            }
+        };
+        Ok(match peft_type {
+            PeftType::Lora => PeftConfig::Lora(parse_variant(map, context, peft_type)?),
+            PeftType::AdaLora => PeftConfig::AdaLora(parse_variant(map, context, peft_type)?),
+            PeftType::Ia3 => PeftConfig::Ia3(parse_variant(map, context, peft_type)?),
+            PeftType::LoHa => PeftConfig::LoHa(parse_variant(map, context, peft_type)?),
+            PeftType::LoKr => PeftConfig::LoKr(parse_variant(map, context, peft_type)?),
+            PeftType::Oft => {
+                if !map.contains_key("oft_block_size") {
+                    return Err(PeftError::InvalidConfig(format!(
+                        "{context}: OFT has been updated since PEFT 0.14.0 and this adapter (no `oft_block_size`) is \
+                         incompatible with it; PEFT refuses it too (retrain it, or use PEFT 0.13)"
+                    )));
+                }
+                PeftConfig::Oft(parse_variant(map, context, peft_type)?)
+            }
+            PeftType::Boft => PeftConfig::Boft(parse_variant(map, context, peft_type)?),
+            PeftType::Vera => PeftConfig::Vera(parse_variant(map, context, peft_type)?),
+            PeftType::PromptTuning => PeftConfig::PromptTuning(parse_variant(map, context, peft_type)?),
+            PeftType::PrefixTuning => PeftConfig::PrefixTuning(parse_variant(map, context, peft_type)?),
+            PeftType::PTuning => PeftConfig::PTuning(parse_variant(map, context, peft_type)?),
+        })
+    }
+}
+
+impl Serialize for PeftConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json_value().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeftConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        PeftConfig::from_json_value(value).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests;

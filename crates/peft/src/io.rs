@@ -1,0 +1,314 @@
+//! Reading and writing adapter directories exactly as PEFT 0.21.2 does.
+//!
+//! A directory holds `adapter_config.json` and `adapter_model.safetensors` (metadata `{"format": "pt"}`).
+//! Adapter `default` sits at the root, any other adapter in `<dir>/<name>/`. Keys keep the
+//! `base_model.model.` prefix and drop the adapter name (`base_model.model.fc1.lora_A.weight`). Keys without
+//! an adapter parameter are the model's own tensors that the adapter replaces: biases trained with
+//! `bias="all"` / `"lora_only"` (`fc1.base_layer.bias`, `norm.bias`), `modules_to_save` copies (`fc3.weight`)
+//! and saved embedding matrices (`embed_tokens.base_layer.weight`). [`split_keys`] separates the two.
+//!
+//! Every file is written to a temporary name in the same directory and renamed, so a failure never leaves
+//! a half-written file behind.
+
+use crate::config::PeftConfig;
+use crate::{PeftError, Result};
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The config file name in an adapter directory.
+pub const CONFIG_NAME: &str = "adapter_config.json";
+/// The weights file name in an adapter directory.
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+/// The prefix PEFT puts before module names in adapter files.
+pub const MODEL_PREFIX: &str = "base_model.model.";
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then a rename.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes `path` atomically through `write`, which gets a buffered writer on a temporary file.
+pub fn atomic_write_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = tmp_path(path);
+    let res = (|| {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::new(f);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PeftError::io(path, e));
+    }
+    Ok(())
+}
+
+/// Like [`atomic_write_with`], but `write` may fail with a library error (the temporary file is removed).
+pub fn atomic_write_try(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = tmp_path(path);
+    let res = (|| -> Result<()> {
+        let f = std::fs::File::create(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+        let mut w = std::io::BufWriter::new(f);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| PeftError::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| PeftError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| PeftError::io(path, e))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// A memory-mapped safetensors file, validated on open (a truncated or corrupt file is an error).
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    header_len: usize,
+    metadata: safetensors::tensor::Metadata,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsFile").field("path", &self.path).finish()
+    }
+}
+
+impl SafetensorsFile {
+    /// Opens and validates `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| PeftError::io(&path, e))?;
+        // SAFETY: the file is opened read-only; like every mmap user we assume nobody truncates it meanwhile.
+        let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| PeftError::io(&path, e))?;
+        let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| PeftError::SafeTensors { path: path.clone(), message: e.to_string() })?;
+        Ok(Self { path, mmap, header_len: 8 + n, metadata })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names in the order of their data in the file.
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.offset_keys()
+    }
+
+    /// The `__metadata__` map.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.metadata.metadata().as_ref()
+    }
+
+    /// Whether the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.metadata.info(name).is_some()
+    }
+
+    /// Shape and dtype of `name`.
+    pub fn info(&self, name: &str) -> Option<(Vec<usize>, safetensors::Dtype)> {
+        self.metadata.info(name).map(|i| (i.shape.clone(), i.dtype))
+    }
+
+    /// Loads one tensor.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let info = self.metadata.info(name).ok_or_else(|| PeftError::MissingKey(name.to_string()))?;
+        let (s, e) = info.data_offsets;
+        let data = &self.mmap[self.header_len + s..self.header_len + e];
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), data)
+            .map_err(|e| PeftError::SafeTensors { path: self.path.clone(), message: format!("{name}: {e}") })?;
+        view.load(device).map_err(|e| PeftError::SafeTensors {
+            path: self.path.clone(),
+            message: format!("{name}: {e}"),
+        })
+    }
+
+    /// Loads every tensor, in file order.
+    pub fn load_all(&self, device: &Device) -> Result<IndexMap<String, Tensor>> {
+        self.names().into_iter().map(|n| Ok((n.clone(), self.load(&n, device)?))).collect()
+    }
+}
+
+/// Reads every tensor of a safetensors file, in file order.
+pub fn read_safetensors(path: impl AsRef<Path>, device: &Device) -> Result<IndexMap<String, Tensor>> {
+    SafetensorsFile::open(path)?.load_all(device)
+}
+
+/// PEFT's safetensors metadata.
+pub fn pt_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Writes tensors to a safetensors file atomically, with `{"format": "pt"}` metadata as PEFT writes.
+pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(String, Tensor)]) -> Result<()> {
+    let path = path.as_ref();
+    let mut data = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        data.push((k.clone(), t.contiguous()?));
+    }
+    let bytes = safetensors::serialize(data.iter().map(|(k, t)| (k.as_str(), t)), Some(pt_metadata()))
+        .map_err(|e| PeftError::SafeTensors { path: path.to_path_buf(), message: e.to_string() })?;
+    atomic_write(path, &bytes)
+}
+
+/// Where an adapter named `name` lives under a save directory: `default` at the root, others in sub-dirs.
+pub fn adapter_subdir(root: &Path, name: &str) -> PathBuf {
+    if name == "default" { root.to_path_buf() } else { root.join(name) }
+}
+
+/// An adapter directory as read from disk: its config and its tensors keyed as in the file.
+#[derive(Debug, Clone)]
+pub struct AdapterFile {
+    /// `adapter_config.json`.
+    pub config: PeftConfig,
+    /// `adapter_model.safetensors`, keys as on disk, file order.
+    pub tensors: IndexMap<String, Tensor>,
+}
+
+/// Reads an adapter directory (config validated: a flag we do not implement is an error).
+pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<AdapterFile> {
+    let dir = dir.as_ref();
+    let config = PeftConfig::from_dir(dir)?;
+    config.validate()?;
+    let weights = dir.join(WEIGHTS_NAME);
+    if !weights.exists() {
+        if dir.join("adapter_model.bin").exists() {
+            return Err(PeftError::Invalid(format!(
+                "{}: only adapter_model.safetensors is supported (found a pickled adapter_model.bin)",
+                dir.display()
+            )));
+        }
+        return Err(PeftError::io(&weights, std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter weights")));
+    }
+    let tensors = read_safetensors(&weights, device)?;
+    Ok(AdapterFile { config, tensors })
+}
+
+/// Writes an adapter directory: config (sorted keys, `inference_mode: true`) and weights with PEFT's keys.
+pub fn save_adapter(dir: impl AsRef<Path>, config: &PeftConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    write_safetensors(dir.join(WEIGHTS_NAME), tensors)?;
+    config.save(dir)
+}
+
+/// An adapter's tensors split into per-module adapter parameters and replaced model tensors.
+#[derive(Debug, Clone, Default)]
+pub struct SplitKeys {
+    /// Adapter parameters by module dotted name, then by parameter key (`lora_A.weight`).
+    pub modules: IndexMap<String, IndexMap<String, Tensor>>,
+    /// Model tensors the adapter replaces, by their plain name in the base model (`fc1.bias`,
+    /// `model.embed_tokens.weight`, `lm_head.weight`): `.base_layer` is removed.
+    pub overrides: IndexMap<String, Tensor>,
+    /// Tensors outside `base_model.model.` (model-level shared tensors such as `base_model.vera_A`, or
+    /// prompt-learning `prompt_embeddings`), by their key.
+    pub shared: IndexMap<String, Tensor>,
+}
+
+/// Splits adapter file keys. `param_prefixes` are the method's parameter names (`lora_A`, `ia3_l`, …): the
+/// first dotted component of a key that is one of them starts the parameter key.
+pub fn split_keys(tensors: &IndexMap<String, Tensor>, param_prefixes: &[&str]) -> Result<SplitKeys> {
+    let mut out = SplitKeys::default();
+    for (key, t) in tensors {
+        let Some(rest) = key.strip_prefix(MODEL_PREFIX) else {
+            out.shared.insert(key.clone(), t.clone());
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('.').collect();
+        match parts.iter().position(|p| param_prefixes.contains(p)) {
+            Some(0) => return Err(PeftError::Invalid(format!("adapter key {key:?} names no module"))),
+            Some(i) => {
+                let module = parts[..i].join(".");
+                let param = parts[i..].join(".");
+                let entry = out.modules.entry(module).or_default();
+                if entry.insert(param, t.clone()).is_some() {
+                    return Err(PeftError::Invalid(format!("duplicate adapter key {key:?}")));
+                }
+            }
+            None => {
+                let plain: Vec<&str> = parts.into_iter().filter(|p| *p != "base_layer").collect();
+                out.overrides.insert(plain.join("."), t.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The key PEFT writes for an adapter parameter of a module.
+pub fn peft_key(module: &str, param: &str) -> String {
+    format!("{MODEL_PREFIX}{module}.{param}")
+}
+
+/// Converts a tensor to the dtype it is saved in (adapters compute in f32 but keep their file dtype).
+pub fn to_saved_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(t.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_keys_separates_params_overrides_and_shared() {
+        let d = Device::Cpu;
+        let t = Tensor::zeros(1, DType::F32, &d).unwrap();
+        let mut m = IndexMap::new();
+        for k in [
+            "base_model.model.fc1.lora_A.weight",
+            "base_model.model.fc1.lora_B.weight",
+            "base_model.model.fc1.base_layer.bias",
+            "base_model.model.norm.bias",
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+            "base_model.model.model.embed_tokens.base_layer.weight",
+            "base_model.vera_A",
+        ] {
+            m.insert(k.to_string(), t.clone());
+        }
+        let s = split_keys(&m, &["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"]).unwrap();
+        assert_eq!(s.modules.keys().collect::<Vec<_>>(), ["fc1", "model.embed_tokens"]);
+        assert_eq!(s.modules["fc1"].keys().collect::<Vec<_>>(), ["lora_A.weight", "lora_B.weight"]);
+        assert_eq!(s.overrides.keys().collect::<Vec<_>>(), ["fc1.bias", "norm.bias", "model.embed_tokens.weight"]);
+        assert_eq!(s.shared.keys().collect::<Vec<_>>(), ["base_model.vera_A"]);
+    }
+
+    #[test]
+    fn truncated_and_garbage_safetensors_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.safetensors");
+        let t = Tensor::arange(0f32, 64f32, &Device::Cpu).unwrap();
+        write_safetensors(&p, &[("x".into(), t)]).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        for cut in [3, 20, bytes.len() - 10] {
+            let q = dir.path().join(format!("cut{cut}.safetensors"));
+            std::fs::write(&q, &bytes[..cut]).unwrap();
+            let e = read_safetensors(&q, &Device::Cpu).unwrap_err();
+            assert!(matches!(e, PeftError::SafeTensors { .. }), "{e}");
+        }
+        let q = dir.path().join("garbage.safetensors");
+        std::fs::write(&q, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+        assert!(matches!(read_safetensors(&q, &Device::Cpu).unwrap_err(), PeftError::SafeTensors { .. }));
+        // the atomic writer leaves no temporary file behind
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp")));
+        let f = SafetensorsFile::open(&p).unwrap();
+        assert_eq!(f.metadata().unwrap()["format"], "pt");
+    }
+}

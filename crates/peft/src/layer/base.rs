@@ -1,0 +1,216 @@
+//! The frozen base layers an adapter slot wraps.
+
+use crate::{PeftError, Result};
+use candle_core::{DType, Tensor};
+
+/// Geometry of a 2-D convolution. candle supports equal padding, stride and dilation on both axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dSpec {
+    /// Padding on each side.
+    pub padding: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Dilation.
+    pub dilation: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+impl Default for Conv2dSpec {
+    fn default() -> Self {
+        Self { padding: 0, stride: 1, dilation: 1, groups: 1 }
+    }
+}
+
+/// Which kind of layer a base is, with what the forward needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseKind {
+    /// `torch.nn.Linear`: weight `[out, in]`, `y = x Wᵀ + b`.
+    Linear,
+    /// `torch.nn.Embedding`: weight `[num_embeddings, dim]`, `y = W[ids]`.
+    Embedding,
+    /// `torch.nn.Conv2d`: weight `[out, in / groups, kh, kw]`.
+    Conv2d(Conv2dSpec),
+    /// GPT-2's `Conv1D`: weight `[in, out]`, `y = x W + b` (PEFT's `fan_in_fan_out`).
+    Conv1D,
+}
+
+/// A frozen base layer: its kind, weight and optional bias.
+#[derive(Clone, Debug)]
+pub struct BaseLayer {
+    kind: BaseKind,
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl BaseLayer {
+    /// A base of any kind, with its shapes checked.
+    pub fn new(kind: BaseKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let l = Self { kind, weight, bias };
+        let want_rank = match kind {
+            BaseKind::Linear | BaseKind::Embedding | BaseKind::Conv1D => 2,
+            BaseKind::Conv2d(_) => 4,
+        };
+        if l.weight.rank() != want_rank {
+            return Err(PeftError::Invalid(format!(
+                "{kind:?} base weight must have {want_rank} dimensions, got shape {:?}",
+                l.weight.dims()
+            )));
+        }
+        if let Some(b) = &l.bias {
+            if kind == BaseKind::Embedding {
+                return Err(PeftError::Invalid("an embedding has no bias".into()));
+            }
+            if b.dims() != [l.out_features()] {
+                return Err(PeftError::ShapeMismatch {
+                    name: "bias".into(),
+                    expected: vec![l.out_features()],
+                    got: b.dims().to_vec(),
+                });
+            }
+        }
+        Ok(l)
+    }
+
+    /// A `Linear` base (weight `[out, in]`).
+    pub fn linear(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::new(BaseKind::Linear, weight, bias)
+    }
+
+    /// An `Embedding` base (weight `[num_embeddings, dim]`).
+    pub fn embedding(weight: Tensor) -> Result<Self> {
+        Self::new(BaseKind::Embedding, weight, None)
+    }
+
+    /// A `Conv2d` base (weight `[out, in / groups, kh, kw]`).
+    pub fn conv2d(weight: Tensor, bias: Option<Tensor>, spec: Conv2dSpec) -> Result<Self> {
+        Self::new(BaseKind::Conv2d(spec), weight, bias)
+    }
+
+    /// A GPT-2 `Conv1D` base (weight `[in, out]`).
+    pub fn conv1d(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::new(BaseKind::Conv1D, weight, bias)
+    }
+
+    /// The layer kind.
+    pub fn kind(&self) -> &BaseKind {
+        &self.kind
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Input width (`in_features`, `in_channels`, or `num_embeddings` for an embedding, as PEFT counts it).
+    pub fn in_features(&self) -> usize {
+        let d = self.weight.dims();
+        match self.kind {
+            BaseKind::Linear => d[1],
+            BaseKind::Embedding | BaseKind::Conv1D => d[0],
+            BaseKind::Conv2d(s) => d[1] * s.groups,
+        }
+    }
+
+    /// Output width (`out_features`, `out_channels`, or the embedding dimension).
+    pub fn out_features(&self) -> usize {
+        let d = self.weight.dims();
+        match self.kind {
+            BaseKind::Linear | BaseKind::Conv2d(_) => d[0],
+            BaseKind::Embedding | BaseKind::Conv1D => d[1],
+        }
+    }
+
+    pub(crate) fn replace_weight(&mut self, w: Tensor) -> Result<()> {
+        if w.dims() != self.weight.dims() {
+            return Err(PeftError::ShapeMismatch {
+                name: "weight".into(),
+                expected: self.weight.dims().to_vec(),
+                got: w.dims().to_vec(),
+            });
+        }
+        self.weight = w;
+        Ok(())
+    }
+
+    pub(crate) fn replace_bias(&mut self, b: Tensor) -> Result<()> {
+        if b.dims() != [self.out_features()] {
+            return Err(PeftError::ShapeMismatch {
+                name: "bias".into(),
+                expected: vec![self.out_features()],
+                got: b.dims().to_vec(),
+            });
+        }
+        self.bias = Some(b);
+        Ok(())
+    }
+
+    /// The base op with this layer's own weights.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// The base op with other weights of the same layout (DoRA's dropout path, modules_to_save copies).
+    pub fn forward_with(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let y = match self.kind {
+            BaseKind::Linear => {
+                let x = x.to_dtype(weight.dtype())?;
+                let y = linear_apply(&x, weight, true)?;
+                add_bias_last(y, bias)?
+            }
+            BaseKind::Conv1D => {
+                let x = x.to_dtype(weight.dtype())?;
+                let y = linear_apply(&x, weight, false)?;
+                add_bias_last(y, bias)?
+            }
+            BaseKind::Embedding => embed(x, weight)?,
+            BaseKind::Conv2d(s) => {
+                let x = x.to_dtype(weight.dtype())?;
+                let y = x.conv2d(weight, s.padding, s.stride, s.dilation, s.groups)?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?)?,
+                    None => y,
+                }
+            }
+        };
+        Ok(y)
+    }
+}
+
+/// `x @ wᵀ` (`transpose = true`, Linear layout `[out, in]`) or `x @ w` (Conv1D layout `[in, out]`) over any
+/// number of leading dimensions, without materialising a transpose.
+pub(crate) fn linear_apply(x: &Tensor, w: &Tensor, transpose: bool) -> candle_core::Result<Tensor> {
+    let w = if transpose { w.t()? } else { w.clone() };
+    let dims = x.dims();
+    let last = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((lead, last))?.matmul(&w)?;
+    let mut out: Vec<usize> = dims[..dims.len() - 1].to_vec();
+    out.push(y.dim(1)?);
+    y.reshape(out)
+}
+
+fn add_bias_last(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
+    }
+}
+
+/// Embedding lookup for ids of any integer dtype and any shape: `[..] → [.., dim]`.
+pub(crate) fn embed(ids: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let ids = match ids.dtype() {
+        DType::U32 | DType::I64 | DType::U8 => ids.clone(),
+        _ => ids.to_dtype(DType::U32)?,
+    };
+    let mut shape = ids.dims().to_vec();
+    let flat = ids.flatten_all()?;
+    let y = weight.index_select(&flat, 0)?;
+    shape.push(weight.dim(1)?);
+    y.reshape(shape)
+}

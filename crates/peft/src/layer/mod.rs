@@ -1,0 +1,422 @@
+//! The adapter slot: what a model holds where it would hold a Linear, Embedding, Conv2d or GPT-2 Conv1D.
+//!
+//! An [`AdapterSlot`] owns a frozen [`BaseLayer`] and any number of named adapters, each a boxed
+//! [`Adapter`] trait object. Every PEFT method implements [`Adapter`] in its own folder under
+//! [`crate::tuners`]; the slot only orchestrates:
+//!
+//! ```text
+//! x ──► transform_input (each active adapter, in order: OFT/BOFT rotate, IA3-feedforward scales)
+//!   ──► base op (x W^T + b, embedding lookup, conv2d, x W + b)
+//!   ──► transform_output (each active adapter, in order: LoRA adds, DoRA rescales, IA3 scales)
+//! ```
+//!
+//! Merging works on weights: [`Adapter::merge`] maps `(W, b) → (W', b')` in f32, and the slot rounds once to
+//! the base dtype. Additive methods also expose [`Adapter::delta_weight`], which weighted merges use.
+//!
+//! Forward takes `&self`; all types are `Send + Sync`, so one model can serve many threads. Random draws in
+//! training (dropout) come from [`ForwardCtx`], which derives a stream per module and adapter from one seed.
+
+pub(crate) mod base;
+pub mod modules_to_save;
+pub mod registry;
+
+pub use base::{BaseKind, BaseLayer, Conv2dSpec};
+
+use crate::{PeftError, PeftRng, Result};
+use candle_core::{DType, Tensor, Var};
+use indexmap::IndexMap;
+
+/// Per-call state of a forward pass: training or inference, and where dropout draws come from.
+///
+/// Draws are derived from `(seed, step, module, adapter)`, so a forward pass needs no mutable state and a
+/// training run resumes exactly from `(seed, step)`.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardCtx {
+    /// Whether dropout and other training-only behaviour is on.
+    pub training: bool,
+    /// Seed of the run.
+    pub seed: u64,
+    /// A counter that must change between forward passes that should draw fresh dropout masks (the training
+    /// step times the number of micro-batches, plus the micro-batch).
+    pub step: u64,
+}
+
+impl ForwardCtx {
+    /// Inference: no dropout.
+    pub fn eval() -> Self {
+        Self::default()
+    }
+
+    /// Training with dropout drawn from `seed` at `step`.
+    pub fn train(seed: u64, step: u64) -> Self {
+        Self { training: true, seed, step }
+    }
+
+    /// The random stream for one use (`what`, e.g. `"dropout"`) in one adapter of one module.
+    pub fn rng(&self, module: &str, adapter: &str, what: &str) -> PeftRng {
+        PeftRng::new(self.seed).fork(&format!("{}/{module}/{adapter}/{what}", self.step))
+    }
+}
+
+/// What an adapter sees of its call: the module it sits in, its own name and the forward context.
+#[derive(Clone, Copy, Debug)]
+pub struct CallCtx<'a> {
+    /// The module's dotted name (`model.layers.0.self_attn.q_proj`).
+    pub module: &'a str,
+    /// The adapter's name (`default`).
+    pub adapter: &'a str,
+    /// The forward context.
+    pub fwd: &'a ForwardCtx,
+}
+
+impl CallCtx<'_> {
+    /// The random stream for `what` in this module and adapter.
+    pub fn rng(&self, what: &str) -> PeftRng {
+        self.fwd.rng(self.module, self.adapter, what)
+    }
+}
+
+/// The result of merging one adapter into a weight: the new weight and bias (f32), and what the adapter
+/// needs to undo it (DoRA keeps the weight norm it divided by, as PEFT's `_cache_store` does).
+#[derive(Clone, Debug)]
+pub struct Merged {
+    /// The merged weight, f32.
+    pub weight: Tensor,
+    /// The merged bias, f32 (`None` when the layer has none).
+    pub bias: Option<Tensor>,
+    /// State [`Adapter::unmerge`] needs, if any.
+    pub cache: Option<Tensor>,
+}
+
+/// The weights an adapter merges into, all f32.
+#[derive(Clone, Copy, Debug)]
+pub struct MergeInput<'a> {
+    /// What kind of layer the weights belong to.
+    pub kind: &'a BaseKind,
+    /// The current weight (it may already hold adapters merged before this one).
+    pub weight: &'a Tensor,
+    /// The current bias.
+    pub bias: Option<&'a Tensor>,
+    /// The weight with every previously merged adapter taken out (PEFT's `_unmerged_base_weight`), which
+    /// DoRA's norm is computed from.
+    pub unmerged_weight: &'a Tensor,
+}
+
+/// A named tensor an adapter saves, with its key relative to the module and without the adapter name
+/// (`lora_A.weight`, `lora_magnitude_vector`, `ia3_l`).
+pub type NamedTensor = (String, Tensor);
+
+/// One PEFT method's adapter inside one layer.
+///
+/// Implementations own their forward around the base op and their merge; the slot calls them in the order
+/// of the active adapters. All tensors returned by `merge` / `unmerge` / `delta_weight` are f32.
+pub trait Adapter: Send + Sync + std::fmt::Debug {
+    /// The method's `peft_type` (`"LORA"`, `"IA3"`, …).
+    fn peft_type(&self) -> &'static str;
+
+    /// Transforms the layer input before the base op. The default leaves it unchanged.
+    fn transform_input(&self, _base: &BaseLayer, x: Tensor, _ctx: &CallCtx<'_>) -> Result<Tensor> {
+        Ok(x)
+    }
+
+    /// Transforms the running output `result` (the base output plus what earlier active adapters did).
+    /// `x` is the input as the layer received it.
+    fn transform_output(&self, base: &BaseLayer, x: &Tensor, result: Tensor, ctx: &CallCtx<'_>)
+    -> Result<Tensor>;
+
+    /// Merges the adapter into `(W, b)`.
+    fn merge(&self, input: MergeInput<'_>) -> Result<Merged>;
+
+    /// Undoes [`Adapter::merge`]: `(W', b') → (W, b)`, given the merge's cache.
+    fn unmerge(&self, input: MergeInput<'_>, cache: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+
+    /// For additive methods, the `(ΔW, Δb)` that [`Adapter::merge`] adds, in the base weight's layout; `None`
+    /// for methods that are not additive (DoRA, IA3, OFT, …). Weighted merges need it.
+    fn delta_weight(&self, _kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        Ok(None)
+    }
+
+    /// Whether merging needs [`MergeInput::unmerged_weight`] (the slot then computes it).
+    fn needs_unmerged_weight(&self) -> bool {
+        false
+    }
+
+    /// The tensors saved for this adapter, keys relative to the module, without the adapter name.
+    fn tensors(&self) -> Vec<NamedTensor>;
+
+    /// The trainable parameters, keyed as [`Adapter::tensors`].
+    fn vars(&self) -> Vec<(String, Var)>;
+
+    /// The dtype the adapter was created or loaded in; saving converts back to it.
+    fn saved_dtype(&self) -> DType;
+
+    /// Human-readable sizes for `peft inspect` (e.g. `r=8 alpha=16`).
+    fn describe(&self) -> String;
+}
+
+/// The slot a model holds instead of a plain layer: a frozen base plus named adapters.
+///
+/// ```
+/// use candle_core::{Device, Tensor, DType};
+/// use peft::{AdapterSlot, BaseLayer, ForwardCtx};
+/// # fn main() -> peft::Result<()> {
+/// let w = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
+/// let slot = AdapterSlot::new("fc1", BaseLayer::linear(w, None)?);
+/// let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+/// let y = slot.forward(&x, &ForwardCtx::eval())?; // no adapters yet: the plain linear
+/// assert_eq!(y.to_vec2::<f32>()?, vec![vec![4.0; 3]; 2]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct AdapterSlot {
+    name: String,
+    base: BaseLayer,
+    adapters: IndexMap<String, Box<dyn Adapter>>,
+    active: Vec<String>,
+    merged: Vec<(String, Option<Tensor>)>,
+    disabled: bool,
+}
+
+impl AdapterSlot {
+    /// A slot around `base`, named by the module's dotted name.
+    pub fn new(name: impl Into<String>, base: BaseLayer) -> Self {
+        Self {
+            name: name.into(),
+            base,
+            adapters: IndexMap::new(),
+            active: Vec::new(),
+            merged: Vec::new(),
+            disabled: false,
+        }
+    }
+
+    /// The module's dotted name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The base layer (with merged adapters baked in, if any).
+    pub fn base(&self) -> &BaseLayer {
+        &self.base
+    }
+
+    /// Replaces the base weight and bias (e.g. when an adapter file carries trained biases or saved embedding
+    /// matrices). Refused while adapters are merged.
+    pub fn set_base_tensors(&mut self, weight: Option<Tensor>, bias: Option<Tensor>) -> Result<()> {
+        if !self.merged.is_empty() {
+            return Err(PeftError::Invalid(format!("{}: cannot replace base tensors while adapters are merged", self.name)));
+        }
+        if let Some(w) = weight {
+            self.base.replace_weight(w)?;
+        }
+        if let Some(b) = bias {
+            self.base.replace_bias(b)?;
+        }
+        Ok(())
+    }
+
+    /// Adds an adapter under `name`; it becomes active if no adapter was active.
+    pub fn add_adapter(&mut self, name: impl Into<String>, adapter: Box<dyn Adapter>) -> Result<()> {
+        let name = name.into();
+        if self.merged.iter().any(|(n, _)| n == &name) {
+            return Err(PeftError::Invalid(format!("{}: adapter `{name}` is merged; unmerge it first", self.name)));
+        }
+        self.adapters.insert(name.clone(), adapter);
+        if self.active.is_empty() {
+            self.active.push(name);
+        }
+        Ok(())
+    }
+
+    /// Removes an adapter. Refused while it is merged.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<Box<dyn Adapter>> {
+        if self.merged.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::Invalid(format!("{}: adapter `{name}` is merged; unmerge it first", self.name)));
+        }
+        let a = self.adapters.shift_remove(name).ok_or_else(|| PeftError::UnknownAdapter(name.to_string()))?;
+        self.active.retain(|n| n != name);
+        Ok(a)
+    }
+
+    /// The adapters by name, in insertion order.
+    pub fn adapters(&self) -> impl Iterator<Item = (&str, &dyn Adapter)> {
+        self.adapters.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
+    }
+
+    /// One adapter by name.
+    pub fn adapter(&self, name: &str) -> Option<&dyn Adapter> {
+        self.adapters.get(name).map(|a| a.as_ref())
+    }
+
+    /// Sets the active adapters, in the order they apply. Names this slot does not hold are skipped (PEFT
+    /// sets the same list on every layer, whether or not the adapter targets it).
+    pub fn set_active(&mut self, names: &[&str]) {
+        self.active = names.iter().filter(|n| self.adapters.contains_key(**n)).map(|n| n.to_string()).collect();
+    }
+
+    /// The active adapters, in order.
+    pub fn active(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Disables (or re-enables) every adapter: forward then runs the base layer alone.
+    pub fn set_disabled(&mut self, disabled: bool) {
+        self.disabled = disabled;
+    }
+
+    /// Whether adapters are disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// The merged adapters, in merge order.
+    pub fn merged(&self) -> Vec<&str> {
+        self.merged.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The forward pass.
+    ///
+    /// Like PEFT: with adapters merged, the base (holding them) runs alone; disabled runs the base alone
+    /// (an error while merged, since the base then still holds the adapters: unmerge first).
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if self.disabled {
+            if !self.merged.is_empty() {
+                return Err(PeftError::Invalid(format!(
+                    "{}: adapters are disabled but {:?} are merged into the base; unmerge first",
+                    self.name,
+                    self.merged()
+                )));
+            }
+            return self.base.forward(x);
+        }
+        if !self.merged.is_empty() || self.active.is_empty() {
+            return self.base.forward(x);
+        }
+        let mut xin = x.clone();
+        for name in &self.active {
+            let call = CallCtx { module: &self.name, adapter: name, fwd: ctx };
+            xin = self.adapters[name.as_str()].transform_input(&self.base, xin, &call)?;
+        }
+        let mut y = self.base.forward(&xin)?;
+        let out_dtype = y.dtype();
+        for name in &self.active {
+            let call = CallCtx { module: &self.name, adapter: name, fwd: ctx };
+            y = self.adapters[name.as_str()].transform_output(&self.base, x, y, &call)?;
+        }
+        Ok(y.to_dtype(out_dtype)?)
+    }
+
+    /// The base weight with every merged adapter taken out, f32.
+    fn unmerged_weights(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let mut w = self.base.weight().to_dtype(DType::F32)?;
+        let mut b = self.base.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        for (name, cache) in self.merged.iter().rev() {
+            let input = MergeInput { kind: self.base.kind(), weight: &w, bias: b.as_ref(), unmerged_weight: &w };
+            (w, b) = self.adapters[name.as_str()].unmerge(input, cache.as_ref())?;
+        }
+        Ok((w, b))
+    }
+
+    /// Merges adapters into the base weights, in order (`None`: the active ones). Already merged adapters
+    /// are skipped, as in PEFT.
+    pub fn merge(&mut self, names: Option<&[&str]>) -> Result<()> {
+        let names: Vec<String> = match names {
+            Some(n) => n.iter().map(|s| s.to_string()).collect(),
+            None => self.active.clone(),
+        };
+        for name in names {
+            if self.merged.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let Some(adapter) = self.adapters.get(name.as_str()) else {
+                continue; // PEFT skips adapters that do not target this layer
+            };
+            let dtype = self.base.weight().dtype();
+            let w = self.base.weight().to_dtype(DType::F32)?;
+            let b = self.base.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+            let unmerged = if adapter.needs_unmerged_weight() && !self.merged.is_empty() {
+                Some(self.unmerged_weights()?.0)
+            } else {
+                None
+            };
+            let input = MergeInput {
+                kind: self.base.kind(),
+                weight: &w,
+                bias: b.as_ref(),
+                unmerged_weight: unmerged.as_ref().unwrap_or(&w),
+            };
+            let m = adapter.merge(input)?;
+            self.base.replace_weight(m.weight.to_dtype(dtype)?)?;
+            if let Some(nb) = m.bias {
+                let bd = self.base.bias().map(|b| b.dtype()).unwrap_or(dtype);
+                self.base.replace_bias(nb.to_dtype(bd)?)?;
+            }
+            self.merged.push((name, m.cache));
+        }
+        Ok(())
+    }
+
+    /// Unmerges every merged adapter, in reverse order.
+    pub fn unmerge(&mut self) -> Result<()> {
+        while let Some((name, cache)) = self.merged.pop() {
+            let dtype = self.base.weight().dtype();
+            let w = self.base.weight().to_dtype(DType::F32)?;
+            let b = self.base.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+            let input = MergeInput { kind: self.base.kind(), weight: &w, bias: b.as_ref(), unmerged_weight: &w };
+            let (nw, nb) = self.adapters[name.as_str()].unmerge(input, cache.as_ref())?;
+            self.base.replace_weight(nw.to_dtype(dtype)?)?;
+            if let Some(nb) = nb {
+                let bd = self.base.bias().map(|b| b.dtype()).unwrap_or(dtype);
+                self.base.replace_bias(nb.to_dtype(bd)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the given adapters (default: active) and returns the plain base layer, as PEFT's
+    /// `merge_and_unload` does for one module.
+    pub fn merge_and_unload(mut self, names: Option<&[&str]>) -> Result<BaseLayer> {
+        self.merge(names)?;
+        Ok(self.base)
+    }
+
+    /// Every trainable parameter of every adapter, keyed `<adapter>/<tensor key>`.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.adapters
+            .iter()
+            .flat_map(|(name, a)| a.vars().into_iter().map(move |(k, v)| (format!("{name}/{k}"), v)))
+            .collect()
+    }
+}
+
+/// Checks that `t` has exactly `expected` as shape, naming the tensor otherwise.
+pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(PeftError::ShapeMismatch { name: name.to_string(), expected: expected.to_vec(), got: t.dims().to_vec() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn slot_and_adapters_are_send_and_sync() {
+        assert_send_sync::<AdapterSlot>();
+        assert_send_sync::<Box<dyn Adapter>>();
+        assert_send_sync::<BaseLayer>();
+        assert_send_sync::<ForwardCtx>();
+    }
+
+    #[test]
+    fn dropout_streams_differ_by_step_module_and_adapter() {
+        let a = ForwardCtx::train(1, 0).rng("m", "default", "dropout").next_u64();
+        assert_eq!(a, ForwardCtx::train(1, 0).rng("m", "default", "dropout").next_u64());
+        assert_ne!(a, ForwardCtx::train(1, 1).rng("m", "default", "dropout").next_u64());
+        assert_ne!(a, ForwardCtx::train(1, 0).rng("n", "default", "dropout").next_u64());
+        assert_ne!(a, ForwardCtx::train(1, 0).rng("m", "other", "dropout").next_u64());
+    }
+}

@@ -1,0 +1,28 @@
+//! # peft
+//!
+//! Parameter-efficient fine-tuning on [candle](https://github.com/huggingface/candle), with the same adapter
+//! files and the same numbers as HuggingFace PEFT 0.21.2.
+//!
+//! The map of the crate:
+//! - [`config`]: `adapter_config.json` as [`PeftConfig`], one struct per method, PEFT's names and defaults.
+//! - [`tuners`]: one folder per method (as PEFT's `tuners/`), plus [`tuners::tuners_utils`] (target matching).
+//! - [`layer`]: the adapter slot a model holds instead of a Linear / Embedding / Conv2d / GPT-2 Conv1D, and the
+//!   [`layer::Adapter`] trait every method implements.
+//! - [`io`]: reading and writing adapter directories exactly as PEFT does.
+//! - [`merge`]: merging adapters into base weights by tensor name, without a model.
+//! - [`varbuilder`]: serving merged weights to unmodified candle-transformers models.
+//! - [`rng`]: the one seeded generator all random draws come from.
+
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod layer;
+pub mod merge;
+pub mod rng;
+pub mod tuners;
+pub mod varbuilder;
+
+pub use config::PeftConfig;
+pub use error::{PeftError, Result};
+pub use layer::{Adapter, AdapterSlot, BaseLayer, BaseKind, ForwardCtx};
+pub use rng::PeftRng;

@@ -1,0 +1,8 @@
+//! LoRA and its variants (rsLoRA, DoRA, bias modes, `lora_bias`), as PEFT's `tuners/lora/`.
+
+pub mod config;
+pub mod dora;
+pub mod layer;
+
+pub use config::LoraConfig;
+pub use layer::LoraAdapter;

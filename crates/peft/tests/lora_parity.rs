@@ -1,0 +1,212 @@
+//! LoRA and DoRA parity with PEFT 0.21.2 on the fixtures of `fixtures/lora/` (written by `gen_lora.py`):
+//! per-layer forward, disabled forward, merged weights, unmerge, and save → re-load, for every case.
+
+use crate::common::*;
+use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+use peft::io::{SplitKeys, adapter_subdir, load_adapter, peft_key, split_keys};
+use peft::layer::modules_to_save::ModulesToSave;
+use peft::layer::registry;
+use peft::{AdapterSlot, BaseKind, BaseLayer, ForwardCtx, PeftConfig};
+use std::path::Path;
+
+/// One case loaded into adapter slots, the way a model would hold them.
+pub struct LoadedCase {
+    pub json: serde_json::Value,
+    pub slots: IndexMap<String, AdapterSlot>,
+    pub adapters: Vec<(String, PeftConfig, SplitKeys, IndexMap<String, Tensor>)>,
+    pub base: IndexMap<String, Tensor>,
+    pub dtype: DType,
+}
+
+fn conv_spec(json: &serde_json::Value, module: &str) -> peft::layer::Conv2dSpec {
+    let g = &json["geometry"][module];
+    let get = |k: &str, d: usize| {
+        let v = &g[k];
+        let v = if v.is_array() { &v[0] } else { v };
+        v.as_u64().map(|v| v as usize).unwrap_or(d)
+    };
+    peft::layer::Conv2dSpec { padding: get("padding", 0), stride: get("stride", 1), dilation: get("dilation", 1), groups: get("groups", 1) }
+}
+
+pub fn load_case(dir: &Path) -> LoadedCase {
+    let json = case_json(dir);
+    let mut base = load(&dir.join("base.safetensors"));
+    let dtype = match json["dtype"].as_str() {
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        _ => DType::F32,
+    };
+    // Load every adapter; model tensors they replace overwrite the base in load order, as PEFT's loading does.
+    let mut adapters = Vec::new();
+    for name in strings(&json, "adapters") {
+        let file = load_adapter(adapter_subdir(&dir.join("adapter"), &name), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: adapter {name}: {e}", dir.display()));
+        let split = split_keys(&file.tensors, registry::param_prefixes(&file.config).unwrap()).unwrap();
+        adapters.push((name, file.config, split, file.tensors));
+    }
+    let modules_to_save = strings(&json, "modules_to_save");
+    for (_, _, split, _) in &adapters {
+        for (k, t) in &split.overrides {
+            let is_mts = modules_to_save.iter().any(|m| k.starts_with(&format!("{m}.")));
+            if !is_mts {
+                assert!(base.contains_key(k), "override {k} not in base");
+                base.insert(k.clone(), t.clone());
+            }
+        }
+    }
+    let mut slots = IndexMap::new();
+    let kinds = json["kinds"].as_object().cloned().unwrap_or_default();
+    let mut all: Vec<String> = strings(&json, "targets");
+    all.extend(modules_to_save.iter().cloned());
+    for m in &all {
+        let w = base[&format!("{m}.weight")].clone();
+        let b = base.get(&format!("{m}.bias")).cloned();
+        let kind = match kinds.get(m).and_then(|k| k.as_str()) {
+            Some("embedding") => BaseKind::Embedding,
+            Some("conv2d") => BaseKind::Conv2d(conv_spec(&json, m)),
+            Some("conv1d") => BaseKind::Conv1D,
+            Some("linear") | None => {
+                if w.rank() == 4 {
+                    BaseKind::Conv2d(conv_spec(&json, m))
+                } else {
+                    BaseKind::Linear
+                }
+            }
+            Some(other) => panic!("unknown kind {other}"),
+        };
+        let mut slot = AdapterSlot::new(m.clone(), BaseLayer::new(kind, w, b).unwrap());
+        for (name, config, split, _) in &adapters {
+            if let Some(params) = split.modules.get(m) {
+                let a = registry::build_adapter(config, m, slot.base(), params)
+                    .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+                slot.add_adapter(name.clone(), a).unwrap();
+            } else if modules_to_save.contains(m) {
+                let w = &split.overrides[&format!("{m}.weight")];
+                let b = split.overrides.get(&format!("{m}.bias"));
+                slot.add_adapter(name.clone(), Box::new(ModulesToSave::from_tensors(slot.base(), w, b).unwrap())).unwrap();
+            }
+        }
+        let active = strings(&json, "active");
+        let active: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
+        slot.set_active(&active);
+        slots.insert(m.clone(), slot);
+    }
+    LoadedCase { json, slots, adapters, base, dtype }
+}
+
+fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
+    let cases = cases("lora");
+    assert!(cases.len() >= 20, "expected the LoRA fixture cases, found {}", cases.len());
+    for dir in cases {
+        let mut c = load_case(&dir);
+        f(&dir, &mut c);
+    }
+}
+
+#[test]
+fn lora_forward_matches_peft_per_layer() {
+    for_each_case(|dir, c| {
+        let io = load(&dir.join("io.safetensors"));
+        let (atol, rtol) = tolerances(c.dtype);
+        for (m, slot) in &c.slots {
+            let x = &io[&format!("input.{m}")];
+            let y = slot.forward(x, &ForwardCtx::eval()).unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            assert_close(&format!("{}: output.{m}", dir.display()), &y, &io[&format!("output.{m}")], atol, rtol);
+        }
+    });
+}
+
+#[test]
+fn lora_disabled_forward_is_the_base() {
+    for_each_case(|dir, c| {
+        let io = load(&dir.join("io.safetensors"));
+        let (atol, rtol) = tolerances(c.dtype);
+        for (m, slot) in c.slots.iter_mut() {
+            let Some(expected) = io.get(&format!("output_disabled.{m}")) else { continue };
+            slot.set_disabled(true);
+            let y = slot.forward(&io[&format!("input.{m}")], &ForwardCtx::eval()).unwrap();
+            assert_close(&format!("{}: output_disabled.{m}", dir.display()), &y, expected, atol, rtol);
+            slot.set_disabled(false);
+        }
+    });
+}
+
+#[test]
+fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
+    for_each_case(|dir, c| {
+        let merged = load(&dir.join("merged.safetensors"));
+        let order = strings(&c.json, "merge_order");
+        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
+        let (atol, rtol) = tolerances(c.dtype);
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in c.slots.iter_mut() {
+            slot.merge(Some(&order)).unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            let what = format!("{}: merged {m}", dir.display());
+            let key = format!("{m}.weight");
+            if let Some(expected) = merged.get(&key) {
+                assert_close(&what, slot.base().weight(), expected, atol, rtol);
+            }
+            if let (Some(b), Some(expected)) = (slot.base().bias(), merged.get(&format!("{m}.bias"))) {
+                assert_close(&format!("{what}.bias"), b, expected, atol, rtol);
+            }
+            // With everything merged, the forward of the merged layer is the adapted forward.
+            if order.len() == strings(&c.json, "active").len() {
+                let y = slot.forward(&io[&format!("input.{m}")], &ForwardCtx::eval()).unwrap();
+                let tol = if c.dtype == DType::F32 { (1e-4, 1e-3) } else { (atol * 4.0, rtol * 4.0) };
+                assert_close(&format!("{what} forward"), &y, &io[&format!("output.{m}")], tol.0, tol.1);
+            }
+            slot.unmerge().unwrap();
+            assert_close(&format!("{what} unmerged"), slot.base().weight(), &c.base[&key], atol * 10.0, rtol);
+            assert!(slot.merged().is_empty());
+        }
+    });
+}
+
+#[test]
+fn lora_save_reload_gives_the_same_file() {
+    for_each_case(|dir, c| {
+        for (name, config, split, original) in &c.adapters {
+            // Collect what a model would save for this adapter: its parameters with PEFT's keys, plus the
+            // model tensors it replaces, then compare with PEFT's file.
+            let mut saved: IndexMap<String, Tensor> = IndexMap::new();
+            for (m, slot) in &c.slots {
+                if let Some(a) = slot.adapter(name) {
+                    if a.peft_type() == "MODULES_TO_SAVE" {
+                        continue;
+                    }
+                    for (k, t) in a.tensors() {
+                        saved.insert(peft_key(m, &k), t.to_dtype(a.saved_dtype()).unwrap());
+                    }
+                }
+            }
+            for (k, t) in original {
+                let is_param = split.modules.iter().any(|(m, ps)| ps.keys().any(|p| peft_key(m, p) == *k));
+                if !is_param {
+                    saved.insert(k.clone(), t.clone());
+                }
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let list: Vec<(String, Tensor)> = saved.into_iter().collect();
+            peft::io::save_adapter(tmp.path(), config, &list).unwrap();
+            let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
+            let mut a: Vec<&String> = back.tensors.keys().collect();
+            let mut b: Vec<&String> = original.keys().collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
+            for (k, t) in original {
+                let u = &back.tensors[k];
+                assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
+                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
+            }
+            let mine: serde_json::Value = serde_json::from_str(&back.config.to_json_string()).unwrap();
+            let theirs: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert!(peft::config::json_content_eq(&mine, &theirs), "{}: {name}: config differs:\n{mine}\nvs\n{theirs}", dir.display());
+        }
+    });
+}
+

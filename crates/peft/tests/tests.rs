@@ -1,0 +1,5 @@
+//! The crate's one integration-test binary (one link on two cores instead of one per file).
+
+mod common;
+mod lora_parity;
+mod merge_files;
