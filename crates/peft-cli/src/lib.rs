@@ -1,1 +1,141 @@
-//! CLI library.
+//! The `peft` command-line tool.
+//!
+//! - `peft merge`: merges one or more adapters into a base model file or directory ([`merge`]).
+//! - `peft inspect`: describes an adapter directory, for humans or as JSON ([`inspect`]).
+//!
+//! [`Cli`] is the clap definition; [`run`] executes a parsed command line. Every command is also callable
+//! in-process ([`merge::run`], [`inspect::run`]) with its output going to any writer.
+
+pub mod inspect;
+pub mod merge;
+
+use clap::{Parser, Subcommand};
+use std::io::Write;
+
+/// The `peft` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning adapters: merge and inspect"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Merge adapters into a base model and write the merged weights.
+    Merge(merge::MergeArgs),
+    /// Describe an adapter directory: method, targeted modules, parameters, replaced tensors.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Runs a parsed command line, writing its report to stdout (progress goes to stderr).
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    run_with(cli, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs a parsed command line, writing its report to `out`.
+pub fn run_with(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Merge(args) => merge::run(&args, out).map(|_| ()),
+        Command::Inspect(args) => inspect::run(&args, out),
+    }
+}
+
+/// Whether the error is stdout having been closed by the reader (`peft inspect … | head`).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// The text printed for a failed command: `error: <message>`, then one `caused by:` line per cause whose
+/// text the previous line does not already contain (library errors often repeat their source's message).
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut previous = String::new();
+    for (i, cause) in e.chain().enumerate() {
+        let text = cause.to_string();
+        if i == 0 {
+            lines.push(format!("error: {text}"));
+        } else if !previous.contains(&text) {
+            lines.push(format!("  caused by: {text}"));
+        }
+        previous = text;
+    }
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn cli_parses_both_subcommands_and_rejects_others() {
+        let cli = Cli::try_parse_from(["peft", "inspect", "some/dir", "--json"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Inspect(ref a) if a.json && a.dir.to_str() == Some("some/dir"))
+        );
+        let cli = Cli::try_parse_from([
+            "peft",
+            "merge",
+            "--base",
+            "b",
+            "--adapter",
+            "a",
+            "--output",
+            "o",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Merge(_)));
+        for bad in [
+            vec!["peft"],
+            vec!["peft", "train"],
+            vec!["peft", "inspect"],
+            vec!["peft", "merge", "--base", "b", "--output", "o"],
+            vec!["peft", "merge", "--adapter", "a", "--output", "o"],
+            vec!["peft", "merge", "--base", "b", "--adapter", "a"],
+            vec![
+                "peft",
+                "merge",
+                "--base",
+                "b",
+                "--adapter",
+                "a",
+                "--output",
+                "o",
+                "--dtype",
+                "f64",
+            ],
+        ] {
+            assert!(
+                Cli::try_parse_from(&bad).is_err(),
+                "{bad:?} should not parse"
+            );
+        }
+    }
+
+    #[test]
+    fn error_report_drops_repeated_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(peft::PeftError::io("/x/y", io)).context("loading adapter /x/y");
+        let r = error_report(&e);
+        assert_eq!(
+            r,
+            "error: loading adapter /x/y\n  caused by: /x/y: no such file"
+        );
+        let e: anyhow::Result<()> =
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).context("writing");
+        assert!(is_broken_pipe(&e.unwrap_err()));
+    }
+}

@@ -12,10 +12,12 @@
 //! - [`merge`]: merging adapters into base weights by tensor name, without a model.
 //! - [`varbuilder`]: serving merged weights to unmodified candle-transformers models.
 //! - [`rng`]: the one seeded generator all random draws come from.
+//! - [`kernels`]: in-place CPU kernels for hot inference paths (the unmerged LoRA forward).
 
 pub mod config;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod layer;
 pub mod merge;
 pub mod rng;

@@ -142,11 +142,12 @@ impl Merger {
     pub fn new(adapters: Vec<MergeAdapter>, base: &dyn BaseShapes, aliases: Aliases) -> Result<Self> {
         let mut writers: HashMap<String, Vec<String>> = HashMap::new();
         let mut overrides = HashMap::new();
+        let alias_map = aliases.clone();
         let resolve = |name: &str| -> Option<String> {
             if base.shape(name).is_some() {
                 Some(name.to_string())
             } else {
-                aliases.get(name).filter(|a| base.shape(a).is_some()).cloned()
+                alias_map.get(name).filter(|a| base.shape(a).is_some()).cloned()
             }
         };
         for (i, ad) in adapters.iter().enumerate() {

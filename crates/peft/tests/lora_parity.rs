@@ -125,7 +125,7 @@ fn lora_disabled_forward_is_the_base() {
         for (m, slot) in c.slots.iter_mut() {
             let Some(expected) = io.get(&format!("output_disabled.{m}")) else { continue };
             slot.set_disabled(true);
-            let y = slot.forward(&io[&format!("input.{m}")], &ForwardCtx::eval()).unwrap();
+            let y = slot.forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval()).unwrap();
             assert_close(&format!("{}: output_disabled.{m}", dir.display()), &y, expected, atol, rtol);
             slot.set_disabled(false);
         }
@@ -210,3 +210,12 @@ fn lora_save_reload_gives_the_same_file() {
     });
 }
 
+
+#[test]
+fn refused_cases_name_the_unsupported_field() {
+    for (name, field) in REFUSED_CASES {
+        let dir = fixtures_dir().join("lora/cases").join(name);
+        let e = load_adapter(dir.join("adapter"), &Device::Cpu).unwrap_err();
+        assert!(matches!(&e, peft::PeftError::Unsupported { field: f, .. } if f == field), "{name}: {e}");
+    }
+}

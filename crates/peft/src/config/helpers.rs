@@ -17,7 +17,10 @@ pub(crate) fn int_if_integral<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::
 }
 
 /// [`int_if_integral`] for every value of a map (`alpha_pattern`).
-pub(crate) fn map_int_if_integral<S: Serializer>(m: &IndexMap<String, f64>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn map_int_if_integral<S: Serializer>(
+    m: &IndexMap<String, f64>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_map(m.iter().map(|(k, v)| (k, IntIfIntegral(*v))))
 }
 
@@ -78,13 +81,21 @@ pub(crate) fn refuse_if_some(field: &str, value: Option<&Value>, reason: &str) -
 }
 
 fn unsupported(field: &str, value: &Value, reason: &str) -> PeftError {
-    PeftError::Unsupported { field: field.to_string(), value: show(value), reason: reason.to_string() }
+    PeftError::Unsupported {
+        field: field.to_string(),
+        value: show(value),
+        reason: reason.to_string(),
+    }
 }
 
 /// `Unsupported` for `field` when the flag is true.
 pub(crate) fn refuse_flag(field: &str, value: bool, reason: &str) -> Result<()> {
     if value {
-        return Err(PeftError::Unsupported { field: field.to_string(), value: "true".into(), reason: reason.into() });
+        return Err(PeftError::Unsupported {
+            field: field.to_string(),
+            value: "true".into(),
+            reason: reason.into(),
+        });
     }
     Ok(())
 }
@@ -104,10 +115,13 @@ pub(crate) fn refuse_unknown_keys(extra: &Map<String, Value>, class: &str) -> Re
     Ok(())
 }
 
-/// A dropout probability must lie in `[0, 1]` (torch's `nn.Dropout` raises otherwise).
+/// A dropout probability above 1 makes torch's `nn.Dropout` raise (PEFT builds one only for `p > 0`, so a
+/// negative value means no dropout).
 pub(crate) fn check_probability(field: &str, p: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&p) {
-        return Err(PeftError::InvalidConfig(format!("`{field}` must be between 0 and 1, got {p}")));
+    if p > 1.0 || p.is_nan() {
+        return Err(PeftError::InvalidConfig(format!(
+            "`{field}` is a probability and must be at most 1, got {p}"
+        )));
     }
     Ok(())
 }
@@ -128,7 +142,8 @@ pub(crate) fn check_layers_pattern(
 ) -> Result<()> {
     if pattern_is_set(layers_pattern) && layers_to_transform.is_none() {
         return Err(PeftError::InvalidConfig(
-            "when `layers_pattern` is specified, `layers_to_transform` must also be specified".into(),
+            "when `layers_pattern` is specified, `layers_to_transform` must also be specified"
+                .into(),
         ));
     }
     Ok(())
@@ -148,30 +163,36 @@ pub(crate) fn check_regex_target_layers(
             ));
         }
         if layers_pattern.is_some() {
-            return Err(PeftError::InvalidConfig("`layers_pattern` cannot be used when `target_modules` is a str".into()));
+            return Err(PeftError::InvalidConfig(
+                "`layers_pattern` cannot be used when `target_modules` is a str".into(),
+            ));
         }
     }
     Ok(())
 }
 
-/// The regex PEFT's `get_pattern_key` builds for a pattern key: `re.match(rf"(.*\.)?({key})$", name)`.
-fn pattern_regex(key: &str) -> std::result::Result<fancy_regex::Regex, fancy_regex::Error> {
-    fancy_regex::Regex::new(&format!(r"^(.*\.)?({key})$"))
-}
-
 /// The value of the first key of `map` (in map order) that matches `module_name` as PEFT's `get_pattern_key`
 /// does ([`crate::tuners::tuners_utils::get_pattern_key`]). A map with a key that is not a valid regex matches
 /// nothing ([`check_pattern_keys`] reports it).
-pub(crate) fn pattern_lookup<'a, V>(map: &'a IndexMap<String, V>, module_name: &str) -> Option<&'a V> {
+pub(crate) fn pattern_lookup<'a, V>(
+    map: &'a IndexMap<String, V>,
+    module_name: &str,
+) -> Option<&'a V> {
     let key = get_pattern_key(map.keys().map(String::as_str), module_name).ok()??;
     map.get(key)
 }
 
 /// Every pattern key must compile as a regular expression (Python would raise `re.error` on use).
-pub(crate) fn check_pattern_keys<'a>(field: &str, keys: impl IntoIterator<Item = &'a String>) -> Result<()> {
+pub(crate) fn check_pattern_keys<'a>(
+    field: &str,
+    keys: impl IntoIterator<Item = &'a String>,
+) -> Result<()> {
     for key in keys {
-        if let Err(e) = pattern_regex(key) {
-            return Err(PeftError::InvalidConfig(format!("`{field}` key {key:?} is not a valid regular expression: {e}")));
+        // The regex PEFT's `get_pattern_key` builds: `re.match(rf"(.*\.)?({key})$", name)`.
+        if let Err(e) = fancy_regex::Regex::new(&format!(r"^(.*\.)?({key})$")) {
+            return Err(PeftError::InvalidConfig(format!(
+                "`{field}` key {key:?} is not a valid regular expression: {e}"
+            )));
         }
     }
     Ok(())
@@ -184,10 +205,25 @@ mod tests {
 
     #[test]
     fn truthiness_is_pythons() {
-        for v in [json!(null), json!(false), json!(0), json!(0.0), json!(""), json!([]), json!({})] {
+        for v in [
+            json!(null),
+            json!(false),
+            json!(0),
+            json!(0.0),
+            json!(""),
+            json!([]),
+            json!({}),
+        ] {
             assert!(!is_truthy(&v), "{v}");
         }
-        for v in [json!(true), json!(1), json!(-0.5), json!("x"), json!([0]), json!({"a": null})] {
+        for v in [
+            json!(true),
+            json!(1),
+            json!(-0.5),
+            json!("x"),
+            json!([0]),
+            json!({"a": null}),
+        ] {
             assert!(is_truthy(&v), "{v}");
         }
     }
@@ -198,13 +234,25 @@ mod tests {
         m.insert("q_proj".into(), 1);
         m.insert("layers.0.self_attn.v_proj".into(), 2);
         m.insert("layers\\.[12]\\..*k_proj".into(), 3);
-        assert_eq!(pattern_lookup(&m, "model.layers.0.self_attn.q_proj"), Some(&1));
+        assert_eq!(
+            pattern_lookup(&m, "model.layers.0.self_attn.q_proj"),
+            Some(&1)
+        );
         assert_eq!(pattern_lookup(&m, "q_proj"), Some(&1));
         assert_eq!(pattern_lookup(&m, "model.layers.0.self_attn.xq_proj"), None);
-        assert_eq!(pattern_lookup(&m, "model.layers.0.self_attn.q_proj.x"), None);
-        assert_eq!(pattern_lookup(&m, "model.layers.0.self_attn.v_proj"), Some(&2));
+        assert_eq!(
+            pattern_lookup(&m, "model.layers.0.self_attn.q_proj.x"),
+            None
+        );
+        assert_eq!(
+            pattern_lookup(&m, "model.layers.0.self_attn.v_proj"),
+            Some(&2)
+        );
         assert_eq!(pattern_lookup(&m, "model.layers.10.self_attn.v_proj"), None);
-        assert_eq!(pattern_lookup(&m, "model.layers.2.self_attn.k_proj"), Some(&3));
+        assert_eq!(
+            pattern_lookup(&m, "model.layers.2.self_attn.k_proj"),
+            Some(&3)
+        );
         assert_eq!(pattern_lookup(&m, "model.layers.3.self_attn.k_proj"), None);
     }
 
@@ -213,6 +261,9 @@ mod tests {
         let mut m: IndexMap<String, usize> = IndexMap::new();
         m.insert("q_proj(".into(), 1);
         assert_eq!(pattern_lookup(&m, "q_proj("), None);
-        assert!(matches!(check_pattern_keys("rank_pattern", m.keys()), Err(PeftError::InvalidConfig(_))));
+        assert!(matches!(
+            check_pattern_keys("rank_pattern", m.keys()),
+            Err(PeftError::InvalidConfig(_))
+        ));
     }
 }

@@ -10,7 +10,12 @@ use serde_json::{Number, Value};
 use std::fmt::Write as _;
 
 /// Keys whose list values PEFT holds as Python sets (or that are sets by meaning): compared without order.
-const SET_VALUED_KEYS: &[&str] = &["target_modules", "exclude_modules", "modules_to_save", "feedforward_modules"];
+const SET_VALUED_KEYS: &[&str] = &[
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "feedforward_modules",
+];
 
 /// `json.dumps(value, indent=2, sort_keys=True)` as Python 3 writes it, byte for byte.
 ///
@@ -189,7 +194,8 @@ fn content_eq(a: &Value, b: &Value, as_set: bool) -> bool {
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
                 && x.iter().all(|(k, v)| {
-                    y.get(k).is_some_and(|w| content_eq(v, w, SET_VALUED_KEYS.contains(&k.as_str())))
+                    y.get(k)
+                        .is_some_and(|w| content_eq(v, w, SET_VALUED_KEYS.contains(&k.as_str())))
                 })
         }
         _ => a == b,
@@ -269,10 +275,25 @@ mod tests {
             &json!({"target_modules": ["q", "v"], "x": [1, 2]}),
             &json!({"target_modules": ["v", "q"], "x": [1, 2]})
         ));
-        assert!(!json_content_eq(&json!({"x": [1, 2]}), &json!({"x": [2, 1]})));
-        assert!(!json_content_eq(&json!({"target_modules": ["q"]}), &json!({"target_modules": ["q", "v"]})));
-        assert!(!json_content_eq(&json!({"a": 1}), &json!({"a": 1, "b": null})));
-        assert!(json_content_eq(&json!({"a": {"b": [1, {"c": 2}]}}), &json!({"a": {"b": [1.0, {"c": 2}]}})));
-        assert!(!json_content_eq(&json!({"target_modules": "q"}), &json!({"target_modules": ["q"]})));
+        assert!(!json_content_eq(
+            &json!({"x": [1, 2]}),
+            &json!({"x": [2, 1]})
+        ));
+        assert!(!json_content_eq(
+            &json!({"target_modules": ["q"]}),
+            &json!({"target_modules": ["q", "v"]})
+        ));
+        assert!(!json_content_eq(
+            &json!({"a": 1}),
+            &json!({"a": 1, "b": null})
+        ));
+        assert!(json_content_eq(
+            &json!({"a": {"b": [1, {"c": 2}]}}),
+            &json!({"a": {"b": [1.0, {"c": 2}]}})
+        ));
+        assert!(!json_content_eq(
+            &json!({"target_modules": "q"}),
+            &json!({"target_modules": ["q"]})
+        ));
     }
 }

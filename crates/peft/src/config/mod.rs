@@ -20,9 +20,13 @@ pub use crate::tuners::boft::config::BoftConfig;
 pub use crate::tuners::ia3::config::Ia3Config;
 pub use crate::tuners::loha::config::LoHaConfig;
 pub use crate::tuners::lokr::config::{LoKrConfig, LoKrInitWeights};
-pub use crate::tuners::lora::config::{InitLoraWeights, LoraBias, LoraConfig, LoraOptionalFeatures};
+pub use crate::tuners::lora::config::{
+    InitLoraWeights, LoraBias, LoraConfig, LoraOptionalFeatures,
+};
 pub use crate::tuners::oft::config::OftConfig;
-pub use crate::tuners::p_tuning::config::{PromptEncoderConfig, PromptEncoderReparameterizationType};
+pub use crate::tuners::p_tuning::config::{
+    PromptEncoderConfig, PromptEncoderReparameterizationType,
+};
 pub use crate::tuners::prefix_tuning::config::PrefixTuningConfig;
 pub use crate::tuners::prompt_tuning::config::{PromptTuningConfig, PromptTuningInit};
 pub use crate::tuners::vera::config::VeraConfig;
@@ -106,7 +110,10 @@ impl PeftType {
 
     /// Whether the method is prompt learning (virtual tokens instead of wrapped layers).
     pub fn is_prompt_learning(self) -> bool {
-        matches!(self, PeftType::PromptTuning | PeftType::PrefixTuning | PeftType::PTuning)
+        matches!(
+            self,
+            PeftType::PromptTuning | PeftType::PrefixTuning | PeftType::PTuning
+        )
     }
 }
 
@@ -235,8 +242,12 @@ impl PromptLearningBase {
     /// PEFT needs `num_virtual_tokens` to build any prompt-learning adapter.
     pub(crate) fn validate(&self) -> Result<()> {
         match self.num_virtual_tokens {
-            None => Err(PeftError::InvalidConfig("`num_virtual_tokens` must be set for prompt learning".into())),
-            Some(0) => Err(PeftError::InvalidConfig("`num_virtual_tokens` must be positive, got 0".into())),
+            None => Err(PeftError::InvalidConfig(
+                "`num_virtual_tokens` must be set for prompt learning".into(),
+            )),
+            Some(0) => Err(PeftError::InvalidConfig(
+                "`num_virtual_tokens` must be positive, got 0".into(),
+            )),
             Some(_) => Ok(()),
         }
     }
@@ -321,11 +332,19 @@ impl_from!(
 const SET_KEYS: &[&str] = &["target_modules", "exclude_modules", "feedforward_modules"];
 
 fn json_error(context: &str, e: impl fmt::Display) -> PeftError {
-    PeftError::Json { context: context.to_string(), message: e.to_string() }
+    PeftError::Json {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
 }
 
-fn parse_variant<T: serde::de::DeserializeOwned>(map: Map<String, Value>, context: &str, t: PeftType) -> Result<T> {
-    serde_json::from_value(Value::Object(map)).map_err(|e| json_error(&format!("{context} ({t} config)"), e))
+fn parse_variant<T: serde::de::DeserializeOwned>(
+    map: Map<String, Value>,
+    context: &str,
+    t: PeftType,
+) -> Result<T> {
+    serde_json::from_value(Value::Object(map))
+        .map_err(|e| json_error(&format!("{context} ({t} config)"), e))
 }
 
 impl PeftConfig {
@@ -404,7 +423,9 @@ impl PeftConfig {
             PeftConfig::Oft(c) => Some(c.target_spec()),
             PeftConfig::Boft(c) => Some(c.target_spec()),
             PeftConfig::Vera(c) => Some(c.target_spec()),
-            PeftConfig::PromptTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuning(_) => None,
+            PeftConfig::PromptTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuning(_) => {
+                None
+            }
         }
     }
 
@@ -435,7 +456,10 @@ impl PeftConfig {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
         };
-        map.insert("peft_type".into(), Value::String(self.peft_type().as_str().into()));
+        map.insert(
+            "peft_type".into(),
+            Value::String(self.peft_type().as_str().into()),
+        );
         for key in SET_KEYS {
             if let Some(Value::Array(items)) = map.get_mut(*key) {
                 let mut seen: Vec<Value> = Vec::with_capacity(items.len());
@@ -556,8 +580,12 @@ impl PeftConfig {
             }
             PeftType::Boft => PeftConfig::Boft(parse_variant(map, context, peft_type)?),
             PeftType::Vera => PeftConfig::Vera(parse_variant(map, context, peft_type)?),
-            PeftType::PromptTuning => PeftConfig::PromptTuning(parse_variant(map, context, peft_type)?),
-            PeftType::PrefixTuning => PeftConfig::PrefixTuning(parse_variant(map, context, peft_type)?),
+            PeftType::PromptTuning => {
+                PeftConfig::PromptTuning(parse_variant(map, context, peft_type)?)
+            }
+            PeftType::PrefixTuning => {
+                PeftConfig::PrefixTuning(parse_variant(map, context, peft_type)?)
+            }
             PeftType::PTuning => PeftConfig::PTuning(parse_variant(map, context, peft_type)?),
         })
     }
@@ -577,4 +605,292 @@ impl<'de> Deserialize<'de> for PeftConfig {
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn every_default() -> Vec<PeftConfig> {
+        vec![
+            LoraConfig::default().into(),
+            AdaLoraConfig {
+                total_step: Some(10),
+                ..Default::default()
+            }
+            .into(),
+            Ia3Config::default().into(),
+            LoHaConfig::default().into(),
+            LoKrConfig::default().into(),
+            OftConfig::default().into(),
+            BoftConfig::default().into(),
+            VeraConfig::default().into(),
+            PromptTuningConfig {
+                prompt: PromptLearningBase {
+                    num_virtual_tokens: Some(4),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .into(),
+            PrefixTuningConfig {
+                prompt: PromptLearningBase {
+                    num_virtual_tokens: Some(4),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .into(),
+            PromptEncoderConfig {
+                prompt: PromptLearningBase {
+                    num_virtual_tokens: Some(4),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .into(),
+        ]
+    }
+
+    #[test]
+    fn peft_type_names_round_trip() {
+        for t in PeftType::ALL {
+            assert_eq!(t.as_str().parse::<PeftType>().expect("known"), t);
+            assert_eq!(t.to_string(), t.as_str());
+        }
+        assert!(PeftType::PTuning.is_prompt_learning() && !PeftType::Lora.is_prompt_learning());
+    }
+
+    #[test]
+    fn every_method_validates_and_round_trips_at_defaults() {
+        let defaults = every_default();
+        assert_eq!(defaults.len(), PeftType::ALL.len());
+        for cfg in defaults {
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", cfg.peft_type()));
+            let text = cfg.to_json_string();
+            let back = PeftConfig::from_json_str(&text).expect("parses");
+            assert_eq!(back.peft_type(), cfg.peft_type());
+            assert!(back.inference_mode(), "inference_mode is forced on save");
+            let mut expected = cfg.clone();
+            expected.base_mut().inference_mode = true;
+            assert_eq!(back, expected);
+            assert_eq!(back.to_json_string(), text);
+            assert!(back.unknown_keys().is_empty());
+            assert_eq!(back.target_spec().is_none(), cfg.is_prompt_learning());
+        }
+    }
+
+    #[test]
+    fn written_json_has_sorted_keys_and_two_space_indent() {
+        let cfg = PeftConfig::from(LoraConfig {
+            target_modules: Some(TargetModules::List(vec!["v_proj".into(), "q_proj".into()])),
+            rank_pattern: [("z".to_string(), 2usize), ("a".to_string(), 4)]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        let text = cfg.to_json_string();
+        assert!(text.starts_with("{\n  \"alora_invocation_tokens\": null,\n"));
+        assert!(text.ends_with("\n}"));
+        assert!(text.contains("\n  \"rank_pattern\": {\n    \"a\": 4,\n    \"z\": 2\n  },\n"));
+        // The list keeps its order (PEFT writes its set in hash order; we write ours as held).
+        assert!(text.contains("\"target_modules\": [\n    \"v_proj\",\n    \"q_proj\"\n  ],"));
+        let top_keys: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  \"") && !l.starts_with("   "))
+            .filter_map(|l| l.trim_start().strip_prefix('"')?.split('"').next())
+            .collect();
+        let mut sorted = top_keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(top_keys, sorted);
+        assert_eq!(
+            top_keys.len(),
+            cfg.to_json_value().as_object().map_or(0, |m| m.len())
+        );
+        // The held value is not changed by saving.
+        assert_eq!(cfg.to_json_value()["inference_mode"], json!(false));
+    }
+
+    #[test]
+    fn unknown_keys_are_kept_reported_and_written_back() {
+        let text = r#"{"peft_type": "LORA", "r": 4, "enable_lora": null, "merge_weights": false,
+            "zzz_note": {"b": [], "a": null}, "target_modules": ["q", "v"]}"#;
+        let cfg = PeftConfig::from_json_str(text).expect("parses");
+        assert_eq!(
+            cfg.unknown_keys(),
+            ["enable_lora", "merge_weights", "zzz_note"]
+        );
+        // All falsy except zzz_note, which is a non-empty object: refused, by name.
+        match cfg.validate() {
+            Err(PeftError::Unsupported { field, .. }) => assert_eq!(field, "zzz_note"),
+            other => panic!("{other:?}"),
+        }
+        let written = cfg.to_json_string();
+        let back = PeftConfig::from_json_str(&written).expect("parses");
+        assert_eq!(
+            back.unknown_keys(),
+            ["enable_lora", "merge_weights", "zzz_note"]
+        );
+        let written: Value = serde_json::from_str(&written).expect("json");
+        assert_eq!(written["zzz_note"], json!({"a": null, "b": []}));
+        assert_eq!(written["merge_weights"], json!(false));
+        assert!(written.get("enable_lora").is_some_and(Value::is_null));
+        let mut original: Value = serde_json::from_str(text).expect("json");
+        // Everything we wrote is the original plus PEFT's defaults for the absent keys.
+        for (k, v) in original.as_object_mut().expect("object").iter() {
+            assert!(
+                json_content_eq(
+                    &json!({ k.as_str(): v }),
+                    &json!({ k.as_str(): written[k] })
+                ),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_at_falsy_values_pass_validation() {
+        let text = r#"{"peft_type": "IA3", "future_a": null, "future_b": false, "future_c": 0, "future_d": [],
+            "future_e": {}, "future_f": ""}"#;
+        let cfg = PeftConfig::from_json_str(text).expect("parses");
+        cfg.validate().expect("falsy unknown keys are accepted");
+        assert_eq!(cfg.unknown_keys().len(), 6);
+    }
+
+    #[test]
+    fn unknown_peft_type_is_an_error() {
+        for name in ["FOURIERFT", "lora", "Lora", ""] {
+            let text = format!(r#"{{"peft_type": "{name}", "r": 8}}"#);
+            match PeftConfig::from_json_str(&text) {
+                Err(PeftError::UnknownPeftType(n)) => assert_eq!(n, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_or_malformed_peft_type_and_bad_json_are_clear_errors() {
+        let e = PeftConfig::from_json_str(r#"{"r": 8}"#).expect_err("no peft_type");
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.contains("peft_type")),
+            "{e}"
+        );
+        let e = PeftConfig::from_json_str(r#"{"peft_type": null}"#).expect_err("null peft_type");
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.contains("peft_type")),
+            "{e}"
+        );
+        let e = PeftConfig::from_json_str("[1, 2]").expect_err("not an object");
+        assert!(matches!(e, PeftError::InvalidConfig(_)));
+        let e = PeftConfig::from_json_str("{\"peft_type\": \"LORA\",").expect_err("truncated");
+        assert!(matches!(e, PeftError::Json { .. }));
+        let e = PeftConfig::from_json_str(r#"{"peft_type": "LORA", "task_type": "SOMETHING"}"#)
+            .expect_err("task");
+        assert!(matches!(e, PeftError::Json { .. }));
+    }
+
+    #[test]
+    fn runtime_config_is_dropped_on_load() {
+        let text = r#"{"peft_type": "LORA", "runtime_config": {"ephemeral_gpu_offload": true}}"#;
+        let cfg = PeftConfig::from_json_str(text).expect("parses");
+        assert!(cfg.unknown_keys().is_empty());
+        cfg.validate().expect("supported");
+        assert!(cfg.to_json_value().get("runtime_config").is_none());
+    }
+
+    #[test]
+    fn save_and_read_back_from_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sub = dir.path().join("nested").join("adapter");
+        let cfg = PeftConfig::from(LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            ..Default::default()
+        });
+        cfg.save(&sub).expect("saved");
+        let text = std::fs::read_to_string(sub.join(CONFIG_NAME)).expect("written");
+        assert_eq!(text, cfg.to_json_string());
+        assert!(!sub.join("adapter_config.json.tmp").exists());
+        let back = PeftConfig::from_dir(&sub).expect("reads");
+        let mut want = cfg.clone();
+        want.base_mut().inference_mode = true;
+        assert_eq!(back, want);
+        assert!(matches!(
+            PeftConfig::from_dir(dir.path()),
+            Err(PeftError::Io { .. })
+        ));
+        // A file where the directory should be is an I/O error, not a panic.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").expect("write");
+        assert!(matches!(cfg.save(&file), Err(PeftError::Io { .. })));
+    }
+
+    #[test]
+    fn serde_form_is_the_tagged_object() {
+        let cfg = PeftConfig::from(LoHaConfig {
+            r: 2,
+            ..Default::default()
+        });
+        let value = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(value["peft_type"], json!("LOHA"));
+        assert_eq!(value["r"], json!(2));
+        let back: PeftConfig = serde_json::from_value(value).expect("deserializes");
+        assert_eq!(back, cfg);
+        assert!(serde_json::from_value::<PeftConfig>(json!({"peft_type": "NOPE"})).is_err());
+    }
+
+    #[test]
+    fn content_eq_ignores_set_order_of_a_peft_file() {
+        let a = PeftConfig::from_json_str(
+            r#"{"peft_type": "LORA", "target_modules": ["q_proj", "v_proj", "k_proj"]}"#,
+        )
+        .expect("parses");
+        let b = PeftConfig::from_json_str(
+            r#"{"peft_type": "LORA", "target_modules": ["k_proj", "q_proj", "v_proj"]}"#,
+        )
+        .expect("parses");
+        assert_ne!(a, b);
+        assert!(json_content_eq(&a.to_json_value(), &b.to_json_value()));
+    }
+
+    #[test]
+    fn accessors() {
+        let cfg = PeftConfig::from_json_str(
+            r#"{"peft_type": "LORA", "base_model_name_or_path": "gpt2", "task_type": "CAUSAL_LM",
+                "modules_to_save": ["score"], "target_modules": "c_attn", "inference_mode": true}"#,
+        )
+        .expect("parses");
+        assert_eq!(cfg.base_model_name_or_path(), Some("gpt2"));
+        assert_eq!(cfg.task_type(), Some(TaskType::CausalLm));
+        assert_eq!(cfg.modules_to_save(), Some(&["score".to_string()][..]));
+        assert!(cfg.inference_mode());
+        let spec = cfg.target_spec().expect("spec");
+        assert_eq!(
+            spec.target_modules,
+            Some(&TargetModules::Regex("c_attn".into()))
+        );
+        assert_eq!(spec.modules_to_save, Some(&["score".to_string()][..]));
+    }
+}
+#[cfg(test)]
+mod oracle_tmp {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn oracle_dir() {
+        let root = std::env::var("PEFT_ORACLE_DIR").expect("dir");
+        let mut names: Vec<_> = std::fs::read_dir(&root).expect("read").map(|e| e.expect("e").path()).collect();
+        names.sort();
+        for dir in names {
+            let text = std::fs::read_to_string(dir.join(CONFIG_NAME)).expect("read");
+            let cfg = match PeftConfig::from_json_str(&text) {
+                Ok(c) => c,
+                Err(e) => { println!("{}: PARSE ERROR {e}", dir.display()); continue; }
+            };
+            let out = cfg.to_json_string();
+            let a: Value = serde_json::from_str(&text).expect("a");
+            let b: Value = serde_json::from_str(&out).expect("b");
+            println!("{}: byte_eq={} content_eq={} unknown={:?} validate={:?}", dir.display(), out == text, json_content_eq(&a, &b), cfg.unknown_keys(), cfg.validate().err().map(|e| e.to_string()));
+            if out != text && !json_content_eq(&a, &b) { println!("---\n{text}\n---\n{out}"); }
+        }
+    }
+}

@@ -3,7 +3,8 @@
 use crate::config::PeftConfigBase;
 use crate::config::common::{LayersToTransform, StrOrList, TargetModules, TargetSpec};
 use crate::config::helpers::{
-    self, int_if_integral, map_int_if_integral, null_as_default, refuse_flag, refuse_if_some, refuse_if_truthy,
+    self, int_if_integral, map_int_if_integral, null_as_default, refuse_flag, refuse_if_some,
+    refuse_if_truthy,
 };
 use crate::{PeftError, Result};
 use indexmap::IndexMap;
@@ -127,9 +128,17 @@ impl LoraOptionalFeatures {
             "trainable tokens are not implemented by peft-rs",
         )?;
         refuse_if_truthy("loftq_config", &self.loftq_config, REWRITES_BASE)?;
-        refuse_if_some("eva_config", self.eva_config.as_ref(), "EVA (data-driven initialisation) is not implemented")?;
+        refuse_if_some(
+            "eva_config",
+            self.eva_config.as_ref(),
+            "EVA (data-driven initialisation) is not implemented",
+        )?;
         refuse_if_some("corda_config", self.corda_config.as_ref(), REWRITES_BASE)?;
-        refuse_if_some("lora_ga_config", self.lora_ga_config.as_ref(), REWRITES_BASE)?;
+        refuse_if_some(
+            "lora_ga_config",
+            self.lora_ga_config.as_ref(),
+            REWRITES_BASE,
+        )?;
         refuse_if_some("velora_config", self.velora_config.as_ref(), not_impl)?;
         refuse_if_some(
             "alora_invocation_tokens",
@@ -137,7 +146,11 @@ impl LoraOptionalFeatures {
             "activated LoRA (aLoRA) is not implemented",
         )?;
         refuse_flag("use_qalora", self.use_qalora, "QA-LoRA is not implemented")?;
-        refuse_if_some("monteclora_config", self.monteclora_config.as_ref(), not_impl)?;
+        refuse_if_some(
+            "monteclora_config",
+            self.monteclora_config.as_ref(),
+            not_impl,
+        )?;
         refuse_if_truthy(
             "layer_replication",
             self.layer_replication.as_ref().unwrap_or(&Value::Null),
@@ -148,10 +161,22 @@ impl LoraOptionalFeatures {
             self.target_parameters.as_ref().unwrap_or(&Value::Null),
             "LoRA on bare parameters (target_parameters) is not implemented",
         )?;
-        refuse_if_some("use_bdlora", self.use_bdlora.as_ref(), "block-diagonal LoRA is not implemented")?;
-        refuse_if_some("arrow_config", self.arrow_config.as_ref(), "Arrow routing is not implemented")?;
+        refuse_if_some(
+            "use_bdlora",
+            self.use_bdlora.as_ref(),
+            "block-diagonal LoRA is not implemented",
+        )?;
+        refuse_if_some(
+            "arrow_config",
+            self.arrow_config.as_ref(),
+            "Arrow routing is not implemented",
+        )?;
         refuse_if_some("kasa_config", self.kasa_config.as_ref(), REWRITES_BASE)?;
-        refuse_flag("ensure_weight_tying", self.ensure_weight_tying, "weight tying of adapters is not implemented")?;
+        refuse_flag(
+            "ensure_weight_tying",
+            self.ensure_weight_tying,
+            "weight tying of adapters is not implemented",
+        )?;
         Ok(())
     }
 }
@@ -176,7 +201,11 @@ fn check_init(init: &InitLoraWeights) -> Result<()> {
                  need data are not supported yet"
                     .to_string()
             };
-            Err(PeftError::Unsupported { field: "init_lora_weights".into(), value: format!("{m:?}"), reason })
+            Err(PeftError::Unsupported {
+                field: "init_lora_weights".into(),
+                value: format!("{m:?}"),
+                reason,
+            })
         }
     }
 }
@@ -220,7 +249,10 @@ pub struct LoraConfig {
     #[serde(deserialize_with = "null_as_default")]
     pub rank_pattern: IndexMap<String, usize>,
     /// `alpha_pattern`: per-module alphas, matched like `rank_pattern` (default `{}`).
-    #[serde(deserialize_with = "null_as_default", serialize_with = "map_int_if_integral")]
+    #[serde(
+        deserialize_with = "null_as_default",
+        serialize_with = "map_int_if_integral"
+    )]
     pub alpha_pattern: IndexMap<String, f64>,
     /// `use_dora`: weight-decomposed LoRA (default `false`).
     pub use_dora: bool,
@@ -262,7 +294,11 @@ impl Default for LoraConfig {
 
 /// PEFT's LoRA scaling: `alpha / √r` with rsLoRA, else `alpha / r`.
 pub(crate) fn lora_scaling(use_rslora: bool, r: usize, alpha: f64) -> f64 {
-    if use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
 }
 
 /// PEFT's `LoraConfig.__post_init__` checks on the layer selection and on `lora_bias`, shared with AdaLoRA.
@@ -285,7 +321,9 @@ pub(crate) fn check_lora_common(
             ));
         }
         if use_dora {
-            return Err(PeftError::InvalidConfig("`lora_bias=true` is not supported for DoRA".into()));
+            return Err(PeftError::InvalidConfig(
+                "`lora_bias=true` is not supported for DoRA".into(),
+            ));
         }
     }
     Ok(())
@@ -302,8 +340,12 @@ impl LoraConfig {
     /// key of `rank_pattern` / `alpha_pattern` (in map order) that matches as `re.match(rf"(.*\.)?({key})$",
     /// module_name)`, else the top-level `r` / `lora_alpha`.
     pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
-        let r = helpers::pattern_lookup(&self.rank_pattern, module_name).copied().unwrap_or(self.r);
-        let alpha = helpers::pattern_lookup(&self.alpha_pattern, module_name).copied().unwrap_or(self.lora_alpha);
+        let r = helpers::pattern_lookup(&self.rank_pattern, module_name)
+            .copied()
+            .unwrap_or(self.r);
+        let alpha = helpers::pattern_lookup(&self.alpha_pattern, module_name)
+            .copied()
+            .unwrap_or(self.lora_alpha);
         (r, alpha)
     }
 
@@ -332,10 +374,14 @@ impl LoraConfig {
     /// CorDA, LoftQ, LoRA-GA, EVA, orthogonal, MiCA, …) and every field of [`LoraOptionalFeatures`] when set.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            return Err(PeftError::InvalidConfig("`r` should be a positive integer value but the value passed is 0".into()));
+            return Err(PeftError::InvalidConfig(
+                "`r` should be a positive integer value but the value passed is 0".into(),
+            ));
         }
         if let Some((key, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
-            return Err(PeftError::InvalidConfig(format!("`rank_pattern` gives {key:?} rank 0; ranks must be positive")));
+            return Err(PeftError::InvalidConfig(format!(
+                "`rank_pattern` gives {key:?} rank 0; ranks must be positive"
+            )));
         }
         helpers::check_pattern_keys("rank_pattern", self.rank_pattern.keys())?;
         helpers::check_pattern_keys("alpha_pattern", self.alpha_pattern.keys())?;
@@ -493,12 +539,17 @@ mod tests {
         want.base.inference_mode = true;
         assert_eq!(c, want);
         assert!(c.unknown_keys().is_empty());
-        PeftConfig::Lora(c).validate().expect("defaults are supported");
+        PeftConfig::Lora(c)
+            .validate()
+            .expect("defaults are supported");
     }
 
     #[test]
     fn default_config_writes_peft_default_json_byte_for_byte() {
-        assert_eq!(PeftConfig::Lora(LoraConfig::default()).to_json_string(), DEFAULT_JSON);
+        assert_eq!(
+            PeftConfig::Lora(LoraConfig::default()).to_json_string(),
+            DEFAULT_JSON
+        );
     }
 
     #[test]
@@ -511,12 +562,24 @@ mod tests {
         assert_eq!(c.lora_alpha, 16.0);
         assert_eq!(c.lora_dropout, 1e-5);
         assert_eq!(c.bias, LoraBias::LoraOnly);
-        assert_eq!(c.init_lora_weights, InitLoraWeights::Method("gaussian".into()));
-        assert_eq!(c.layers_to_transform, Some(LayersToTransform::Many(vec![0, 2])));
+        assert_eq!(
+            c.init_lora_weights,
+            InitLoraWeights::Method("gaussian".into())
+        );
+        assert_eq!(
+            c.layers_to_transform,
+            Some(LayersToTransform::Many(vec![0, 2]))
+        );
         assert_eq!(c.layers_pattern, Some(StrOrList::One("layers".into())));
-        assert_eq!(c.base.base_model_name_or_path.as_deref(), Some("modèle/ü-tiny"));
+        assert_eq!(
+            c.base.base_model_name_or_path.as_deref(),
+            Some("modèle/ü-tiny")
+        );
         assert_eq!(c.base.task_type, Some(crate::config::TaskType::CausalLm));
-        assert_eq!(c.modules_to_save, Some(vec!["lm_head".to_string(), "classifier".to_string()]));
+        assert_eq!(
+            c.modules_to_save,
+            Some(vec!["lm_head".to_string(), "classifier".to_string()])
+        );
         // File order is kept (sorted, since PEFT sorts on save).
         assert_eq!(c.rank_pattern.keys().collect::<Vec<_>>(), ["a.b", "z_proj"]);
         assert_eq!(c.alpha_pattern.get("q_proj"), Some(&0.5));
@@ -534,7 +597,10 @@ mod tests {
         assert_eq!(c.base.peft_version.as_deref(), Some("0.21.2"));
         assert!(!c.base.inference_mode);
         assert_eq!(c.features, LoraOptionalFeatures::default());
-        assert_eq!(c.target_modules, Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into()])));
+        assert_eq!(
+            c.target_modules,
+            Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into()]))
+        );
         PeftConfig::Lora(c).validate().expect("supported");
     }
 
@@ -564,10 +630,22 @@ mod tests {
         let written: Value = serde_json::from_str(&cfg.to_json_string()).expect("json");
         assert!(json_content_eq(&original, &written));
         let PeftConfig::Lora(c) = &cfg else { panic!() };
-        assert_eq!(c.rank_and_alpha_for("model.layers.0.self_attn.v_proj"), (2, 3.5));
-        assert_eq!(c.rank_and_alpha_for("model.layers.1.self_attn.v_proj"), (16, 3.5));
-        assert_eq!(c.rank_and_alpha_for("model.layers.1.self_attn.q_proj"), (4, 32.0));
-        assert_eq!(c.rank_and_alpha_for("model.layers.1.mlp.up_proj"), (16, 32.0));
+        assert_eq!(
+            c.rank_and_alpha_for("model.layers.0.self_attn.v_proj"),
+            (2, 3.5)
+        );
+        assert_eq!(
+            c.rank_and_alpha_for("model.layers.1.self_attn.v_proj"),
+            (16, 3.5)
+        );
+        assert_eq!(
+            c.rank_and_alpha_for("model.layers.1.self_attn.q_proj"),
+            (4, 32.0)
+        );
+        assert_eq!(
+            c.rank_and_alpha_for("model.layers.1.mlp.up_proj"),
+            (16, 32.0)
+        );
     }
 
     #[test]
@@ -599,7 +677,10 @@ mod tests {
         // Reordering the keys changes the winner.
         let mut reordered = c.clone();
         reordered.rank_pattern.move_index(0, 3);
-        assert_eq!(reordered.rank_and_alpha_for("model.layers.1.self_attn.q_proj"), (12, 16.0));
+        assert_eq!(
+            reordered.rank_and_alpha_for("model.layers.1.self_attn.q_proj"),
+            (12, 16.0)
+        );
     }
 
     #[test]
@@ -612,16 +693,26 @@ mod tests {
 
     #[test]
     fn float_alpha_is_written_as_float_integral_as_int() {
-        let c = LoraConfig { lora_alpha: 12.5, ..LoraConfig::default() };
+        let c = LoraConfig {
+            lora_alpha: 12.5,
+            ..LoraConfig::default()
+        };
         let v = PeftConfig::Lora(c).to_json_value();
         assert_eq!(v["lora_alpha"].to_string(), "12.5");
-        let v = PeftConfig::Lora(LoraConfig { lora_alpha: 32.0, ..LoraConfig::default() }).to_json_value();
+        let v = PeftConfig::Lora(LoraConfig {
+            lora_alpha: 32.0,
+            ..LoraConfig::default()
+        })
+        .to_json_value();
         assert_eq!(v["lora_alpha"].to_string(), "32");
         assert_eq!(v["lora_dropout"].to_string(), "0.0");
     }
 
     fn refused(text: &str) -> PeftError {
-        PeftConfig::from_json_str(text).expect("parses").validate().expect_err("must be refused")
+        PeftConfig::from_json_str(text)
+            .expect("parses")
+            .validate()
+            .expect_err("must be refused")
     }
 
     fn assert_unsupported(text: &str, want_field: &str) {
@@ -635,29 +726,62 @@ mod tests {
     fn unsupported_features_are_refused_by_name() {
         let cases: &[(&str, &str)] = &[
             (r#""init_lora_weights": "pissa""#, "init_lora_weights"),
-            (r#""init_lora_weights": "pissa_niter_4""#, "init_lora_weights"),
+            (
+                r#""init_lora_weights": "pissa_niter_4""#,
+                "init_lora_weights",
+            ),
             (r#""init_lora_weights": "olora""#, "init_lora_weights"),
             (r#""init_lora_weights": "corda""#, "init_lora_weights"),
-            (r#""init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}"#, "init_lora_weights"),
+            (
+                r#""init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}"#,
+                "init_lora_weights",
+            ),
             (r#""init_lora_weights": "eva""#, "init_lora_weights"),
             (r#""init_lora_weights": "orthogonal""#, "init_lora_weights"),
             (r#""init_lora_weights": "mystery""#, "init_lora_weights"),
             (r#""use_qalora": true"#, "use_qalora"),
-            (r#""layer_replication": [[0, 4], [2, 5]]"#, "layer_replication"),
-            (r#""loftq_config": {"loftq_bits": 4, "loftq_iter": 1}"#, "loftq_config"),
+            (
+                r#""layer_replication": [[0, 4], [2, 5]]"#,
+                "layer_replication",
+            ),
+            (
+                r#""loftq_config": {"loftq_bits": 4, "loftq_iter": 1}"#,
+                "loftq_config",
+            ),
             (r#""eva_config": {"rho": 2.0}"#, "eva_config"),
             (r#""corda_config": {"cache_file": null}"#, "corda_config"),
-            (r#""megatron_config": {"tensor_model_parallel_size": 2}"#, "megatron_config"),
-            (r#""trainable_token_indices": [1, 2]"#, "trainable_token_indices"),
-            (r#""alora_invocation_tokens": [5, 6]"#, "alora_invocation_tokens"),
-            (r#""target_parameters": ["experts.gate_up_proj"]"#, "target_parameters"),
+            (
+                r#""megatron_config": {"tensor_model_parallel_size": 2}"#,
+                "megatron_config",
+            ),
+            (
+                r#""trainable_token_indices": [1, 2]"#,
+                "trainable_token_indices",
+            ),
+            (
+                r#""alora_invocation_tokens": [5, 6]"#,
+                "alora_invocation_tokens",
+            ),
+            (
+                r#""target_parameters": ["experts.gate_up_proj"]"#,
+                "target_parameters",
+            ),
             (r#""use_bdlora": {"nblocks": 2}"#, "use_bdlora"),
             (r#""arrow_config": {"top_k": 3}"#, "arrow_config"),
             (r#""kasa_config": {}"#, "kasa_config"),
-            (r#""megatron_config": {"tensor_model_parallel_size": 2}, "use_dora": true"#, "megatron_config"),
+            (
+                r#""megatron_config": {"tensor_model_parallel_size": 2}, "use_dora": true"#,
+                "megatron_config",
+            ),
             (r#""velora_config": {"num_groups": 64}"#, "velora_config"),
-            (r#""monteclora_config": {"num_samples": 8}"#, "monteclora_config"),
-            (r#""lora_ga_config": {"direction": "ArB2r"}"#, "lora_ga_config"),
+            (
+                r#""monteclora_config": {"num_samples": 8}"#,
+                "monteclora_config",
+            ),
+            (
+                r#""lora_ga_config": {"direction": "ArB2r"}"#,
+                "lora_ga_config",
+            ),
             (r#""ensure_weight_tying": true"#, "ensure_weight_tying"),
             (r#""some_future_flag": true"#, "some_future_flag"),
         ];
@@ -671,7 +795,10 @@ mod tests {
     fn error_message_names_field_and_reason() {
         let e = refused(r#"{"peft_type": "LORA", "init_lora_weights": "pissa"}"#);
         let msg = e.to_string();
-        assert!(msg.contains("init_lora_weights") && msg.contains("rewrite the base weights"), "{msg}");
+        assert!(
+            msg.contains("init_lora_weights") && msg.contains("rewrite the base weights"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -690,7 +817,10 @@ mod tests {
             r#""enable_lora": null, "merge_weights": false"#,
         ] {
             let text = format!(r#"{{"peft_type": "LORA", {fields}}}"#);
-            PeftConfig::from_json_str(&text).expect("parses").validate().unwrap_or_else(|e| panic!("{fields}: {e}"));
+            PeftConfig::from_json_str(&text)
+                .expect("parses")
+                .validate()
+                .unwrap_or_else(|e| panic!("{fields}: {e}"));
         }
     }
 
@@ -717,7 +847,12 @@ mod tests {
 
     #[test]
     fn wrong_types_are_json_errors_not_panics() {
-        for fields in [r#""r": "eight""#, r#""bias": "some""#, r#""lora_alpha": null"#, r#""rank_pattern": [1]"#] {
+        for fields in [
+            r#""r": "eight""#,
+            r#""bias": "some""#,
+            r#""lora_alpha": null"#,
+            r#""rank_pattern": [1]"#,
+        ] {
             let text = format!(r#"{{"peft_type": "LORA", {fields}}}"#);
             match PeftConfig::from_json_str(&text) {
                 Err(PeftError::Json { .. }) => {}

@@ -13,7 +13,7 @@
 use super::config::{InitLoraWeights, LoraConfig};
 use super::dora;
 use crate::layer::{Adapter, BaseKind, BaseLayer, CallCtx, Merged, MergeInput, NamedTensor, check_shape};
-use crate::layer::base::{embed, linear_apply};
+use crate::layer::base::linear_apply;
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Tensor, Var};
 use indexmap::IndexMap;
@@ -310,8 +310,12 @@ impl LoraAdapter {
                 }
             }
             BaseKind::Embedding => {
-                let after_a = embed(x, &a.t()?)?;
-                linear_apply(&after_a, b, true)?
+                // Aᵀ[ids] without materialising Aᵀ: gather columns of A, then transpose the small result.
+                let ids = x.flatten_all()?.to_dtype(DType::U32)?;
+                let after_a = a.index_select(&ids, 1)?.t()?;
+                let mut shape = x.dims().to_vec();
+                shape.push(b.dim(0)?);
+                after_a.matmul(&b.t()?)?.reshape(shape)?
             }
             BaseKind::Conv2d(spec) => {
                 let h = x.conv2d(a, spec.padding, spec.stride, 1, 1)?.conv2d(b, 0, 1, 1, 1)?;

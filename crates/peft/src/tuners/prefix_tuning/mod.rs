@@ -1,1 +1,5 @@
-//! (being written)
+//! Prefix tuning (PEFT's `tuners/prefix_tuning/`): learned key/value prefixes in every layer.
+
+pub mod config;
+
+pub use config::PrefixTuningConfig;

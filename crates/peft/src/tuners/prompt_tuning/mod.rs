@@ -1,1 +1,5 @@
-//! (being written)
+//! Prompt tuning (PEFT's `tuners/prompt_tuning/`): learned virtual token embeddings.
+
+pub mod config;
+
+pub use config::PromptTuningConfig;

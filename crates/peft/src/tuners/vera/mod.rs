@@ -1,1 +1,5 @@
-//! (being written)
+//! VeRA (PEFT's `tuners/vera/`): shared random projections with learned scaling vectors.
+
+pub mod config;
+
+pub use config::VeraConfig;

@@ -1,0 +1,626 @@
+//! `peft merge`: merges adapters into a base model and writes the merged weights.
+//!
+//! A thin layer over [`peft::merge::merge_model`]: it parses `DIR[@WEIGHT]` adapter arguments, loads each
+//! adapter with [`peft::merge::MergeAdapter::load`], shows progress on stderr and prints a one-line summary.
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
+use peft::merge::{MergeAdapter, MergeReport, merge_model};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Above this many bytes of weights, progress is reported even when stderr is not a terminal.
+pub const LARGE_MERGE_BYTES: u64 = 64 << 20;
+
+/// Arguments of `peft merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The base model: a `.safetensors` file, or a model directory (`model.safetensors` or a sharded
+    /// `model.safetensors.index.json`; its config and tokenizer files are copied to the output).
+    #[arg(long, short = 'b', value_name = "MODEL")]
+    pub base: PathBuf,
+    /// An adapter directory (holding `adapter_config.json` and `adapter_model.safetensors`), optionally with
+    /// a merge weight for additive LoRA: `DIR@0.5`. Repeat to merge several; they apply in the order given.
+    #[arg(
+        long = "adapter",
+        short = 'a',
+        value_name = "DIR[@WEIGHT]",
+        required = true
+    )]
+    pub adapters: Vec<AdapterSpec>,
+    /// Where to write: a `.safetensors` file for a file base (an existing directory gets `model.safetensors`
+    /// inside), a new directory for a directory base.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: PathBuf,
+    /// Store floating-point tensors in this dtype (default: keep each tensor's dtype). Merging always
+    /// computes in f32 and rounds once.
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dtype: Option<DTypeArg>,
+    /// Never show progress on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// The dtypes `--dtype` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// One `--adapter` argument: a directory and an optional merge weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    /// The adapter directory.
+    pub dir: PathBuf,
+    /// The weight after `@`, if any.
+    pub weight: Option<f64>,
+}
+
+impl FromStr for AdapterSpec {
+    type Err = String;
+
+    /// Parses `DIR` or `DIR@WEIGHT`. A directory name may itself contain `@`: the string is split at its
+    /// last `@` only when what follows parses as a number; and when the whole string names an existing
+    /// directory while the part before the `@` does not, the whole string is the directory.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("empty adapter directory".into());
+        }
+        let whole = || {
+            Ok(Self {
+                dir: PathBuf::from(s),
+                weight: None,
+            })
+        };
+        let Some((dir, w)) = s.rsplit_once('@') else {
+            return whole();
+        };
+        let Ok(weight) = w.parse::<f64>() else {
+            return whole();
+        };
+        if Path::new(s).is_dir() && !Path::new(dir).is_dir() {
+            return whole();
+        }
+        if !weight.is_finite() {
+            return Err(format!(
+                "{s:?}: the merge weight must be a finite number, got {w}"
+            ));
+        }
+        if dir.is_empty() {
+            return Err(format!("{s:?}: no adapter directory before '@'"));
+        }
+        Ok(Self {
+            dir: PathBuf::from(dir),
+            weight: Some(weight),
+        })
+    }
+}
+
+/// Reports merge progress on stderr: an indicatif bar on a terminal, a line every 10 % for a large merge
+/// whose stderr is a file or pipe, nothing otherwise.
+struct Progress {
+    quiet: bool,
+    mode: Option<Mode>,
+}
+
+enum Mode {
+    Bar(ProgressBar),
+    Lines { start: Instant, next_percent: u64 },
+    Silent,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        Self { quiet, mode: None }
+    }
+
+    fn update(&mut self, done: u64, total: u64, tensor: &str) {
+        let quiet = self.quiet;
+        let mode = self.mode.get_or_insert_with(|| {
+            let terminal = std::io::stderr().is_terminal();
+            if quiet || total == 0 {
+                Mode::Silent
+            } else if terminal {
+                let bar = ProgressBar::new(total);
+                let style = ProgressStyle::with_template(
+                    "merging [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta}) {wide_msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                bar.set_style(style);
+                bar.enable_steady_tick(Duration::from_millis(200));
+                Mode::Bar(bar)
+            } else if total > LARGE_MERGE_BYTES {
+                Mode::Lines { start: Instant::now(), next_percent: 10 }
+            } else {
+                Mode::Silent
+            }
+        });
+        match mode {
+            Mode::Bar(bar) => {
+                bar.set_position(done);
+                bar.set_message(tensor.to_string());
+            }
+            Mode::Lines {
+                start,
+                next_percent,
+            } => {
+                let percent = done.saturating_mul(100) / total.max(1);
+                if percent >= *next_percent {
+                    let elapsed = start.elapsed();
+                    let eta = if done > 0 {
+                        elapsed.mul_f64(total.saturating_sub(done) as f64 / done as f64)
+                    } else {
+                        Duration::ZERO
+                    };
+                    eprintln!(
+                        "merging: {percent:>3}% ({} / {}), ETA {}",
+                        HumanBytes(done),
+                        HumanBytes(total),
+                        HumanDuration(eta)
+                    );
+                    *next_percent = (percent / 10 + 1) * 10;
+                }
+            }
+            Mode::Silent => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(Mode::Bar(bar)) = &self.mode {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Checks the paths before any work, with messages that say what to pass instead.
+fn check_paths(args: &MergeArgs) -> anyhow::Result<()> {
+    if !args.base.exists() {
+        bail!("base model {} does not exist", args.base.display());
+    }
+    for a in &args.adapters {
+        if !a.dir.exists() {
+            bail!("adapter directory {} does not exist", a.dir.display());
+        }
+        if !a.dir.is_dir() {
+            bail!(
+                "adapter {} is not a directory: pass the directory holding adapter_config.json and \
+                 adapter_model.safetensors",
+                a.dir.display()
+            );
+        }
+    }
+    if args.base.is_file() {
+        if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                bail!(
+                    "cannot write {}: directory {} does not exist",
+                    args.output.display(),
+                    parent.display()
+                );
+            }
+        }
+        if let (Ok(b), Ok(o)) = (args.base.canonicalize(), args.output.canonicalize()) {
+            if b == o {
+                bail!(
+                    "refusing to overwrite the base model {} with the merged model",
+                    args.base.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `peft merge`: merges, then writes a one-line summary to `out`. Returns the library's report.
+pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport> {
+    check_paths(args)?;
+    let device = Device::Cpu;
+    let mut adapters = Vec::with_capacity(args.adapters.len());
+    for spec in &args.adapters {
+        let adapter = MergeAdapter::load(&spec.dir, spec.weight, &device)
+            .with_context(|| format!("cannot load adapter {}", spec.dir.display()))?;
+        adapters.push(adapter);
+    }
+    let n_adapters = adapters.len();
+    let mut progress = Progress::new(args.quiet);
+    let result = merge_model(
+        &args.base,
+        adapters,
+        &args.output,
+        args.dtype.map(DType::from),
+        &mut |done, total, name| progress.update(done, total, name),
+    );
+    progress.finish();
+    let report = result.with_context(|| {
+        format!(
+            "cannot merge into {} (writing {})",
+            args.base.display(),
+            args.output.display()
+        )
+    })?;
+    writeln!(out, "{}", summary(&report, n_adapters))?;
+    Ok(report)
+}
+
+/// The one-line summary: modules merged, files written, size on disk.
+fn summary(report: &MergeReport, n_adapters: usize) -> String {
+    let size: u64 = report
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let size = if size == 0 { report.bytes } else { size };
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    let where_ = match report.files.as_slice() {
+        [one] => one.display().to_string(),
+        files => {
+            let dirs: Vec<_> = files.iter().filter_map(|f| f.parent()).collect();
+            match dirs.first() {
+                Some(d) if dirs.iter().all(|x| x == d) => format!("{}/", d.display()),
+                _ => "the output".to_string(),
+            }
+        }
+    };
+    format!(
+        "merged {} from {} into {where_}: {} written, {} ({size} bytes)",
+        plural(report.modules.len(), "module"),
+        plural(n_adapters, "adapter"),
+        plural(report.files.len(), "file"),
+        HumanBytes(size),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cli, Command};
+    use candle_core::Tensor;
+    use clap::Parser;
+    use std::collections::HashMap;
+
+    const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/lora/cases");
+
+    fn case(name: &str) -> PathBuf {
+        Path::new(CASES).join(name)
+    }
+
+    fn parse_merge(args: &[&str]) -> MergeArgs {
+        let mut argv = vec!["peft", "merge"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Merge(m) => m,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn load(path: &Path) -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    }
+
+    /// `max |a - b| <= atol + rtol * |b|` elementwise, in f32.
+    fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f32, rtol: f32) {
+        assert_eq!(a.dims(), b.dims(), "{name}: shapes differ");
+        let a = a
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = b
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= atol + rtol * y.abs(),
+                "{name}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    fn run_quiet(args: &MergeArgs) -> anyhow::Result<(MergeReport, String)> {
+        let mut out = Vec::new();
+        let report = run(args, &mut out)?;
+        Ok((report, String::from_utf8(out).unwrap()))
+    }
+
+    #[test]
+    fn adapter_spec_parsing() {
+        let p = |s: &str| s.parse::<AdapterSpec>();
+        assert_eq!(
+            p("ad").unwrap(),
+            AdapterSpec {
+                dir: "ad".into(),
+                weight: None
+            }
+        );
+        assert_eq!(
+            p("ad@0.5").unwrap(),
+            AdapterSpec {
+                dir: "ad".into(),
+                weight: Some(0.5)
+            }
+        );
+        assert_eq!(
+            p("runs/a@b/ad@-1.5e-1").unwrap(),
+            AdapterSpec {
+                dir: "runs/a@b/ad".into(),
+                weight: Some(-0.15)
+            }
+        );
+        // '@' not followed by a number belongs to the directory name
+        assert_eq!(
+            p("user@host/ad").unwrap(),
+            AdapterSpec {
+                dir: "user@host/ad".into(),
+                weight: None
+            }
+        );
+        assert_eq!(
+            p("ad@v2").unwrap(),
+            AdapterSpec {
+                dir: "ad@v2".into(),
+                weight: None
+            }
+        );
+        assert_eq!(
+            p("ad@").unwrap(),
+            AdapterSpec {
+                dir: "ad@".into(),
+                weight: None
+            }
+        );
+        assert_eq!(
+            p("a@1@2").unwrap(),
+            AdapterSpec {
+                dir: "a@1".into(),
+                weight: Some(2.0)
+            }
+        );
+        assert!(p("").is_err());
+        assert!(p("@0.5").is_err());
+        assert!(p("ad@nan").unwrap_err().contains("finite"));
+        assert!(p("ad@inf").is_err());
+        // an existing directory named `x@2` wins over `x` with weight 2
+        let tmp = tempfile::tempdir().unwrap();
+        let odd = tmp.path().join("ckpt@2");
+        std::fs::create_dir(&odd).unwrap();
+        let s = odd.to_str().unwrap();
+        assert_eq!(
+            p(s).unwrap(),
+            AdapterSpec {
+                dir: odd.clone(),
+                weight: None
+            }
+        );
+        assert_eq!(
+            p(&format!("{s}@0.25")).unwrap(),
+            AdapterSpec {
+                dir: odd.clone(),
+                weight: Some(0.25)
+            }
+        );
+        // and through clap, repeatable and in order
+        let m = parse_merge(&[
+            "-b",
+            "base.safetensors",
+            "-a",
+            "x@0.5",
+            "--adapter",
+            "y",
+            "-o",
+            "out",
+            "--dtype",
+            "bf16",
+        ]);
+        assert_eq!(
+            m.adapters,
+            [
+                AdapterSpec {
+                    dir: "x".into(),
+                    weight: Some(0.5)
+                },
+                AdapterSpec {
+                    dir: "y".into(),
+                    weight: None
+                }
+            ]
+        );
+        assert_eq!(m.dtype, Some(DTypeArg::Bf16));
+        assert!(!m.quiet);
+    }
+
+    #[test]
+    fn merge_linear_basic_matches_peft() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged.safetensors");
+        let c = case("linear_basic");
+        let args = parse_merge(&[
+            "--base",
+            c.join("base.safetensors").to_str().unwrap(),
+            "--adapter",
+            c.join("adapter").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let (report, summary) = run_quiet(&args).unwrap();
+        assert_eq!(report.modules, ["lin0", "lin1"]);
+        assert_eq!(report.files, [out.clone()]);
+        assert!(
+            summary.starts_with("merged 2 modules from 1 adapter into "),
+            "{summary}"
+        );
+        assert!(summary.contains("1 file written"), "{summary}");
+        let got = load(&out);
+        let want = load(&c.join("merged.safetensors"));
+        assert_eq!(got.len(), want.len());
+        for (k, w) in &want {
+            assert_eq!(got[k].dtype(), w.dtype(), "{k}");
+            assert_close(k, &got[k], w, 1e-5, 1e-4);
+        }
+    }
+
+    #[test]
+    fn weighted_merge_scales_the_delta() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("half.safetensors");
+        let c = case("linear_basic");
+        let spec = format!("{}@0.5", c.join("adapter").display());
+        let args = parse_merge(&[
+            "-b",
+            c.join("base.safetensors").to_str().unwrap(),
+            "-a",
+            &spec,
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ]);
+        assert_eq!(args.adapters[0].weight, Some(0.5));
+        run_quiet(&args).unwrap();
+        let (got, base, full) = (
+            load(&out),
+            load(&c.join("base.safetensors")),
+            load(&c.join("merged.safetensors")),
+        );
+        for (k, b) in &base {
+            // W + 0.5·ΔW = (W + (W + ΔW)) / 2
+            let want = ((b + &full[k]).unwrap() * 0.5).unwrap();
+            assert_close(k, &got[k], &want, 1e-5, 1e-4);
+        }
+    }
+
+    #[test]
+    fn merge_to_bf16() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("bf16.safetensors");
+        let c = case("linear_basic");
+        let args = parse_merge(&[
+            "-b",
+            c.join("base.safetensors").to_str().unwrap(),
+            "-a",
+            c.join("adapter").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+        ]);
+        run_quiet(&args).unwrap();
+        let got = load(&out);
+        let want = load(&c.join("merged.safetensors"));
+        for (k, w) in &want {
+            assert_eq!(got[k].dtype(), DType::BF16, "{k}");
+            assert_close(k, &got[k], w, 1e-2, 1e-2);
+        }
+    }
+
+    #[test]
+    fn merge_llama_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged_model");
+        let c = case("llama_qv");
+        let args = parse_merge(&[
+            "--base",
+            c.join("base_hf").to_str().unwrap(),
+            "--adapter",
+            c.join("adapter").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let (report, summary) = run_quiet(&args).unwrap();
+        assert!(out.join("config.json").is_file());
+        assert!(out.join("model.safetensors").is_file());
+        assert!(report.files.contains(&out.join("model.safetensors")));
+        assert!(report.files.contains(&out.join("config.json")));
+        assert!(
+            summary.contains(&format!("{}/", out.display())),
+            "{summary}"
+        );
+        // no temporary directory left next to the output
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("merged_model")]);
+        // the merged weights agree with PEFT's merge_and_unload
+        let got = load(&out.join("model.safetensors"));
+        let want = load(&c.join("merged.safetensors"));
+        let mut checked = 0;
+        for (k, g) in &got {
+            if let Some(w) = want.get(k) {
+                assert_close(k, g, w, 1e-5, 1e-4);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, got.len());
+        // the output directory now exists: a second merge refuses to overwrite it
+        assert!(run_quiet(&args).is_err());
+    }
+
+    #[test]
+    fn bad_paths_are_errors_naming_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = case("linear_basic");
+        let base = c.join("base.safetensors");
+        let out = tmp.path().join("o.safetensors");
+        let missing = tmp.path().join("no_such_adapter");
+        let args = |adapter: &Path, base: &Path, out: &Path| {
+            parse_merge(&[
+                "-b",
+                base.to_str().unwrap(),
+                "-a",
+                adapter.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+        };
+        let report = |e: anyhow::Error| crate::error_report(&e);
+        let e = report(run_quiet(&args(&missing, &base, &out)).unwrap_err());
+        assert!(e.contains(missing.to_str().unwrap()), "{e}");
+        // a directory without adapter_config.json
+        let e = report(run_quiet(&args(tmp.path(), &base, &out)).unwrap_err());
+        assert!(e.contains(tmp.path().to_str().unwrap()), "{e}");
+        // the weights file instead of its directory
+        let file = c.join("adapter/adapter_model.safetensors");
+        let e = report(run_quiet(&args(&file, &base, &out)).unwrap_err());
+        assert!(e.contains("not a directory"), "{e}");
+        // a missing base
+        let nobase = tmp.path().join("nobase.safetensors");
+        let e = report(run_quiet(&args(&c.join("adapter"), &nobase, &out)).unwrap_err());
+        assert!(e.contains(nobase.to_str().unwrap()), "{e}");
+        // an adapter that does not fit the base: the error names the adapter
+        let other = case("conv2d").join("adapter");
+        let e = report(run_quiet(&args(&other, &base, &out)).unwrap_err());
+        assert!(e.contains("conv"), "{e}");
+        // refusing to overwrite the base
+        let copy = tmp.path().join("base.safetensors");
+        std::fs::copy(&base, &copy).unwrap();
+        let e = report(run_quiet(&args(&c.join("adapter"), &copy, &copy)).unwrap_err());
+        assert!(e.contains("overwrite"), "{e}");
+        // nothing was written
+        assert!(!out.exists());
+    }
+}

@@ -1,0 +1,230 @@
+//! `LoKrConfig`, field for field with PEFT 0.21.2's `tuners/lokr/config.py`.
+
+use crate::config::PeftConfigBase;
+use crate::config::common::{LayersToTransform, StrOrList, TargetModules, TargetSpec};
+use crate::config::helpers::{self, int_if_integral, map_int_if_integral, null_as_default};
+use crate::tuners::loha::config::check_lycoris;
+use crate::{PeftError, Result};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `init_weights` of LoKr: `true` (w1 zeros), `false` (random, for tests) or `"lycoris"` (LyCORIS' own init:
+/// w2 zeros).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LoKrInitWeights {
+    /// `true` or `false`.
+    Bool(bool),
+    /// A named initialisation; PEFT knows only `"lycoris"`.
+    Method(String),
+}
+
+impl Default for LoKrInitWeights {
+    fn default() -> Self {
+        LoKrInitWeights::Bool(true)
+    }
+}
+
+/// An adapter's LoKr settings (`peft_type: "LOKR"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoKrConfig {
+    /// The fields every PEFT config has.
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
+    /// `rank_pattern`: per-module ranks, matched as by PEFT's `get_pattern_key` (default `{}`).
+    #[serde(deserialize_with = "null_as_default")]
+    pub rank_pattern: IndexMap<String, usize>,
+    /// `alpha_pattern`: per-module alphas (default `{}`).
+    #[serde(
+        deserialize_with = "null_as_default",
+        serialize_with = "map_int_if_integral"
+    )]
+    pub alpha_pattern: IndexMap<String, f64>,
+    /// `r`: the rank (default 8).
+    pub r: usize,
+    /// `alpha` (default 8; an `int` in PEFT, written as an integer when integral). The scale is `alpha / r`.
+    #[serde(serialize_with = "int_if_integral")]
+    pub alpha: f64,
+    /// `rank_dropout` (default 0.0).
+    pub rank_dropout: f64,
+    /// `module_dropout` (default 0.0).
+    pub module_dropout: f64,
+    /// `use_effective_conv2d`: CP-decomposed w2 for Conv2d kernels larger than 1×1 (default `false`).
+    pub use_effective_conv2d: bool,
+    /// `decompose_both`: also factor w1 into low-rank matrices (default `false`).
+    pub decompose_both: bool,
+    /// `decompose_factor`: the Kronecker factorisation factor, -1 for the most balanced split (default -1).
+    pub decompose_factor: i64,
+    /// `rank_dropout_scale`: rescale by the kept fraction under rank dropout (default `false`).
+    pub rank_dropout_scale: bool,
+    /// `target_modules` (default `null`).
+    pub target_modules: Option<TargetModules>,
+    /// `exclude_modules` (default `null`).
+    pub exclude_modules: Option<TargetModules>,
+    /// `init_weights` (default `true`).
+    pub init_weights: LoKrInitWeights,
+    /// `layers_to_transform` (default `null`).
+    pub layers_to_transform: Option<LayersToTransform>,
+    /// `layers_pattern` (default `null`).
+    pub layers_pattern: Option<StrOrList>,
+    /// `modules_to_save` (default `null`).
+    pub modules_to_save: Option<Vec<String>>,
+    /// Keys PEFT 0.21.2's `LoKrConfig` does not have, kept as read and written back.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Default for LoKrConfig {
+    fn default() -> Self {
+        Self {
+            base: PeftConfigBase::default(),
+            rank_pattern: IndexMap::new(),
+            alpha_pattern: IndexMap::new(),
+            r: 8,
+            alpha: 8.0,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            use_effective_conv2d: false,
+            decompose_both: false,
+            decompose_factor: -1,
+            rank_dropout_scale: false,
+            target_modules: None,
+            exclude_modules: None,
+            init_weights: LoKrInitWeights::Bool(true),
+            layers_to_transform: None,
+            layers_pattern: None,
+            modules_to_save: None,
+            extra: Map::new(),
+        }
+    }
+}
+
+impl LoKrConfig {
+    /// The rank and alpha of the module named `module_name`: from the first matching key of `rank_pattern` /
+    /// `alpha_pattern` (as PEFT's `get_pattern_key`), else `r` / `alpha`.
+    pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
+        let r = helpers::pattern_lookup(&self.rank_pattern, module_name)
+            .copied()
+            .unwrap_or(self.r);
+        let alpha = helpers::pattern_lookup(&self.alpha_pattern, module_name)
+            .copied()
+            .unwrap_or(self.alpha);
+        (r, alpha)
+    }
+
+    /// Which modules the adapter wraps.
+    pub fn target_spec(&self) -> TargetSpec<'_> {
+        TargetSpec {
+            target_modules: self.target_modules.as_ref(),
+            exclude_modules: self.exclude_modules.as_ref(),
+            layers_to_transform: self.layers_to_transform.as_ref(),
+            layers_pattern: self.layers_pattern.as_ref(),
+            modules_to_save: self.modules_to_save.as_deref(),
+        }
+    }
+
+    /// The keys PEFT 0.21.2's `LoKrConfig` does not have.
+    pub fn unknown_keys(&self) -> Vec<String> {
+        self.extra.keys().cloned().collect()
+    }
+
+    /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
+    /// `layers_pattern` only with `layers_to_transform` and `init_weights` a bool or `"lycoris"`. Nothing
+    /// of LoKr is refused (any `decompose_factor` is valid: PEFT's `factorization` handles every value).
+    pub fn validate(&self) -> Result<()> {
+        check_lycoris(
+            self.r,
+            &self.rank_pattern,
+            &self.alpha_pattern,
+            self.layers_to_transform.as_ref(),
+            self.layers_pattern.as_ref(),
+        )?;
+        match &self.init_weights {
+            LoKrInitWeights::Method(m) if m != "lycoris" => {
+                return Err(PeftError::InvalidConfig(format!(
+                    "`init_weights` must be true, false or \"lycoris\", got {m:?}"
+                )));
+            }
+            _ => {}
+        }
+        helpers::refuse_unknown_keys(&self.extra, "LoKrConfig")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PeftConfig;
+
+    /// `LoKrConfig(target_modules=["q_proj"], r=4, alpha=8)` saved by PEFT 0.21.2.
+    const PEFT_JSON: &str = r#"{
+  "alpha": 8,
+  "alpha_pattern": {},
+  "auto_mapping": null,
+  "base_model_name_or_path": null,
+  "decompose_both": false,
+  "decompose_factor": -1,
+  "exclude_modules": null,
+  "inference_mode": true,
+  "init_weights": true,
+  "layers_pattern": null,
+  "layers_to_transform": null,
+  "module_dropout": 0.0,
+  "modules_to_save": null,
+  "peft_type": "LOKR",
+  "peft_version": "0.21.2",
+  "r": 4,
+  "rank_dropout": 0.0,
+  "rank_dropout_scale": false,
+  "rank_pattern": {},
+  "revision": null,
+  "target_modules": [
+    "q_proj"
+  ],
+  "task_type": null,
+  "use_effective_conv2d": false
+}"#;
+
+    #[test]
+    fn peft_file_round_trips_byte_for_byte() {
+        let cfg = PeftConfig::from_json_str(PEFT_JSON).expect("parses");
+        cfg.validate().expect("supported");
+        assert_eq!(cfg.to_json_string(), PEFT_JSON);
+        let PeftConfig::LoKr(c) = &cfg else {
+            panic!("not LoKr")
+        };
+        assert_eq!((c.r, c.alpha, c.decompose_factor), (4, 8.0, -1));
+    }
+
+    #[test]
+    fn init_weights_forms() {
+        for (text, want) in [
+            (r#"{"peft_type": "LOKR"}"#, LoKrInitWeights::Bool(true)),
+            (
+                r#"{"peft_type": "LOKR", "init_weights": false}"#,
+                LoKrInitWeights::Bool(false),
+            ),
+            (
+                r#"{"peft_type": "LOKR", "init_weights": "lycoris"}"#,
+                LoKrInitWeights::Method("lycoris".into()),
+            ),
+        ] {
+            let cfg = PeftConfig::from_json_str(text).expect("parses");
+            cfg.validate().expect("supported");
+            let PeftConfig::LoKr(c) = &cfg else { panic!() };
+            assert_eq!(c.init_weights, want);
+        }
+        for bad in [
+            r#"{"peft_type": "LOKR", "init_weights": "pissa"}"#,
+            r#"{"peft_type": "LOKR", "r": 0}"#,
+        ] {
+            let e = PeftConfig::from_json_str(bad)
+                .expect("parses")
+                .validate()
+                .expect_err(bad);
+            assert!(matches!(e, PeftError::InvalidConfig(_)), "{bad}");
+        }
+    }
+}
