@@ -209,22 +209,23 @@ fn check_paths(args: &MergeArgs) -> anyhow::Result<()> {
         }
     }
     if args.base.is_file() {
-        if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.is_dir() {
-                bail!(
-                    "cannot write {}: directory {} does not exist",
-                    args.output.display(),
-                    parent.display()
-                );
-            }
+        let parent = args.output.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent.filter(|p| !p.is_dir()) {
+            bail!(
+                "cannot write {}: directory {} does not exist",
+                args.output.display(),
+                parent.display()
+            );
         }
-        if let (Ok(b), Ok(o)) = (args.base.canonicalize(), args.output.canonicalize()) {
-            if b == o {
-                bail!(
-                    "refusing to overwrite the base model {} with the merged model",
-                    args.base.display()
-                );
-            }
+        let same = match (args.base.canonicalize(), args.output.canonicalize()) {
+            (Ok(b), Ok(o)) => b == o,
+            _ => false,
+        };
+        if same {
+            bail!(
+                "refusing to overwrite the base model {} with the merged model",
+                args.base.display()
+            );
         }
     }
     Ok(())
@@ -469,7 +470,7 @@ mod tests {
         ]);
         let (report, summary) = run_quiet(&args).unwrap();
         assert_eq!(report.modules, ["lin0", "lin1"]);
-        assert_eq!(report.files, [out.clone()]);
+        assert_eq!(report.files, std::slice::from_ref(&out));
         assert!(
             summary.starts_with("merged 2 modules from 1 adapter into "),
             "{summary}"

@@ -37,9 +37,15 @@ fn setup() -> Setup {
     let dev = Device::Cpu;
     let mut rng = PeftRng::new(0);
     let bound = 1.0 / (IN as f64).sqrt();
-    let w = rng.uniform_tensor((OUT, IN), -bound, bound, DType::F32, &dev).unwrap();
-    let b = rng.uniform_tensor(OUT, -bound, bound, DType::F32, &dev).unwrap();
-    let x = rng.normal_tensor((TOKENS, IN), 0.0, 1.0, DType::F32, &dev).unwrap();
+    let w = rng
+        .uniform_tensor((OUT, IN), -bound, bound, DType::F32, &dev)
+        .unwrap();
+    let b = rng
+        .uniform_tensor(OUT, -bound, bound, DType::F32, &dev)
+        .unwrap();
+    let x = rng
+        .normal_tensor((TOKENS, IN), 0.0, 1.0, DType::F32, &dev)
+        .unwrap();
     let plain = BaseLayer::linear(w, Some(b)).unwrap();
     let opts = LoraOptions {
         r: R,
@@ -52,20 +58,33 @@ fn setup() -> Setup {
     };
     let adapter = || LoraAdapter::new(&plain, opts.clone(), &mut PeftRng::new(1)).unwrap();
     let mut unmerged = AdapterSlot::new("lin", plain.clone());
-    unmerged.add_adapter("default", Box::new(adapter())).unwrap();
+    unmerged
+        .add_adapter("default", Box::new(adapter()))
+        .unwrap();
     let mut merged = AdapterSlot::new("lin", plain.clone());
     merged.add_adapter("default", Box::new(adapter())).unwrap();
     merged.merge(None).unwrap();
-    Setup { x, plain, unmerged, merged }
+    Setup {
+        x,
+        plain,
+        unmerged,
+        merged,
+    }
 }
 
 fn criterion_benches(c: &mut Criterion) {
     let s = setup();
     let ctx = ForwardCtx::eval();
     let mut g = c.benchmark_group("lora_forward_2048x2048_t512_r16_f32");
-    g.bench_function("plain_linear", |bch| bch.iter(|| s.plain.forward(black_box(&s.x)).unwrap()));
-    g.bench_function("lora_unmerged", |bch| bch.iter(|| s.unmerged.forward(black_box(&s.x), &ctx).unwrap()));
-    g.bench_function("lora_merged", |bch| bch.iter(|| s.merged.forward(black_box(&s.x), &ctx).unwrap()));
+    g.bench_function("plain_linear", |bch| {
+        bch.iter(|| s.plain.forward(black_box(&s.x)).unwrap())
+    });
+    g.bench_function("lora_unmerged", |bch| {
+        bch.iter(|| s.unmerged.forward(black_box(&s.x), &ctx).unwrap())
+    });
+    g.bench_function("lora_merged", |bch| {
+        bch.iter(|| s.merged.forward(black_box(&s.x), &ctx).unwrap())
+    });
     g.finish();
 }
 
@@ -81,7 +100,11 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -89,7 +112,10 @@ fn min(v: &[f64]) -> f64 {
 }
 
 fn ratio_mode() {
-    let n: usize = std::env::var("PEFT_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("PEFT_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let s = setup();
     let ctx = ForwardCtx::eval();
     let plain = || s.plain.forward(&s.x).unwrap();
@@ -97,15 +123,29 @@ fn ratio_mode() {
     let merged = || s.merged.forward(&s.x, &ctx).unwrap();
 
     // The merged slot must give the unmerged result (up to rounding): a cheap guard against timing a no-op.
-    let diff = (lora() - merged()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-3, "merged and unmerged LoRA outputs differ by {diff}");
+    let diff = (lora() - merged())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff < 1e-3,
+        "merged and unmerged LoRA outputs differ by {diff}"
+    );
 
     for _ in 0..10 {
         time_ms(plain);
         time_ms(lora);
         time_ms(merged);
     }
-    let (mut tp, mut tl, mut tm) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut tp, mut tl, mut tm) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for i in 0..n {
         // Alternate the order so that neither variant always follows the other.
         let (p, l, m) = if i % 2 == 0 {
@@ -124,12 +164,22 @@ fn ratio_mode() {
     let rl: Vec<f64> = tl.iter().zip(&tp).map(|(l, p)| l / p).collect();
     let rm: Vec<f64> = tm.iter().zip(&tp).map(|(m, p)| m / p).collect();
     let threads = candle_core::utils::get_num_threads();
-    println!("peft (candle) LoRA forward, Linear({IN},{OUT}), x [{TOKENS},{IN}] f32, r={R}; {n} interleaved triples, {threads} threads");
+    println!(
+        "peft (candle) LoRA forward, Linear({IN},{OUT}), x [{TOKENS},{IN}] f32, r={R}; {n} interleaved triples, {threads} threads"
+    );
     println!("{:<16} {:>10} {:>10}", "", "median ms", "min ms");
-    for (name, v) in [("plain linear", &tp), ("LoRA unmerged", &tl), ("LoRA merged", &tm)] {
+    for (name, v) in [
+        ("plain linear", &tp),
+        ("LoRA unmerged", &tl),
+        ("LoRA merged", &tm),
+    ] {
         println!("{name:<16} {:>10.3} {:>10.3}", median(v), min(v));
     }
-    println!("median per-pair ratio LoRA/plain   {:.4} (bar 1.10, theory {:.4})", median(&rl), 1.0 + (R * (IN + OUT)) as f64 / (IN * OUT) as f64);
+    println!(
+        "median per-pair ratio LoRA/plain   {:.4} (bar 1.10, theory {:.4})",
+        median(&rl),
+        1.0 + (R * (IN + OUT)) as f64 / (IN * OUT) as f64
+    );
     println!("median per-pair ratio merged/plain {:.4}", median(&rm));
     println!(
         "{{\"impl\":\"rust\",\"n\":{n},\"threads\":{threads},\"plain_median_ms\":{:.4},\"plain_min_ms\":{:.4},\"lora_median_ms\":{:.4},\"lora_min_ms\":{:.4},\"merged_median_ms\":{:.4},\"merged_min_ms\":{:.4},\"lora_ratio_median\":{:.4},\"merged_ratio_median\":{:.4}}}",
@@ -145,7 +195,8 @@ fn ratio_mode() {
 }
 
 fn main() {
-    let ratio = std::env::var("PEFT_BENCH_RATIO").is_ok_and(|v| v == "1") || std::env::args().any(|a| a == "--ratio");
+    let ratio = std::env::var("PEFT_BENCH_RATIO").is_ok_and(|v| v == "1")
+        || std::env::args().any(|a| a == "--ratio");
     if ratio {
         ratio_mode();
         return;

@@ -257,6 +257,59 @@ pub fn peft_key(module: &str, param: &str) -> String {
     format!("{MODEL_PREFIX}{module}.{param}")
 }
 
+/// What PEFT saves for `adapter` from a set of adapter slots: each slot's adapter parameters under
+/// `base_model.model.<module>.<key>` in the dtype the adapter was created or loaded in, `modules_to_save`
+/// copies under the plain module name, with `bias = "lora_only"` / `"all"` the targeted layers' biases as
+/// `<module>.base_layer.bias`, and for the modules `save_embedding_base` selects (PEFT's
+/// `save_embedding_layers`) the base matrix as `<module>.base_layer.weight`.
+///
+/// Biases of modules that are not adapter slots (`bias = "all"` saves every bias of the model) are the
+/// model's business: a model adds them.
+pub fn adapter_state_dict<'a>(
+    slots: impl IntoIterator<Item = &'a crate::AdapterSlot>,
+    adapter: &str,
+    config: &PeftConfig,
+    save_embedding_base: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, Tensor)>> {
+    let bias_mode = match config {
+        PeftConfig::Lora(c) => c.bias,
+        _ => crate::config::LoraBias::None,
+    };
+    let mut out = Vec::new();
+    for slot in slots {
+        let Some(a) = slot.adapter(adapter) else { continue };
+        let m = slot.name();
+        let dtype = a.saved_dtype();
+        if a.peft_type() == crate::layer::modules_to_save::MODULES_TO_SAVE {
+            for (k, t) in a.tensors() {
+                out.push((format!("{MODEL_PREFIX}{m}.{k}"), t.to_dtype(dtype)?));
+            }
+            continue;
+        }
+        for (k, t) in a.tensors() {
+            out.push((peft_key(m, &k), t.to_dtype(dtype)?));
+        }
+        if bias_mode != crate::config::LoraBias::None {
+            if let Some(b) = slot.base().bias() {
+                out.push((peft_key(m, "base_layer.bias"), b.clone()));
+            }
+        }
+        if save_embedding_base(m) {
+            out.push((peft_key(m, "base_layer.weight"), slot.base().weight().clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes several adapters the way PEFT's `save_pretrained` lays them out: `default` at `root`, every other
+/// adapter in `root/<name>/`.
+pub fn save_adapters(root: impl AsRef<Path>, adapters: &[(&str, &PeftConfig, Vec<(String, Tensor)>)]) -> Result<()> {
+    for (name, config, tensors) in adapters {
+        save_adapter(adapter_subdir(root.as_ref(), name), config, tensors)?;
+    }
+    Ok(())
+}
+
 /// Converts a tensor to the dtype it is saved in (adapters compute in f32 but keep their file dtype).
 pub fn to_saved_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(t.to_dtype(dtype)?)

@@ -20,7 +20,11 @@ fn cpu_f32(t: &Tensor) -> bool {
 /// Whether [`add_matmul_t_inplace`] accepts these operands: all f32 on the CPU; `dst` `[.., n]` and `lhs`
 /// `[.., k]` contiguous with the same leading dimensions; `rhs` a 2-D `[n, k]` with any (non-zero) strides.
 pub fn add_matmul_t_supported(dst: &Tensor, lhs: &Tensor, rhs: &Tensor) -> bool {
-    if !(cpu_f32(dst) && cpu_f32(lhs) && cpu_f32(rhs)) || dst.rank() == 0 || dst.rank() != lhs.rank() || rhs.rank() != 2 {
+    if !(cpu_f32(dst) && cpu_f32(lhs) && cpu_f32(rhs))
+        || dst.rank() == 0
+        || dst.rank() != lhs.rank()
+        || rhs.rank() != 2
+    {
         return false;
     }
     let (dd, ld, rd) = (dst.dims(), lhs.dims(), rhs.dims());
@@ -38,7 +42,12 @@ pub fn add_matmul_t_supported(dst: &Tensor, lhs: &Tensor, rhs: &Tensor) -> bool 
 /// The operands must pass [`add_matmul_t_supported`] (an error otherwise). `dst` is written through its
 /// storage, so every tensor sharing that storage sees the change, and no backward op is recorded: use it on a
 /// tensor the caller owns, outside training.
-pub fn add_matmul_t_inplace(dst: &Tensor, lhs: &Tensor, rhs: &Tensor, scale: f64) -> candle_core::Result<()> {
+pub fn add_matmul_t_inplace(
+    dst: &Tensor,
+    lhs: &Tensor,
+    rhs: &Tensor,
+    scale: f64,
+) -> candle_core::Result<()> {
     if !add_matmul_t_supported(dst, lhs, rhs) {
         bail!(
             "add_matmul_t_inplace: unsupported operands dst {:?} {:?}, lhs {:?} {:?}, rhs {:?} {:?} (contiguous f32 CPU \
@@ -51,7 +60,13 @@ pub fn add_matmul_t_inplace(dst: &Tensor, lhs: &Tensor, rhs: &Tensor, scale: f64
             rhs.dtype()
         );
     }
-    dst.inplace_op3(lhs, rhs, &AddMatmulT { scale: scale as f32 })
+    dst.inplace_op3(
+        lhs,
+        rhs,
+        &AddMatmulT {
+            scale: scale as f32,
+        },
+    )
 }
 
 /// The in-place op behind [`add_matmul_t_inplace`].
@@ -73,12 +88,17 @@ impl InplaceOp3 for AddMatmulT {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(dst), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) = (s1, s2, s3) else {
+        let (CpuStorage::F32(dst), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) = (s1, s2, s3)
+        else {
             bail!("add-matmul-t: f32 only");
         };
         let (n, k) = l3.shape().dims2()?;
         let m = l1.shape().elem_count() / n.max(1);
-        if !l1.is_contiguous() || !l2.is_contiguous() || l2.shape().elem_count() != m * k || l1.dims().last() != Some(&n) {
+        if !l1.is_contiguous()
+            || !l2.is_contiguous()
+            || l2.shape().elem_count() != m * k
+            || l1.dims().last() != Some(&n)
+        {
             bail!("add-matmul-t: layouts {l1:?}, {l2:?}, {l3:?} do not fit");
         }
         if m == 0 || n == 0 {
@@ -93,7 +113,11 @@ impl InplaceOp3 for AddMatmulT {
             bail!("add-matmul-t: layouts exceed their storage");
         }
         let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
         // SAFETY: the three regions were bounds-checked above; `dst` is borrowed mutably (candle holds its
         // write lock) and `lhs`/`rhs` are distinct storages (candle refuses aliased operands for this op).
         // gemm computes dst := 1·dst + scale·lhs·rhs, where rhs is `rhsᵀ` read through swapped strides:
@@ -131,7 +155,13 @@ impl InplaceOp3 for AddMatmulT {
 /// Returns `Ok(false)`, having done nothing, when the operands are not all f32 on the CPU or `result` is not
 /// contiguous; the caller then runs the candle ops. The small product `x Aᵀ` (`[.., r]`) goes through candle;
 /// only the accumulation into `result` is in place (see [`add_matmul_t_inplace`] for what that implies).
-pub fn lora_add_inplace(result: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<bool> {
+pub fn lora_add_inplace(
+    result: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> candle_core::Result<bool> {
     let shapes_fit = a.rank() == 2
         && b.rank() == 2
         && x.rank() == result.rank()
@@ -140,7 +170,13 @@ pub fn lora_add_inplace(result: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, sca
         && x.dims().last() == Some(&a.dim(1)?)
         && result.dims().last() == Some(&b.dim(0)?)
         && x.dims()[..x.rank() - 1] == result.dims()[..result.rank() - 1];
-    if !(shapes_fit && cpu_f32(result) && cpu_f32(x) && cpu_f32(a) && cpu_f32(b) && result.is_contiguous()) {
+    if !(shapes_fit
+        && cpu_f32(result)
+        && cpu_f32(x)
+        && cpu_f32(a)
+        && cpu_f32(b)
+        && result.is_contiguous())
+    {
         return Ok(false);
     }
     let h = linear_apply(x, a, true)?.contiguous()?;
@@ -158,7 +194,14 @@ mod tests {
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -166,15 +209,33 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = PeftRng::new(7);
         let (tokens, inp, out, r, scale) = (37, 64, 48, 4, 2.5);
-        let x = rng.normal_tensor((2, tokens, inp), 0.0, 1.0, DType::F32, &dev).unwrap();
-        let a = rng.normal_tensor((r, inp), 0.0, 0.2, DType::F32, &dev).unwrap();
-        let b = rng.normal_tensor((out, r), 0.0, 0.2, DType::F32, &dev).unwrap();
-        let base = rng.normal_tensor((2, tokens, out), 0.0, 1.0, DType::F32, &dev).unwrap();
-        let want = (&base + (x.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap() * scale).unwrap())
+        let x = rng
+            .normal_tensor((2, tokens, inp), 0.0, 1.0, DType::F32, &dev)
             .unwrap();
+        let a = rng
+            .normal_tensor((r, inp), 0.0, 0.2, DType::F32, &dev)
+            .unwrap();
+        let b = rng
+            .normal_tensor((out, r), 0.0, 0.2, DType::F32, &dev)
+            .unwrap();
+        let base = rng
+            .normal_tensor((2, tokens, out), 0.0, 1.0, DType::F32, &dev)
+            .unwrap();
+        let want = (&base
+            + (x.broadcast_matmul(&a.t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&b.t().unwrap())
+                .unwrap()
+                * scale)
+                .unwrap())
+        .unwrap();
         let result = base.copy().unwrap();
         assert!(lora_add_inplace(&result, &x, &a, &b, scale).unwrap());
-        assert!(max_diff(&result, &want) < 1e-4, "diff {}", max_diff(&result, &want));
+        assert!(
+            max_diff(&result, &want) < 1e-4,
+            "diff {}",
+            max_diff(&result, &want)
+        );
         // `base` (a different storage) is untouched.
         assert!(max_diff(&base, &want) > 1e-2);
     }
@@ -183,10 +244,18 @@ mod tests {
     fn strided_rhs_and_offset_dst() {
         let dev = Device::Cpu;
         let mut rng = PeftRng::new(8);
-        let lhs = rng.normal_tensor((5, 3), 0.0, 1.0, DType::F32, &dev).unwrap();
+        let lhs = rng
+            .normal_tensor((5, 3), 0.0, 1.0, DType::F32, &dev)
+            .unwrap();
         // rhs [n=6, k=3] as a transposed view of a [3, 6] tensor; dst a contiguous row range of a bigger one.
-        let rhs = rng.normal_tensor((3, 6), 0.0, 1.0, DType::F32, &dev).unwrap().t().unwrap();
-        let big = rng.normal_tensor((9, 6), 0.0, 1.0, DType::F32, &dev).unwrap();
+        let rhs = rng
+            .normal_tensor((3, 6), 0.0, 1.0, DType::F32, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let big = rng
+            .normal_tensor((9, 6), 0.0, 1.0, DType::F32, &dev)
+            .unwrap();
         let dst = big.narrow(0, 2, 5).unwrap();
         let want = (&dst + (lhs.matmul(&rhs.t().unwrap()).unwrap() * -0.5).unwrap()).unwrap();
         assert!(add_matmul_t_supported(&dst, &lhs, &rhs));
@@ -202,7 +271,10 @@ mod tests {
         let b = Tensor::ones((6, 2), DType::F32, &dev).unwrap();
         let f64_result = Tensor::zeros((4, 6), DType::F64, &dev).unwrap();
         assert!(!lora_add_inplace(&f64_result, &x, &a, &b, 1.0).unwrap());
-        let strided = Tensor::zeros((6, 4), DType::F32, &dev).unwrap().t().unwrap();
+        let strided = Tensor::zeros((6, 4), DType::F32, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
         assert!(!lora_add_inplace(&strided, &x, &a, &b, 1.0).unwrap());
         let wrong_out = Tensor::zeros((4, 5), DType::F32, &dev).unwrap();
         assert!(!lora_add_inplace(&wrong_out, &x, &a, &b, 1.0).unwrap());

@@ -1,5 +1,6 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
 mod common;
+mod lora_init;
 mod lora_parity;
 mod merge_files;

@@ -195,8 +195,9 @@ pub struct PeftConfigBase {
     pub task_type: Option<TaskType>,
     /// `auto_mapping`: how to rebuild a custom base model class (default `null`; kept as written).
     pub auto_mapping: Option<Value>,
-    /// `peft_version`: the PEFT version that wrote the file; absent in files older than PEFT 0.18, where PEFT
+    /// `peft_version`: the PEFT version that wrote the file. Absent (files older than PEFT 0.18) or `null`, PEFT
     /// fills in its own version, as we do ([`PEFT_VERSION`]).
+    #[serde(deserialize_with = "peft_version_or_ours")]
     pub peft_version: Option<String>,
     /// `base_model_name_or_path` (default `null`).
     pub base_model_name_or_path: Option<String>,
@@ -204,6 +205,15 @@ pub struct PeftConfigBase {
     pub revision: Option<String>,
     /// `inference_mode` (default `false`; PEFT writes `true` when it saves an adapter).
     pub inference_mode: bool,
+}
+
+/// `peft_version: null` reads as [`PEFT_VERSION`], as PEFT's `__post_init__` fills it in.
+fn peft_version_or_ours<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    Ok(Some(
+        Option::<String>::deserialize(d)?.unwrap_or_else(|| PEFT_VERSION.to_string()),
+    ))
 }
 
 impl Default for PeftConfigBase {
@@ -789,6 +799,24 @@ mod tests {
     }
 
     #[test]
+    fn missing_or_null_peft_version_reads_as_ours_and_others_are_kept() {
+        for text in [
+            r#"{"peft_type": "IA3"}"#,
+            r#"{"peft_type": "IA3", "peft_version": null}"#,
+        ] {
+            let cfg = PeftConfig::from_json_str(text).expect("parses");
+            assert_eq!(cfg.base().peft_version.as_deref(), Some(PEFT_VERSION));
+        }
+        let cfg =
+            PeftConfig::from_json_str(r#"{"peft_type": "IA3", "peft_version": "0.18.0.dev0@abc"}"#)
+                .expect("parses");
+        assert_eq!(
+            cfg.to_json_value()["peft_version"],
+            json!("0.18.0.dev0@abc")
+        );
+    }
+
+    #[test]
     fn runtime_config_is_dropped_on_load() {
         let text = r#"{"peft_type": "LORA", "runtime_config": {"ephemeral_gpu_offload": true}}"#;
         let cfg = PeftConfig::from_json_str(text).expect("parses");
@@ -869,28 +897,5 @@ mod tests {
             Some(&TargetModules::Regex("c_attn".into()))
         );
         assert_eq!(spec.modules_to_save, Some(&["score".to_string()][..]));
-    }
-}
-#[cfg(test)]
-mod oracle_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn oracle_dir() {
-        let root = std::env::var("PEFT_ORACLE_DIR").expect("dir");
-        let mut names: Vec<_> = std::fs::read_dir(&root).expect("read").map(|e| e.expect("e").path()).collect();
-        names.sort();
-        for dir in names {
-            let text = std::fs::read_to_string(dir.join(CONFIG_NAME)).expect("read");
-            let cfg = match PeftConfig::from_json_str(&text) {
-                Ok(c) => c,
-                Err(e) => { println!("{}: PARSE ERROR {e}", dir.display()); continue; }
-            };
-            let out = cfg.to_json_string();
-            let a: Value = serde_json::from_str(&text).expect("a");
-            let b: Value = serde_json::from_str(&out).expect("b");
-            println!("{}: byte_eq={} content_eq={} unknown={:?} validate={:?}", dir.display(), out == text, json_content_eq(&a, &b), cfg.unknown_keys(), cfg.validate().err().map(|e| e.to_string()));
-            if out != text && !json_content_eq(&a, &b) { println!("---\n{text}\n---\n{out}"); }
-        }
     }
 }

@@ -7,6 +7,9 @@ use super::{Adapter, BaseKind, BaseLayer, CallCtx, Merged, MergeInput, NamedTens
 use crate::{PeftError, Result};
 use candle_core::{DType, Tensor, Var};
 
+/// The `peft_type` string [`ModulesToSave`] reports.
+pub const MODULES_TO_SAVE: &str = "MODULES_TO_SAVE";
+
 /// A trained copy of a whole module's weight and bias.
 #[derive(Debug)]
 pub struct ModulesToSave {
@@ -44,7 +47,7 @@ impl ModulesToSave {
 
 impl Adapter for ModulesToSave {
     fn peft_type(&self) -> &'static str {
-        "MODULES_TO_SAVE"
+        MODULES_TO_SAVE
     }
 
     fn transform_output(&self, base: &BaseLayer, x: &Tensor, _result: Tensor, _ctx: &CallCtx<'_>) -> Result<Tensor> {

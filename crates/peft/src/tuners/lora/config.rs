@@ -114,18 +114,21 @@ impl Default for LoraOptionalFeatures {
 }
 
 impl LoraOptionalFeatures {
-    /// Refuses every feature set to a non-default (truthy) value, naming the field.
+    /// Refuses every feature that is set, naming the field: a sub-config or list that is not `null` (PEFT turns
+    /// even `{}` into a sub-config with its defaults, which enables the feature), a flag that is `true`, a
+    /// non-empty `loftq_config` / `megatron_config` / `layer_replication` / `target_parameters` (PEFT tests these
+    /// for truthiness). `megatron_core` and `qalora_group_size` only matter with their feature and are accepted.
     pub fn validate(&self) -> Result<()> {
-        let not_impl = "not implemented by peft-rs";
+        let null = &Value::Null;
         refuse_if_truthy(
             "megatron_config",
-            self.megatron_config.as_ref().unwrap_or(&Value::Null),
+            self.megatron_config.as_ref().unwrap_or(null),
             "Megatron-LM parallel layers are not supported",
         )?;
         refuse_if_some(
             "trainable_token_indices",
             self.trainable_token_indices.as_ref(),
-            "trainable tokens are not implemented by peft-rs",
+            "trainable tokens are not implemented",
         )?;
         refuse_if_truthy("loftq_config", &self.loftq_config, REWRITES_BASE)?;
         refuse_if_some(
@@ -139,7 +142,11 @@ impl LoraOptionalFeatures {
             self.lora_ga_config.as_ref(),
             REWRITES_BASE,
         )?;
-        refuse_if_some("velora_config", self.velora_config.as_ref(), not_impl)?;
+        refuse_if_some(
+            "velora_config",
+            self.velora_config.as_ref(),
+            "VeLoRA activation compression is not implemented",
+        )?;
         refuse_if_some(
             "alora_invocation_tokens",
             self.alora_invocation_tokens.as_ref(),
@@ -149,16 +156,16 @@ impl LoraOptionalFeatures {
         refuse_if_some(
             "monteclora_config",
             self.monteclora_config.as_ref(),
-            not_impl,
+            "MonteCLoRA is not implemented",
         )?;
         refuse_if_truthy(
             "layer_replication",
-            self.layer_replication.as_ref().unwrap_or(&Value::Null),
+            self.layer_replication.as_ref().unwrap_or(null),
             "layer replication is not implemented",
         )?;
         refuse_if_truthy(
             "target_parameters",
-            self.target_parameters.as_ref().unwrap_or(&Value::Null),
+            self.target_parameters.as_ref().unwrap_or(null),
             "LoRA on bare parameters (target_parameters) is not implemented",
         )?;
         refuse_if_some(
@@ -181,7 +188,7 @@ impl LoraOptionalFeatures {
     }
 }
 
-/// PEFT's checks of `init_lora_weights` shared by LoRA and AdaLoRA: what peft-rs implements, and `lora_bias`.
+/// Refuses the `init_lora_weights` values peft-rs does not implement (LoRA).
 fn check_init(init: &InitLoraWeights) -> Result<()> {
     match init {
         InitLoraWeights::Bool(_) => Ok(()),
@@ -196,14 +203,16 @@ fn check_init(init: &InitLoraWeights) -> Result<()> {
                 || m == "lora_ga";
             let reason = if rewrites {
                 REWRITES_BASE.to_string()
+            } else if m == "eva" {
+                "data-driven initialisations (EVA) are not supported yet".to_string()
             } else {
-                "only true, false and \"gaussian\" are supported; initialisations that rewrite the base weights or \
-                 need data are not supported yet"
+                "only true, false and \"gaussian\" are supported; other initialisations (e.g. those that rewrite \
+                 the base weights) are not supported yet"
                     .to_string()
             };
             Err(PeftError::Unsupported {
                 field: "init_lora_weights".into(),
-                value: format!("{m:?}"),
+                value: Value::String(m.clone()).to_string(),
                 reason,
             })
         }
@@ -407,7 +416,7 @@ pub(crate) fn check_adalora_init(init: &InitLoraWeights) -> Result<()> {
         InitLoraWeights::Bool(_) => Ok(()),
         InitLoraWeights::Method(m) => Err(PeftError::Unsupported {
             field: "init_lora_weights".into(),
-            value: format!("{m:?}"),
+            value: Value::String(m.clone()).to_string(),
             reason: "AdaLoRA has no named initialisations (PEFT treats any string as true); use true or false".into(),
         }),
     }

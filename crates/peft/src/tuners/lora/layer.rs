@@ -364,6 +364,15 @@ impl Adapter for LoraAdapter {
             return dora::forward(self, base, &x32, result, ctx);
         }
         let xd = self.dropout(&x32, ctx)?;
+        // Inference on f32 CPU tensors: add s·(x Aᵀ) Bᵀ into `result` in place, one pass over the output. The
+        // kernel records no backward op, so training keeps the candle ops below.
+        let plain = !ctx.fwd.training
+            && self.b_bias.is_none()
+            && matches!(self.kind, BaseKind::Linear | BaseKind::Conv1D);
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        if plain && crate::kernels::lora_add_inplace(&result, &xd, a, b, self.scaling)? {
+            return Ok(result);
+        }
         let h = self.lora_forward(&xd)?;
         Ok((result + (h * self.scaling)?)?)
     }
