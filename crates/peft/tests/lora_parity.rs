@@ -30,6 +30,11 @@ fn conv_spec(json: &serde_json::Value, module: &str) -> peft::layer::Conv2dSpec 
 }
 
 pub fn load_case(dir: &Path) -> LoadedCase {
+    load_case_with(dir, &dir.join("adapter"))
+}
+
+/// A case with its adapters read from `adapter_root` instead of the fixture's own.
+pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
     let json = case_json(dir);
     let mut base = load(&dir.join("base.safetensors"));
     let dtype = match json["dtype"].as_str() {
@@ -40,7 +45,7 @@ pub fn load_case(dir: &Path) -> LoadedCase {
     // Load every adapter; model tensors they replace overwrite the base in load order, as PEFT's loading does.
     let mut adapters = Vec::new();
     for name in strings(&json, "adapters") {
-        let file = load_adapter(adapter_subdir(&dir.join("adapter"), &name), &Device::Cpu)
+        let file = load_adapter(adapter_subdir(adapter_root, &name), &Device::Cpu)
             .unwrap_or_else(|e| panic!("{}: adapter {name}: {e}", dir.display()));
         let split = split_keys(&file.tensors, registry::param_prefixes(&file.config).unwrap()).unwrap();
         adapters.push((name, file.config, split, file.tensors));
@@ -211,5 +216,58 @@ fn refused_cases_name_the_unsupported_field() {
         let dir = fixtures_dir().join("lora/cases").join(name);
         let e = load_adapter(dir.join("adapter"), &Device::Cpu).unwrap_err();
         assert!(matches!(&e, peft::PeftError::Unsupported { field: f, .. } if f == field), "{name}: {e}");
+    }
+}
+
+/// The other direction: adapters changed and saved by Rust. Every adapter parameter is perturbed with the
+/// library's generator, the adapters are saved with the library's writer, and the per-module outputs Rust
+/// computes are recorded. Reloading must give the same outputs here; with `PEFT_RS_EXPORT_DIR` set, the
+/// directories are kept for `fixtures/lora/check_rust_adapters.py`, which loads them in Python PEFT.
+#[test]
+fn rust_saved_adapters_reload_with_the_same_outputs() {
+    let keep = std::env::var_os("PEFT_RS_EXPORT_DIR").map(std::path::PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    for dir in cases("lora") {
+        let case = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let c = load_case(&dir);
+        let mut rng = peft::PeftRng::new(2024).fork(&case);
+        for slot in c.slots.values() {
+            for (_, v) in slot.vars() {
+                let noise = rng.normal_tensor(v.shape(), 0.0, 0.05, DType::F32, &Device::Cpu).unwrap();
+                v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+            }
+        }
+        let io = load(&dir.join("io.safetensors"));
+        let mut rust_io: Vec<(String, Tensor)> = Vec::new();
+        for (m, slot) in &c.slots {
+            let x = &io[&format!("input.{m}")];
+            rust_io.push((format!("input.{m}"), x.clone()));
+            rust_io.push((format!("output.{m}"), slot.forward(x, &ForwardCtx::eval()).unwrap()));
+        }
+        let out = root.join(&case);
+        let mut adapters = Vec::new();
+        for (name, config, _, original) in &c.adapters {
+            let has_embedding_base = |m: &str| original.contains_key(&peft_key(m, "base_layer.weight"));
+            let mut sd = peft::io::adapter_state_dict(c.slots.values(), name, config, &has_embedding_base).unwrap();
+            for (k, t) in original {
+                if !sd.iter().any(|(s, _)| s == k) {
+                    sd.push((k.clone(), t.clone()));
+                }
+            }
+            adapters.push((name.as_str(), config, sd));
+        }
+        peft::io::save_adapters(out.join("adapter"), &adapters).unwrap();
+        peft::io::write_safetensors(out.join("rust_io.safetensors"), &rust_io).unwrap();
+        // Reload what was written and check it computes what Rust computed before saving.
+        let again = load_case_with(&dir, &out.join("adapter"));
+        let (atol, rtol) = tolerances(c.dtype);
+        for (k, t) in &rust_io {
+            if let Some(m) = k.strip_prefix("output.") {
+                let x = &io[&format!("input.{m}")];
+                let y = again.slots[m].forward(x, &ForwardCtx::eval()).unwrap();
+                assert_close(&format!("{case}: reloaded {m}"), &y, t, atol, rtol);
+            }
+        }
     }
 }
