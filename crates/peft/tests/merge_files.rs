@@ -138,3 +138,66 @@ fn weighted_merge_scales_the_delta() {
         assert_close(k, &half[k], &expected, 1e-5, 1e-4);
     }
 }
+
+#[test]
+fn sharded_base_gives_sharded_output_with_index() {
+    let dir = fixtures_dir().join("lora/cases/llama_qv");
+    let json = case_json(&dir);
+    let base = load(&dir.join("base_hf/model.safetensors"));
+    let merged = load(&dir.join("merged.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    // Two shards: layer 0 and the embeddings in the first, the rest in the second.
+    let mut shards: [Vec<(String, Tensor)>; 2] = [Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (k, t) in &base {
+        let i = usize::from(!(k.contains("layers.0.") || k.contains("embed")));
+        let f = format!("model-0000{}-of-00002.safetensors", i + 1);
+        weight_map.insert(k.clone(), serde_json::json!(f));
+        shards[i].push((k.clone(), t.clone()));
+    }
+    for (i, s) in shards.iter().enumerate() {
+        peft::io::write_safetensors(sharded.join(format!("model-0000{}-of-00002.safetensors", i + 1)), s).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::copy(dir.join("base_hf/config.json"), sharded.join("config.json")).unwrap();
+    std::fs::write(sharded.join("tokenizer.json"), "{}").unwrap();
+
+    let out = tmp.path().join("out");
+    let mut calls = 0;
+    let report = merge_model(&sharded, adapters_of(&dir, &json), &out, None, &mut |done, total, _| {
+        calls += 1;
+        assert!(done <= total);
+    })
+    .unwrap();
+    assert!(calls >= base.len(), "progress is reported per tensor");
+    assert_eq!(report.modules.len(), 4, "q and v of two layers");
+    let names: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names,
+        ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    );
+    let idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let mut seen = 0;
+    for (i, s) in shards.iter().enumerate() {
+        let written = load(&out.join(format!("model-0000{}-of-00002.safetensors", i + 1)));
+        assert_eq!(written.len(), s.len());
+        for (k, t) in &written {
+            assert_eq!(idx["weight_map"][k], format!("model-0000{}-of-00002.safetensors", i + 1));
+            assert_close(k, t, &merged[k], 1e-5, 1e-4);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, base.len());
+    let total: u64 = idx["metadata"]["total_size"].as_u64().unwrap();
+    assert_eq!(total, base.values().map(|t| (t.elem_count() * 4) as u64).sum::<u64>());
+    // an existing output directory is refused, not overwritten
+    let e = merge_model(&sharded, adapters_of(&dir, &json), &out, None, &mut |_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+}

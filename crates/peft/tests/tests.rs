@@ -4,3 +4,4 @@ mod common;
 mod lora_init;
 mod lora_parity;
 mod merge_files;
+mod varbuilder;
