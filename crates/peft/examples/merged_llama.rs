@@ -14,10 +14,17 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let case = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases/llama_qv");
     let mut args = std::env::args().skip(1);
-    let base = args.next().map(PathBuf::from).unwrap_or_else(|| case.join("base_hf"));
-    let adapter = args.next().map(PathBuf::from).unwrap_or_else(|| case.join("adapter"));
+    let base = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| case.join("base_hf"));
+    let adapter = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| case.join("adapter"));
 
-    let config: LlamaConfig = serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
+    let config: LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json"))?)?;
     let config = config.into_config(false);
     let device = Device::Cpu;
     let vb = peft::varbuilder::merged_var_builder(&base, &[(&adapter, None)], DType::F32, &device)?;
@@ -26,6 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let ids = Tensor::new(&[[1u32, 5, 9, 13, 2]], &device)?;
     let logits = model.forward(&ids, 0, &mut cache)?;
-    println!("last-position logits (first 8): {:?}", &logits.flatten_all()?.to_vec1::<f32>()?[..8]);
+    println!(
+        "last-position logits (first 8): {:?}",
+        &logits.flatten_all()?.to_vec1::<f32>()?[..8]
+    );
     Ok(())
 }

@@ -69,7 +69,9 @@ pub enum PeftError {
     #[error("unexpected tensors in adapter: {}", .0.join(", "))]
     UnexpectedKeys(Vec<String>),
     /// The adapter targets a module that the base model does not have.
-    #[error("the adapter targets module `{module}`, which the base model does not have (no tensor `{module}.weight`)")]
+    #[error(
+        "the adapter targets module `{module}`, which the base model does not have (no tensor `{module}.weight`)"
+    )]
     MissingModule {
         /// The module's dotted name.
         module: String,
@@ -88,7 +90,10 @@ pub enum PeftError {
 impl PeftError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PeftError::Io { path: path.into(), source }
+        PeftError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

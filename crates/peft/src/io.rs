@@ -62,7 +62,9 @@ pub fn atomic_write_try(
         let f = std::fs::File::create(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
         let mut w = std::io::BufWriter::new(f);
         write(&mut w)?;
-        let f = w.into_inner().map_err(|e| PeftError::io(&tmp, e.into_error()))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| PeftError::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| PeftError::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| PeftError::io(path, e))
     })();
@@ -73,7 +75,10 @@ pub fn atomic_write_try(
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -87,7 +92,9 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SafetensorsFile").field("path", &self.path).finish()
+        f.debug_struct("SafetensorsFile")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -97,10 +104,19 @@ impl SafetensorsFile {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| PeftError::io(&path, e))?;
         // SAFETY: the file is opened read-only; like every mmap user we assume nobody truncates it meanwhile.
-        let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| PeftError::io(&path, e))?;
-        let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| PeftError::SafeTensors { path: path.clone(), message: e.to_string() })?;
-        Ok(Self { path, mmap, header_len: 8 + n, metadata })
+        let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }
+            .map_err(|e| PeftError::io(&path, e))?;
+        let (n, metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| PeftError::SafeTensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            path,
+            mmap,
+            header_len: 8 + n,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -130,11 +146,17 @@ impl SafetensorsFile {
 
     /// Loads one tensor.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let info = self.metadata.info(name).ok_or_else(|| PeftError::MissingKey(name.to_string()))?;
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| PeftError::MissingKey(name.to_string()))?;
         let (s, e) = info.data_offsets;
         let data = &self.mmap[self.header_len + s..self.header_len + e];
         let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), data)
-            .map_err(|e| PeftError::SafeTensors { path: self.path.clone(), message: format!("{name}: {e}") })?;
+            .map_err(|e| PeftError::SafeTensors {
+                path: self.path.clone(),
+                message: format!("{name}: {e}"),
+            })?;
         view.load(device).map_err(|e| PeftError::SafeTensors {
             path: self.path.clone(),
             message: format!("{name}: {e}"),
@@ -143,12 +165,18 @@ impl SafetensorsFile {
 
     /// Loads every tensor, in file order.
     pub fn load_all(&self, device: &Device) -> Result<IndexMap<String, Tensor>> {
-        self.names().into_iter().map(|n| Ok((n.clone(), self.load(&n, device)?))).collect()
+        self.names()
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.load(&n, device)?)))
+            .collect()
     }
 }
 
 /// Reads every tensor of a safetensors file, in file order.
-pub fn read_safetensors(path: impl AsRef<Path>, device: &Device) -> Result<IndexMap<String, Tensor>> {
+pub fn read_safetensors(
+    path: impl AsRef<Path>,
+    device: &Device,
+) -> Result<IndexMap<String, Tensor>> {
     SafetensorsFile::open(path)?.load_all(device)
 }
 
@@ -164,14 +192,24 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(String, Tensor)]) -
     for (k, t) in tensors {
         data.push((k.clone(), t.contiguous()?));
     }
-    let bytes = safetensors::serialize(data.iter().map(|(k, t)| (k.as_str(), t)), Some(pt_metadata()))
-        .map_err(|e| PeftError::SafeTensors { path: path.to_path_buf(), message: e.to_string() })?;
+    let bytes = safetensors::serialize(
+        data.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(pt_metadata()),
+    )
+    .map_err(|e| PeftError::SafeTensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     atomic_write(path, &bytes)
 }
 
 /// Where an adapter named `name` lives under a save directory: `default` at the root, others in sub-dirs.
 pub fn adapter_subdir(root: &Path, name: &str) -> PathBuf {
-    if name == "default" { root.to_path_buf() } else { root.join(name) }
+    if name == "default" {
+        root.to_path_buf()
+    } else {
+        root.join(name)
+    }
 }
 
 /// An adapter directory as read from disk: its config and its tensors keyed as in the file.
@@ -196,14 +234,21 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<AdapterFil
                 dir.display()
             )));
         }
-        return Err(PeftError::io(&weights, std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter weights")));
+        return Err(PeftError::io(
+            &weights,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter weights"),
+        ));
     }
     let tensors = read_safetensors(&weights, device)?;
     Ok(AdapterFile { config, tensors })
 }
 
 /// Writes an adapter directory: config (sorted keys, `inference_mode: true`) and weights with PEFT's keys.
-pub fn save_adapter(dir: impl AsRef<Path>, config: &PeftConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+pub fn save_adapter(
+    dir: impl AsRef<Path>,
+    config: &PeftConfig,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     write_safetensors(dir.join(WEIGHTS_NAME), tensors)?;
@@ -225,7 +270,10 @@ pub struct SplitKeys {
 
 /// Splits adapter file keys. `param_prefixes` are the method's parameter names (`lora_A`, `ia3_l`, …): the
 /// first dotted component of a key that is one of them starts the parameter key.
-pub fn split_keys(tensors: &IndexMap<String, Tensor>, param_prefixes: &[&str]) -> Result<SplitKeys> {
+pub fn split_keys(
+    tensors: &IndexMap<String, Tensor>,
+    param_prefixes: &[&str],
+) -> Result<SplitKeys> {
     let mut out = SplitKeys::default();
     for (key, t) in tensors {
         let Some(rest) = key.strip_prefix(MODEL_PREFIX) else {
@@ -234,7 +282,11 @@ pub fn split_keys(tensors: &IndexMap<String, Tensor>, param_prefixes: &[&str]) -
         };
         let parts: Vec<&str> = rest.split('.').collect();
         match parts.iter().position(|p| param_prefixes.contains(p)) {
-            Some(0) => return Err(PeftError::Invalid(format!("adapter key {key:?} names no module"))),
+            Some(0) => {
+                return Err(PeftError::Invalid(format!(
+                    "adapter key {key:?} names no module"
+                )));
+            }
             Some(i) => {
                 let module = parts[..i].join(".");
                 let param = parts[i..].join(".");
@@ -277,7 +329,9 @@ pub fn adapter_state_dict<'a>(
     };
     let mut out = Vec::new();
     for slot in slots {
-        let Some(a) = slot.adapter(adapter) else { continue };
+        let Some(a) = slot.adapter(adapter) else {
+            continue;
+        };
         let m = slot.name();
         let dtype = a.saved_dtype();
         if a.peft_type() == crate::layer::modules_to_save::MODULES_TO_SAVE {
@@ -289,21 +343,28 @@ pub fn adapter_state_dict<'a>(
         for (k, t) in a.tensors() {
             out.push((peft_key(m, &k), t.to_dtype(dtype)?));
         }
-        if bias_mode != crate::config::LoraBias::None {
-            if let Some(b) = slot.base().bias() {
-                out.push((peft_key(m, "base_layer.bias"), b.clone()));
-            }
+        if let (true, Some(b)) = (
+            bias_mode != crate::config::LoraBias::None,
+            slot.base().bias(),
+        ) {
+            out.push((peft_key(m, "base_layer.bias"), b.clone()));
         }
         if save_embedding_base(m) {
-            out.push((peft_key(m, "base_layer.weight"), slot.base().weight().clone()));
+            out.push((
+                peft_key(m, "base_layer.weight"),
+                slot.base().weight().clone(),
+            ));
         }
     }
     Ok(out)
 }
 
+/// One adapter to save: its name, config and state dict (see [`adapter_state_dict`]).
+pub type AdapterToSave<'a> = (&'a str, &'a PeftConfig, Vec<(String, Tensor)>);
+
 /// Writes several adapters the way PEFT's `save_pretrained` lays them out: `default` at `root`, every other
 /// adapter in `root/<name>/`.
-pub fn save_adapters(root: impl AsRef<Path>, adapters: &[(&str, &PeftConfig, Vec<(String, Tensor)>)]) -> Result<()> {
+pub fn save_adapters(root: impl AsRef<Path>, adapters: &[AdapterToSave<'_>]) -> Result<()> {
     for (name, config, tensors) in adapters {
         save_adapter(adapter_subdir(root.as_ref(), name), config, tensors)?;
     }
@@ -335,10 +396,23 @@ mod tests {
         ] {
             m.insert(k.to_string(), t.clone());
         }
-        let s = split_keys(&m, &["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"]).unwrap();
-        assert_eq!(s.modules.keys().collect::<Vec<_>>(), ["fc1", "model.embed_tokens"]);
-        assert_eq!(s.modules["fc1"].keys().collect::<Vec<_>>(), ["lora_A.weight", "lora_B.weight"]);
-        assert_eq!(s.overrides.keys().collect::<Vec<_>>(), ["fc1.bias", "norm.bias", "model.embed_tokens.weight"]);
+        let s = split_keys(
+            &m,
+            &["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"],
+        )
+        .unwrap();
+        assert_eq!(
+            s.modules.keys().collect::<Vec<_>>(),
+            ["fc1", "model.embed_tokens"]
+        );
+        assert_eq!(
+            s.modules["fc1"].keys().collect::<Vec<_>>(),
+            ["lora_A.weight", "lora_B.weight"]
+        );
+        assert_eq!(
+            s.overrides.keys().collect::<Vec<_>>(),
+            ["fc1.bias", "norm.bias", "model.embed_tokens.weight"]
+        );
         assert_eq!(s.shared.keys().collect::<Vec<_>>(), ["base_model.vera_A"]);
     }
 
@@ -357,9 +431,15 @@ mod tests {
         }
         let q = dir.path().join("garbage.safetensors");
         std::fs::write(&q, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
-        assert!(matches!(read_safetensors(&q, &Device::Cpu).unwrap_err(), PeftError::SafeTensors { .. }));
+        assert!(matches!(
+            read_safetensors(&q, &Device::Cpu).unwrap_err(),
+            PeftError::SafeTensors { .. }
+        ));
         // the atomic writer leaves no temporary file behind
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp")));
         let f = SafetensorsFile::open(&p).unwrap();
         assert_eq!(f.metadata().unwrap()["format"], "pt");

@@ -26,5 +26,5 @@ pub mod varbuilder;
 
 pub use config::PeftConfig;
 pub use error::{PeftError, Result};
-pub use layer::{Adapter, AdapterSlot, BaseLayer, BaseKind, ForwardCtx};
+pub use layer::{Adapter, AdapterSlot, BaseKind, BaseLayer, ForwardCtx};
 pub use rng::PeftRng;

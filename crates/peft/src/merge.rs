@@ -12,7 +12,9 @@
 //! [`merge_model`] handles a model directory, sharded or not, writing atomically.
 
 use crate::config::PeftConfig;
-use crate::io::{SafetensorsFile, SplitKeys, atomic_write, atomic_write_try, load_adapter, split_keys};
+use crate::io::{
+    SafetensorsFile, SplitKeys, atomic_write, atomic_write_try, load_adapter, split_keys,
+};
 use crate::layer::registry;
 use crate::layer::{BaseKind, BaseLayer, Conv2dSpec, MergeInput};
 use crate::{PeftError, Result};
@@ -40,7 +42,12 @@ impl MergeAdapter {
     pub fn load(dir: impl AsRef<Path>, weight: Option<f64>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let file = load_adapter(dir, device)?;
-        Self::from_parts(dir.display().to_string(), file.config, &file.tensors, weight)
+        Self::from_parts(
+            dir.display().to_string(),
+            file.config,
+            &file.tensors,
+            weight,
+        )
     }
 
     /// An adapter from a config and its tensors keyed as in a PEFT file.
@@ -59,21 +66,28 @@ impl MergeAdapter {
         }
         let prefixes = registry::param_prefixes(&config)?;
         let split = split_keys(tensors, prefixes)?;
-        if let Some(w) = weight {
-            if !registry::is_additive(&config) {
-                return Err(PeftError::Invalid(format!(
-                    "{source}: a merge weight ({w}) is only allowed for additive methods (plain LoRA); this \
-                     adapter is {}{}",
-                    config.peft_type().as_str(),
-                    if matches!(&config, PeftConfig::Lora(c) if c.use_dora) { " with DoRA" } else { "" }
-                )));
-            }
+        if let Some(w) = weight.filter(|_| !registry::is_additive(&config)) {
+            return Err(PeftError::Invalid(format!(
+                "{source}: a merge weight ({w}) is only allowed for additive methods (plain LoRA); this \
+                 adapter is {}{}",
+                config.peft_type().as_str(),
+                if matches!(&config, PeftConfig::Lora(c) if c.use_dora) {
+                    " with DoRA"
+                } else {
+                    ""
+                }
+            )));
         }
         if !split.shared.is_empty() {
             let keys: Vec<String> = split.shared.keys().cloned().collect();
             return Err(PeftError::UnexpectedKeys(keys));
         }
-        Ok(Self { source, config, split, weight })
+        Ok(Self {
+            source,
+            config,
+            split,
+            weight,
+        })
     }
 }
 
@@ -105,17 +119,26 @@ impl<F: Fn(&str) -> Option<Vec<usize>>> BaseShapes for F {
 }
 
 /// Infers the kind of layer a module is from the adapter tensors and the base weight's shape.
-fn infer_kind(config: &PeftConfig, params: &IndexMap<String, Tensor>, wshape: &[usize]) -> Result<BaseKind> {
+fn infer_kind(
+    config: &PeftConfig,
+    params: &IndexMap<String, Tensor>,
+    wshape: &[usize],
+) -> Result<BaseKind> {
     if params.keys().any(|k| k.starts_with("lora_embedding_")) {
         return Ok(BaseKind::Embedding);
     }
     match wshape.len() {
         4 => {
             let groups = match params.get("lora_A.weight") {
-                Some(a) if a.rank() == 4 && wshape[1] > 0 && a.dim(1)? % wshape[1] == 0 => a.dim(1)? / wshape[1],
+                Some(a) if a.rank() == 4 && wshape[1] > 0 && a.dim(1)? % wshape[1] == 0 => {
+                    a.dim(1)? / wshape[1]
+                }
                 _ => 1,
             };
-            Ok(BaseKind::Conv2d(Conv2dSpec { groups, ..Default::default() }))
+            Ok(BaseKind::Conv2d(Conv2dSpec {
+                groups,
+                ..Default::default()
+            }))
         }
         2 => {
             let (a, b) = match (params.get("lora_A.weight"), params.get("lora_B.weight")) {
@@ -132,14 +155,20 @@ fn infer_kind(config: &PeftConfig, params: &IndexMap<String, Tensor>, wshape: &[
                 Ok(BaseKind::Linear) // the adapter's shape check names the mismatch
             }
         }
-        _ => Err(PeftError::Invalid(format!("cannot merge into a weight of shape {wshape:?}"))),
+        _ => Err(PeftError::Invalid(format!(
+            "cannot merge into a weight of shape {wshape:?}"
+        ))),
     }
 }
 
 impl Merger {
     /// Checks every adapter against the base (every targeted module exists, shapes fit, replaced tensors
     /// exist) before anything is written.
-    pub fn new(adapters: Vec<MergeAdapter>, base: &dyn BaseShapes, aliases: Aliases) -> Result<Self> {
+    pub fn new(
+        adapters: Vec<MergeAdapter>,
+        base: &dyn BaseShapes,
+        aliases: Aliases,
+    ) -> Result<Self> {
         let mut writers: HashMap<String, Vec<String>> = HashMap::new();
         let mut overrides = HashMap::new();
         let alias_map = aliases.clone();
@@ -147,7 +176,10 @@ impl Merger {
             if base.shape(name).is_some() {
                 Some(name.to_string())
             } else {
-                alias_map.get(name).filter(|a| base.shape(a).is_some()).cloned()
+                alias_map
+                    .get(name)
+                    .filter(|a| base.shape(a).is_some())
+                    .cloned()
             }
         };
         for (i, ad) in adapters.iter().enumerate() {
@@ -160,12 +192,21 @@ impl Merger {
                 })?;
                 let shape = base.shape(&target).unwrap_or_default();
                 if t.dims() != shape.as_slice() {
-                    return Err(PeftError::ShapeMismatch { name: name.clone(), expected: shape, got: t.dims().to_vec() });
+                    return Err(PeftError::ShapeMismatch {
+                        name: name.clone(),
+                        expected: shape,
+                        got: t.dims().to_vec(),
+                    });
                 }
                 overrides.insert(target, (i, name.clone()));
             }
         }
-        let me = Self { adapters, aliases, writers: HashMap::new(), overrides };
+        let me = Self {
+            adapters,
+            aliases,
+            writers: HashMap::new(),
+            overrides,
+        };
         // Module order follows the first adapter that names each module, like PEFT's walk over modules.
         let mut modules: Vec<String> = Vec::new();
         for ad in &me.adapters {
@@ -177,14 +218,20 @@ impl Merger {
         }
         for m in &modules {
             let wname = format!("{m}.weight");
-            let target = resolve(&wname).ok_or_else(|| PeftError::MissingModule { module: m.clone() })?;
+            let target =
+                resolve(&wname).ok_or_else(|| PeftError::MissingModule { module: m.clone() })?;
             let wshape = base.shape(&target).unwrap_or_default();
             let bias_shape = base.shape(&format!("{m}.bias"));
             // Build each adapter once on a zero-cost placeholder base to check shapes now.
-            for ad in me.adapters.iter().filter(|a| a.split.modules.contains_key(m)) {
+            for ad in me
+                .adapters
+                .iter()
+                .filter(|a| a.split.modules.contains_key(m))
+            {
                 let params = &ad.split.modules[m];
                 let kind = infer_kind(&ad.config, params, &wshape)?;
-                let w = Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(wshape.as_slice())?;
+                let w =
+                    Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(wshape.as_slice())?;
                 let b = bias_shape
                     .as_ref()
                     .map(|s| Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(s.as_slice()))
@@ -195,7 +242,10 @@ impl Merger {
             }
             writers.entry(target).or_default().push(m.clone());
             if bias_shape.is_some() {
-                writers.entry(format!("{m}.bias")).or_default().push(m.clone());
+                writers
+                    .entry(format!("{m}.bias"))
+                    .or_default()
+                    .push(m.clone());
             }
         }
         Ok(Self { writers, ..me })
@@ -230,7 +280,11 @@ impl Merger {
 
     /// Computes the merged value of base tensor `name` (f32), or `None` if the merge leaves it untouched.
     /// `load` reads a base tensor by name.
-    pub fn merged_tensor(&self, name: &str, load: &dyn Fn(&str) -> Result<Tensor>) -> Result<Option<Tensor>> {
+    pub fn merged_tensor(
+        &self,
+        name: &str,
+        load: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
         let Some(modules) = self.writers.get(name) else {
             return match self.overrides.contains_key(name) {
                 true => Ok(Some(self.base_tensor(name, load)?)),
@@ -241,10 +295,15 @@ impl Merger {
         for m in modules {
             let is_bias = *name == format!("{m}.bias");
             let wname_own = format!("{m}.weight");
-            let wname = if self.writers.contains_key(&wname_own) || self.overrides.contains_key(&wname_own) {
+            let wname = if self.writers.contains_key(&wname_own)
+                || self.overrides.contains_key(&wname_own)
+            {
                 wname_own.clone()
             } else {
-                self.aliases.get(&wname_own).cloned().unwrap_or(wname_own.clone())
+                self.aliases
+                    .get(&wname_own)
+                    .cloned()
+                    .unwrap_or(wname_own.clone())
             };
             let w0 = match (&out, is_bias) {
                 (Some(t), false) => t.clone(),
@@ -257,16 +316,29 @@ impl Merger {
                 _ => None,
             };
             let (w, b) = self.merge_module(m, w0, b0)?;
-            out = Some(if is_bias { b.ok_or_else(|| PeftError::MissingKey(bname))? } else { w });
+            out = Some(if is_bias {
+                b.ok_or_else(|| PeftError::MissingKey(bname))?
+            } else {
+                w
+            });
         }
         Ok(out)
     }
 
     /// Merges every adapter that targets `module` into `(W, b)` (f32), in order.
-    pub fn merge_module(&self, module: &str, weight: Tensor, bias: Option<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn merge_module(
+        &self,
+        module: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let unmerged = weight.clone();
         let (mut w, mut b) = (weight, bias);
-        for ad in self.adapters.iter().filter(|a| a.split.modules.contains_key(module)) {
+        for ad in self
+            .adapters
+            .iter()
+            .filter(|a| a.split.modules.contains_key(module))
+        {
             let params = &ad.split.modules[module];
             let kind = infer_kind(&ad.config, params, unmerged.dims())?;
             let layer = BaseLayer::new(kind, unmerged.clone(), b.clone())?;
@@ -274,7 +346,10 @@ impl Merger {
             match ad.weight {
                 Some(scale) => {
                     let (dw, db) = adapter.delta_weight(&kind)?.ok_or_else(|| {
-                        PeftError::Invalid(format!("{}: a weighted merge needs an additive method", ad.source))
+                        PeftError::Invalid(format!(
+                            "{}: a weighted merge needs an additive method",
+                            ad.source
+                        ))
                     })?;
                     w = (w + (dw * scale)?)?;
                     if let (Some(bb), Some(db)) = (&b, db) {
@@ -282,7 +357,12 @@ impl Merger {
                     }
                 }
                 None => {
-                    let m = adapter.merge(MergeInput { kind: &kind, weight: &w, bias: b.as_ref(), unmerged_weight: &unmerged })?;
+                    let m = adapter.merge(MergeInput {
+                        kind: &kind,
+                        weight: &w,
+                        bias: b.as_ref(),
+                        unmerged_weight: &unmerged,
+                    })?;
                     w = m.weight;
                     b = m.bias;
                 }
@@ -298,7 +378,11 @@ fn st_dtype(d: DType) -> Result<safetensors::Dtype> {
         DType::F16 => safetensors::Dtype::F16,
         DType::BF16 => safetensors::Dtype::BF16,
         DType::F64 => safetensors::Dtype::F64,
-        other => return Err(PeftError::Invalid(format!("cannot write merged weights as {other:?}"))),
+        other => {
+            return Err(PeftError::Invalid(format!(
+                "cannot write merged weights as {other:?}"
+            )));
+        }
     })
 }
 
@@ -331,13 +415,17 @@ pub fn merge_safetensors(
     let mut plan = Vec::with_capacity(names.len());
     let mut offset = 0usize;
     for n in &names {
-        let (shape, sdt) = base.info(n).ok_or_else(|| PeftError::MissingKey(n.clone()))?;
+        let (shape, sdt) = base
+            .info(n)
+            .ok_or_else(|| PeftError::MissingKey(n.clone()))?;
         let out_dt = match (dtype, candle_dtype(sdt)) {
             (Some(d), Some(_)) => st_dtype(d)?,
             _ => sdt,
         };
         if merger.touches(n) && candle_dtype(out_dt).is_none() {
-            return Err(PeftError::Invalid(format!("cannot merge into `{n}` of dtype {sdt:?}")));
+            return Err(PeftError::Invalid(format!(
+                "cannot merge into `{n}` of dtype {sdt:?}"
+            )));
         }
         let nbytes = shape.iter().product::<usize>() * out_dt.bitsize() / 8;
         header.insert(
@@ -347,13 +435,20 @@ pub fn merge_safetensors(
         plan.push((n.clone(), sdt, out_dt, nbytes));
         offset += nbytes;
     }
-    let meta: HashMap<String, String> = base.metadata().cloned().unwrap_or_else(crate::io::pt_metadata);
+    let meta: HashMap<String, String> = base
+        .metadata()
+        .cloned()
+        .unwrap_or_else(crate::io::pt_metadata);
     let mut hdr = serde_json::Map::new();
-    hdr.insert("__metadata__".into(), serde_json::to_value(&meta).map_err(|e| PeftError::Invalid(e.to_string()))?);
+    hdr.insert(
+        "__metadata__".into(),
+        serde_json::to_value(&meta).map_err(|e| PeftError::Invalid(e.to_string()))?,
+    );
     for (k, v) in header {
         hdr.insert(k, v);
     }
-    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(hdr)).map_err(|e| PeftError::Invalid(e.to_string()))?;
+    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(hdr))
+        .map_err(|e| PeftError::Invalid(e.to_string()))?;
     while hbytes.len() % 8 != 0 {
         hbytes.push(b' ');
     }
@@ -362,7 +457,8 @@ pub fn merge_safetensors(
     let load = |n: &str| base.load(n, &dev);
     atomic_write_try(output, |w| {
         let io = |e| PeftError::io(output, e);
-        w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(hbytes.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&hbytes).map_err(io)?;
         let mut done = 0u64;
         for (n, sdt, out_dt, nbytes) in &plan {
@@ -373,10 +469,17 @@ pub fn merge_safetensors(
                     let t = base.load(n, &dev)?;
                     tensor_bytes(&t)?
                 }
-                None => tensor_bytes(&base.load(n, &dev)?.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?)?,
+                None => tensor_bytes(
+                    &base
+                        .load(n, &dev)?
+                        .to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?,
+                )?,
             };
             if bytes.len() != *nbytes {
-                return Err(PeftError::Invalid(format!("internal: {n} has {} bytes, expected {nbytes}", bytes.len())));
+                return Err(PeftError::Invalid(format!(
+                    "internal: {n} has {} bytes, expected {nbytes}",
+                    bytes.len()
+                )));
             }
             w.write_all(&bytes).map_err(io)?;
             done += *nbytes as u64;
@@ -429,16 +532,22 @@ impl BaseModel {
             });
         }
         if !path.is_dir() {
-            return Err(PeftError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+            return Err(PeftError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
         }
         let config = read_json_opt(&path.join("config.json"))?;
         let index_path = path.join("model.safetensors.index.json");
         if index_path.exists() {
             let index = read_json_opt(&index_path)?.unwrap_or_default();
-            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| PeftError::Json {
-                context: index_path.display().to_string(),
-                message: "no weight_map".into(),
-            })?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| PeftError::Json {
+                    context: index_path.display().to_string(),
+                    message: "no weight_map".into(),
+                })?;
             let mut files: Vec<String> = Vec::new();
             for v in map.values() {
                 let f = v.as_str().ok_or_else(|| PeftError::Json {
@@ -450,8 +559,16 @@ impl BaseModel {
                 }
             }
             files.sort();
-            let shards = files.into_iter().map(|f| Ok((f.clone(), SafetensorsFile::open(path.join(&f))?))).collect::<Result<_>>()?;
-            return Ok(Self { dir: Some(path.to_path_buf()), shards, index: Some(index), config });
+            let shards = files
+                .into_iter()
+                .map(|f| Ok((f.clone(), SafetensorsFile::open(path.join(&f))?)))
+                .collect::<Result<_>>()?;
+            return Ok(Self {
+                dir: Some(path.to_path_buf()),
+                shards,
+                index: Some(index),
+                config,
+            });
         }
         let single = path.join("model.safetensors");
         if !single.exists() {
@@ -460,12 +577,19 @@ impl BaseModel {
                 path.display()
             )));
         }
-        Ok(Self { dir: Some(path.to_path_buf()), shards: vec![("model.safetensors".into(), SafetensorsFile::open(&single)?)], index: None, config })
+        Ok(Self {
+            dir: Some(path.to_path_buf()),
+            shards: vec![("model.safetensors".into(), SafetensorsFile::open(&single)?)],
+            index: None,
+            config,
+        })
     }
 
     /// The shape of a tensor in any shard.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.shards.iter().find_map(|(_, f)| f.info(name).map(|(s, _)| s))
+        self.shards
+            .iter()
+            .find_map(|(_, f)| f.info(name).map(|(s, _)| s))
     }
 
     /// Tied-embedding aliases: when the output layer's weight is absent and the config ties it (or says
@@ -479,7 +603,11 @@ impl BaseModel {
             .and_then(|v| v.as_bool())
             .unwrap_or(true);
         if tied && self.shape("lm_head.weight").is_none() {
-            for cand in ["model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"] {
+            for cand in [
+                "model.embed_tokens.weight",
+                "transformer.wte.weight",
+                "embed_tokens.weight",
+            ] {
                 if self.shape(cand).is_some() {
                     a.insert("lm_head.weight".into(), cand.into());
                     break;
@@ -491,7 +619,9 @@ impl BaseModel {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn read_json_opt(p: &Path) -> Result<Option<serde_json::Value>> {
@@ -499,7 +629,12 @@ fn read_json_opt(p: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let s = std::fs::read_to_string(p).map_err(|e| PeftError::io(p, e))?;
-    serde_json::from_str(&s).map(Some).map_err(|e| PeftError::Json { context: p.display().to_string(), message: e.to_string() })
+    serde_json::from_str(&s)
+        .map(Some)
+        .map_err(|e| PeftError::Json {
+            context: p.display().to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// Merges adapters into a base model file or directory and writes the result.
@@ -518,30 +653,49 @@ pub fn merge_model(
     let model = BaseModel::open(base)?;
     let aliases = model.aliases();
     let merger = Merger::new(adapters, &|n: &str| model.shape(n), aliases)?;
-    let mut report = MergeReport { modules: merger.modules(), ..Default::default() };
+    let mut report = MergeReport {
+        modules: merger.modules(),
+        ..Default::default()
+    };
     let total: u64 = model
         .shards
         .iter()
-        .map(|(_, f)| f.names().iter().filter_map(|n| f.info(n)).map(|(s, d)| (s.iter().product::<usize>() * d.bitsize() / 8) as u64).sum::<u64>())
+        .map(|(_, f)| {
+            f.names()
+                .iter()
+                .filter_map(|n| f.info(n))
+                .map(|(s, d)| (s.iter().product::<usize>() * d.bitsize() / 8) as u64)
+                .sum::<u64>()
+        })
         .sum();
     let mut offset = 0u64;
     let mut shard_progress = |f: &SafetensorsFile, out: &Path, offset: &mut u64| -> Result<u64> {
         let base_off = *offset;
-        let n = merge_safetensors(f, &merger, out, dtype, &mut |d, _, name| progress(base_off + d, total, name))?;
+        let n = merge_safetensors(f, &merger, out, dtype, &mut |d, _, name| {
+            progress(base_off + d, total, name)
+        })?;
         *offset += n;
         Ok(n)
     };
     match &model.dir {
         None => {
-            let out = if output.is_dir() { output.join("model.safetensors") } else { output.to_path_buf() };
+            let out = if output.is_dir() {
+                output.join("model.safetensors")
+            } else {
+                output.to_path_buf()
+            };
             report.bytes = shard_progress(&model.shards[0].1, &out, &mut offset)?;
             report.files.push(out);
         }
         Some(dir) => {
             if output.exists() {
-                return Err(PeftError::Invalid(format!("{}: output directory already exists", output.display())));
+                return Err(PeftError::Invalid(format!(
+                    "{}: output directory already exists",
+                    output.display()
+                )));
             }
-            let tmp = output.with_file_name(format!(".{}.tmp-{}", file_name(output), std::process::id()));
+            let tmp =
+                output.with_file_name(format!(".{}.tmp-{}", file_name(output), std::process::id()));
             let res = (|| -> Result<()> {
                 std::fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
                 for (fname, f) in &model.shards {
@@ -553,9 +707,12 @@ pub fn merge_model(
                     if let Some(m) = index.get_mut("metadata").and_then(|m| m.as_object_mut()) {
                         m.insert("total_size".into(), serde_json::json!(report.bytes));
                     }
-                    let s = serde_json::to_string_pretty(&index).map_err(|e| PeftError::Invalid(e.to_string()))?;
+                    let s = serde_json::to_string_pretty(&index)
+                        .map_err(|e| PeftError::Invalid(e.to_string()))?;
                     atomic_write(&tmp.join("model.safetensors.index.json"), s.as_bytes())?;
-                    report.files.push(output.join("model.safetensors.index.json"));
+                    report
+                        .files
+                        .push(output.join("model.safetensors.index.json"));
                 }
                 copy_side_files(dir, &tmp, &mut report)?;
                 std::fs::rename(&tmp, output).map_err(|e| PeftError::io(output, e))
@@ -564,7 +721,11 @@ pub fn merge_model(
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(e);
             }
-            report.files = report.files.iter().map(|p| output.join(p.file_name().unwrap_or_default())).collect();
+            report.files = report
+                .files
+                .iter()
+                .map(|p| output.join(p.file_name().unwrap_or_default()))
+                .collect();
         }
     }
     Ok(report)

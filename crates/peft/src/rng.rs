@@ -34,7 +34,10 @@ pub struct PeftRng {
 impl PeftRng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { key: mix64(seed ^ 0x5eed_5eed_5eed_5eed), counter: 0 }
+        Self {
+            key: mix64(seed ^ 0x5eed_5eed_5eed_5eed),
+            counter: 0,
+        }
     }
 
     /// The generator's state `(key, counter)`, for checkpoints.
@@ -55,12 +58,18 @@ impl PeftRng {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        Self { key: mix64(self.key ^ mix64(h)), counter: 0 }
+        Self {
+            key: mix64(self.key ^ mix64(h)),
+            counter: 0,
+        }
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        let z = mix64(self.key.wrapping_add(self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let z = mix64(
+            self.key
+                .wrapping_add(self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
         self.counter = self.counter.wrapping_add(1);
         z
     }
@@ -93,7 +102,9 @@ impl PeftRng {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count()).map(|_| (lo + (hi - lo) * self.uniform_f64()) as f32).collect();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| (lo + (hi - lo) * self.uniform_f64()) as f32)
+            .collect();
         Tensor::from_vec(v, shape, device)?.to_dtype(dtype)
     }
 
@@ -107,16 +118,28 @@ impl PeftRng {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count()).map(|_| (mean + std * self.normal_f64()) as f32).collect();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| (mean + std * self.normal_f64()) as f32)
+            .collect();
         Tensor::from_vec(v, shape, device)?.to_dtype(dtype)
     }
 
     /// A dropout keep-mask scaled by `1 / (1 - p)`, as `torch.nn.Dropout` in training.
-    pub fn dropout_mask(&mut self, shape: impl Into<Shape>, p: f64, device: &Device) -> candle_core::Result<Tensor> {
+    pub fn dropout_mask(
+        &mut self,
+        shape: impl Into<Shape>,
+        p: f64,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
-        let scale = if p < 1.0 { (1.0 / (1.0 - p)) as f32 } else { 0.0 };
-        let v: Vec<f32> =
-            (0..shape.elem_count()).map(|_| if self.uniform_f64() < p { 0.0 } else { scale }).collect();
+        let scale = if p < 1.0 {
+            (1.0 / (1.0 - p)) as f32
+        } else {
+            0.0
+        };
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| if self.uniform_f64() < p { 0.0 } else { scale })
+            .collect();
         Tensor::from_vec(v, shape, device)
     }
 }
@@ -132,7 +155,10 @@ mod tests {
         let xs: Vec<u64> = (0..4).map(|_| a.next_u64()).collect();
         let ys: Vec<u64> = (0..4).map(|_| b.next_u64()).collect();
         assert_eq!(xs, ys);
-        assert_ne!(PeftRng::new(1).fork("a").next_u64(), PeftRng::new(1).fork("b").next_u64());
+        assert_ne!(
+            PeftRng::new(1).fork("a").next_u64(),
+            PeftRng::new(1).fork("b").next_u64()
+        );
         assert_ne!(PeftRng::new(1).next_u64(), PeftRng::new(2).next_u64());
         let (k, c) = a.state();
         assert_eq!(PeftRng::from_state(k, c).next_u64(), a.next_u64());
@@ -152,7 +178,11 @@ mod tests {
     #[test]
     fn dropout_mask_keeps_expected_fraction() {
         let mut r = PeftRng::new(3);
-        let m = r.dropout_mask(10_000, 0.25, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let m = r
+            .dropout_mask(10_000, 0.25, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let kept = m.iter().filter(|v| **v > 0.0).count() as f64 / 10_000.0;
         assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
         assert!(m.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));

@@ -62,7 +62,14 @@ fn to_candle(e: PeftError) -> candle_core::Error {
 }
 
 impl SimpleBackend for MergedBackend {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::UnexpectedShape {
@@ -76,7 +83,10 @@ impl SimpleBackend for MergedBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.tensor(name).map_err(to_candle)?.to_dtype(dtype)?.to_device(dev)
+        self.tensor(name)
+            .map_err(to_candle)?
+            .to_dtype(dtype)?
+            .to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -7,7 +7,15 @@ use peft::tuners::lora::layer::{LoraAdapter, LoraOptions};
 use peft::{Adapter, AdapterSlot, BaseLayer, ForwardCtx, PeftRng};
 
 fn opts(r: usize, init: InitLoraWeights) -> LoraOptions {
-    LoraOptions { r, alpha: 2.0 * r as f64, use_rslora: false, use_dora: false, lora_bias: false, dropout: 0.0, init }
+    LoraOptions {
+        r,
+        alpha: 2.0 * r as f64,
+        use_rslora: false,
+        use_dora: false,
+        lora_bias: false,
+        dropout: 0.0,
+        init,
+    }
 }
 
 fn stats(t: &Tensor) -> (f64, f64, f64, f64) {
@@ -21,32 +29,58 @@ fn stats(t: &Tensor) -> (f64, f64, f64, f64) {
 }
 
 fn linear(i: usize, o: usize) -> BaseLayer {
-    let w = PeftRng::new(0).normal_tensor((o, i), 0.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let w = PeftRng::new(0)
+        .normal_tensor((o, i), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
     BaseLayer::linear(w, Some(Tensor::zeros(o, DType::F32, &Device::Cpu).unwrap())).unwrap()
 }
 
 fn is_zero(t: &Tensor) -> bool {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() == 0.0
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        == 0.0
 }
 
 #[test]
 fn default_init_is_kaiming_uniform_a_and_zero_b() {
     let (i, o, r) = (256, 128, 64);
-    let a = LoraAdapter::new(&linear(i, o), opts(r, InitLoraWeights::Bool(true)), &mut PeftRng::new(1)).unwrap();
+    let a = LoraAdapter::new(
+        &linear(i, o),
+        opts(r, InitLoraWeights::Bool(true)),
+        &mut PeftRng::new(1),
+    )
+    .unwrap();
     // kaiming_uniform(a=√5) on [r, in]: U(-1/√in, 1/√in): mean 0, std bound/√3
     let bound = 1.0 / (i as f64).sqrt();
     let (mean, std, lo, hi) = stats(a.lora_a());
     assert!(lo >= -bound && hi <= bound, "bounds {lo} {hi} vs {bound}");
     assert!(mean.abs() < 0.05 * bound, "mean {mean}");
-    assert!((std - bound / 3f64.sqrt()).abs() < 0.03 * bound, "std {std}");
-    assert!(hi > 0.95 * bound && lo < -0.95 * bound, "the whole range is used");
+    assert!(
+        (std - bound / 3f64.sqrt()).abs() < 0.03 * bound,
+        "std {std}"
+    );
+    assert!(
+        hi > 0.95 * bound && lo < -0.95 * bound,
+        "the whole range is used"
+    );
     assert!(is_zero(a.lora_b()));
 }
 
 #[test]
 fn gaussian_init_has_std_one_over_r() {
     let (i, o, r) = (256, 64, 8);
-    let a = LoraAdapter::new(&linear(i, o), opts(r, InitLoraWeights::Method("gaussian".into())), &mut PeftRng::new(2)).unwrap();
+    let a = LoraAdapter::new(
+        &linear(i, o),
+        opts(r, InitLoraWeights::Method("gaussian".into())),
+        &mut PeftRng::new(2),
+    )
+    .unwrap();
     let (mean, std, _, _) = stats(a.lora_a());
     assert!(mean.abs() < 0.01, "mean {mean}");
     assert!((std - 1.0 / r as f64).abs() < 0.005, "std {std}");
@@ -56,22 +90,40 @@ fn gaussian_init_has_std_one_over_r() {
 #[test]
 fn false_init_randomises_b_like_torch_linear() {
     let (i, o, r) = (64, 512, 16);
-    let a = LoraAdapter::new(&linear(i, o), opts(r, InitLoraWeights::Bool(false)), &mut PeftRng::new(3)).unwrap();
+    let a = LoraAdapter::new(
+        &linear(i, o),
+        opts(r, InitLoraWeights::Bool(false)),
+        &mut PeftRng::new(3),
+    )
+    .unwrap();
     let bound = 1.0 / (r as f64).sqrt();
     let (mean, std, lo, hi) = stats(a.lora_b());
     assert!(lo >= -bound && hi <= bound);
     assert!(mean.abs() < 0.05 * bound);
-    assert!((std - bound / 3f64.sqrt()).abs() < 0.05 * bound, "std {std}");
+    assert!(
+        (std - bound / 3f64.sqrt()).abs() < 0.05 * bound,
+        "std {std}"
+    );
 }
 
 #[test]
 fn embedding_init_is_zero_a_and_normal_b() {
-    let w = PeftRng::new(0).normal_tensor((1000, 64), 0.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let w = PeftRng::new(0)
+        .normal_tensor((1000, 64), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
     let base = BaseLayer::embedding(w).unwrap();
-    let a = LoraAdapter::new(&base, opts(16, InitLoraWeights::Bool(true)), &mut PeftRng::new(4)).unwrap();
+    let a = LoraAdapter::new(
+        &base,
+        opts(16, InitLoraWeights::Bool(true)),
+        &mut PeftRng::new(4),
+    )
+    .unwrap();
     assert!(is_zero(a.lora_a()));
     let (mean, std, _, _) = stats(a.lora_b());
-    assert!(mean.abs() < 0.05 && (std - 1.0).abs() < 0.05, "{mean} {std}");
+    assert!(
+        mean.abs() < 0.05 && (std - 1.0).abs() < 0.05,
+        "{mean} {std}"
+    );
 }
 
 #[test]
@@ -85,16 +137,39 @@ fn dora_magnitude_starts_at_the_weight_norm() {
     // ... so that a fresh DoRA adapter is the identity
     let mut slot = AdapterSlot::new("l", base.clone());
     slot.add_adapter("default", Box::new(a)).unwrap();
-    let x = PeftRng::new(6).normal_tensor((3, 32), 0.0, 1.0, DType::F32, &Device::Cpu).unwrap();
-    assert_close("identity", &slot.forward(&x, &ForwardCtx::eval()).unwrap(), &base.forward(&x).unwrap(), 1e-5, 1e-5);
+    let x = PeftRng::new(6)
+        .normal_tensor((3, 32), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
+    assert_close(
+        "identity",
+        &slot.forward(&x, &ForwardCtx::eval()).unwrap(),
+        &base.forward(&x).unwrap(),
+        1e-5,
+        1e-5,
+    );
 }
 
 #[test]
 fn inits_are_reproducible_from_the_seed() {
     let base = linear(32, 16);
-    let a = LoraAdapter::new(&base, opts(4, InitLoraWeights::Bool(true)), &mut PeftRng::new(9)).unwrap();
-    let b = LoraAdapter::new(&base, opts(4, InitLoraWeights::Bool(true)), &mut PeftRng::new(9)).unwrap();
-    let c = LoraAdapter::new(&base, opts(4, InitLoraWeights::Bool(true)), &mut PeftRng::new(10)).unwrap();
+    let a = LoraAdapter::new(
+        &base,
+        opts(4, InitLoraWeights::Bool(true)),
+        &mut PeftRng::new(9),
+    )
+    .unwrap();
+    let b = LoraAdapter::new(
+        &base,
+        opts(4, InitLoraWeights::Bool(true)),
+        &mut PeftRng::new(9),
+    )
+    .unwrap();
+    let c = LoraAdapter::new(
+        &base,
+        opts(4, InitLoraWeights::Bool(true)),
+        &mut PeftRng::new(10),
+    )
+    .unwrap();
     assert_close("same seed", a.lora_a(), b.lora_a(), 0.0, 0.0);
     assert!(crate::common::max_abs_diff(a.lora_a(), c.lora_a()) > 0.0);
 }
@@ -109,9 +184,24 @@ fn dropout_is_applied_in_training_only_and_is_seeded() {
     let (la, lb, s) = (ad.lora_a().clone(), ad.lora_b().clone(), ad.scaling());
     let mut slot = AdapterSlot::new("l", base.clone());
     slot.add_adapter("default", Box::new(ad)).unwrap();
-    let x = PeftRng::new(12).normal_tensor((5, i), 0.0, 1.0, DType::F32, &Device::Cpu).unwrap();
-    let no_drop = (base.forward(&x).unwrap() + (x.matmul(&la.t().unwrap()).unwrap().matmul(&lb.t().unwrap()).unwrap() * s).unwrap()).unwrap();
-    assert_close("eval has no dropout", &slot.forward(&x, &ForwardCtx::eval()).unwrap(), &no_drop, 1e-5, 1e-5);
+    let x = PeftRng::new(12)
+        .normal_tensor((5, i), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
+    let no_drop = (base.forward(&x).unwrap()
+        + (x.matmul(&la.t().unwrap())
+            .unwrap()
+            .matmul(&lb.t().unwrap())
+            .unwrap()
+            * s)
+            .unwrap())
+    .unwrap();
+    assert_close(
+        "eval has no dropout",
+        &slot.forward(&x, &ForwardCtx::eval()).unwrap(),
+        &no_drop,
+        1e-5,
+        1e-5,
+    );
     let t1 = slot.forward(&x, &ForwardCtx::train(7, 0)).unwrap();
     let t1b = slot.forward(&x, &ForwardCtx::train(7, 0)).unwrap();
     let t2 = slot.forward(&x, &ForwardCtx::train(7, 1)).unwrap();
@@ -119,16 +209,38 @@ fn dropout_is_applied_in_training_only_and_is_seeded() {
     assert!(max_abs_diff(&t1, &t2) > 1e-3, "a new step draws a new mask");
     assert!(max_abs_diff(&t1, &no_drop) > 1e-3, "training drops");
     // The mask is the one the context's generator draws: recompute it and check the output exactly.
-    let mask = ForwardCtx::train(7, 0).rng("l", "default", "lora_dropout").dropout_mask((5, i), 0.5, &Device::Cpu).unwrap();
+    let mask = ForwardCtx::train(7, 0)
+        .rng("l", "default", "lora_dropout")
+        .dropout_mask((5, i), 0.5, &Device::Cpu)
+        .unwrap();
     let xd = (&x * &mask).unwrap();
-    let expected = (base.forward(&x).unwrap() + (xd.matmul(&la.t().unwrap()).unwrap().matmul(&lb.t().unwrap()).unwrap() * s).unwrap()).unwrap();
-    assert_close("dropout(x) feeds the adapter only", &t1, &expected, 1e-5, 1e-5);
+    let expected = (base.forward(&x).unwrap()
+        + (xd
+            .matmul(&la.t().unwrap())
+            .unwrap()
+            .matmul(&lb.t().unwrap())
+            .unwrap()
+            * s)
+            .unwrap())
+    .unwrap();
+    assert_close(
+        "dropout(x) feeds the adapter only",
+        &t1,
+        &expected,
+        1e-5,
+        1e-5,
+    );
 }
 
 #[test]
 fn adapters_are_created_in_f32_and_report_it() {
     let base = linear(8, 4);
-    let a = LoraAdapter::new(&base, opts(2, InitLoraWeights::Bool(true)), &mut PeftRng::new(0)).unwrap();
+    let a = LoraAdapter::new(
+        &base,
+        opts(2, InitLoraWeights::Bool(true)),
+        &mut PeftRng::new(0),
+    )
+    .unwrap();
     assert_eq!(a.saved_dtype(), DType::F32);
     assert!(a.vars().iter().all(|(_, v)| v.dtype() == DType::F32));
 }

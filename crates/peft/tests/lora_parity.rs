@@ -26,7 +26,12 @@ fn conv_spec(json: &serde_json::Value, module: &str) -> peft::layer::Conv2dSpec 
         let v = if v.is_array() { &v[0] } else { v };
         v.as_u64().map(|v| v as usize).unwrap_or(d)
     };
-    peft::layer::Conv2dSpec { padding: get("padding", 0), stride: get("stride", 1), dilation: get("dilation", 1), groups: get("groups", 1) }
+    peft::layer::Conv2dSpec {
+        padding: get("padding", 0),
+        stride: get("stride", 1),
+        dilation: get("dilation", 1),
+        groups: get("groups", 1),
+    }
 }
 
 pub fn load_case(dir: &Path) -> LoadedCase {
@@ -47,13 +52,19 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
     for name in strings(&json, "adapters") {
         let file = load_adapter(adapter_subdir(adapter_root, &name), &Device::Cpu)
             .unwrap_or_else(|e| panic!("{}: adapter {name}: {e}", dir.display()));
-        let split = split_keys(&file.tensors, registry::param_prefixes(&file.config).unwrap()).unwrap();
+        let split = split_keys(
+            &file.tensors,
+            registry::param_prefixes(&file.config).unwrap(),
+        )
+        .unwrap();
         adapters.push((name, file.config, split, file.tensors));
     }
     let modules_to_save = strings(&json, "modules_to_save");
     for (_, _, split, _) in &adapters {
         for (k, t) in &split.overrides {
-            let is_mts = modules_to_save.iter().any(|m| k.starts_with(&format!("{m}.")));
+            let is_mts = modules_to_save
+                .iter()
+                .any(|m| k.starts_with(&format!("{m}.")));
             if !is_mts {
                 assert!(base.contains_key(k), "override {k} not in base");
                 base.insert(k.clone(), t.clone());
@@ -89,7 +100,11 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
             } else if modules_to_save.contains(m) {
                 let w = &split.overrides[&format!("{m}.weight")];
                 let b = split.overrides.get(&format!("{m}.bias"));
-                slot.add_adapter(name.clone(), Box::new(ModulesToSave::from_tensors(slot.base(), w, b).unwrap())).unwrap();
+                slot.add_adapter(
+                    name.clone(),
+                    Box::new(ModulesToSave::from_tensors(slot.base(), w, b).unwrap()),
+                )
+                .unwrap();
             }
         }
         let active = strings(&json, "active");
@@ -97,12 +112,22 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
         slot.set_active(&active);
         slots.insert(m.clone(), slot);
     }
-    LoadedCase { json, slots, adapters, base, dtype }
+    LoadedCase {
+        json,
+        slots,
+        adapters,
+        base,
+        dtype,
+    }
 }
 
 fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
     let cases = cases("lora");
-    assert!(cases.len() >= 20, "expected the LoRA fixture cases, found {}", cases.len());
+    assert!(
+        cases.len() >= 20,
+        "expected the LoRA fixture cases, found {}",
+        cases.len()
+    );
     for dir in cases {
         let mut c = load_case(&dir);
         f(&dir, &mut c);
@@ -116,8 +141,16 @@ fn lora_forward_matches_peft_per_layer() {
         let (atol, rtol) = tolerances(c.dtype);
         for (m, slot) in &c.slots {
             let x = &io[&format!("input.{m}")];
-            let y = slot.forward(x, &ForwardCtx::eval()).unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
-            assert_close(&format!("{}: output.{m}", dir.display()), &y, &io[&format!("output.{m}")], atol, rtol);
+            let y = slot
+                .forward(x, &ForwardCtx::eval())
+                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            assert_close(
+                &format!("{}: output.{m}", dir.display()),
+                &y,
+                &io[&format!("output.{m}")],
+                atol,
+                rtol,
+            );
         }
     });
 }
@@ -128,10 +161,20 @@ fn lora_disabled_forward_is_the_base() {
         let io = load(&dir.join("io.safetensors"));
         let (atol, rtol) = tolerances(c.dtype);
         for (m, slot) in c.slots.iter_mut() {
-            let Some(expected) = io.get(&format!("output_disabled.{m}")) else { continue };
+            let Some(expected) = io.get(&format!("output_disabled.{m}")) else {
+                continue;
+            };
             slot.set_disabled(true);
-            let y = slot.forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval()).unwrap();
-            assert_close(&format!("{}: output_disabled.{m}", dir.display()), &y, expected, atol, rtol);
+            let y = slot
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{}: output_disabled.{m}", dir.display()),
+                &y,
+                expected,
+                atol,
+                rtol,
+            );
             slot.set_disabled(false);
         }
     });
@@ -146,23 +189,44 @@ fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
         let (atol, rtol) = tolerances(c.dtype);
         let io = load(&dir.join("io.safetensors"));
         for (m, slot) in c.slots.iter_mut() {
-            slot.merge(Some(&order)).unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            slot.merge(Some(&order))
+                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
             let what = format!("{}: merged {m}", dir.display());
             let key = format!("{m}.weight");
             if let Some(expected) = merged.get(&key) {
                 assert_close(&what, slot.base().weight(), expected, atol, rtol);
             }
-            if let (Some(b), Some(expected)) = (slot.base().bias(), merged.get(&format!("{m}.bias"))) {
+            if let (Some(b), Some(expected)) =
+                (slot.base().bias(), merged.get(&format!("{m}.bias")))
+            {
                 assert_close(&format!("{what}.bias"), b, expected, atol, rtol);
             }
             // With everything merged, the forward of the merged layer is the adapted forward.
             if order.len() == strings(&c.json, "active").len() {
-                let y = slot.forward(&io[&format!("input.{m}")], &ForwardCtx::eval()).unwrap();
-                let tol = if c.dtype == DType::F32 { (1e-4, 1e-3) } else { (atol * 4.0, rtol * 4.0) };
-                assert_close(&format!("{what} forward"), &y, &io[&format!("output.{m}")], tol.0, tol.1);
+                let y = slot
+                    .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                    .unwrap();
+                let tol = if c.dtype == DType::F32 {
+                    (1e-4, 1e-3)
+                } else {
+                    (atol * 4.0, rtol * 4.0)
+                };
+                assert_close(
+                    &format!("{what} forward"),
+                    &y,
+                    &io[&format!("output.{m}")],
+                    tol.0,
+                    tol.1,
+                );
             }
             slot.unmerge().unwrap();
-            assert_close(&format!("{what} unmerged"), slot.base().weight(), &c.base[&key], atol * 10.0, rtol);
+            assert_close(
+                &format!("{what} unmerged"),
+                slot.base().weight(),
+                &c.base[&key],
+                atol * 10.0,
+                rtol,
+            );
             assert!(slot.merged().is_empty());
         }
     });
@@ -174,13 +238,24 @@ fn lora_save_reload_gives_the_same_file() {
         for (name, config, split, original) in &c.adapters {
             // What the library saves from the slots, plus the model-level tensors a model adds (`bias="all"`
             // saves the biases of untargeted modules too); everything about a slot must come from the library.
-            let has_embedding_base = |m: &str| original.contains_key(&peft_key(m, "base_layer.weight"));
+            let has_embedding_base =
+                |m: &str| original.contains_key(&peft_key(m, "base_layer.weight"));
             let mut saved: IndexMap<String, Tensor> =
-                peft::io::adapter_state_dict(c.slots.values(), name, config, &has_embedding_base).unwrap().into_iter().collect();
+                peft::io::adapter_state_dict(c.slots.values(), name, config, &has_embedding_base)
+                    .unwrap()
+                    .into_iter()
+                    .collect();
             for (k, t) in original {
                 if !saved.contains_key(k) {
-                    let owner = c.slots.keys().find(|m| k.starts_with(&format!("base_model.model.{m}.")));
-                    assert!(owner.is_none(), "{}: {name}: {k} of slot {owner:?} was not saved by the library", dir.display());
+                    let owner = c
+                        .slots
+                        .keys()
+                        .find(|m| k.starts_with(&format!("base_model.model.{m}.")));
+                    assert!(
+                        owner.is_none(),
+                        "{}: {name}: {k} of slot {owner:?} was not saved by the library",
+                        dir.display()
+                    );
                     let _ = split;
                     saved.insert(k.clone(), t.clone());
                 }
@@ -199,23 +274,33 @@ fn lora_save_reload_gives_the_same_file() {
                 assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
                 assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
             }
-            let mine: serde_json::Value = serde_json::from_str(&back.config.to_json_string()).unwrap();
+            let mine: serde_json::Value =
+                serde_json::from_str(&back.config.to_json_string()).unwrap();
             let theirs: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json")).unwrap(),
+                &std::fs::read_to_string(
+                    adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
+                )
+                .unwrap(),
             )
             .unwrap();
-            assert!(peft::config::json_content_eq(&mine, &theirs), "{}: {name}: config differs:\n{mine}\nvs\n{theirs}", dir.display());
+            assert!(
+                peft::config::json_content_eq(&mine, &theirs),
+                "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
+                dir.display()
+            );
         }
     });
 }
-
 
 #[test]
 fn refused_cases_name_the_unsupported_field() {
     for (name, field) in REFUSED_CASES {
         let dir = fixtures_dir().join("lora/cases").join(name);
         let e = load_adapter(dir.join("adapter"), &Device::Cpu).unwrap_err();
-        assert!(matches!(&e, peft::PeftError::Unsupported { field: f, .. } if f == field), "{name}: {e}");
+        assert!(
+            matches!(&e, peft::PeftError::Unsupported { field: f, .. } if f == field),
+            "{name}: {e}"
+        );
     }
 }
 
@@ -234,7 +319,9 @@ fn rust_saved_adapters_reload_with_the_same_outputs() {
         let mut rng = peft::PeftRng::new(2024).fork(&case);
         for slot in c.slots.values() {
             for (_, v) in slot.vars() {
-                let noise = rng.normal_tensor(v.shape(), 0.0, 0.05, DType::F32, &Device::Cpu).unwrap();
+                let noise = rng
+                    .normal_tensor(v.shape(), 0.0, 0.05, DType::F32, &Device::Cpu)
+                    .unwrap();
                 v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
             }
         }
@@ -243,13 +330,19 @@ fn rust_saved_adapters_reload_with_the_same_outputs() {
         for (m, slot) in &c.slots {
             let x = &io[&format!("input.{m}")];
             rust_io.push((format!("input.{m}"), x.clone()));
-            rust_io.push((format!("output.{m}"), slot.forward(x, &ForwardCtx::eval()).unwrap()));
+            rust_io.push((
+                format!("output.{m}"),
+                slot.forward(x, &ForwardCtx::eval()).unwrap(),
+            ));
         }
         let out = root.join(&case);
         let mut adapters = Vec::new();
         for (name, config, _, original) in &c.adapters {
-            let has_embedding_base = |m: &str| original.contains_key(&peft_key(m, "base_layer.weight"));
-            let mut sd = peft::io::adapter_state_dict(c.slots.values(), name, config, &has_embedding_base).unwrap();
+            let has_embedding_base =
+                |m: &str| original.contains_key(&peft_key(m, "base_layer.weight"));
+            let mut sd =
+                peft::io::adapter_state_dict(c.slots.values(), name, config, &has_embedding_base)
+                    .unwrap();
             for (k, t) in original {
                 if !sd.iter().any(|(s, _)| s == k) {
                     sd.push((k.clone(), t.clone()));

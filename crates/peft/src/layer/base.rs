@@ -18,7 +18,12 @@ pub struct Conv2dSpec {
 
 impl Default for Conv2dSpec {
     fn default() -> Self {
-        Self { padding: 0, stride: 1, dilation: 1, groups: 1 }
+        Self {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        }
     }
 }
 
@@ -156,7 +161,12 @@ impl BaseLayer {
     }
 
     /// The base op with other weights of the same layout (DoRA's dropout path, modules_to_save copies).
-    pub fn forward_with(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let y = match self.kind {
             BaseKind::Linear => {
                 let x = x.to_dtype(weight.dtype())?;
@@ -173,7 +183,9 @@ impl BaseLayer {
                 let x = x.to_dtype(weight.dtype())?;
                 let y = x.conv2d(weight, s.padding, s.stride, s.dilation, s.groups)?;
                 match bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?)?,
+                    Some(b) => {
+                        y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?)?
+                    }
                     None => y,
                 }
             }

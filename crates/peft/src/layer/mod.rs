@@ -49,7 +49,11 @@ impl ForwardCtx {
 
     /// Training with dropout drawn from `seed` at `step`.
     pub fn train(seed: u64, step: u64) -> Self {
-        Self { training: true, seed, step }
+        Self {
+            training: true,
+            seed,
+            step,
+        }
     }
 
     /// The random stream for one use (`what`, e.g. `"dropout"`) in one adapter of one module.
@@ -121,14 +125,23 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
 
     /// Transforms the running output `result` (the base output plus what earlier active adapters did).
     /// `x` is the input as the layer received it.
-    fn transform_output(&self, base: &BaseLayer, x: &Tensor, result: Tensor, ctx: &CallCtx<'_>)
-    -> Result<Tensor>;
+    fn transform_output(
+        &self,
+        base: &BaseLayer,
+        x: &Tensor,
+        result: Tensor,
+        ctx: &CallCtx<'_>,
+    ) -> Result<Tensor>;
 
     /// Merges the adapter into `(W, b)`.
     fn merge(&self, input: MergeInput<'_>) -> Result<Merged>;
 
     /// Undoes [`Adapter::merge`]: `(W', b') → (W, b)`, given the merge's cache.
-    fn unmerge(&self, input: MergeInput<'_>, cache: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+    fn unmerge(
+        &self,
+        input: MergeInput<'_>,
+        cache: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)>;
 
     /// For additive methods, the `(ΔW, Δb)` that [`Adapter::merge`] adds, in the base weight's layout; `None`
     /// for methods that are not additive (DoRA, IA3, OFT, …). Weighted merges need it.
@@ -204,7 +217,10 @@ impl AdapterSlot {
     /// matrices). Refused while adapters are merged.
     pub fn set_base_tensors(&mut self, weight: Option<Tensor>, bias: Option<Tensor>) -> Result<()> {
         if !self.merged.is_empty() {
-            return Err(PeftError::Invalid(format!("{}: cannot replace base tensors while adapters are merged", self.name)));
+            return Err(PeftError::Invalid(format!(
+                "{}: cannot replace base tensors while adapters are merged",
+                self.name
+            )));
         }
         if let Some(w) = weight {
             self.base.replace_weight(w)?;
@@ -216,10 +232,17 @@ impl AdapterSlot {
     }
 
     /// Adds an adapter under `name`; it becomes active if no adapter was active.
-    pub fn add_adapter(&mut self, name: impl Into<String>, adapter: Box<dyn Adapter>) -> Result<()> {
+    pub fn add_adapter(
+        &mut self,
+        name: impl Into<String>,
+        adapter: Box<dyn Adapter>,
+    ) -> Result<()> {
         let name = name.into();
         if self.merged.iter().any(|(n, _)| n == &name) {
-            return Err(PeftError::Invalid(format!("{}: adapter `{name}` is merged; unmerge it first", self.name)));
+            return Err(PeftError::Invalid(format!(
+                "{}: adapter `{name}` is merged; unmerge it first",
+                self.name
+            )));
         }
         self.adapters.insert(name.clone(), adapter);
         if self.active.is_empty() {
@@ -231,9 +254,15 @@ impl AdapterSlot {
     /// Removes an adapter. Refused while it is merged.
     pub fn delete_adapter(&mut self, name: &str) -> Result<Box<dyn Adapter>> {
         if self.merged.iter().any(|(n, _)| n == name) {
-            return Err(PeftError::Invalid(format!("{}: adapter `{name}` is merged; unmerge it first", self.name)));
+            return Err(PeftError::Invalid(format!(
+                "{}: adapter `{name}` is merged; unmerge it first",
+                self.name
+            )));
         }
-        let a = self.adapters.shift_remove(name).ok_or_else(|| PeftError::UnknownAdapter(name.to_string()))?;
+        let a = self
+            .adapters
+            .shift_remove(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.to_string()))?;
         self.active.retain(|n| n != name);
         Ok(a)
     }
@@ -251,7 +280,11 @@ impl AdapterSlot {
     /// Sets the active adapters, in the order they apply. Names this slot does not hold are skipped (PEFT
     /// sets the same list on every layer, whether or not the adapter targets it).
     pub fn set_active(&mut self, names: &[&str]) {
-        self.active = names.iter().filter(|n| self.adapters.contains_key(**n)).map(|n| n.to_string()).collect();
+        self.active = names
+            .iter()
+            .filter(|n| self.adapters.contains_key(**n))
+            .map(|n| n.to_string())
+            .collect();
     }
 
     /// The active adapters, in order.
@@ -294,13 +327,21 @@ impl AdapterSlot {
         }
         let mut xin = x.clone();
         for name in &self.active {
-            let call = CallCtx { module: &self.name, adapter: name, fwd: ctx };
+            let call = CallCtx {
+                module: &self.name,
+                adapter: name,
+                fwd: ctx,
+            };
             xin = self.adapters[name.as_str()].transform_input(&self.base, xin, &call)?;
         }
         let mut y = self.base.forward(&xin)?;
         let out_dtype = y.dtype();
         for name in &self.active {
-            let call = CallCtx { module: &self.name, adapter: name, fwd: ctx };
+            let call = CallCtx {
+                module: &self.name,
+                adapter: name,
+                fwd: ctx,
+            };
             y = self.adapters[name.as_str()].transform_output(&self.base, x, y, &call)?;
         }
         Ok(y.to_dtype(out_dtype)?)
@@ -309,9 +350,18 @@ impl AdapterSlot {
     /// The base weight with every merged adapter taken out, f32.
     fn unmerged_weights(&self) -> Result<(Tensor, Option<Tensor>)> {
         let mut w = self.base.weight().to_dtype(DType::F32)?;
-        let mut b = self.base.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let mut b = self
+            .base
+            .bias()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
         for (name, cache) in self.merged.iter().rev() {
-            let input = MergeInput { kind: self.base.kind(), weight: &w, bias: b.as_ref(), unmerged_weight: &w };
+            let input = MergeInput {
+                kind: self.base.kind(),
+                weight: &w,
+                bias: b.as_ref(),
+                unmerged_weight: &w,
+            };
             (w, b) = self.adapters[name.as_str()].unmerge(input, cache.as_ref())?;
         }
         Ok((w, b))
@@ -333,7 +383,11 @@ impl AdapterSlot {
             };
             let dtype = self.base.weight().dtype();
             let w = self.base.weight().to_dtype(DType::F32)?;
-            let b = self.base.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+            let b = self
+                .base
+                .bias()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?;
             let unmerged = if adapter.needs_unmerged_weight() && !self.merged.is_empty() {
                 Some(self.unmerged_weights()?.0)
             } else {
@@ -361,8 +415,17 @@ impl AdapterSlot {
         while let Some((name, cache)) = self.merged.pop() {
             let dtype = self.base.weight().dtype();
             let w = self.base.weight().to_dtype(DType::F32)?;
-            let b = self.base.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-            let input = MergeInput { kind: self.base.kind(), weight: &w, bias: b.as_ref(), unmerged_weight: &w };
+            let b = self
+                .base
+                .bias()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?;
+            let input = MergeInput {
+                kind: self.base.kind(),
+                weight: &w,
+                bias: b.as_ref(),
+                unmerged_weight: &w,
+            };
             let (nw, nb) = self.adapters[name.as_str()].unmerge(input, cache.as_ref())?;
             self.base.replace_weight(nw.to_dtype(dtype)?)?;
             if let Some(nb) = nb {
@@ -384,7 +447,11 @@ impl AdapterSlot {
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.adapters
             .iter()
-            .flat_map(|(name, a)| a.vars().into_iter().map(move |(k, v)| (format!("{name}/{k}"), v)))
+            .flat_map(|(name, a)| {
+                a.vars()
+                    .into_iter()
+                    .map(move |(k, v)| (format!("{name}/{k}"), v))
+            })
             .collect()
     }
 }
@@ -392,7 +459,11 @@ impl AdapterSlot {
 /// Checks that `t` has exactly `expected` as shape, naming the tensor otherwise.
 pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
     if t.dims() != expected {
-        return Err(PeftError::ShapeMismatch { name: name.to_string(), expected: expected.to_vec(), got: t.dims().to_vec() });
+        return Err(PeftError::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            got: t.dims().to_vec(),
+        });
     }
     Ok(())
 }
@@ -413,10 +484,32 @@ mod tests {
 
     #[test]
     fn dropout_streams_differ_by_step_module_and_adapter() {
-        let a = ForwardCtx::train(1, 0).rng("m", "default", "dropout").next_u64();
-        assert_eq!(a, ForwardCtx::train(1, 0).rng("m", "default", "dropout").next_u64());
-        assert_ne!(a, ForwardCtx::train(1, 1).rng("m", "default", "dropout").next_u64());
-        assert_ne!(a, ForwardCtx::train(1, 0).rng("n", "default", "dropout").next_u64());
-        assert_ne!(a, ForwardCtx::train(1, 0).rng("m", "other", "dropout").next_u64());
+        let a = ForwardCtx::train(1, 0)
+            .rng("m", "default", "dropout")
+            .next_u64();
+        assert_eq!(
+            a,
+            ForwardCtx::train(1, 0)
+                .rng("m", "default", "dropout")
+                .next_u64()
+        );
+        assert_ne!(
+            a,
+            ForwardCtx::train(1, 1)
+                .rng("m", "default", "dropout")
+                .next_u64()
+        );
+        assert_ne!(
+            a,
+            ForwardCtx::train(1, 0)
+                .rng("n", "default", "dropout")
+                .next_u64()
+        );
+        assert_ne!(
+            a,
+            ForwardCtx::train(1, 0)
+                .rng("m", "other", "dropout")
+                .next_u64()
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! PEFT saves the copy under the module's plain name (`base_model.model.fc3.weight`), so in files it looks
 //! like a replacement of the base tensors; in a model it is an adapter whose forward ignores the base.
 
-use super::{Adapter, BaseKind, BaseLayer, CallCtx, Merged, MergeInput, NamedTensor, check_shape};
+use super::{Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape};
 use crate::{PeftError, Result};
 use candle_core::{DType, Tensor, Var};
 
@@ -23,7 +23,10 @@ impl ModulesToSave {
     pub fn from_base(base: &BaseLayer) -> Result<Self> {
         Ok(Self {
             weight: Var::from_tensor(&base.weight().to_dtype(DType::F32)?)?,
-            bias: base.bias().map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?)).transpose()?,
+            bias: base
+                .bias()
+                .map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?))
+                .transpose()?,
             saved_dtype: base.weight().dtype(),
         })
     }
@@ -39,7 +42,9 @@ impl ModulesToSave {
         }
         Ok(Self {
             weight: Var::from_tensor(&weight.to_dtype(DType::F32)?)?,
-            bias: bias.map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?)).transpose()?,
+            bias: bias
+                .map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?))
+                .transpose()?,
             saved_dtype: weight.dtype(),
         })
     }
@@ -50,9 +55,23 @@ impl Adapter for ModulesToSave {
         MODULES_TO_SAVE
     }
 
-    fn transform_output(&self, base: &BaseLayer, x: &Tensor, _result: Tensor, _ctx: &CallCtx<'_>) -> Result<Tensor> {
-        let x = if *base.kind() == BaseKind::Embedding { x.clone() } else { x.to_dtype(DType::F32)? };
-        base.forward_with(&x, self.weight.as_tensor(), self.bias.as_ref().map(|b| b.as_tensor()))
+    fn transform_output(
+        &self,
+        base: &BaseLayer,
+        x: &Tensor,
+        _result: Tensor,
+        _ctx: &CallCtx<'_>,
+    ) -> Result<Tensor> {
+        let x = if *base.kind() == BaseKind::Embedding {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
+        base.forward_with(
+            &x,
+            self.weight.as_tensor(),
+            self.bias.as_ref().map(|b| b.as_tensor()),
+        )
     }
 
     fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
@@ -63,13 +82,23 @@ impl Adapter for ModulesToSave {
         };
         Ok(Merged {
             weight: self.weight.as_tensor().clone(),
-            bias: self.bias.as_ref().map(|b| b.as_tensor().clone()).or_else(|| input.bias.cloned()),
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b.as_tensor().clone())
+                .or_else(|| input.bias.cloned()),
             cache: Some(cache),
         })
     }
 
-    fn unmerge(&self, input: MergeInput<'_>, cache: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-        let cache = cache.ok_or_else(|| PeftError::Invalid("modules_to_save unmerge needs its merge cache".into()))?;
+    fn unmerge(
+        &self,
+        input: MergeInput<'_>,
+        cache: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let cache = cache.ok_or_else(|| {
+            PeftError::Invalid("modules_to_save unmerge needs its merge cache".into())
+        })?;
         let n = input.weight.elem_count();
         let w = cache.narrow(0, 0, n)?.reshape(input.weight.shape())?;
         let b = match input.bias {
@@ -80,7 +109,10 @@ impl Adapter for ModulesToSave {
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {
-        self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        self.vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
     }
 
     fn vars(&self) -> Vec<(String, Var)> {

@@ -12,7 +12,8 @@ fn not_implemented(config: &PeftConfig) -> PeftError {
     PeftError::Unsupported {
         field: "peft_type".into(),
         value: config.peft_type().as_str().to_string(),
-        reason: "this method's layers are not implemented yet (its config can be read and written)".into(),
+        reason: "this method's layers are not implemented yet (its config can be read and written)"
+            .into(),
     }
 }
 
@@ -20,9 +21,13 @@ fn not_implemented(config: &PeftConfig) -> PeftError {
 /// file key), used by [`crate::io::split_keys`].
 pub fn param_prefixes(config: &PeftConfig) -> Result<&'static [&'static str]> {
     match config {
-        PeftConfig::Lora(_) => {
-            Ok(&["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"])
-        }
+        PeftConfig::Lora(_) => Ok(&[
+            "lora_A",
+            "lora_B",
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_magnitude_vector",
+        ]),
         other => Err(not_implemented(other)),
     }
 }
@@ -44,9 +49,15 @@ pub fn build_adapter(
 ) -> Result<Box<dyn Adapter>> {
     let wrap = |e: PeftError| match e {
         PeftError::MissingKey(k) => PeftError::MissingKey(crate::io::peft_key(module, &k)),
-        PeftError::ShapeMismatch { name, expected, got } => {
-            PeftError::ShapeMismatch { name: crate::io::peft_key(module, &name), expected, got }
-        }
+        PeftError::ShapeMismatch {
+            name,
+            expected,
+            got,
+        } => PeftError::ShapeMismatch {
+            name: crate::io::peft_key(module, &name),
+            expected,
+            got,
+        },
         PeftError::UnexpectedKeys(ks) => {
             PeftError::UnexpectedKeys(ks.iter().map(|k| crate::io::peft_key(module, k)).collect())
         }
@@ -55,18 +66,29 @@ pub fn build_adapter(
     match config {
         PeftConfig::Lora(c) => {
             let opts = LoraOptions::from_config(c, module);
-            Ok(Box::new(LoraAdapter::from_tensors(base, opts, tensors).map_err(wrap)?))
+            Ok(Box::new(
+                LoraAdapter::from_tensors(base, opts, tensors).map_err(wrap)?,
+            ))
         }
         other => Err(not_implemented(other)),
     }
 }
 
 /// Creates a freshly initialised adapter for `module`.
-pub fn new_adapter(config: &PeftConfig, module: &str, base: &BaseLayer, rng: &mut PeftRng) -> Result<Box<dyn Adapter>> {
+pub fn new_adapter(
+    config: &PeftConfig,
+    module: &str,
+    base: &BaseLayer,
+    rng: &mut PeftRng,
+) -> Result<Box<dyn Adapter>> {
     match config {
         PeftConfig::Lora(c) => {
             let opts = LoraOptions::from_config(c, module);
-            Ok(Box::new(LoraAdapter::new(base, opts, &mut rng.fork(module))?))
+            Ok(Box::new(LoraAdapter::new(
+                base,
+                opts,
+                &mut rng.fork(module),
+            )?))
         }
         other => Err(not_implemented(other)),
     }

@@ -41,7 +41,10 @@ pub fn case_json(dir: &Path) -> serde_json::Value {
 
 /// A string list field of a case.
 pub fn strings(v: &serde_json::Value, key: &str) -> Vec<String> {
-    v[key].as_array().map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect()).unwrap_or_default()
+    v[key]
+        .as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
 }
 
 /// Every tensor of a safetensors file.
@@ -61,8 +64,20 @@ pub fn tolerances(dtype: DType) -> (f64, f64) {
 /// Asserts `|a - b| <= atol + rtol |b|` elementwise, naming the tensor and the worst element.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut worst = (0usize, 0f64);
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         let excess = ((*x as f64) - (*y as f64)).abs() - (atol + rtol * (*y as f64).abs());

@@ -12,9 +12,9 @@
 //! `lora_bias` the norm includes `lora_B.bias` in every column, while the merge's norm does not.
 
 use super::layer::LoraAdapter;
+use crate::Result;
 use crate::layer::base::linear_apply;
 use crate::layer::{BaseKind, BaseLayer, CallCtx, MergeInput, Merged};
-use crate::Result;
 use candle_core::Tensor;
 
 /// `ΔW` from [`LoraAdapter::lora_weight`] (`[out, in]`, `[out, in, kh, kw]` or `[D, V]`) in the base weight's layout.
@@ -52,13 +52,24 @@ fn output_view(kind: &BaseKind, v: &Tensor) -> Result<Tensor> {
 }
 
 /// `‖W + s·ΔW‖` per output channel (`W` in base layout, `lw` from [`LoraAdapter::lora_weight`]), as a vector.
-pub(crate) fn weight_norm(kind: &BaseKind, w: &Tensor, lw: &Tensor, scaling: f64) -> Result<Tensor> {
+pub(crate) fn weight_norm(
+    kind: &BaseKind,
+    w: &Tensor,
+    lw: &Tensor,
+    scaling: f64,
+) -> Result<Tensor> {
     let lw = to_base_layout(kind, lw.clone())?;
     norm_per_output(kind, &(w + (lw * scaling)?)?)
 }
 
 /// The DoRA forward on top of the running `result` (f32); `x` is the layer input (f32, or ids).
-pub(crate) fn forward(ad: &LoraAdapter, base: &BaseLayer, x: &Tensor, result: Tensor, ctx: &CallCtx<'_>) -> Result<Tensor> {
+pub(crate) fn forward(
+    ad: &LoraAdapter,
+    base: &BaseLayer,
+    x: &Tensor,
+    result: Tensor,
+    ctx: &CallCtx<'_>,
+) -> Result<Tensor> {
     let kind = base.kind();
     let s = ad.scaling();
     let w = base.weight().to_dtype(candle_core::DType::F32)?;
@@ -92,17 +103,31 @@ pub(crate) fn forward(ad: &LoraAdapter, base: &BaseLayer, x: &Tensor, result: Te
 }
 
 /// DoRA merge: `W ← (m/n)·(W + ΔW)`, the norm taken from the unmerged weight; returns the norm as cache.
-pub(crate) fn merge(ad: &LoraAdapter, input: MergeInput<'_>, delta: &Tensor, bias: Option<Tensor>) -> Result<Merged> {
+pub(crate) fn merge(
+    ad: &LoraAdapter,
+    input: MergeInput<'_>,
+    delta: &Tensor,
+    bias: Option<Tensor>,
+) -> Result<Merged> {
     let kind = input.kind;
     let norm = norm_per_output(kind, &(input.unmerged_weight + delta)?)?;
     let m = magnitude(ad)?;
     let factor = weight_view(kind, &(m / &norm)?)?;
     let weight = (input.weight + delta)?.broadcast_mul(&factor)?;
-    Ok(Merged { weight, bias, cache: Some(norm) })
+    Ok(Merged {
+        weight,
+        bias,
+        cache: Some(norm),
+    })
 }
 
 /// DoRA unmerge: `W = W' / (m/n) − ΔW` with the norm the merge kept.
-pub(crate) fn unmerge(ad: &LoraAdapter, input: MergeInput<'_>, delta: &Tensor, norm: &Tensor) -> Result<Tensor> {
+pub(crate) fn unmerge(
+    ad: &LoraAdapter,
+    input: MergeInput<'_>,
+    delta: &Tensor,
+    norm: &Tensor,
+) -> Result<Tensor> {
     let kind = input.kind;
     let m = magnitude(ad)?;
     let factor = weight_view(kind, &(m / norm)?)?;
@@ -110,6 +135,8 @@ pub(crate) fn unmerge(ad: &LoraAdapter, input: MergeInput<'_>, delta: &Tensor, n
 }
 
 fn magnitude(ad: &LoraAdapter) -> Result<Tensor> {
-    let m = ad.magnitude().ok_or_else(|| crate::PeftError::Invalid("not a DoRA adapter".into()))?;
+    let m = ad
+        .magnitude()
+        .ok_or_else(|| crate::PeftError::Invalid("not a DoRA adapter".into()))?;
     Ok(m.flatten_all()?)
 }

@@ -12,8 +12,10 @@
 
 use super::config::{InitLoraWeights, LoraConfig};
 use super::dora;
-use crate::layer::{Adapter, BaseKind, BaseLayer, CallCtx, Merged, MergeInput, NamedTensor, check_shape};
 use crate::layer::base::linear_apply;
+use crate::layer::{
+    Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape,
+};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Tensor, Var};
 use indexmap::IndexMap;
@@ -54,7 +56,11 @@ impl LoraOptions {
 
     /// The scaling factor `alpha / r` or `alpha / √r`.
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
     }
 }
 
@@ -110,7 +116,10 @@ impl LoraAdapter {
 
     fn check_opts(base: &BaseLayer, opts: &LoraOptions) -> Result<()> {
         if opts.r == 0 {
-            return Err(PeftError::InvalidConfig(format!("`r` should be a positive integer, got {}", opts.r)));
+            return Err(PeftError::InvalidConfig(format!(
+                "`r` should be a positive integer, got {}",
+                opts.r
+            )));
         }
         if opts.lora_bias {
             if *base.kind() == BaseKind::Embedding {
@@ -155,13 +164,25 @@ impl LoraAdapter {
         };
         let (a, b, bb) = if *base.kind() == BaseKind::Embedding {
             match method {
-                Some(false) => (rng.normal_tensor(sa.as_slice(), 0.0, 1.0, DType::F32, &dev)?, rng.normal_tensor(sb.as_slice(), 0.0, 1.0, DType::F32, &dev)?, None),
-                _ => (zeros(&sa)?, rng.normal_tensor(sb.as_slice(), 0.0, 1.0, DType::F32, &dev)?, None),
+                Some(false) => (
+                    rng.normal_tensor(sa.as_slice(), 0.0, 1.0, DType::F32, &dev)?,
+                    rng.normal_tensor(sb.as_slice(), 0.0, 1.0, DType::F32, &dev)?,
+                    None,
+                ),
+                _ => (
+                    zeros(&sa)?,
+                    rng.normal_tensor(sb.as_slice(), 0.0, 1.0, DType::F32, &dev)?,
+                    None,
+                ),
             }
         } else {
             let out = sb[0];
             match method {
-                Some(true) => (kaiming(rng, &sa, fan_in_a)?, zeros(&sb)?, opts.lora_bias.then(|| zeros(&[out])).transpose()?),
+                Some(true) => (
+                    kaiming(rng, &sa, fan_in_a)?,
+                    zeros(&sb)?,
+                    opts.lora_bias.then(|| zeros(&[out])).transpose()?,
+                ),
                 None => (
                     rng.normal_tensor(sa.as_slice(), 0.0, 1.0 / opts.r as f64, DType::F32, &dev)?,
                     zeros(&sb)?,
@@ -170,7 +191,11 @@ impl LoraAdapter {
                 Some(false) => {
                     let a = kaiming(rng, &sa, fan_in_a)?;
                     let b = kaiming(rng, &sb, opts.r)?;
-                    let bb = if opts.lora_bias { Some(kaiming(rng, &[out], opts.r)?) } else { None };
+                    let bb = if opts.lora_bias {
+                        Some(kaiming(rng, &[out], opts.r)?)
+                    } else {
+                        None
+                    };
                     (a, b, bb)
                 }
             }
@@ -188,7 +213,8 @@ impl LoraAdapter {
         if me.opts.use_dora {
             let w = base.weight().to_dtype(DType::F32)?;
             let (_, _, sm) = Self::shapes(base, me.opts.r)?;
-            let m = dora::weight_norm(&me.kind, &w, &me.lora_weight(false)?, me.scaling)?.reshape(sm)?;
+            let m = dora::weight_norm(&me.kind, &w, &me.lora_weight(false)?, me.scaling)?
+                .reshape(sm)?;
             me.magnitude = Some(Var::from_tensor(&m)?);
         }
         Ok(me)
@@ -196,18 +222,27 @@ impl LoraAdapter {
 
     /// An adapter from tensors as PEFT saves them (keys relative to the module, adapter name stripped).
     /// Every key must be used and every needed key present; shapes are checked against `base`.
-    pub fn from_tensors(base: &BaseLayer, opts: LoraOptions, tensors: &IndexMap<String, Tensor>) -> Result<Self> {
+    pub fn from_tensors(
+        base: &BaseLayer,
+        opts: LoraOptions,
+        tensors: &IndexMap<String, Tensor>,
+    ) -> Result<Self> {
         Self::check_opts(base, &opts)?;
         let kind = *base.kind();
         let (ka, kb) = Self::keys(&kind);
         let (sa, sb, sm) = Self::shapes(base, opts.r)?;
-        let get = |k: &str| tensors.get(k).ok_or_else(|| PeftError::MissingKey(k.to_string()));
+        let get = |k: &str| {
+            tensors
+                .get(k)
+                .ok_or_else(|| PeftError::MissingKey(k.to_string()))
+        };
         let a = get(ka)?;
         let b = get(kb)?;
         check_shape(ka, a, &sa)?;
         check_shape(kb, b, &sb)?;
         let saved_dtype = a.dtype();
-        let to_var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?) };
+        let to_var =
+            |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?) };
         let mut used = vec![ka, kb];
         let b_bias = if opts.lora_bias {
             let t = get("lora_B.bias")?;
@@ -225,11 +260,24 @@ impl LoraAdapter {
         } else {
             None
         };
-        let extra: Vec<String> = tensors.keys().filter(|k| !used.contains(&k.as_str())).cloned().collect();
+        let extra: Vec<String> = tensors
+            .keys()
+            .filter(|k| !used.contains(&k.as_str()))
+            .cloned()
+            .collect();
         if !extra.is_empty() {
             return Err(PeftError::UnexpectedKeys(extra));
         }
-        Ok(Self { kind, scaling: opts.scaling(), opts, a: to_var(a)?, b: to_var(b)?, b_bias, magnitude, saved_dtype })
+        Ok(Self {
+            kind,
+            scaling: opts.scaling(),
+            opts,
+            a: to_var(a)?,
+            b: to_var(b)?,
+            b_bias,
+            magnitude,
+            saved_dtype,
+        })
     }
 
     /// The options this adapter was built with.
@@ -275,7 +323,9 @@ impl LoraAdapter {
             BaseKind::Conv2d(_) => {
                 let r = self.opts.r;
                 let (o, i, kh, kw) = (b.dim(0)?, a.dim(1)?, a.dim(2)?, a.dim(3)?);
-                b.reshape((o, r))?.matmul(&a.reshape((r, i * kh * kw))?)?.reshape((o, i, kh, kw))?
+                b.reshape((o, r))?
+                    .matmul(&a.reshape((r, i * kh * kw))?)?
+                    .reshape((o, i, kh, kw))?
             }
         })
     }
@@ -318,7 +368,9 @@ impl LoraAdapter {
                 after_a.matmul(&b.t()?)?.reshape(shape)?
             }
             BaseKind::Conv2d(spec) => {
-                let h = x.conv2d(a, spec.padding, spec.stride, 1, 1)?.conv2d(b, 0, 1, 1, 1)?;
+                let h = x
+                    .conv2d(a, spec.padding, spec.stride, 1, 1)?
+                    .conv2d(b, 0, 1, 1, 1)?;
                 match &self.b_bias {
                     Some(bb) => h.broadcast_add(&bb.as_tensor().reshape((1, (), 1, 1))?)?,
                     None => h,
@@ -332,7 +384,9 @@ impl LoraAdapter {
         if !ctx.fwd.training || self.opts.dropout <= 0.0 || self.kind == BaseKind::Embedding {
             return Ok(x.clone());
         }
-        let mask = ctx.rng("lora_dropout").dropout_mask(x.shape(), self.opts.dropout, x.device())?;
+        let mask =
+            ctx.rng("lora_dropout")
+                .dropout_mask(x.shape(), self.opts.dropout, x.device())?;
         Ok(x.mul(&mask.to_dtype(x.dtype())?)?)
     }
 
@@ -345,7 +399,11 @@ impl LoraAdapter {
                 | (BaseKind::Conv2d(_), BaseKind::Conv2d(_))
         );
         if !same {
-            return Err(PeftError::Invalid(format!("LoRA adapter for {:?} used on a {:?} layer", self.kind, base.kind())));
+            return Err(PeftError::Invalid(format!(
+                "LoRA adapter for {:?} used on a {:?} layer",
+                self.kind,
+                base.kind()
+            )));
         }
         Ok(())
     }
@@ -356,9 +414,19 @@ impl Adapter for LoraAdapter {
         "LORA"
     }
 
-    fn transform_output(&self, base: &BaseLayer, x: &Tensor, result: Tensor, ctx: &CallCtx<'_>) -> Result<Tensor> {
+    fn transform_output(
+        &self,
+        base: &BaseLayer,
+        x: &Tensor,
+        result: Tensor,
+        ctx: &CallCtx<'_>,
+    ) -> Result<Tensor> {
         self.check_kind(base)?;
-        let x32 = if self.kind == BaseKind::Embedding { x.clone() } else { x.to_dtype(DType::F32)? };
+        let x32 = if self.kind == BaseKind::Embedding {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
         let result = result.to_dtype(DType::F32)?;
         if self.magnitude.is_some() {
             return dora::forward(self, base, &x32, result, ctx);
@@ -384,15 +452,25 @@ impl Adapter for LoraAdapter {
         if self.magnitude.is_some() {
             return dora::merge(self, input, &delta, bias);
         }
-        Ok(Merged { weight: (input.weight + delta)?, bias, cache: None })
+        Ok(Merged {
+            weight: (input.weight + delta)?,
+            bias,
+            cache: None,
+        })
     }
 
-    fn unmerge(&self, input: MergeInput<'_>, cache: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    fn unmerge(
+        &self,
+        input: MergeInput<'_>,
+        cache: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         self.check_kind_of(input.kind)?;
         let delta = self.delta()?;
         let bias = self.merge_bias(input.bias, -1.0)?;
         if self.magnitude.is_some() {
-            let norm = cache.ok_or_else(|| PeftError::Invalid("DoRA unmerge needs the weight norm of its merge".into()))?;
+            let norm = cache.ok_or_else(|| {
+                PeftError::Invalid("DoRA unmerge needs the weight norm of its merge".into())
+            })?;
             return Ok((dora::unmerge(self, input, &delta, norm)?, bias));
         }
         Ok(((input.weight - delta)?, bias))
@@ -411,12 +489,18 @@ impl Adapter for LoraAdapter {
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {
-        self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        self.vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
         let (ka, kb) = Self::keys(&self.kind);
-        let mut v = vec![(ka.to_string(), self.a.clone()), (kb.to_string(), self.b.clone())];
+        let mut v = vec![
+            (ka.to_string(), self.a.clone()),
+            (kb.to_string(), self.b.clone()),
+        ];
         if let Some(bb) = &self.b_bias {
             v.push(("lora_B.bias".into(), bb.clone()));
         }
@@ -449,7 +533,10 @@ impl LoraAdapter {
     fn check_kind_of(&self, kind: &BaseKind) -> Result<()> {
         let same = std::mem::discriminant(&self.kind) == std::mem::discriminant(kind);
         if !same {
-            return Err(PeftError::Invalid(format!("LoRA adapter for {:?} merged into a {:?} layer", self.kind, kind)));
+            return Err(PeftError::Invalid(format!(
+                "LoRA adapter for {:?} merged into a {:?} layer",
+                self.kind, kind
+            )));
         }
         Ok(())
     }
