@@ -28,3 +28,8 @@ pub use config::PeftConfig;
 pub use error::{PeftError, Result};
 pub use layer::{Adapter, AdapterSlot, BaseKind, BaseLayer, ForwardCtx};
 pub use rng::PeftRng;
+
+/// The README's Rust snippets, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
