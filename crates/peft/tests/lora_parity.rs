@@ -364,3 +364,92 @@ fn rust_saved_adapters_reload_with_the_same_outputs() {
         }
     }
 }
+
+#[test]
+fn missing_unexpected_and_misshapen_adapter_tensors_are_named() {
+    let dir = fixtures_dir().join("lora/cases/linear_basic");
+    let c = load_case(&dir);
+    let (_, config, split, _) = &c.adapters[0];
+    let base = c.slots["lin0"].base();
+    let params = &split.modules["lin0"];
+    let mut missing = params.clone();
+    missing.shift_remove("lora_B.weight");
+    let e = registry::build_adapter(config, "lin0", base, &missing).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::MissingKey(k) if k == "base_model.model.lin0.lora_B.weight"),
+        "{e}"
+    );
+    let mut extra = params.clone();
+    extra.insert("lora_C.weight".into(), params["lora_A.weight"].clone());
+    let e = registry::build_adapter(config, "lin0", base, &extra).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("base_model.model.lin0.lora_C.weight"),
+        "{e}"
+    );
+    let mut wrong = params.clone();
+    wrong.insert(
+        "lora_A.weight".into(),
+        Tensor::zeros((4, 17), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = registry::build_adapter(config, "lin0", base, &wrong).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::ShapeMismatch { name, expected, got } if name == "base_model.model.lin0.lora_A.weight" && expected == &[4, 16] && got == &[4, 17]),
+        "{e}"
+    );
+    // the adapter for one layer does not fit another
+    let e = registry::build_adapter(config, "lin1", c.slots["lin1"].base(), params).unwrap_err();
+    assert!(matches!(e, peft::PeftError::ShapeMismatch { .. }), "{e}");
+}
+
+#[test]
+fn one_slot_serves_many_threads() {
+    let dir = fixtures_dir().join("lora/cases/dora_linear");
+    let c = load_case(&dir);
+    let io = load(&dir.join("io.safetensors"));
+    let (m, slot) = c.slots.into_iter().next().unwrap();
+    let slot = std::sync::Arc::new(slot);
+    let x = io[&format!("input.{m}")].clone();
+    let expected = io[&format!("output.{m}")].clone();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (slot, x) = (slot.clone(), x.clone());
+            std::thread::spawn(move || slot.forward(&x, &ForwardCtx::eval()).unwrap())
+        })
+        .collect();
+    for h in handles {
+        assert_close(
+            "threaded forward",
+            &h.join().unwrap(),
+            &expected,
+            1e-5,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn saving_keeps_the_dtype_an_adapter_was_loaded_in() {
+    let dir = fixtures_dir().join("lora/cases/linear_basic");
+    let tmp = tempfile::tempdir().unwrap();
+    let f16_dir = tmp.path().join("f16");
+    let file = load_adapter(dir.join("adapter"), &Device::Cpu).unwrap();
+    let halved: Vec<(String, Tensor)> = file
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(DType::F16).unwrap()))
+        .collect();
+    peft::io::save_adapter(&f16_dir, &file.config, &halved).unwrap();
+    let c = load_case_with(&dir, &f16_dir);
+    let slot = &c.slots["lin0"];
+    let a = slot.adapter("default").unwrap();
+    assert_eq!(a.saved_dtype(), DType::F16);
+    assert!(
+        a.vars().iter().all(|(_, v)| v.dtype() == DType::F32),
+        "computes in f32"
+    );
+    let sd = peft::io::adapter_state_dict(c.slots.values(), "default", &file.config, &|_| false)
+        .unwrap();
+    assert_eq!(sd.len(), 4);
+    assert!(sd.iter().all(|(_, t)| t.dtype() == DType::F16));
+}
