@@ -3,8 +3,8 @@
 
 Linear(2048, 2048) with bias, x [512, 2048] f32, LoRA r=16 alpha=32 (random A and B), eval mode under
 torch.inference_mode(), 2 threads. Runs warm-up calls, then N interleaved (plain, LoRA unmerged, LoRA merged)
-triples, alternating their order, and prints the median and minimum of each and the median of the per-triple
-ratios LoRA/plain and merged/plain. The last line is JSON (read by scripts/bench_compare.sh).
+rounds (each in a random order), and prints the median and minimum of each and the median of the
+per-round ratios LoRA/plain and merged/plain. The last line is JSON (read by scripts/bench_compare.sh).
 
     $PEFT_ORACLE_VENV/bin/python scripts/bench_torch.py [--n 200]
 """
@@ -12,6 +12,7 @@ ratios LoRA/plain and merged/plain. The last line is JSON (read by scripts/bench
 import argparse
 import copy
 import json
+import random
 import statistics
 import time
 
@@ -44,7 +45,7 @@ def time_ms(f, x):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200, help="interleaved triples (default 200)")
+    ap.add_argument("--n", type=int, default=200, help="interleaved rounds (default 200)")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -62,32 +63,30 @@ def main():
         for _ in range(10):
             for m in (plain, lora, merged):
                 time_ms(m, x)
-        tp, tl, tm = [], [], []
-        for i in range(args.n):
-            if i % 2 == 0:
-                p = time_ms(plain, x)
-                l = time_ms(lora, x)
-                m = time_ms(merged, x)
-            else:
-                m = time_ms(merged, x)
-                l = time_ms(lora, x)
-                p = time_ms(plain, x)
-            tp.append(p)
-            tl.append(l)
-            tm.append(m)
+        # One round times every variant once, in a fresh random order (seeded), so that no variant always
+        # follows the same other one.
+        models = (plain, lora, merged)
+        times = [[], [], []]
+        order_rng = random.Random(2)
+        order = [0, 1, 2]
+        for _ in range(args.n):
+            order_rng.shuffle(order)
+            for v in order:
+                times[v].append(time_ms(models[v], x))
+        tp, tl, tm = times
 
     rl = [l / p for l, p in zip(tl, tp)]
     rm = [m / p for m, p in zip(tm, tp)]
     med = statistics.median
     print(
-        f"PyTorch {torch.__version__} + PEFT LoRA forward, Linear({IN},{OUT}), x [{TOKENS},{IN}] f32, r={R}; "
-        f"{args.n} interleaved triples, {torch.get_num_threads()} threads"
+        f"PyTorch {torch.__version__} + PEFT LoRA forward, Linear({IN},{OUT})+bias, x [{TOKENS},{IN}] f32, r={R}; "
+        f"{args.n} interleaved rounds, {torch.get_num_threads()} threads"
     )
-    print(f"{'':<16} {'median ms':>10} {'min ms':>10}")
-    for name, v in (("plain linear", tp), ("LoRA unmerged", tl), ("LoRA merged", tm)):
-        print(f"{name:<16} {med(v):>10.3f} {min(v):>10.3f}")
-    print(f"median per-pair ratio LoRA/plain   {med(rl):.4f}")
-    print(f"median per-pair ratio merged/plain {med(rm):.4f}")
+    print(f"{'':<16} {'median ms':>10} {'min ms':>10} {'ratio to plain':>14}")
+    for name, v, r in (("plain linear", tp, None), ("LoRA unmerged", tl, rl), ("LoRA merged", tm, rm)):
+        ratio = f"{med(r):>14.4f}" if r else f"{1.0:>14.4f}"
+        print(f"{name:<16} {med(v):>10.3f} {min(v):>10.3f} {ratio}")
+    print("(ratio: median of the per-round ratios)")
     out = {
         "impl": "pytorch",
         "n": args.n,

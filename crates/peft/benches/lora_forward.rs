@@ -5,9 +5,10 @@
 //! - default (criterion): `cargo bench -p peft --bench lora_forward` measures the plain linear (the
 //!   [`BaseLayer`] forward), the slot with one unmerged LoRA adapter, and the slot after `merge`.
 //! - ratio: `PEFT_BENCH_RATIO=1 cargo bench -p peft --bench lora_forward` (or pass `--ratio` to the built
-//!   binary) runs warm-up calls, then `N` interleaved (plain, LoRA unmerged, merged) triples, and prints
-//!   the median and minimum of each and the median of the per-triple ratios LoRA/plain and merged/plain.
-//!   Sequential criterion groups drift on a shared machine; ratios of calls taken back to back do not.
+//!   binary) runs warm-up calls, then `N` rounds of (plain, LoRA unmerged, merged, LoRA through the
+//!   training-path candle ops), each round in a random order, and prints the median and minimum of each
+//!   and the median of the per-round ratios to the plain linear. Sequential criterion groups drift on a
+//!   shared machine; ratios of calls taken back to back do not.
 //!   `PEFT_BENCH_N` sets `N` (default 200). The last line is JSON, read by `scripts/bench_compare.sh`.
 //!
 //! The acceptance bar is LoRA/plain ≤ 1.10 (theory: `1 + r(in+out)/(in·out)` = 1.016).
@@ -117,81 +118,102 @@ fn ratio_mode() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let s = setup();
-    let ctx = ForwardCtx::eval();
-    let plain = || s.plain.forward(&s.x).unwrap();
-    let lora = || s.unmerged.forward(&s.x, &ctx).unwrap();
-    let merged = || s.merged.forward(&s.x, &ctx).unwrap();
+    let eval = ForwardCtx::eval();
+    // Training mode with dropout 0 computes the same numbers through the differentiable candle ops: the
+    // unmerged forward as it was before the in-place kernel, timed in the same rounds for comparison.
+    let train = ForwardCtx::train(0, 0);
+    type Variant<'a> = (&'static str, &'static str, Box<dyn Fn() -> Tensor + 'a>);
+    let variants: Vec<Variant<'_>> = vec![
+        (
+            "plain",
+            "plain linear",
+            Box::new(|| s.plain.forward(&s.x).unwrap()),
+        ),
+        (
+            "lora",
+            "LoRA unmerged",
+            Box::new(|| s.unmerged.forward(&s.x, &eval).unwrap()),
+        ),
+        (
+            "merged",
+            "LoRA merged",
+            Box::new(|| s.merged.forward(&s.x, &eval).unwrap()),
+        ),
+        (
+            "lora_candle",
+            "LoRA candle ops",
+            Box::new(|| s.unmerged.forward(&s.x, &train).unwrap()),
+        ),
+    ];
 
-    // The merged slot must give the unmerged result (up to rounding): a cheap guard against timing a no-op.
-    let diff = (lora() - merged())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(
-        diff < 1e-3,
-        "merged and unmerged LoRA outputs differ by {diff}"
-    );
+    // All variants must give the same result (up to rounding): a cheap guard against timing a no-op.
+    let want = (variants[1].2)();
+    for (key, _, f) in &variants[2..] {
+        let diff = (f() - &want).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(
+            diff < 1e-3,
+            "{key} differs from the unmerged LoRA output by {diff}"
+        );
+    }
 
     for _ in 0..10 {
-        time_ms(plain);
-        time_ms(lora);
-        time_ms(merged);
+        for (_, _, f) in &variants {
+            time_ms(f);
+        }
     }
-    let (mut tp, mut tl, mut tm) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for i in 0..n {
-        // Alternate the order so that neither variant always follows the other.
-        let (p, l, m) = if i % 2 == 0 {
-            let p = time_ms(plain);
-            let l = time_ms(lora);
-            (p, l, time_ms(merged))
-        } else {
-            let m = time_ms(merged);
-            let l = time_ms(lora);
-            (time_ms(plain), l, m)
-        };
-        tp.push(p);
-        tl.push(l);
-        tm.push(m);
+    // One round times every variant once, in a fresh random order (seeded), so that no variant always
+    // follows the same other one (a predecessor's allocations and cache state affect the next call).
+    let k = variants.len();
+    let mut t: Vec<Vec<f64>> = vec![Vec::with_capacity(n); k];
+    let mut order_rng = PeftRng::new(2);
+    let mut order: Vec<usize> = (0..k).collect();
+    for _ in 0..n {
+        for j in (1..k).rev() {
+            order.swap(j, order_rng.below(j as u64 + 1) as usize);
+        }
+        for &v in &order {
+            t[v].push(time_ms(&variants[v].2));
+        }
     }
-    let rl: Vec<f64> = tl.iter().zip(&tp).map(|(l, p)| l / p).collect();
-    let rm: Vec<f64> = tm.iter().zip(&tp).map(|(m, p)| m / p).collect();
+    let ratio = |v: usize| -> f64 {
+        let r: Vec<f64> = t[v].iter().zip(&t[0]).map(|(a, p)| a / p).collect();
+        median(&r)
+    };
     let threads = candle_core::utils::get_num_threads();
+    let theory = 1.0 + (R * (IN + OUT)) as f64 / (IN * OUT) as f64;
     println!(
-        "peft (candle) LoRA forward, Linear({IN},{OUT}), x [{TOKENS},{IN}] f32, r={R}; {n} interleaved triples, {threads} threads"
+        "peft (candle) LoRA forward, Linear({IN},{OUT})+bias, x [{TOKENS},{IN}] f32, r={R}; \
+         {n} interleaved rounds, {threads} threads"
     );
-    println!("{:<16} {:>10} {:>10}", "", "median ms", "min ms");
-    for (name, v) in [
-        ("plain linear", &tp),
-        ("LoRA unmerged", &tl),
-        ("LoRA merged", &tm),
-    ] {
-        println!("{name:<16} {:>10.3} {:>10.3}", median(v), min(v));
+    println!(
+        "{:<16} {:>10} {:>10} {:>14}",
+        "", "median ms", "min ms", "ratio to plain"
+    );
+    for (v, (_, name, _)) in variants.iter().enumerate() {
+        println!(
+            "{name:<16} {:>10.3} {:>10.3} {:>14.4}",
+            median(&t[v]),
+            min(&t[v]),
+            ratio(v)
+        );
     }
     println!(
-        "median per-pair ratio LoRA/plain   {:.4} (bar 1.10, theory {:.4})",
-        median(&rl),
-        1.0 + (R * (IN + OUT)) as f64 / (IN * OUT) as f64
+        "(ratio: median of the per-round ratios; bar for LoRA unmerged 1.10, theory {theory:.4}; \
+         'candle ops' is the training-path computation, dropout 0)"
     );
-    println!("median per-pair ratio merged/plain {:.4}", median(&rm));
-    println!(
-        "{{\"impl\":\"rust\",\"n\":{n},\"threads\":{threads},\"plain_median_ms\":{:.4},\"plain_min_ms\":{:.4},\"lora_median_ms\":{:.4},\"lora_min_ms\":{:.4},\"merged_median_ms\":{:.4},\"merged_min_ms\":{:.4},\"lora_ratio_median\":{:.4},\"merged_ratio_median\":{:.4}}}",
-        median(&tp),
-        min(&tp),
-        median(&tl),
-        min(&tl),
-        median(&tm),
-        min(&tm),
-        median(&rl),
-        median(&rm)
-    );
+    let mut json = format!("{{\"impl\":\"rust\",\"n\":{n},\"threads\":{threads}");
+    for (v, (key, _, _)) in variants.iter().enumerate() {
+        json += &format!(
+            ",\"{key}_median_ms\":{:.4},\"{key}_min_ms\":{:.4}",
+            median(&t[v]),
+            min(&t[v])
+        );
+        if v > 0 {
+            json += &format!(",\"{key}_ratio_median\":{:.4}", ratio(v));
+        }
+    }
+    println!("{json}}}");
 }
 
 fn main() {
