@@ -189,6 +189,59 @@ pub fn lora_add_inplace(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn linear_inplace_matches_candle_and_leaves_the_bias_alone() {
+        use candle_core::Device;
+        let mut rng = crate::PeftRng::new(5);
+        let w = rng
+            .normal_tensor((6, 4), 0.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let w_view = w.t().unwrap().contiguous().unwrap().t().unwrap(); // the layout BaseLayer keeps
+        let b = rng
+            .normal_tensor(6, 0.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let b_before = b.to_vec1::<f32>().unwrap();
+        for shape in [vec![1, 4], vec![3, 4], vec![2, 3, 4]] {
+            let x = rng
+                .normal_tensor(shape.as_slice(), 0.0, 1.0, DType::F32, &Device::Cpu)
+                .unwrap();
+            for bias in [Some(&b), None] {
+                let got = linear_inplace(&x, &w_view, bias)
+                    .unwrap()
+                    .expect("supported");
+                let want = linear_apply(&x, &w, true).unwrap();
+                let want = match bias {
+                    Some(b) => want.broadcast_add(b).unwrap(),
+                    None => want,
+                };
+                let d = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            }
+        }
+        assert_eq!(
+            b.to_vec1::<f32>().unwrap(),
+            b_before,
+            "the bias is never written"
+        );
+        // inputs that take part in a gradient computation are left to candle
+        let v =
+            candle_core::Var::from_tensor(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap())
+                .unwrap();
+        assert!(
+            linear_inplace(v.as_tensor(), &w_view, Some(&b))
+                .unwrap()
+                .is_none()
+        );
+    }
+
     use super::*;
     use crate::PeftRng;
     use candle_core::Device;
@@ -280,4 +333,40 @@ mod tests {
         assert!(!lora_add_inplace(&wrong_out, &x, &a, &b, 1.0).unwrap());
         assert!(add_matmul_t_inplace(&wrong_out, &x, &a, 1.0).is_err());
     }
+}
+
+/// The frozen Linear forward in inference, `y = x Wᵀ + b`, as one `gemm` that accumulates into the
+/// broadcast bias (one pass over the output instead of a product and a separate bias add).
+///
+/// Returns `Ok(None)` when the operands are not f32 on the CPU or when `x` takes part in a gradient
+/// computation (the in-place op records no backward); the caller then runs the candle ops.
+pub fn linear_inplace(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if x.track_op() || !cpu_f32(x) || !cpu_f32(weight) || weight.rank() != 2 || x.rank() == 0 {
+        return Ok(None);
+    }
+    let mut out_dims = x.dims().to_vec();
+    let last = out_dims.len() - 1;
+    out_dims[last] = weight.dim(0)?;
+    let dst = match bias {
+        Some(b) if cpu_f32(b) => b.broadcast_as(out_dims.as_slice())?.contiguous()?,
+        Some(_) => return Ok(None),
+        None => Tensor::zeros(out_dims.as_slice(), DType::F32, x.device())?,
+    };
+    // `broadcast_as(..).contiguous()` of a 1-D bias over one row is a no-op view: make sure we own `dst`.
+    let dst =
+        if dst.is_contiguous() && dst.elem_count() == bias.map(|b| b.elem_count()).unwrap_or(0) {
+            dst.copy()?
+        } else {
+            dst
+        };
+    let x = x.contiguous()?;
+    if !add_matmul_t_supported(&dst, &x, weight) {
+        return Ok(None);
+    }
+    add_matmul_t_inplace(&dst, &x, weight, 1.0)?;
+    Ok(Some(dst))
 }

@@ -51,6 +51,7 @@ pub struct BaseLayer {
 impl BaseLayer {
     /// A base of any kind, with its shapes checked.
     pub fn new(kind: BaseKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = Self::store(kind, weight)?;
         let l = Self { kind, weight, bias };
         let want_rank = match kind {
             BaseKind::Linear | BaseKind::Embedding | BaseKind::Conv1D => 2,
@@ -131,6 +132,17 @@ impl BaseLayer {
         }
     }
 
+    /// A Linear weight `[out, in]` is kept as a transposed view of a contiguous `[in, out]` matrix: `x Wᵀ`
+    /// then multiplies by a row-major right-hand side, about a quarter faster in gemm than a transposed one.
+    /// The view costs nothing; [`BaseLayer::weight`] still has the `[out, in]` shape.
+    fn store(kind: BaseKind, w: Tensor) -> Result<Tensor> {
+        Ok(match kind {
+            BaseKind::Linear if w.rank() == 2 && w.t()?.is_contiguous() => w,
+            BaseKind::Linear if w.rank() == 2 => w.t()?.contiguous()?.t()?,
+            _ => w,
+        })
+    }
+
     pub(crate) fn replace_weight(&mut self, w: Tensor) -> Result<()> {
         if w.dims() != self.weight.dims() {
             return Err(PeftError::ShapeMismatch {
@@ -139,7 +151,7 @@ impl BaseLayer {
                 got: w.dims().to_vec(),
             });
         }
-        self.weight = w;
+        self.weight = Self::store(self.kind, w)?;
         Ok(())
     }
 
@@ -170,6 +182,9 @@ impl BaseLayer {
         let y = match self.kind {
             BaseKind::Linear => {
                 let x = x.to_dtype(weight.dtype())?;
+                if let Some(y) = crate::kernels::linear_inplace(&x, weight, bias)? {
+                    return Ok(y);
+                }
                 let y = linear_apply(&x, weight, true)?;
                 add_bias_last(y, bias)?
             }
