@@ -187,6 +187,42 @@ pub fn lora_add_inplace(
     Ok(true)
 }
 
+/// The frozen Linear forward in inference, `y = x Wᵀ + b`, as one `gemm` that accumulates into the
+/// broadcast bias (one pass over the output instead of a product and a separate bias add).
+///
+/// Returns `Ok(None)` when the operands are not f32 on the CPU or when `x` takes part in a gradient
+/// computation (the in-place op records no backward); the caller then runs the candle ops.
+pub fn linear_inplace(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if x.track_op() || !cpu_f32(x) || !cpu_f32(weight) || weight.rank() != 2 || x.rank() == 0 {
+        return Ok(None);
+    }
+    let mut out_dims = x.dims().to_vec();
+    let last = out_dims.len() - 1;
+    out_dims[last] = weight.dim(0)?;
+    let dst = match bias {
+        Some(b) if cpu_f32(b) => b.broadcast_as(out_dims.as_slice())?.contiguous()?,
+        Some(_) => return Ok(None),
+        None => Tensor::zeros(out_dims.as_slice(), DType::F32, x.device())?,
+    };
+    // `broadcast_as(..).contiguous()` of a 1-D bias over one row is a no-op view: make sure we own `dst`.
+    let dst =
+        if dst.is_contiguous() && dst.elem_count() == bias.map(|b| b.elem_count()).unwrap_or(0) {
+            dst.copy()?
+        } else {
+            dst
+        };
+    let x = x.contiguous()?;
+    if !add_matmul_t_supported(&dst, &x, weight) {
+        return Ok(None);
+    }
+    add_matmul_t_inplace(&dst, &x, weight, 1.0)?;
+    Ok(Some(dst))
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -333,40 +369,4 @@ mod tests {
         assert!(!lora_add_inplace(&wrong_out, &x, &a, &b, 1.0).unwrap());
         assert!(add_matmul_t_inplace(&wrong_out, &x, &a, 1.0).is_err());
     }
-}
-
-/// The frozen Linear forward in inference, `y = x Wᵀ + b`, as one `gemm` that accumulates into the
-/// broadcast bias (one pass over the output instead of a product and a separate bias add).
-///
-/// Returns `Ok(None)` when the operands are not f32 on the CPU or when `x` takes part in a gradient
-/// computation (the in-place op records no backward); the caller then runs the candle ops.
-pub fn linear_inplace(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-) -> candle_core::Result<Option<Tensor>> {
-    if x.track_op() || !cpu_f32(x) || !cpu_f32(weight) || weight.rank() != 2 || x.rank() == 0 {
-        return Ok(None);
-    }
-    let mut out_dims = x.dims().to_vec();
-    let last = out_dims.len() - 1;
-    out_dims[last] = weight.dim(0)?;
-    let dst = match bias {
-        Some(b) if cpu_f32(b) => b.broadcast_as(out_dims.as_slice())?.contiguous()?,
-        Some(_) => return Ok(None),
-        None => Tensor::zeros(out_dims.as_slice(), DType::F32, x.device())?,
-    };
-    // `broadcast_as(..).contiguous()` of a 1-D bias over one row is a no-op view: make sure we own `dst`.
-    let dst =
-        if dst.is_contiguous() && dst.elem_count() == bias.map(|b| b.elem_count()).unwrap_or(0) {
-            dst.copy()?
-        } else {
-            dst
-        };
-    let x = x.contiguous()?;
-    if !add_matmul_t_supported(&dst, &x, weight) {
-        return Ok(None);
-    }
-    add_matmul_t_inplace(&dst, &x, weight, 1.0)?;
-    Ok(Some(dst))
 }
