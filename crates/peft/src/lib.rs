@@ -12,14 +12,21 @@
 //! - [`merge`]: merging adapters into base weights by tensor name, without a model.
 //! - [`varbuilder`]: serving merged weights to unmodified candle-transformers models.
 //! - [`rng`]: the one seeded generator all random draws come from.
+//! - [`host`]: the [`host::AdapterHost`] trait a model implements so that injection, merging and saving can
+//!   walk it.
+//! - [`peft_model`]: [`PeftModel`], adapters injected by name and managed like PEFT's `PeftModel`.
+//! - [`ops`]: differentiable model building blocks (RMSNorm, softmax, RoPE, frozen linear) with gradients.
 //! - [`kernels`]: in-place CPU kernels for hot inference paths (the unmerged LoRA forward).
 
 pub mod config;
 pub mod error;
+pub mod host;
 pub mod io;
 pub mod kernels;
 pub mod layer;
 pub mod merge;
+pub mod ops;
+pub mod peft_model;
 pub mod rng;
 pub mod tuners;
 pub mod varbuilder;
@@ -27,6 +34,7 @@ pub mod varbuilder;
 pub use config::PeftConfig;
 pub use error::{PeftError, Result};
 pub use layer::{Adapter, AdapterSlot, BaseKind, BaseLayer, ForwardCtx};
+pub use peft_model::PeftModel;
 pub use rng::PeftRng;
 
 /// The README's Rust snippets, compiled as doctests so they stay true.

@@ -4,4 +4,5 @@ mod common;
 mod lora_init;
 mod lora_parity;
 mod merge_files;
+mod peft_model;
 mod varbuilder;

@@ -78,6 +78,22 @@ impl BaseLayer {
         Ok(l)
     }
 
+    /// A `Linear` base that keeps the weight's storage exactly as given, without the transposed copy
+    /// [`BaseLayer::new`] makes: for an output layer tied to the input embedding (same storage, as
+    /// transformers ties them), where a copy would double the memory and untie the two.
+    pub fn linear_shared(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let l = Self::new(BaseKind::Embedding, weight, None)?; // shape checks of a 2-D weight, no copy
+        let l = Self { kind: BaseKind::Linear, weight: l.weight, bias: None };
+        match bias {
+            Some(b) => {
+                let mut l = l;
+                l.replace_bias(b)?;
+                Ok(l)
+            }
+            None => Ok(l),
+        }
+    }
+
     /// A `Linear` base (weight `[out, in]`).
     pub fn linear(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Self::new(BaseKind::Linear, weight, bias)

@@ -410,6 +410,12 @@ impl AdapterSlot {
         Ok(())
     }
 
+    /// Forgets which adapters are merged, keeping the merged weights: the base now simply is the merged
+    /// layer (PEFT's `merge_and_unload`).
+    pub fn forget_merged(&mut self) {
+        self.merged.clear();
+    }
+
     /// Unmerges every merged adapter, in reverse order.
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some((name, cache)) = self.merged.pop() {

@@ -1,0 +1,440 @@
+//! [`PeftModel`]: adapters injected into a model by name, managed as PEFT's `PeftModel` / `BaseTuner` do.
+//!
+//! It wraps any [`AdapterHost`] (a model that exposes its module tree and adapter slots by HuggingFace
+//! dotted name): [`PeftModel::get_peft_model`] injects a fresh adapter by target matching,
+//! [`PeftModel::from_pretrained`] / [`PeftModel::load_adapter`] load PEFT adapter directories, and
+//! `set_adapter`, `delete_adapter`, disabling, `merge_adapter` / `unmerge_adapter`, `merge_and_unload` and
+//! `save_pretrained` behave like their PEFT namesakes.
+
+use crate::config::{LoraBias, PeftConfig, TargetModules};
+use crate::host::AdapterHost;
+use crate::io::{AdapterToSave, adapter_state_dict, load_adapter, save_adapters, split_keys};
+use crate::layer::modules_to_save::ModulesToSave;
+use crate::layer::registry;
+use crate::tuners::tuners_utils::{ModuleKind, resolve_targets};
+use crate::{PeftError, PeftRng, Result};
+use candle_core::{Device, Var};
+use indexmap::IndexMap;
+use std::collections::HashSet;
+use std::path::Path;
+
+/// The names PEFT treats as embedding layers when deciding to save their base matrices
+/// (`EMBEDDING_LAYER_NAMES`).
+const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+
+/// A model with named adapters, as PEFT's `PeftModel`.
+#[derive(Debug)]
+pub struct PeftModel<M: AdapterHost> {
+    model: M,
+    configs: IndexMap<String, PeftConfig>,
+    active: Vec<String>,
+    seed: u64,
+}
+
+/// The trainable-parameter report of [`PeftModel::trainable_parameters`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParameterCount {
+    /// Parameters of the active adapters (what trains).
+    pub trainable: usize,
+    /// Every parameter: base model and all adapters (shared storage counted once).
+    pub all: usize,
+}
+
+impl std::fmt::Display for ParameterCount {
+    /// PEFT's `print_trainable_parameters` line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = if self.all == 0 { 0.0 } else { 100.0 * self.trainable as f64 / self.all as f64 };
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+            thousands(self.trainable),
+            thousands(self.all)
+        )
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn set_target_modules(config: &mut PeftConfig, t: Option<TargetModules>) {
+    if let PeftConfig::Lora(c) = config {
+        c.target_modules = t;
+    }
+}
+
+/// PEFT's `_set_trainable` match: a module is a `modules_to_save` copy when its name ends with an entry.
+fn is_module_to_save(name: &str, entries: &[String]) -> bool {
+    entries.iter().any(|e| name == e || name.ends_with(&format!(".{e}")))
+}
+
+impl<M: AdapterHost> PeftModel<M> {
+    /// A model with no adapters yet; `seed` drives every adapter initialisation.
+    pub fn new(model: M, seed: u64) -> Self {
+        Self { model, configs: IndexMap::new(), active: Vec::new(), seed }
+    }
+
+    /// PEFT's `get_peft_model`: injects a freshly initialised adapter named `adapter_name`.
+    pub fn get_peft_model(model: M, config: PeftConfig, adapter_name: &str, seed: u64) -> Result<Self> {
+        let mut me = Self::new(model, seed);
+        me.add_adapter(adapter_name, config)?;
+        Ok(me)
+    }
+
+    /// PEFT's `PeftModel.from_pretrained`: loads the adapter directory `dir` as `adapter_name` and makes it
+    /// active.
+    pub fn from_pretrained(model: M, dir: impl AsRef<Path>, adapter_name: &str, device: &Device) -> Result<Self> {
+        let mut me = Self::new(model, 0);
+        me.load_adapter(dir, adapter_name, device)?;
+        Ok(me)
+    }
+
+    /// The wrapped model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The wrapped model, mutably.
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.model
+    }
+
+    /// The adapters' configs by name, in the order they were added.
+    pub fn configs(&self) -> &IndexMap<String, PeftConfig> {
+        &self.configs
+    }
+
+    /// The active adapters, in the order they apply.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    fn check_new_name(&self, name: &str, config: &PeftConfig) -> Result<()> {
+        if self.configs.contains_key(name) {
+            return Err(PeftError::Invalid(format!("an adapter named `{name}` already exists")));
+        }
+        if config.is_prompt_learning() {
+            return Err(PeftError::Unsupported {
+                field: "peft_type".into(),
+                value: config.peft_type().as_str().into(),
+                reason: "prompt-learning adapters are not implemented yet".into(),
+            });
+        }
+        config.validate()
+    }
+
+    /// Adds a freshly initialised adapter, injected by target matching (PEFT's `add_adapter`). The first
+    /// adapter becomes active; later ones are added inactive, as in PEFT.
+    pub fn add_adapter(&mut self, name: &str, mut config: PeftConfig) -> Result<()> {
+        self.check_new_name(name, &config)?;
+        if let PeftConfig::Lora(c) = &config {
+            if c.bias != LoraBias::None {
+                return Err(PeftError::Unsupported {
+                    field: "bias".into(),
+                    value: format!("{:?}", c.bias),
+                    reason: "training biases is not implemented yet (adapters saved with it load fine)".into(),
+                });
+            }
+        }
+        let modules = self.model.module_infos();
+        let output = self.model.output_layer();
+        let spec = config.target_spec().ok_or_else(|| PeftError::Invalid("no target modules".into()))?;
+        let resolved = resolve_targets(&spec, &modules, output.as_deref(), config.peft_type().as_str())?;
+        let mts: Vec<String> = config.modules_to_save().map(|m| m.to_vec()).unwrap_or_default();
+        set_target_modules(&mut config, resolved.target_modules.clone());
+        let targeted: HashSet<&str> = resolved.targeted.iter().map(|s| s.as_str()).collect();
+        // Build every adapter first, so that a failure leaves the model unchanged.
+        let mut rng = PeftRng::new(self.seed).fork(name);
+        let mut built = Vec::new();
+        for slot in self.model.slots() {
+            if targeted.contains(slot.name()) {
+                let a = registry::new_adapter(&config, slot.name(), slot.base(), &mut rng)?;
+                built.push((slot.name().to_string(), a));
+            } else if is_module_to_save(slot.name(), &mts) {
+                built.push((slot.name().to_string(), Box::new(ModulesToSave::from_base(slot.base())?) as _));
+            }
+        }
+        let slot_names: HashSet<String> = self.model.slots().iter().map(|s| s.name().to_string()).collect();
+        for m in &modules {
+            if is_module_to_save(&m.name, &mts) && !slot_names.contains(&m.name) && !matches!(m.kind, ModuleKind::Other(_)) {
+                return Err(PeftError::Invalid(format!("modules_to_save: `{}` is not an adapter slot", m.name)));
+            }
+            if is_module_to_save(&m.name, &mts) && matches!(m.kind, ModuleKind::Other(_)) {
+                return Err(PeftError::Unsupported {
+                    field: "modules_to_save".into(),
+                    value: m.name.clone(),
+                    reason: format!("full copies of {} modules are not implemented yet", m.kind),
+                });
+            }
+        }
+        for (module, adapter) in built {
+            let slot = self.slot_mut(&module)?;
+            slot.add_adapter(name, adapter)?;
+        }
+        self.configs.insert(name.to_string(), config);
+        if self.active.is_empty() {
+            self.set_adapter(&[name])?;
+        } else {
+            let active: Vec<String> = self.active.clone();
+            let refs: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
+            self.set_adapter(&refs)?;
+        }
+        Ok(())
+    }
+
+    fn slot_mut(&mut self, name: &str) -> Result<&mut crate::AdapterSlot> {
+        self.model
+            .slots_mut()
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| PeftError::MissingModule { module: name.to_string() })
+    }
+
+    /// Loads a PEFT adapter directory as `name` (PEFT's `load_adapter`). Model tensors the file replaces
+    /// (trained biases, saved embedding matrices) are written into the model; `modules_to_save` copies
+    /// become adapters of their slots. Every module the file names must exist in the model.
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str, device: &Device) -> Result<()> {
+        let file = load_adapter(dir.as_ref(), device)?;
+        self.check_new_name(name, &file.config)?;
+        let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
+        if !split.shared.is_empty() {
+            return Err(PeftError::UnexpectedKeys(split.shared.keys().cloned().collect()));
+        }
+        let mts: Vec<String> = file.config.modules_to_save().map(|m| m.to_vec()).unwrap_or_default();
+        let mut built = Vec::new();
+        {
+            let slots = self.model.slots();
+            for (module, params) in &split.modules {
+                let slot = slots
+                    .iter()
+                    .find(|s| s.name() == module)
+                    .ok_or_else(|| PeftError::MissingModule { module: module.clone() })?;
+                let a = registry::build_adapter(&file.config, module, slot.base(), params)?;
+                built.push((module.clone(), a));
+            }
+            for slot in &slots {
+                if is_module_to_save(slot.name(), &mts) {
+                    let w = split.overrides.get(&format!("{}.weight", slot.name()));
+                    if let Some(w) = w {
+                        let b = split.overrides.get(&format!("{}.bias", slot.name()));
+                        built.push((slot.name().to_string(), Box::new(ModulesToSave::from_tensors(slot.base(), w, b)?) as _));
+                    }
+                }
+            }
+        }
+        let mut replaced = Vec::new();
+        for (k, t) in &split.overrides {
+            let owner_is_mts = built.iter().any(|(m, a)| a.peft_type() == crate::layer::modules_to_save::MODULES_TO_SAVE && k.starts_with(&format!("{m}.")));
+            if !owner_is_mts {
+                replaced.push((k.clone(), t.clone()));
+            }
+        }
+        for (k, t) in replaced {
+            self.model.set_tensor(&k, t)?;
+        }
+        for (module, adapter) in built {
+            self.slot_mut(&module)?.add_adapter(name, adapter)?;
+        }
+        self.configs.insert(name.to_string(), file.config);
+        if self.active.is_empty() {
+            self.set_adapter(&[name])?;
+        } else {
+            let active: Vec<String> = self.active.clone();
+            let refs: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
+            self.set_adapter(&refs)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `names` the active adapters, in that order (PEFT's `set_adapter`; a list of several is
+    /// `base_model.set_adapter([...])`).
+    pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if !self.configs.contains_key(*n) {
+                return Err(PeftError::UnknownAdapter(n.to_string()));
+            }
+        }
+        for slot in self.model.slots_mut() {
+            slot.set_active(names);
+        }
+        self.active = names.iter().map(|s| s.to_string()).collect();
+        Ok(())
+    }
+
+    /// Removes an adapter from every layer (PEFT's `delete_adapter`). Refused while it is merged.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if !self.configs.contains_key(name) {
+            return Err(PeftError::UnknownAdapter(name.to_string()));
+        }
+        for slot in self.model.slots() {
+            if slot.merged().contains(&name) {
+                return Err(PeftError::Invalid(format!("adapter `{name}` is merged in `{}`; unmerge first", slot.name())));
+            }
+        }
+        for slot in self.model.slots_mut() {
+            if slot.adapter(name).is_some() {
+                slot.delete_adapter(name)?;
+            }
+        }
+        self.configs.shift_remove(name);
+        self.active.retain(|n| n != name);
+        if self.active.is_empty() {
+            if let Some(first) = self.configs.keys().next().cloned() {
+                self.set_adapter(&[&first])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with every adapter disabled (PEFT's `with model.disable_adapter():`): merged adapters are
+    /// unmerged first, as PEFT's layers do.
+    pub fn with_adapters_disabled<R>(&mut self, f: impl FnOnce(&Self) -> R) -> Result<R> {
+        self.unmerge_adapter()?;
+        for slot in self.model.slots_mut() {
+            slot.set_disabled(true);
+        }
+        let r = f(self);
+        for slot in self.model.slots_mut() {
+            slot.set_disabled(false);
+        }
+        Ok(r)
+    }
+
+    /// Merges adapters into the base weights (default: the active ones), as PEFT's `merge_adapter`.
+    pub fn merge_adapter(&mut self, names: Option<&[&str]>) -> Result<()> {
+        let names: Vec<String> = match names {
+            Some(n) => n.iter().map(|s| s.to_string()).collect(),
+            None => self.active.clone(),
+        };
+        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        for slot in self.model.slots_mut() {
+            slot.merge(Some(&refs))?;
+        }
+        Ok(())
+    }
+
+    /// Unmerges every merged adapter.
+    pub fn unmerge_adapter(&mut self) -> Result<()> {
+        for slot in self.model.slots_mut() {
+            slot.unmerge()?;
+        }
+        Ok(())
+    }
+
+    /// PEFT's `merge_and_unload`: merges the given adapters (default: active), then removes every adapter
+    /// and returns the plain model.
+    pub fn merge_and_unload(mut self, names: Option<&[&str]>) -> Result<M> {
+        self.merge_adapter(names)?;
+        let all: Vec<String> = self.configs.keys().cloned().collect();
+        for slot in self.model.slots_mut() {
+            let merged: Vec<String> = slot.merged().iter().map(|s| s.to_string()).collect();
+            slot.forget_merged();
+            for n in &all {
+                if slot.adapter(n).is_some() && !merged.contains(n) {
+                    slot.delete_adapter(n)?;
+                }
+            }
+            for n in &merged {
+                slot.delete_adapter(n)?;
+            }
+        }
+        Ok(self.model)
+    }
+
+    /// The trainable parameters: every `Var` of the active adapters, keyed `<module>.<key>` (PEFT's names
+    /// without the `base_model.model.` prefix).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for slot in self.model.slots() {
+            for a in &self.active {
+                if let Some(ad) = slot.adapter(a) {
+                    for (k, v) in ad.vars() {
+                        out.push((format!("{}.{k}", slot.name()), v));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// PEFT's `get_nb_trainable_parameters`: parameters of the active adapters, and of everything.
+    pub fn trainable_parameters(&self) -> ParameterCount {
+        let mut seen = HashSet::new();
+        let mut all = 0usize;
+        let mut count = |t: &candle_core::Tensor| {
+            if seen.insert(t.id()) {
+                all += t.elem_count();
+            }
+        };
+        for slot in self.model.slots() {
+            count(slot.base().weight());
+            if let Some(b) = slot.base().bias() {
+                count(b);
+            }
+            for (_, a) in slot.adapters() {
+                for (_, t) in a.tensors() {
+                    count(&t);
+                }
+            }
+        }
+        for (_, t) in self.model.named_tensors() {
+            count(&t);
+        }
+        let trainable = self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
+        ParameterCount { trainable, all }
+    }
+
+    /// PEFT's `save_pretrained`: every adapter, `default` at `dir`, the others in `dir/<name>/`.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let input = self.model.input_embeddings();
+        let output = self.model.output_layer();
+        let modules = self.model.module_infos();
+        let mut list: Vec<AdapterToSave<'_>> = Vec::new();
+        for (name, config) in &self.configs {
+            let embedding_targeted = match config.target_spec().and_then(|s| s.target_modules) {
+                Some(TargetModules::List(l)) => EMBEDDING_LAYER_NAMES.iter().any(|e| l.iter().any(|x| x == e)),
+                Some(TargetModules::Regex(r)) if !r.eq_ignore_ascii_case("all-linear") => {
+                    let spec = crate::config::TargetSpec { target_modules: config.target_spec().and_then(|s| s.target_modules), ..Default::default() };
+                    modules.iter().any(|m| {
+                        EMBEDDING_LAYER_NAMES.iter().any(|e| m.name == *e || m.name.ends_with(&format!(".{e}")))
+                            && crate::tuners::tuners_utils::check_target_module_exists(&spec, &m.name).unwrap_or(false)
+                    })
+                }
+                _ => false,
+            };
+            let save_base = |m: &str| {
+                embedding_targeted && (Some(m) == input.as_deref() || Some(m) == output.as_deref())
+            };
+            let mut sd = adapter_state_dict(self.model.slots(), name, config, &save_base)?;
+            if let PeftConfig::Lora(c) = config {
+                if c.bias == LoraBias::All {
+                    let have: HashSet<String> = sd.iter().map(|(k, _)| k.clone()).collect();
+                    let mut biases: Vec<(String, candle_core::Tensor)> = self
+                        .model
+                        .slots()
+                        .iter()
+                        .filter(|s| s.adapter(name).is_none())
+                        .filter_map(|s| s.base().bias().map(|b| (format!("{}.bias", s.name()), b.clone())))
+                        .collect();
+                    biases.extend(self.model.named_tensors());
+                    for (k, t) in biases {
+                        let key = format!("{}{k}", crate::io::MODEL_PREFIX);
+                        if k.ends_with(".bias") && !have.contains(&key) {
+                            sd.push((key, t));
+                        }
+                    }
+                }
+            }
+            list.push((name.as_str(), config, sd));
+        }
+        save_adapters(dir, &list)
+    }
+}
