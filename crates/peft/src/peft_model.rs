@@ -43,7 +43,11 @@ pub struct ParameterCount {
 impl std::fmt::Display for ParameterCount {
     /// PEFT's `print_trainable_parameters` line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pct = if self.all == 0 { 0.0 } else { 100.0 * self.trainable as f64 / self.all as f64 };
+        let pct = if self.all == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.all as f64
+        };
         write!(
             f,
             "trainable params: {} || all params: {} || trainable%: {pct:.4}",
@@ -57,7 +61,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -73,17 +77,29 @@ fn set_target_modules(config: &mut PeftConfig, t: Option<TargetModules>) {
 
 /// PEFT's `_set_trainable` match: a module is a `modules_to_save` copy when its name ends with an entry.
 fn is_module_to_save(name: &str, entries: &[String]) -> bool {
-    entries.iter().any(|e| name == e || name.ends_with(&format!(".{e}")))
+    entries
+        .iter()
+        .any(|e| name == e || name.ends_with(&format!(".{e}")))
 }
 
 impl<M: AdapterHost> PeftModel<M> {
     /// A model with no adapters yet; `seed` drives every adapter initialisation.
     pub fn new(model: M, seed: u64) -> Self {
-        Self { model, configs: IndexMap::new(), active: Vec::new(), seed }
+        Self {
+            model,
+            configs: IndexMap::new(),
+            active: Vec::new(),
+            seed,
+        }
     }
 
     /// PEFT's `get_peft_model`: injects a freshly initialised adapter named `adapter_name`.
-    pub fn get_peft_model(model: M, config: PeftConfig, adapter_name: &str, seed: u64) -> Result<Self> {
+    pub fn get_peft_model(
+        model: M,
+        config: PeftConfig,
+        adapter_name: &str,
+        seed: u64,
+    ) -> Result<Self> {
         let mut me = Self::new(model, seed);
         me.add_adapter(adapter_name, config)?;
         Ok(me)
@@ -91,7 +107,12 @@ impl<M: AdapterHost> PeftModel<M> {
 
     /// PEFT's `PeftModel.from_pretrained`: loads the adapter directory `dir` as `adapter_name` and makes it
     /// active.
-    pub fn from_pretrained(model: M, dir: impl AsRef<Path>, adapter_name: &str, device: &Device) -> Result<Self> {
+    pub fn from_pretrained(
+        model: M,
+        dir: impl AsRef<Path>,
+        adapter_name: &str,
+        device: &Device,
+    ) -> Result<Self> {
         let mut me = Self::new(model, 0);
         me.load_adapter(dir, adapter_name, device)?;
         Ok(me)
@@ -119,7 +140,9 @@ impl<M: AdapterHost> PeftModel<M> {
 
     fn check_new_name(&self, name: &str, config: &PeftConfig) -> Result<()> {
         if self.configs.contains_key(name) {
-            return Err(PeftError::Invalid(format!("an adapter named `{name}` already exists")));
+            return Err(PeftError::Invalid(format!(
+                "an adapter named `{name}` already exists"
+            )));
         }
         if config.is_prompt_learning() {
             return Err(PeftError::Unsupported {
@@ -135,20 +158,31 @@ impl<M: AdapterHost> PeftModel<M> {
     /// adapter becomes active; later ones are added inactive, as in PEFT.
     pub fn add_adapter(&mut self, name: &str, mut config: PeftConfig) -> Result<()> {
         self.check_new_name(name, &config)?;
-        if let PeftConfig::Lora(c) = &config {
-            if c.bias != LoraBias::None {
-                return Err(PeftError::Unsupported {
-                    field: "bias".into(),
-                    value: format!("{:?}", c.bias),
-                    reason: "training biases is not implemented yet (adapters saved with it load fine)".into(),
-                });
-            }
+        if let PeftConfig::Lora(c) = &config
+            && c.bias != LoraBias::None
+        {
+            return Err(PeftError::Unsupported {
+                field: "bias".into(),
+                value: format!("{:?}", c.bias),
+                reason: "training biases is not implemented yet (adapters saved with it load fine)"
+                    .into(),
+            });
         }
         let modules = self.model.module_infos();
         let output = self.model.output_layer();
-        let spec = config.target_spec().ok_or_else(|| PeftError::Invalid("no target modules".into()))?;
-        let resolved = resolve_targets(&spec, &modules, output.as_deref(), config.peft_type().as_str())?;
-        let mts: Vec<String> = config.modules_to_save().map(|m| m.to_vec()).unwrap_or_default();
+        let spec = config
+            .target_spec()
+            .ok_or_else(|| PeftError::Invalid("no target modules".into()))?;
+        let resolved = resolve_targets(
+            &spec,
+            &modules,
+            output.as_deref(),
+            config.peft_type().as_str(),
+        )?;
+        let mts: Vec<String> = config
+            .modules_to_save()
+            .map(|m| m.to_vec())
+            .unwrap_or_default();
         set_target_modules(&mut config, resolved.target_modules.clone());
         let targeted: HashSet<&str> = resolved.targeted.iter().map(|s| s.as_str()).collect();
         // Build every adapter first, so that a failure leaves the model unchanged.
@@ -159,13 +193,27 @@ impl<M: AdapterHost> PeftModel<M> {
                 let a = registry::new_adapter(&config, slot.name(), slot.base(), &mut rng)?;
                 built.push((slot.name().to_string(), a));
             } else if is_module_to_save(slot.name(), &mts) {
-                built.push((slot.name().to_string(), Box::new(ModulesToSave::from_base(slot.base())?) as _));
+                built.push((
+                    slot.name().to_string(),
+                    Box::new(ModulesToSave::from_base(slot.base())?) as _,
+                ));
             }
         }
-        let slot_names: HashSet<String> = self.model.slots().iter().map(|s| s.name().to_string()).collect();
+        let slot_names: HashSet<String> = self
+            .model
+            .slots()
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect();
         for m in &modules {
-            if is_module_to_save(&m.name, &mts) && !slot_names.contains(&m.name) && !matches!(m.kind, ModuleKind::Other(_)) {
-                return Err(PeftError::Invalid(format!("modules_to_save: `{}` is not an adapter slot", m.name)));
+            if is_module_to_save(&m.name, &mts)
+                && !slot_names.contains(&m.name)
+                && !matches!(m.kind, ModuleKind::Other(_))
+            {
+                return Err(PeftError::Invalid(format!(
+                    "modules_to_save: `{}` is not an adapter slot",
+                    m.name
+                )));
             }
             if is_module_to_save(&m.name, &mts) && matches!(m.kind, ModuleKind::Other(_)) {
                 return Err(PeftError::Unsupported {
@@ -195,28 +243,42 @@ impl<M: AdapterHost> PeftModel<M> {
             .slots_mut()
             .into_iter()
             .find(|s| s.name() == name)
-            .ok_or_else(|| PeftError::MissingModule { module: name.to_string() })
+            .ok_or_else(|| PeftError::MissingModule {
+                module: name.to_string(),
+            })
     }
 
     /// Loads a PEFT adapter directory as `name` (PEFT's `load_adapter`). Model tensors the file replaces
     /// (trained biases, saved embedding matrices) are written into the model; `modules_to_save` copies
     /// become adapters of their slots. Every module the file names must exist in the model.
-    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str, device: &Device) -> Result<()> {
+    pub fn load_adapter(
+        &mut self,
+        dir: impl AsRef<Path>,
+        name: &str,
+        device: &Device,
+    ) -> Result<()> {
         let file = load_adapter(dir.as_ref(), device)?;
         self.check_new_name(name, &file.config)?;
         let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
         if !split.shared.is_empty() {
-            return Err(PeftError::UnexpectedKeys(split.shared.keys().cloned().collect()));
+            return Err(PeftError::UnexpectedKeys(
+                split.shared.keys().cloned().collect(),
+            ));
         }
-        let mts: Vec<String> = file.config.modules_to_save().map(|m| m.to_vec()).unwrap_or_default();
+        let mts: Vec<String> = file
+            .config
+            .modules_to_save()
+            .map(|m| m.to_vec())
+            .unwrap_or_default();
         let mut built = Vec::new();
         {
             let slots = self.model.slots();
             for (module, params) in &split.modules {
-                let slot = slots
-                    .iter()
-                    .find(|s| s.name() == module)
-                    .ok_or_else(|| PeftError::MissingModule { module: module.clone() })?;
+                let slot = slots.iter().find(|s| s.name() == module).ok_or_else(|| {
+                    PeftError::MissingModule {
+                        module: module.clone(),
+                    }
+                })?;
                 let a = registry::build_adapter(&file.config, module, slot.base(), params)?;
                 built.push((module.clone(), a));
             }
@@ -225,14 +287,20 @@ impl<M: AdapterHost> PeftModel<M> {
                     let w = split.overrides.get(&format!("{}.weight", slot.name()));
                     if let Some(w) = w {
                         let b = split.overrides.get(&format!("{}.bias", slot.name()));
-                        built.push((slot.name().to_string(), Box::new(ModulesToSave::from_tensors(slot.base(), w, b)?) as _));
+                        built.push((
+                            slot.name().to_string(),
+                            Box::new(ModulesToSave::from_tensors(slot.base(), w, b)?) as _,
+                        ));
                     }
                 }
             }
         }
         let mut replaced = Vec::new();
         for (k, t) in &split.overrides {
-            let owner_is_mts = built.iter().any(|(m, a)| a.peft_type() == crate::layer::modules_to_save::MODULES_TO_SAVE && k.starts_with(&format!("{m}.")));
+            let owner_is_mts = built.iter().any(|(m, a)| {
+                a.peft_type() == crate::layer::modules_to_save::MODULES_TO_SAVE
+                    && k.starts_with(&format!("{m}."))
+            });
             if !owner_is_mts {
                 replaced.push((k.clone(), t.clone()));
             }
@@ -276,7 +344,10 @@ impl<M: AdapterHost> PeftModel<M> {
         }
         for slot in self.model.slots() {
             if slot.merged().contains(&name) {
-                return Err(PeftError::Invalid(format!("adapter `{name}` is merged in `{}`; unmerge first", slot.name())));
+                return Err(PeftError::Invalid(format!(
+                    "adapter `{name}` is merged in `{}`; unmerge first",
+                    slot.name()
+                )));
             }
         }
         for slot in self.model.slots_mut() {
@@ -286,10 +357,8 @@ impl<M: AdapterHost> PeftModel<M> {
         }
         self.configs.shift_remove(name);
         self.active.retain(|n| n != name);
-        if self.active.is_empty() {
-            if let Some(first) = self.configs.keys().next().cloned() {
-                self.set_adapter(&[&first])?;
-            }
+        if let (true, Some(first)) = (self.active.is_empty(), self.configs.keys().next().cloned()) {
+            self.set_adapter(&[&first])?;
         }
         Ok(())
     }
@@ -388,7 +457,11 @@ impl<M: AdapterHost> PeftModel<M> {
         for (_, t) in self.model.named_tensors() {
             count(&t);
         }
-        let trainable = self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
+        let trainable = self
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
         ParameterCount { trainable, all }
     }
 
@@ -400,12 +473,22 @@ impl<M: AdapterHost> PeftModel<M> {
         let mut list: Vec<AdapterToSave<'_>> = Vec::new();
         for (name, config) in &self.configs {
             let embedding_targeted = match config.target_spec().and_then(|s| s.target_modules) {
-                Some(TargetModules::List(l)) => EMBEDDING_LAYER_NAMES.iter().any(|e| l.iter().any(|x| x == e)),
+                Some(TargetModules::List(l)) => EMBEDDING_LAYER_NAMES
+                    .iter()
+                    .any(|e| l.iter().any(|x| x == e)),
                 Some(TargetModules::Regex(r)) if !r.eq_ignore_ascii_case("all-linear") => {
-                    let spec = crate::config::TargetSpec { target_modules: config.target_spec().and_then(|s| s.target_modules), ..Default::default() };
+                    let spec = crate::config::TargetSpec {
+                        target_modules: config.target_spec().and_then(|s| s.target_modules),
+                        ..Default::default()
+                    };
                     modules.iter().any(|m| {
-                        EMBEDDING_LAYER_NAMES.iter().any(|e| m.name == *e || m.name.ends_with(&format!(".{e}")))
-                            && crate::tuners::tuners_utils::check_target_module_exists(&spec, &m.name).unwrap_or(false)
+                        EMBEDDING_LAYER_NAMES
+                            .iter()
+                            .any(|e| m.name == *e || m.name.ends_with(&format!(".{e}")))
+                            && crate::tuners::tuners_utils::check_target_module_exists(
+                                &spec, &m.name,
+                            )
+                            .unwrap_or(false)
                     })
                 }
                 _ => false,
@@ -414,22 +497,26 @@ impl<M: AdapterHost> PeftModel<M> {
                 embedding_targeted && (Some(m) == input.as_deref() || Some(m) == output.as_deref())
             };
             let mut sd = adapter_state_dict(self.model.slots(), name, config, &save_base)?;
-            if let PeftConfig::Lora(c) = config {
-                if c.bias == LoraBias::All {
-                    let have: HashSet<String> = sd.iter().map(|(k, _)| k.clone()).collect();
-                    let mut biases: Vec<(String, candle_core::Tensor)> = self
-                        .model
-                        .slots()
-                        .iter()
-                        .filter(|s| s.adapter(name).is_none())
-                        .filter_map(|s| s.base().bias().map(|b| (format!("{}.bias", s.name()), b.clone())))
-                        .collect();
-                    biases.extend(self.model.named_tensors());
-                    for (k, t) in biases {
-                        let key = format!("{}{k}", crate::io::MODEL_PREFIX);
-                        if k.ends_with(".bias") && !have.contains(&key) {
-                            sd.push((key, t));
-                        }
+            if let PeftConfig::Lora(c) = config
+                && c.bias == LoraBias::All
+            {
+                let have: HashSet<String> = sd.iter().map(|(k, _)| k.clone()).collect();
+                let mut biases: Vec<(String, candle_core::Tensor)> = self
+                    .model
+                    .slots()
+                    .iter()
+                    .filter(|s| s.adapter(name).is_none())
+                    .filter_map(|s| {
+                        s.base()
+                            .bias()
+                            .map(|b| (format!("{}.bias", s.name()), b.clone()))
+                    })
+                    .collect();
+                biases.extend(self.model.named_tensors());
+                for (k, t) in biases {
+                    let key = format!("{}{k}", crate::io::MODEL_PREFIX);
+                    if k.ends_with(".bias") && !have.contains(&key) {
+                        sd.push((key, t));
                     }
                 }
             }

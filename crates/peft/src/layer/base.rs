@@ -83,7 +83,11 @@ impl BaseLayer {
     /// transformers ties them), where a copy would double the memory and untie the two.
     pub fn linear_shared(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let l = Self::new(BaseKind::Embedding, weight, None)?; // shape checks of a 2-D weight, no copy
-        let l = Self { kind: BaseKind::Linear, weight: l.weight, bias: None };
+        let l = Self {
+            kind: BaseKind::Linear,
+            weight: l.weight,
+            bias: None,
+        };
         match bias {
             Some(b) => {
                 let mut l = l;
@@ -201,11 +205,19 @@ impl BaseLayer {
                 if let Some(y) = crate::kernels::linear_inplace(&x, weight, bias)? {
                     return Ok(y);
                 }
+                if frozen_base(&x, weight, bias) {
+                    // Training through a frozen base: the backward computes the input gradient only.
+                    return Ok(crate::ops::frozen_linear(&x, weight, bias)?);
+                }
                 let y = linear_apply(&x, weight, true)?;
                 add_bias_last(y, bias)?
             }
             BaseKind::Conv1D => {
                 let x = x.to_dtype(weight.dtype())?;
+                if frozen_base(&x, weight, bias) {
+                    // `[in, out]` seen as the `[out, in]` Linear layout, a free view.
+                    return Ok(crate::ops::frozen_linear(&x, &weight.t()?, bias)?);
+                }
                 let y = linear_apply(&x, weight, false)?;
                 add_bias_last(y, bias)?
             }
@@ -236,6 +248,13 @@ pub(crate) fn linear_apply(x: &Tensor, w: &Tensor, transpose: bool) -> candle_co
     let mut out: Vec<usize> = dims[..dims.len() - 1].to_vec();
     out.push(y.dim(1)?);
     y.reshape(out)
+}
+
+/// Whether a gradient flows through `x` while the weight and bias are frozen (not trained): then
+/// [`crate::ops::frozen_linear`] skips the weight gradient candle's matmul backward would compute. A trained
+/// weight (a `modules_to_save` copy) keeps the plain candle ops and its gradient.
+fn frozen_base(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    x.track_op() && !weight.track_op() && bias.is_none_or(|b| !b.track_op())
 }
 
 fn add_bias_last(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {

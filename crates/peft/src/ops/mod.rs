@@ -27,7 +27,7 @@ pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
 pub use softmax::{softmax_last_dim, softmax_last_dim_reference};
 
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType, bail};
+use candle_core::{DType, Layout, Result, Tensor, WithDType, bail};
 
 /// The float types the CPU custom ops are written for (f32 and f64).
 pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> + std::iter::Sum {
@@ -109,21 +109,16 @@ fn row_offsets(layout: &Layout) -> Result<(Vec<usize>, usize)> {
     Ok((offsets, d))
 }
 
-/// The slice of a CPU storage of element type `T`.
-fn slice<T: WithDType>(s: &CpuStorage) -> Result<&[T]> {
-    T::cpu_storage_as_slice(s)
-}
-
-/// The contiguous elements a layout addresses, or an error when it is not contiguous.
-fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// The contiguous elements of `s` a layout addresses, or an error when it is not contiguous or exceeds `s`.
+fn contiguous_part<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&slice::<T>(s)?[a..b]),
-        None => bail!("expected a contiguous layout, got {l:?}"),
+        Some((a, b)) if b <= s.len() => Ok(&s[a..b]),
+        _ => bail!("expected a contiguous layout within its storage, got {l:?}"),
     }
 }
 
 /// Below this many elements of work per thread, one thread does everything (spawning costs ~10–50 µs).
-const MIN_WORK_PER_THREAD: usize = 1 << 15;
+const MIN_WORK_PER_THREAD: usize = 1 << 20;
 
 /// Runs `f(first_row, rows)` over `out` cut into whole rows of `row_len`, on up to
 /// `candle_core::utils::get_num_threads()` scoped threads (fewer when `work`, in elements, is small), and
@@ -180,6 +175,57 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 }
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_rows_splits_whole_rows_in_order() {
+        for n_rows in [1, 2, 7, 64] {
+            let mut out = vec![usize::MAX; n_rows * 3];
+            let starts = par_rows(&mut out, 3, usize::MAX / 2, |r0, chunk| {
+                for (i, row) in chunk.chunks_exact_mut(3).enumerate() {
+                    row.fill(r0 + i);
+                }
+                r0
+            });
+            let want: Vec<usize> = (0..n_rows).flat_map(|r| [r; 3]).collect();
+            assert_eq!(out, want);
+            assert_eq!(starts[0], 0);
+            assert!(starts.windows(2).all(|w| w[0] < w[1]));
+            assert!(starts.len() <= candle_core::utils::get_num_threads().max(1));
+        }
+    }
+
+    #[test]
+    fn row_offsets_of_strided_layouts() {
+        let t = Tensor::arange(0f32, 24.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        let v = t.transpose(0, 1).unwrap(); // [3, 2, 4], last dim contiguous
+        let (offsets, d) = row_offsets(v.layout()).unwrap();
+        assert_eq!(d, 4);
+        assert_eq!(offsets, [0, 12, 4, 16, 8, 20]);
+        assert!(row_offsets(t.t().unwrap().layout()).is_err());
+        let n = t.narrow(2, 1, 2).unwrap();
+        assert_eq!(
+            row_offsets(n.layout()).unwrap(),
+            ((0..6).map(|r| 1 + 4 * r).collect(), 2)
+        );
+    }
+
+    #[test]
+    fn dot_with_tails() {
+        for n in [0, 1, 7, 8, 9, 17, 64] {
+            let a: Vec<f64> = (0..n).map(|i| i as f64 * 0.5).collect();
+            let b: Vec<f64> = (0..n).map(|i| 1.0 - i as f64).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-9);
+        }
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod testutil {
     //! Shared test helpers: random tensors, comparisons and finite differences.
 
@@ -225,14 +271,13 @@ pub(crate) mod testutil {
         s
     }
 
-    /// A non-contiguous view of `t` whose last dimension stays contiguous: `t` is the first half of a
-    /// twice-as-wide tensor along axis `rank − 2`... along axis 0 interleaved (rows with a gap).
+    /// A view of `t` at a storage offset whose last dimension stays contiguous (every row after a gap).
     pub fn gapped(t: &Tensor) -> Tensor {
         let r = t.rank();
         let d = t.dims()[r - 1];
-        let wide = Tensor::cat(&[t, &t.zeros_like().unwrap()], r - 1).unwrap();
-        let v = wide.narrow(r - 1, 0, d).unwrap();
-        assert!(!v.is_contiguous());
+        let wide = Tensor::cat(&[&t.zeros_like().unwrap(), t], r - 1).unwrap();
+        let v = wide.narrow(r - 1, d, d).unwrap();
+        assert!(r == 1 || !v.is_contiguous());
         v
     }
 
@@ -245,16 +290,16 @@ pub(crate) mod testutil {
         loss: &dyn Fn(&[Tensor]) -> Result<f64>,
     ) -> f64 {
         let h = 1e-6;
-        let base = inputs[which].flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let an = analytic
+        let base = inputs[which]
             .flatten_all()
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
+        let an = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         assert_eq!(base.len(), an.len());
         let mut worst = 0f64;
         for i in 0..base.len() {
-            let mut eval = |delta: f64| {
+            let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
                 let mut xs = inputs.to_vec();
