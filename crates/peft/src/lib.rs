@@ -17,6 +17,7 @@
 //! - [`peft_model`]: [`PeftModel`], adapters injected by name and managed like PEFT's `PeftModel`.
 //! - [`ops`]: differentiable model building blocks (RMSNorm, softmax, RoPE, frozen linear) with gradients.
 //! - [`kernels`]: in-place CPU kernels for hot inference paths (the unmerged LoRA forward).
+//! - [`train`]: optimizers (PyTorch-exact AdamW, SGD), LR schedules, the trainer, checkpoints and metrics.
 
 pub mod config;
 pub mod error;
@@ -28,6 +29,7 @@ pub mod merge;
 pub mod ops;
 pub mod peft_model;
 pub mod rng;
+pub mod train;
 pub mod tuners;
 pub mod varbuilder;
 

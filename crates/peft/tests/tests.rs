@@ -5,4 +5,5 @@ mod lora_init;
 mod lora_parity;
 mod merge_files;
 mod peft_model;
+mod train;
 mod varbuilder;
