@@ -1,13 +1,22 @@
 //! The `peft` command-line tool.
 //!
+//! - `peft train`: fine-tunes a model with an adapter and writes it in PEFT's format ([`train`]).
+//! - `peft eval`: mean token NLL and perplexity, with any adapters active ([`eval`]).
+//! - `peft generate`: streams a completion, greedy or sampled ([`generate`]).
+//! - `peft convert`: writes a GGUF model as an HF directory ([`convert`]).
 //! - `peft merge`: merges one or more adapters into a base model file or directory ([`merge`]).
 //! - `peft inspect`: describes an adapter directory, for humans or as JSON ([`inspect`]).
 //!
 //! [`Cli`] is the clap definition; [`run`] executes a parsed command line. Every command is also callable
 //! in-process ([`merge::run`], [`inspect::run`]) with its output going to any writer.
 
+pub mod convert;
+pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod model;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -17,7 +26,7 @@ use std::io::Write;
 #[command(
     name = "peft",
     version,
-    about = "Parameter-efficient fine-tuning adapters: merge and inspect"
+    about = "Parameter-efficient fine-tuning: train, evaluate, generate with, merge and inspect adapters"
 )]
 pub struct Cli {
     /// What to do.
@@ -28,6 +37,14 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune a model with an adapter and save the adapter in PEFT's format.
+    Train(Box<train::TrainArgs>),
+    /// Mean token NLL and perplexity of a model, with adapters, on data.
+    Eval(eval::EvalArgs),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Write a GGUF model as an HF directory (f32 safetensors, config, tokenizer).
+    Convert(convert::ConvertArgs),
     /// Merge adapters into a base model and write the merged weights.
     Merge(merge::MergeArgs),
     /// Describe an adapter directory: method, targeted modules, parameters, replaced tensors.
@@ -46,6 +63,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Runs a parsed command line, writing its report to `out`.
 pub fn run_with(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train::run(&args, out).map(|_| ()),
+        Command::Eval(args) => eval::run(&args, out).map(|_| ()),
+        Command::Generate(args) => generate::run(&args, out),
+        Command::Convert(args) => convert::run(&args, out),
         Command::Merge(args) => merge::run(&args, out).map(|_| ()),
         Command::Inspect(args) => inspect::run(&args, out),
     }
@@ -101,6 +122,7 @@ mod tests {
         for bad in [
             vec!["peft"],
             vec!["peft", "train"],
+            vec!["peft", "frobnicate"],
             vec!["peft", "inspect"],
             vec!["peft", "merge", "--base", "b", "--output", "o"],
             vec!["peft", "merge", "--adapter", "a", "--output", "o"],

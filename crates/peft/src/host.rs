@@ -5,9 +5,9 @@
 //! adapter slots by name; and its plain tensors by name (for `bias="all"`, `modules_to_save` and saved
 //! embeddings). Injection, `set_adapter`, merging and saving all go through this one trait.
 
+use crate::Result;
 use crate::layer::AdapterSlot;
 use crate::tuners::tuners_utils::ModuleInfo;
-use crate::Result;
 use candle_core::Tensor;
 
 /// A model that holds adapter slots and exposes its module tree by HuggingFace dotted name.

@@ -1,0 +1,50 @@
+//! Loading a base model for `train`, `eval` and `generate`: an HF directory or a GGUF file.
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
+use peft_models::tokenizer::Tokenizer;
+use std::path::Path;
+
+/// A base model with its tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model (every projection an adapter slot).
+    pub model: LlamaForCausalLM,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its HF `config.json`.
+    pub config: serde_json::Value,
+}
+
+/// Loads an HF model directory (config.json, safetensors, tokenizer.json) or a llama GGUF file (dequantized
+/// to f32, tensors renamed, tokenizer built from its metadata).
+pub fn load_model(path: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
+    let (config, tensors, tokenizer) = if path.is_dir() {
+        let m = peft_models::hf::load_hf_dir(path, DType::F32, device)
+            .with_context(|| format!("loading the model directory {}", path.display()))?;
+        let tok = m
+            .tokenizer
+            .with_context(|| format!("{}: no tokenizer.json", path.display()))?;
+        (m.config, m.tensors, tok)
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        let m = peft_models::gguf::load_gguf(path, device)
+            .with_context(|| format!("loading the GGUF model {}", path.display()))?;
+        (m.config, m.tensors, m.tokenizer)
+    } else if !path.exists() {
+        bail!("{}: no such model file or directory", path.display());
+    } else {
+        bail!(
+            "{}: expected an HF model directory or a .gguf file",
+            path.display()
+        );
+    };
+    let llama = LlamaConfig::from_value(&config).context("reading the model config")?;
+    let model =
+        LlamaForCausalLM::from_tensors(llama, tensors, device).context("building the model")?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        config,
+    })
+}

@@ -1,0 +1,879 @@
+//! [`LlamaForCausalLM`]: transformers' `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM`, with every
+//! projection, the input embedding and the LM head held in a [`peft::AdapterSlot`].
+//!
+//! The forward pass mirrors transformers 5.24's eager path: `embed → (RMSNorm → attention → residual → RMSNorm
+//! → SwiGLU MLP → residual) × layers → RMSNorm → lm_head`, with RoPE in rotate-half form (cos/sin computed in
+//! f32 from `inv_freq`, including Llama-3 scaling), GQA, and an additive mask that combines causality, the
+//! sliding window (mistral, qwen2 sliding layers) and padding. Masked scores get `f32::MIN` (transformers'
+//! `torch.finfo(dtype).min`), so a fully masked row (a left-padding query) gives a uniform softmax, not NaN.
+//! Differentiable through [`peft::ops`]; the base weights are plain tensors, never `Var`s.
+
+use super::cache::{KvCache, PrefixKv};
+use super::config::LlamaConfig;
+use candle_core::{D, DType, Device, Tensor};
+use indexmap::IndexMap;
+use peft::host::AdapterHost;
+use peft::tuners::tuners_utils::{ModuleInfo, ModuleKind};
+use peft::{AdapterSlot, BaseKind, BaseLayer, ForwardCtx, PeftError, PeftRng, Result};
+
+/// The inputs of one forward pass. Exactly one of `input_ids` and `inputs_embeds` must be given.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # use peft_models::llama::ForwardInput;
+/// # let ids = Tensor::zeros((1, 3), candle_core::DType::U32, &Device::Cpu).unwrap();
+/// # let mask = Tensor::ones((1, 3), candle_core::DType::U32, &Device::Cpu).unwrap();
+/// let input = ForwardInput::ids(&ids).with_attention_mask(&mask);
+/// # let _ = input;
+/// ```
+#[derive(Debug, Default)]
+pub struct ForwardInput<'a> {
+    /// Token ids `[B, L]` (u32; i64 is accepted too).
+    pub input_ids: Option<&'a Tensor>,
+    /// Input embeddings `[B, L, hidden]` instead of ids (prompt tuning prepends its virtual tokens here).
+    pub inputs_embeds: Option<&'a Tensor>,
+    /// `[B, past + L]`, 1 = attend, 0 = padding (left or right). `past` is the cache length, or the prefix
+    /// length when a prefix is given without a cache.
+    pub attention_mask: Option<&'a Tensor>,
+    /// `[B, L]` positions for RoPE; default `past..past+L` for every row (transformers' default). With left
+    /// padding pass `clamp(cumsum(mask) − 1, 0)` as `generate` does.
+    pub position_ids: Option<&'a Tensor>,
+    /// A cache to continue from and append to.
+    pub cache: Option<&'a mut KvCache>,
+    /// PEFT prefix-tuning keys/values, attended to before the tokens. With a cache, the cache must be empty
+    /// (it is then filled with the prefix first); later steps need only the cache.
+    pub prefix: Option<&'a PrefixKv>,
+}
+
+impl<'a> ForwardInput<'a> {
+    /// Inputs from token ids.
+    pub fn ids(input_ids: &'a Tensor) -> Self {
+        Self {
+            input_ids: Some(input_ids),
+            ..Self::default()
+        }
+    }
+
+    /// Inputs from embeddings.
+    pub fn embeds(inputs_embeds: &'a Tensor) -> Self {
+        Self {
+            inputs_embeds: Some(inputs_embeds),
+            ..Self::default()
+        }
+    }
+
+    /// With an attention mask `[B, past + L]`.
+    pub fn with_attention_mask(mut self, mask: &'a Tensor) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+
+    /// With explicit position ids `[B, L]`.
+    pub fn with_position_ids(mut self, position_ids: &'a Tensor) -> Self {
+        self.position_ids = Some(position_ids);
+        self
+    }
+
+    /// With a KV cache.
+    pub fn with_cache(mut self, cache: &'a mut KvCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// With prefix-tuning keys/values.
+    pub fn with_prefix(mut self, prefix: &'a PrefixKv) -> Self {
+        self.prefix = Some(prefix);
+        self
+    }
+}
+
+/// An RMSNorm with its HF name.
+#[derive(Clone, Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(peft::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: AdapterSlot,
+    k_proj: AdapterSlot,
+    v_proj: AdapterSlot,
+    o_proj: AdapterSlot,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: AdapterSlot,
+    up_proj: AdapterSlot,
+    down_proj: AdapterSlot,
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    sliding_window: Option<usize>,
+}
+
+/// A Llama-family causal LM whose linear layers and embeddings are adapter slots named by their HF dotted names
+/// (`model.layers.0.self_attn.q_proj`, `model.embed_tokens`, `lm_head`).
+///
+/// Implements [`AdapterHost`], so PEFT's target matching, injection, merging and saving walk it by name.
+#[derive(Debug)]
+pub struct LlamaForCausalLM {
+    config: LlamaConfig,
+    embed_tokens: AdapterSlot,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: AdapterSlot,
+    inv_freq: Tensor,
+    attention_scaling: f64,
+    device: Device,
+    shared_tensors: IndexMap<String, Tensor>,
+}
+
+fn take(
+    tensors: &mut IndexMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let t = tensors
+        .shift_remove(name)
+        .ok_or_else(|| PeftError::MissingKey(name.to_string()))?;
+    if t.dims() != shape {
+        return Err(PeftError::ShapeMismatch {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            got: t.dims().to_vec(),
+        });
+    }
+    Ok(t.to_device(device)?)
+}
+
+impl LlamaForCausalLM {
+    /// Builds the model from tensors in HF names (`model.layers.0.self_attn.q_proj.weight`, …) as the loaders
+    /// produce them. Every tensor the config needs must be present with its shape; a tensor the model does not
+    /// use is an error (except `*.rotary_emb.inv_freq`, which old checkpoints saved, and `lm_head.weight` of a
+    /// tied model). Tensors keep their dtype and move to `device`; the activations take the embedding's dtype.
+    ///
+    /// Tied embeddings (`tie_word_embeddings`): `lm_head`'s base weight is the embedding tensor itself, the same
+    /// storage ([`BaseLayer::linear_shared`]); a `lm_head.weight` in the map is ignored, as transformers does.
+    /// Merging an adapter into either slot, or [`AdapterHost::set_tensor`], gives that slot its own matrix.
+    pub fn from_tensors(
+        config: LlamaConfig,
+        mut tensors: IndexMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let q_out = c.num_attention_heads * hd;
+        let kv_out = c.num_key_value_heads * hd;
+        let embed_w = take(
+            &mut tensors,
+            "model.embed_tokens.weight",
+            &[c.vocab_size, h],
+            device,
+        )?;
+        let embed_tokens =
+            AdapterSlot::new("model.embed_tokens", BaseLayer::embedding(embed_w.clone())?);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear =
+                |name: String, out: usize, inp: usize, bias: bool| -> Result<AdapterSlot> {
+                    let w = take(&mut tensors, &format!("{name}.weight"), &[out, inp], device)?;
+                    let b = if bias {
+                        Some(take(&mut tensors, &format!("{name}.bias"), &[out], device)?)
+                    } else {
+                        None
+                    };
+                    Ok(AdapterSlot::new(name, BaseLayer::linear(w, b)?))
+                };
+            let self_attn = Attention {
+                q_proj: linear(format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
+                k_proj: linear(format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
+                v_proj: linear(format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
+                o_proj: linear(format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
+            };
+            let im = c.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: linear(format!("{p}.mlp.gate_proj"), im, h, c.mlp_bias)?,
+                up_proj: linear(format!("{p}.mlp.up_proj"), im, h, c.mlp_bias)?,
+                down_proj: linear(format!("{p}.mlp.down_proj"), h, im, c.mlp_bias)?,
+            };
+            let norm = |tensors: &mut IndexMap<String, Tensor>, n: &str| -> Result<RmsNorm> {
+                Ok(RmsNorm {
+                    weight: take(tensors, &format!("{p}.{n}.weight"), &[h], device)?,
+                    eps: c.rms_norm_eps,
+                })
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: norm(&mut tensors, "input_layernorm")?,
+                post_attention_layernorm: norm(&mut tensors, "post_attention_layernorm")?,
+                sliding_window: c.sliding_windows.get(i).copied().flatten(),
+            });
+        }
+        let norm = RmsNorm {
+            weight: take(&mut tensors, "model.norm.weight", &[h], device)?,
+            eps: c.rms_norm_eps,
+        };
+        let lm_head_w = if c.tie_word_embeddings {
+            tensors.shift_remove("lm_head.weight");
+            embed_w
+        } else {
+            take(&mut tensors, "lm_head.weight", &[c.vocab_size, h], device)?
+        };
+        let lm_head = if c.tie_word_embeddings {
+            // The embedding's own storage (row-major `[vocab, hidden]`), shared, as transformers ties them.
+            AdapterSlot::new("lm_head", BaseLayer::linear_shared(lm_head_w, None)?)
+        } else {
+            AdapterSlot::new("lm_head", BaseLayer::linear(lm_head_w, None)?)
+        };
+        let extra: Vec<String> = tensors
+            .keys()
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            return Err(PeftError::Invalid(format!(
+                "tensors the {} model does not use: {}",
+                c.family.model_type(),
+                extra.join(", ")
+            )));
+        }
+        let (inv, attention_scaling) = c.rope_inv_freq();
+        let n = inv.len();
+        let inv_freq = Tensor::from_vec(inv, n, device)?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            attention_scaling: attention_scaling as f64,
+            device: device.clone(),
+            shared_tensors: IndexMap::new(),
+        })
+    }
+
+    /// Random weights in HF names for `config` (uniform in ±1/√fan_in, norms 1, biases small), seeded: for
+    /// tests and benchmarks.
+    pub fn random_tensors(
+        config: &LlamaConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<IndexMap<String, Tensor>> {
+        let c = config;
+        let mut rng = PeftRng::new(seed);
+        let mut out = IndexMap::new();
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let mut lin = |out: &mut IndexMap<String, Tensor>,
+                       name: String,
+                       o: usize,
+                       i: usize,
+                       bias: bool|
+         -> Result<()> {
+            let bound = 1.0 / (i as f64).sqrt();
+            out.insert(
+                format!("{name}.weight"),
+                rng.uniform_tensor((o, i), -bound, bound, dtype, device)?,
+            );
+            if bias {
+                out.insert(
+                    format!("{name}.bias"),
+                    rng.uniform_tensor(o, -bound, bound, dtype, device)?,
+                );
+            }
+            Ok(())
+        };
+        lin(
+            &mut out,
+            "model.embed_tokens".into(),
+            c.vocab_size,
+            h,
+            false,
+        )?;
+        let ones = Tensor::ones(h, dtype, device)?;
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let (q, kv, im) = (
+                c.num_attention_heads * hd,
+                c.num_key_value_heads * hd,
+                c.intermediate_size,
+            );
+            lin(&mut out, format!("{p}.self_attn.q_proj"), q, h, c.qkv_bias)?;
+            lin(&mut out, format!("{p}.self_attn.k_proj"), kv, h, c.qkv_bias)?;
+            lin(&mut out, format!("{p}.self_attn.v_proj"), kv, h, c.qkv_bias)?;
+            lin(&mut out, format!("{p}.self_attn.o_proj"), h, q, c.o_bias)?;
+            lin(&mut out, format!("{p}.mlp.gate_proj"), im, h, c.mlp_bias)?;
+            lin(&mut out, format!("{p}.mlp.up_proj"), im, h, c.mlp_bias)?;
+            lin(&mut out, format!("{p}.mlp.down_proj"), h, im, c.mlp_bias)?;
+            out.insert(format!("{p}.input_layernorm.weight"), ones.clone());
+            out.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+        }
+        out.insert("model.norm.weight".into(), ones);
+        if !c.tie_word_embeddings {
+            lin(&mut out, "lm_head".into(), c.vocab_size, h, false)?;
+        }
+        Ok(out)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the activations (the embedding matrix's dtype).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.base().weight().dtype()
+    }
+
+    /// Model-level tensors shared by every adapter slot, by name: e.g. VeRA's `vera_A` / `vera_B` projections,
+    /// which PEFT keeps once per model (`base_model.vera_A[adapter]`), not per layer. The model itself does not
+    /// use them; adapter code that needs them reads them here. Empty for a freshly built model.
+    pub fn shared_tensors(&self) -> &IndexMap<String, Tensor> {
+        &self.shared_tensors
+    }
+
+    /// Mutable access to [`LlamaForCausalLM::shared_tensors`].
+    pub fn shared_tensors_mut(&mut self) -> &mut IndexMap<String, Tensor> {
+        &mut self.shared_tensors
+    }
+
+    /// One adapter slot by its HF dotted name.
+    pub fn slot(&self, name: &str) -> Option<&AdapterSlot> {
+        self.slots().into_iter().find(|s| s.name() == name)
+    }
+
+    /// One adapter slot by its HF dotted name, mutably.
+    pub fn slot_mut(&mut self, name: &str) -> Option<&mut AdapterSlot> {
+        self.slots_mut().into_iter().find(|s| s.name() == name)
+    }
+
+    /// The input embedding lookup (through its slot, so adapters on `model.embed_tokens` apply): `[B, L]` ids to
+    /// `[B, L, hidden]`.
+    pub fn embed_tokens(&self, input_ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids, ctx)
+    }
+
+    /// The logits `[B, L, vocab]` (f32) of every position.
+    pub fn forward(&self, input: ForwardInput<'_>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input, ctx)?;
+        Ok(self.lm_head.forward(&hidden, ctx)?.to_dtype(DType::F32)?)
+    }
+
+    /// The last hidden states `[B, L, hidden]` (after the final norm, before `lm_head`).
+    pub fn forward_hidden(&self, input: ForwardInput<'_>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let ForwardInput {
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            mut cache,
+            prefix,
+        } = input;
+        let x = match (input_ids, inputs_embeds) {
+            (Some(ids), None) => {
+                if ids.rank() != 2 {
+                    return Err(PeftError::Invalid(format!(
+                        "input_ids must be [B, L], got {:?}",
+                        ids.dims()
+                    )));
+                }
+                self.embed_tokens(ids, ctx)?
+            }
+            (None, Some(e)) => e.to_dtype(self.dtype())?,
+            _ => {
+                return Err(PeftError::Invalid(
+                    "You must specify exactly one of input_ids or inputs_embeds".into(),
+                ));
+            }
+        };
+        let (b, l, hsz) = x.dims3()?;
+        if hsz != self.config.hidden_size {
+            return Err(PeftError::ShapeMismatch {
+                name: "inputs_embeds".into(),
+                expected: vec![b, l, self.config.hidden_size],
+                got: x.dims().to_vec(),
+            });
+        }
+        let n_layers = self.layers.len();
+        if let Some(p) = prefix {
+            if p.num_layers() != n_layers {
+                return Err(PeftError::Invalid(format!(
+                    "the prefix has {} layers, the model {n_layers}",
+                    p.num_layers()
+                )));
+            }
+            let (_, kvh, _, hd) = p
+                .layer(0)
+                .map(|(k, _)| k.dims4())
+                .transpose()?
+                .unwrap_or_default();
+            if kvh != self.config.num_key_value_heads || hd != self.config.head_dim {
+                return Err(PeftError::Invalid(format!(
+                    "prefix keys have {kvh} heads of {hd}; the model has {} kv heads of {}",
+                    self.config.num_key_value_heads, self.config.head_dim
+                )));
+            }
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            if let Some(p) = prefix {
+                if !c.is_empty() {
+                    return Err(PeftError::Invalid(
+                        "a prefix was given with a non-empty cache: the cache already holds the prefix \
+                         (pass the prefix only on the first step, or use KvCache::with_prefix)"
+                            .into(),
+                    ));
+                }
+                *c = KvCache::with_prefix(p);
+            }
+            if !c.is_empty() && c.num_layers() != n_layers {
+                return Err(PeftError::Invalid(format!(
+                    "the cache has {} layers, the model {n_layers}",
+                    c.num_layers()
+                )));
+            }
+        }
+        let past = match (&cache, prefix) {
+            (Some(c), _) => c.len(),
+            (None, Some(p)) => p.len(),
+            (None, None) => 0,
+        };
+        let total = past + l;
+
+        // RoPE tables, f32 as transformers: freqs = pos · inv_freq, cos/sin · attention_scaling.
+        let pos = match position_ids {
+            Some(p) => {
+                if p.dims() != [b, l] {
+                    return Err(PeftError::ShapeMismatch {
+                        name: "position_ids".into(),
+                        expected: vec![b, l],
+                        got: p.dims().to_vec(),
+                    });
+                }
+                p.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+            None => {
+                Tensor::arange(past as u32, total as u32, &self.device)?.to_dtype(DType::F32)?
+            }
+        };
+        let freqs = pos.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)?;
+        let (mut cos, mut sin) = (freqs.cos()?, freqs.sin()?);
+        if self.attention_scaling != 1.0 {
+            cos = (cos * self.attention_scaling)?;
+            sin = (sin * self.attention_scaling)?;
+        }
+
+        // Masks: one per distinct sliding window among the layers.
+        let keep = match attention_mask {
+            Some(m) => {
+                if m.dims() != [b, total] {
+                    return Err(PeftError::ShapeMismatch {
+                        name: format!(
+                            "attention_mask (batch × (past {past} + new {l}); a prefix or cache needs its \
+                             positions as ones on the left)"
+                        ),
+                        expected: vec![b, total],
+                        got: m.dims().to_vec(),
+                    });
+                }
+                Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+            }
+            None => None,
+        };
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        for layer in &self.layers {
+            if !masks.iter().any(|(w, _)| *w == layer.sliding_window) {
+                let m = self.build_mask(b, l, past, keep.as_deref(), layer.sliding_window)?;
+                masks.push((layer.sliding_window, m));
+            }
+        }
+
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past_kv = match (&cache, prefix) {
+                (Some(c), _) => c.layer(i).map(|(k, v)| (k.clone(), v.clone())),
+                (None, Some(p)) => p.layer(i).map(|(k, v)| (k.clone(), v.clone())),
+                (None, None) => None,
+            };
+            let mask = masks
+                .iter()
+                .find(|(w, _)| *w == layer.sliding_window)
+                .and_then(|(_, m)| m.as_ref());
+            let (y, k, v) = self.layer_forward(layer, &x, &cos, &sin, mask, past_kv, ctx)?;
+            if let Some(c) = cache.as_deref_mut() {
+                c.set(i, k, v);
+            }
+            x = y;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The additive mask `[B or 1, 1, L, past + L]` (0 = attend, `f32::MIN` = masked), or `None` when nothing is
+    /// masked. Query `i` sits at cache index `past + i`; key `j` is visible when `j ≤ past + i`, when
+    /// `past + i − j < window` (sliding layers) and when `keep[b][j] ≠ 0`.
+    fn build_mask(
+        &self,
+        b: usize,
+        l: usize,
+        past: usize,
+        keep: Option<&[Vec<f32>]>,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
+        let total = past + l;
+        let rows = if keep.is_some() { b } else { 1 };
+        let mut data = vec![0f32; rows * l * total];
+        let mut any = false;
+        for r in 0..rows {
+            for i in 0..l {
+                let q = past + i;
+                for j in 0..total {
+                    let visible = j <= q
+                        && window.is_none_or(|w| q - j < w)
+                        && keep.is_none_or(|k| k[r][j] != 0.0);
+                    if !visible {
+                        data[(r * l + i) * total + j] = f32::MIN;
+                        any = true;
+                    }
+                }
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(
+            data,
+            (rows, 1, l, total),
+            &self.device,
+        )?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        past: Option<(Tensor, Tensor)>,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let residual = x;
+        let h = layer.input_layernorm.forward(x)?;
+        let (a, k, v) = self.attention(&layer.self_attn, &h, cos, sin, mask, past, ctx)?;
+        let x = (residual + a)?;
+        let h = layer.post_attention_layernorm.forward(&x)?;
+        let m = &layer.mlp;
+        let gate = m.gate_proj.forward(&h, ctx)?.silu()?;
+        let up = m.up_proj.forward(&h, ctx)?;
+        let y = m.down_proj.forward(&(gate * up)?, ctx)?;
+        Ok(((x + y)?, k, v))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        past: Option<(Tensor, Tensor)>,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let (b, l, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = nh / nkv;
+        // [B, L, n·hd] → [B, n, L, hd] as a strided view: RoPE reads it as is and writes contiguous q and k;
+        // the values are made contiguous for the matmul.
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, l, n, hd))?.transpose(1, 2)?)
+        };
+        let q = heads(attn.q_proj.forward(x, ctx)?, nh)?;
+        let k = heads(attn.k_proj.forward(x, ctx)?, nkv)?;
+        let v = heads(attn.v_proj.forward(x, ctx)?, nkv)?.contiguous()?;
+        let q = peft::ops::rope(&q, cos, sin)?.contiguous()?;
+        let k = peft::ops::rope(&k, cos, sin)?.contiguous()?;
+        let (k, v) = match past {
+            Some((pk, pv)) => {
+                let fit = |t: Tensor| -> Result<Tensor> {
+                    let t = t.to_dtype(k.dtype())?;
+                    Ok(match t.dims()[0] {
+                        n if n == b => t,
+                        1 => t.broadcast_as((b, nkv, t.dims()[2], hd))?,
+                        n => {
+                            return Err(PeftError::Invalid(format!(
+                                "cached keys have batch size {n}, the input {b}"
+                            )));
+                        }
+                    })
+                };
+                // `cat` of non-contiguous parts (a broadcast prefix) may come back strided: matmul needs
+                // contiguous keys and values.
+                (
+                    Tensor::cat(&[&fit(pk)?, &k], 2)?.contiguous()?,
+                    Tensor::cat(&[&fit(pv)?, &v], 2)?.contiguous()?,
+                )
+            }
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        // GQA without copying keys/values: query head h = g·rep + r uses kv head g, so view the queries as
+        // [B, nkv, rep·L, hd] against [B, nkv, T, hd].
+        let qg = q.reshape((b, nkv, rep * l, hd))?;
+        let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
+            .reshape((b, nh, l, t))?
+            .to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = peft::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let o = probs
+            .reshape((b, nkv, rep * l, t))?
+            .matmul(&v)?
+            .reshape((b, nh, l, hd))?
+            .transpose(1, 2)?
+            .reshape((b, l, nh * hd))?;
+        let o = attn.o_proj.forward(&o, ctx)?;
+        Ok((o, k, v))
+    }
+
+    fn class(&self, suffix: &str) -> ModuleKind {
+        ModuleKind::Other(format!("{}{suffix}", self.config.family.class_prefix()))
+    }
+
+    fn norms(&self) -> Vec<(String, &RmsNorm)> {
+        let mut out = Vec::with_capacity(2 * self.layers.len() + 1);
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                &l.input_layernorm,
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &l.post_attention_layernorm,
+            ));
+        }
+        out.push(("model.norm.weight".into(), &self.norm));
+        out
+    }
+
+    fn norm_mut(&mut self, name: &str) -> Option<&mut RmsNorm> {
+        if name == "model.norm.weight" {
+            return Some(&mut self.norm);
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
+        match rest {
+            "input_layernorm.weight" => Some(&mut layer.input_layernorm),
+            "post_attention_layernorm.weight" => Some(&mut layer.post_attention_layernorm),
+            _ => None,
+        }
+    }
+}
+
+fn slot_kind(slot: &AdapterSlot) -> ModuleKind {
+    match slot.base().kind() {
+        BaseKind::Linear => ModuleKind::Linear,
+        BaseKind::Embedding => ModuleKind::Embedding,
+        BaseKind::Conv2d(_) => ModuleKind::Conv2d,
+        BaseKind::Conv1D => ModuleKind::Conv1D,
+    }
+}
+
+impl AdapterHost for LlamaForCausalLM {
+    /// transformers' `named_modules()` of the `…ForCausalLM` (root left out), with its class names.
+    fn module_infos(&self) -> Vec<ModuleInfo> {
+        let mut out = vec![
+            ModuleInfo::new("model", self.class("Model")),
+            ModuleInfo::new("model.embed_tokens", slot_kind(&self.embed_tokens)),
+            ModuleInfo::new("model.layers", ModuleKind::Other("ModuleList".into())),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push(ModuleInfo::new(p.clone(), self.class("DecoderLayer")));
+            out.push(ModuleInfo::new(
+                format!("{p}.self_attn"),
+                self.class("Attention"),
+            ));
+            let a = &l.self_attn;
+            for s in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                out.push(ModuleInfo::new(s.name(), slot_kind(s)));
+            }
+            out.push(ModuleInfo::new(format!("{p}.mlp"), self.class("MLP")));
+            let m = &l.mlp;
+            for s in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+                out.push(ModuleInfo::new(s.name(), slot_kind(s)));
+            }
+            out.push(ModuleInfo::new(
+                format!("{p}.mlp.act_fn"),
+                ModuleKind::Other("SiLUActivation".into()),
+            ));
+            out.push(ModuleInfo::new(
+                format!("{p}.input_layernorm"),
+                self.class("RMSNorm"),
+            ));
+            out.push(ModuleInfo::new(
+                format!("{p}.post_attention_layernorm"),
+                self.class("RMSNorm"),
+            ));
+        }
+        out.push(ModuleInfo::new("model.norm", self.class("RMSNorm")));
+        out.push(ModuleInfo::new(
+            "model.rotary_emb",
+            self.class("RotaryEmbedding"),
+        ));
+        out.push(ModuleInfo::new("lm_head", slot_kind(&self.lm_head)));
+        out
+    }
+
+    fn output_layer(&self) -> Option<String> {
+        Some("lm_head".into())
+    }
+
+    fn input_embeddings(&self) -> Option<String> {
+        Some("model.embed_tokens".into())
+    }
+
+    fn slots(&self) -> Vec<&AdapterSlot> {
+        let mut out = vec![&self.embed_tokens];
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            out.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    fn slots_mut(&mut self) -> Vec<&mut AdapterSlot> {
+        let mut out = vec![&mut self.embed_tokens];
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    /// The RMSNorm weights (`model.layers.N.input_layernorm.weight`, …, `model.norm.weight`).
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.norms()
+            .into_iter()
+            .map(|(n, norm)| (n, norm.weight.clone()))
+            .collect()
+    }
+
+    /// Replaces a norm weight, or a slot's base `weight` / `bias`, cast to the current dtype and device. With
+    /// tied embeddings, `model.embed_tokens.weight` and `lm_head.weight` name one matrix: setting either sets
+    /// both (as a `load_state_dict` into PyTorch's shared parameter would).
+    fn set_tensor(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let device = self.device.clone();
+        if let Some(norm) = self.norm_mut(name) {
+            if value.dims() != norm.weight.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: norm.weight.dims().to_vec(),
+                    got: value.dims().to_vec(),
+                });
+            }
+            norm.weight = value.to_dtype(norm.weight.dtype())?.to_device(&device)?;
+            return Ok(());
+        }
+        let (module, what) = name
+            .rsplit_once('.')
+            .filter(|(_, w)| *w == "weight" || *w == "bias")
+            .ok_or_else(|| PeftError::MissingModule {
+                module: name.to_string(),
+            })?;
+        let tied = self.config.tie_word_embeddings
+            && what == "weight"
+            && (module == "lm_head" || module == "model.embed_tokens");
+        let targets: Vec<&str> = if tied {
+            vec!["model.embed_tokens", "lm_head"]
+        } else {
+            vec![module]
+        };
+        // Check every target first so that a failure changes nothing.
+        for t in &targets {
+            let slot = self.slot(t).ok_or_else(|| PeftError::MissingModule {
+                module: t.to_string(),
+            })?;
+            let cur = match what {
+                "weight" => slot.base().weight(),
+                _ => slot
+                    .base()
+                    .bias()
+                    .ok_or_else(|| PeftError::Invalid(format!("{t} has no bias to replace")))?,
+            };
+            if cur.dims() != value.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: cur.dims().to_vec(),
+                    got: value.dims().to_vec(),
+                });
+            }
+            if !slot.merged().is_empty() {
+                return Err(PeftError::Invalid(format!(
+                    "{t}: cannot replace base tensors while adapters are merged"
+                )));
+            }
+        }
+        for t in targets {
+            let slot = self.slot_mut(t).expect("checked above");
+            let dtype = slot.base().weight().dtype();
+            let v = value.to_dtype(dtype)?.to_device(&device)?;
+            if what == "weight" {
+                slot.set_base_tensors(Some(v), None)?;
+            } else {
+                slot.set_base_tensors(None, Some(v))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::LlamaFamily;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn model_is_send_and_sync() {
+        assert_send_sync::<LlamaForCausalLM>();
+        assert_send_sync::<KvCache>();
+        assert_send_sync::<PrefixKv>();
+    }
+
+    #[test]
+    fn family_prefixes() {
+        assert_eq!(LlamaFamily::Qwen2.class_prefix(), "Qwen2");
+    }
+}

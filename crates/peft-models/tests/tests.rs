@@ -1,0 +1,3 @@
+//! The crate's one integration-test binary (one link on two cores instead of one per file).
+
+mod llama;
