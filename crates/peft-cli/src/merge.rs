@@ -20,7 +20,8 @@ pub const LARGE_MERGE_BYTES: u64 = 64 << 20;
 #[derive(Debug, Clone, Args)]
 pub struct MergeArgs {
     /// The base model: a `.safetensors` file, or a model directory (`model.safetensors` or a sharded
-    /// `model.safetensors.index.json`; its config and tokenizer files are copied to the output).
+    /// `model.safetensors.index.json`; its config and tokenizer files are copied to the output), or a
+    /// llama `.gguf` file (dequantized to f32; the output is then an HF directory).
     #[arg(long, short = 'b', value_name = "MODEL")]
     pub base: PathBuf,
     /// An adapter directory (holding `adapter_config.json` and `adapter_model.safetensors`), optionally with
@@ -242,15 +243,32 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
         adapters.push(adapter);
     }
     let n_adapters = adapters.len();
+    // A GGUF base is first written as an HF directory (dequantized f32, config, tokenizer) next to the
+    // output, merged from there, and removed: the output is an HF directory.
+    let gguf_dir = if args.base.extension().is_some_and(|e| e == "gguf") {
+        let name = args.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = args.output.with_file_name(format!(".{name}.gguf-base-{}", std::process::id()));
+        let m = peft_models::gguf::load_gguf(&args.base, &device)
+            .with_context(|| format!("cannot load the GGUF base {}", args.base.display()))?;
+        peft_models::export::write_hf_dir(&tmp, &m.config, &m.tensors, Some(&m.tokenizer))
+            .with_context(|| format!("cannot write the GGUF base as an HF directory at {}", tmp.display()))?;
+        Some(tmp)
+    } else {
+        None
+    };
+    let base = gguf_dir.clone().unwrap_or_else(|| args.base.clone());
     let mut progress = Progress::new(args.quiet);
     let result = merge_model(
-        &args.base,
+        &base,
         adapters,
         &args.output,
         args.dtype.map(DType::from),
         &mut |done, total, name| progress.update(done, total, name),
     );
     progress.finish();
+    if let Some(tmp) = &gguf_dir {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
     let report = result.with_context(|| {
         format!(
             "cannot merge into {} (writing {})",
