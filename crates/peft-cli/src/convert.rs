@@ -1,7 +1,7 @@
 //! `peft convert`: writes a GGUF model as an HF directory (dequantized f32 safetensors, config.json,
 //! tokenizer.json), which transformers and `peft merge` can then use.
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
 use std::io::Write;
@@ -20,8 +20,18 @@ pub struct ConvertArgs {
 
 /// Runs `peft convert`.
 pub fn run(args: &ConvertArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let m = peft_models::gguf::load_gguf(&args.model, &Device::Cpu)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let path = &args.model;
+    if path.is_dir() {
+        bail!(
+            "{}: is a directory; `peft convert` takes a .gguf file (an HF model directory is used as it is)",
+            path.display()
+        );
+    }
+    if !path.exists() {
+        bail!("{}: no such GGUF file", path.display());
+    }
+    let m = peft_models::gguf::load_gguf(path, &Device::Cpu)
+        .with_context(|| format!("loading the GGUF file {}", path.display()))?;
     peft_models::export::write_hf_dir(&args.output, &m.config, &m.tensors, Some(&m.tokenizer))
         .with_context(|| format!("writing {}", args.output.display()))?;
     writeln!(

@@ -18,6 +18,9 @@ pub mod merge;
 pub mod model;
 pub mod train;
 
+#[cfg(test)]
+mod cli_tests;
+
 use clap::{Parser, Subcommand};
 use std::io::Write;
 

@@ -246,12 +246,23 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
     // A GGUF base is first written as an HF directory (dequantized f32, config, tokenizer) next to the
     // output, merged from there, and removed: the output is an HF directory.
     let gguf_dir = if args.base.extension().is_some_and(|e| e == "gguf") {
-        let name = args.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = args.output.with_file_name(format!(".{name}.gguf-base-{}", std::process::id()));
+        let name = args
+            .output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = args
+            .output
+            .with_file_name(format!(".{name}.gguf-base-{}", std::process::id()));
         let m = peft_models::gguf::load_gguf(&args.base, &device)
             .with_context(|| format!("cannot load the GGUF base {}", args.base.display()))?;
         peft_models::export::write_hf_dir(&tmp, &m.config, &m.tensors, Some(&m.tokenizer))
-            .with_context(|| format!("cannot write the GGUF base as an HF directory at {}", tmp.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot write the GGUF base as an HF directory at {}",
+                    tmp.display()
+                )
+            })?;
         Some(tmp)
     } else {
         None

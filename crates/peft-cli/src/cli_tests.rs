@@ -1,0 +1,594 @@
+//! In-process tests of `peft train`, `eval`, `generate` and `convert` on a tiny random Llama written into a
+//! temporary directory (word-level tokenizer built in code, no download).
+
+use crate::{Cli, error_report, run_with};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
+use peft_models::tokenizer::Tokenizer;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + \
+                      message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt \
+                      %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+const SPECIAL: [&str; 5] = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"];
+const WORDS: [&str; 24] = [
+    "hello",
+    "world",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "user",
+    "assistant",
+    "system",
+    "hi",
+    "there",
+    "how",
+    "are",
+    "you",
+    "fine",
+    "thanks",
+    "be",
+    "brief",
+    "bot",
+    ".",
+    "?",
+    "!",
+    ",",
+];
+
+/// The sentences of the training text (every word in [`WORDS`]).
+const SENTENCES: [&str; 5] = [
+    "the cat sat on the mat .",
+    "hello world , how are you ?",
+    "fine , thanks ! the cat sat on the mat .",
+    "hi there , bot ! be brief .",
+    "how are you , cat ? fine , thanks .",
+];
+
+/// A tiny model directory and its training text, alive as long as the value.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+impl Fixture {
+    /// A fresh path under the fixture's directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+/// The `tokenizer.json` of a word-level tokenizer: ids 0..5 are `<unk> <s> </s> <|im_start|> <|im_end|>`
+/// (special), then [`WORDS`]; whitespace separates words, punctuation is its own token.
+fn tokenizer_json() -> Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in SPECIAL.iter().chain(WORDS.iter()).enumerate() {
+        vocab.insert(w.to_string(), json!(i));
+    }
+    let added: Vec<Value> = SPECIAL
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    })
+}
+
+/// The test tokenizer with `<s>`, `</s>` and a ChatML template (staged through a file in `dir`: this
+/// crate reaches `tokenizers` only through `peft_models`).
+fn tiny_tokenizer(dir: &Path) -> Tokenizer {
+    let path = dir.join("staging-tokenizer.json");
+    std::fs::write(&path, tokenizer_json().to_string()).unwrap();
+    let mut tok = Tokenizer::from_file(&path, None).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    tok.set_bos_token(Some("<s>")).unwrap();
+    tok.set_eos_token(Some("</s>")).unwrap();
+    tok.set_chat_template(Some(CHATML.to_string()));
+    tok
+}
+
+/// Writes `model/` (a 2-layer Llama, hidden 32, random weights, tied embeddings, the tokenizer) and
+/// `train.txt` (the sentences repeated, ~600 words) into a new temporary directory.
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let tok = tiny_tokenizer(&root);
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "_name_or_path": "tiny-test-llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": tok.vocab_size(),
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": true,
+    });
+    let llama = LlamaConfig::from_value(&config).unwrap();
+    let tensors = LlamaForCausalLM::random_tensors(&llama, 0, DType::F32, &Device::Cpu).unwrap();
+    let model = root.join("model");
+    peft_models::export::write_hf_dir(&model, &config, &tensors, Some(&tok)).unwrap();
+    let text = (0..20)
+        .map(|i| SENTENCES[i % SENTENCES.len()])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let text = format!("{text}\n{text}\n");
+    let data = root.join("train.txt");
+    std::fs::write(&data, text).unwrap();
+    Fixture {
+        _tmp: tmp,
+        root,
+        model,
+        data,
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("UTF-8 temp path").to_string()
+}
+
+/// Parses `peft <args…>` and runs it in-process; returns what it wrote.
+fn peft(args: &[String]) -> anyhow::Result<String> {
+    let cli = Cli::try_parse_from(std::iter::once("peft".to_string()).chain(args.iter().cloned()))?;
+    let mut out = Vec::new();
+    run_with(cli, &mut out)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// `args!["train", path, …]`: every item through `ToArg`.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { Vec::<String>::from([$(ToArg::to_arg(&$a)),*]) };
+}
+
+trait ToArg {
+    fn to_arg(&self) -> String;
+}
+impl<T: AsRef<std::ffi::OsStr> + ?Sized> ToArg for T {
+    fn to_arg(&self) -> String {
+        self.as_ref().to_str().expect("UTF-8 argument").to_string()
+    }
+}
+
+/// `peft train` on the fixture for `steps` steps into `out`, with tiny batches and `extra` flags.
+fn train(f: &Fixture, out: &Path, steps: u64, extra: &[String]) -> anyhow::Result<String> {
+    let mut a = args![
+        "train",
+        "--model",
+        f.model,
+        "--data",
+        f.data,
+        "--output",
+        out,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-2",
+        "--quiet",
+    ];
+    a.extend(args!["--steps", steps.to_string()]);
+    a.extend(extra.iter().cloned());
+    peft(&a)
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Every tensor of a safetensors file as (name, dims, f32 bits).
+fn tensor_bits(path: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    peft::io::read_safetensors(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t): (String, Tensor)| {
+            let dims = t.dims().to_vec();
+            let v = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (n, dims, v.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+/// The train records of a metrics log as (step, loss, lr, grad_norm).
+fn train_records(out: &Path) -> Vec<(u64, f64, f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v["lr"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn eval_nll(f: &Fixture, extra: &[String]) -> f64 {
+    let mut a = args!["eval", "--model", f.model, "--data", f.data, "--json"];
+    a.extend(extra.iter().cloned());
+    let out = peft(&a).unwrap();
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    v["mean_nll"].as_f64().unwrap()
+}
+
+fn err_text(r: anyhow::Result<String>) -> String {
+    error_report(&r.expect_err("expected an error"))
+}
+
+#[test]
+fn train_lowers_the_loss_and_writes_a_peft_adapter_that_eval_reloads() {
+    let f = fixture();
+    let out = f.path("run");
+    let report = train(&f, &out, 8, &[]).unwrap();
+    assert!(report.contains("trained 8 steps"), "{report}");
+
+    let summary = read_json(&out.join("summary.json"));
+    let (before, after) = (
+        summary["eval_loss_before"].as_f64().unwrap(),
+        summary["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before, "eval loss {before} → {after}");
+    assert_eq!(summary["steps"], 8);
+
+    let adapter = out.join("adapter");
+    let config = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    assert_eq!(config["base_model_name_or_path"], "tiny-test-llama");
+    let tensors = tensor_bits(&adapter.join("adapter_model.safetensors"));
+    let names: Vec<&str> = tensors.iter().map(|t| t.0.as_str()).collect();
+    for l in 0..2 {
+        for m in ["q_proj", "v_proj"] {
+            for ab in ["lora_A", "lora_B"] {
+                let key = format!("base_model.model.model.layers.{l}.self_attn.{m}.{ab}.weight");
+                assert!(names.contains(&key.as_str()), "{key} not in {names:?}");
+            }
+        }
+    }
+    assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
+    // lora_B starts at zero: trained, it is not zero any more.
+    let b = tensors
+        .iter()
+        .find(|t| t.0.ends_with("layers.0.self_attn.q_proj.lora_B.weight"))
+        .unwrap();
+    assert_eq!(b.1, vec![32, 8]);
+    assert!(b.2.iter().any(|&x| f32::from_bits(x) != 0.0));
+
+    let records = train_records(&out);
+    assert_eq!(
+        records.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert!(records.iter().all(|r| r.1.is_finite() && r.2 > 0.0));
+    let svg = std::fs::read_to_string(out.join("loss_curve.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+    assert!(out.join("checkpoints/last/trainer_state.json").is_file());
+
+    // The saved adapter reloads and lowers the NLL on the data, as training did.
+    let base = eval_nll(&f, &[]);
+    let with = eval_nll(&f, &args!["--adapter", adapter]);
+    assert!(
+        with < base,
+        "NLL without the adapter {base}, with it {with}"
+    );
+
+    // --save-logits writes the first batch and its logits.
+    let logits = f.path("logits.safetensors");
+    let a = args![
+        "eval",
+        "--model",
+        f.model,
+        "--data",
+        f.data,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "3",
+        "--max-examples",
+        "5",
+        "--save-logits",
+        logits,
+    ];
+    let text = peft(&a).unwrap();
+    assert!(text.contains("(5 examples)"), "{text}");
+    let saved = peft::io::read_safetensors(&logits, &Device::Cpu).unwrap();
+    assert_eq!(saved["input_ids"].dims(), &[3, 16]);
+    assert_eq!(
+        saved["logits"].dims(),
+        &[3, 16, SPECIAL.len() + WORDS.len()]
+    );
+}
+
+#[test]
+fn resumed_training_is_bit_identical_to_a_straight_run() {
+    let f = fixture();
+    let extra = args!["--dropout", "0.1", "--targets", "q_proj,k_proj,down_proj"];
+    let straight = f.path("straight");
+    train(&f, &straight, 8, &extra).unwrap();
+    let saving = f.path("saving");
+    let mut e = extra.clone();
+    e.extend(args!["--save-every", "4"]);
+    train(&f, &saving, 8, &e).unwrap();
+    let step4 = saving.join("checkpoints").join("step-4");
+    assert!(step4.join("trainer_state.json").is_file());
+    assert!(!saving.join("checkpoints").join("step-8").exists());
+
+    let resumed = f.path("resumed");
+    let mut e = extra.clone();
+    e.extend(args!["--resume", step4]);
+    let report = train(&f, &resumed, 8, &e).unwrap();
+    assert!(report.contains("resumed at step 4"), "{report}");
+    assert!(report.contains("trained 4 steps"), "{report}");
+    assert_eq!(read_json(&resumed.join("summary.json"))["steps"], 4);
+
+    let file = |d: &Path| d.join("adapter").join("adapter_model.safetensors");
+    let reference = tensor_bits(&file(&straight));
+    assert_eq!(reference.len(), 2 * 3 * 2);
+    assert!(
+        tensor_bits(&file(&saving)) == reference,
+        "saving checkpoints changed the run"
+    );
+    assert!(
+        tensor_bits(&file(&resumed)) == reference,
+        "the resumed run differs from the straight one"
+    );
+    // The resumed log carries the checkpoint's records, then the new steps: the same numbers as the
+    // straight run (times aside).
+    let (a, b) = (train_records(&straight), train_records(&resumed));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b);
+
+    // Resuming in place (the run's own directory, whose log already holds steps 1..8) drops the log's lines
+    // after the checkpoint and ends in the same state.
+    let mut e = extra.clone();
+    e.extend(args!["--resume", step4, "--save-every", "4"]);
+    train(&f, &saving, 8, &e).unwrap();
+    assert!(tensor_bits(&file(&saving)) == reference);
+    assert_eq!(train_records(&saving), a);
+}
+
+#[test]
+fn adapter_config_file_trains_dora_on_all_linear_layers() {
+    let f = fixture();
+    let cfg = f.path("dora.json");
+    let spec = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": "all-linear",
+        "use_dora": true,
+    });
+    std::fs::write(&cfg, spec.to_string()).unwrap();
+    let out = f.path("dora");
+    // The file overrides the LoRA flags.
+    train(
+        &f,
+        &out,
+        4,
+        &args!["--adapter-config", cfg, "--r", "16", "--targets", "q_proj"],
+    )
+    .unwrap();
+    let summary = read_json(&out.join("summary.json"));
+    assert!(
+        summary["eval_loss_after"].as_f64().unwrap()
+            < summary["eval_loss_before"].as_f64().unwrap(),
+        "{summary}"
+    );
+
+    let adapter = out.join("adapter");
+    let saved = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(saved["peft_type"], "LORA");
+    assert_eq!(saved["use_dora"], true);
+    assert_eq!(saved["r"], 4);
+    assert_eq!(saved["lora_alpha"].as_f64(), Some(8.0));
+    // PEFT 0.21.2 expands `all-linear` to the full names of the linear layers (the output layer
+    // excepted), kept in full below its 20-name minimisation threshold.
+    let mut targets: Vec<&str> = saved["target_modules"]
+        .as_array()
+        .unwrap_or_else(|| panic!("target_modules not expanded: {}", saved["target_modules"]))
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    targets.sort();
+    let mut expected: Vec<String> = (0..2)
+        .flat_map(|l| {
+            [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+            ]
+            .into_iter()
+            .chain(["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+            .map(move |m| format!("model.layers.{l}.{m}"))
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(targets, expected);
+    let tensors = tensor_bits(&adapter.join("adapter_model.safetensors"));
+    let magnitudes = tensors
+        .iter()
+        .filter(|t| t.0.ends_with(".lora_magnitude_vector"))
+        .count();
+    assert_eq!(magnitudes, 2 * 7);
+    assert_eq!(tensors.len(), 2 * 7 * 3);
+    assert!(
+        tensors
+            .iter()
+            .any(|t| t.0 == "base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector")
+    );
+    assert!(!tensors.iter().any(|t| t.0.contains("lm_head")));
+    // It reloads for evaluation.
+    let with = eval_nll(&f, &args!["--adapter", adapter]);
+    assert!(with.is_finite());
+}
+
+#[test]
+fn generate_is_deterministic_bounded_and_seeded() {
+    let f = fixture();
+    let tok = tiny_tokenizer(&f.root);
+    let gen_args = |extra: &[String]| {
+        let mut a = args!["generate", "--model", f.model, "--prompt", "the cat sat"];
+        if !extra.iter().any(|x| x == "--max-new-tokens") {
+            a.extend(args!["--max-new-tokens", "5"]);
+        }
+        a.extend(extra.iter().cloned());
+        a
+    };
+    let completion_ids = |text: &str| tok.encode(text.trim_end_matches('\n'), false).unwrap();
+
+    let greedy = peft(&gen_args(&[])).unwrap();
+    assert!(greedy.ends_with('\n'), "{greedy:?}");
+    assert_eq!(peft(&gen_args(&[])).unwrap(), greedy);
+    let n = completion_ids(&greedy).len();
+    assert!(n <= 5, "{n} tokens: {greedy:?}");
+    let one = peft(&gen_args(&args!["--max-new-tokens", "1"])).unwrap();
+    assert!(completion_ids(&one).len() <= 1, "{one:?}");
+    assert!(
+        greedy.starts_with(one.trim_end()),
+        "{one:?} is not the start of {greedy:?}"
+    );
+
+    // Sampling with a seed is reproducible; different seeds give different completions.
+    let sampled =
+        |seed: &str| peft(&gen_args(&args!["--temperature", "1.0", "--seed", seed])).unwrap();
+    assert_eq!(sampled("7"), sampled("7"));
+    let draws: Vec<String> = ["1", "2", "3", "4", "5"].into_iter().map(sampled).collect();
+    assert!(draws.iter().any(|d| *d != draws[0]), "{draws:?}");
+    for d in &draws {
+        assert!(completion_ids(d).len() <= 5, "{d:?}");
+    }
+
+    // With a trained adapter, and with the chat template.
+    let out = f.path("run");
+    train(&f, &out, 2, &[]).unwrap();
+    let adapter = out.join("adapter");
+    let with = peft(&gen_args(&args!["--adapter", adapter])).unwrap();
+    assert!(completion_ids(&with).len() <= 5, "{with:?}");
+    assert_eq!(peft(&gen_args(&args!["--adapter", adapter])).unwrap(), with);
+    let chat = peft(&gen_args(&args!["--chat"])).unwrap();
+    assert!(completion_ids(&chat).len() <= 5, "{chat:?}");
+}
+
+#[test]
+fn bad_paths_give_errors_naming_them() {
+    let f = fixture();
+    let missing = f.path("no-such-model");
+    let e = err_text(peft(&args![
+        "train",
+        "--model",
+        missing,
+        "--data",
+        f.data,
+        "--output",
+        f.path("o1"),
+        "--quiet",
+    ]));
+    assert!(e.contains(&s(&missing)), "{e}");
+
+    let missing_data = f.path("no-such-data.txt");
+    let a = args![
+        "train",
+        "--model",
+        f.model,
+        "--data",
+        missing_data,
+        "--output",
+        f.path("o2"),
+        "--quiet",
+    ];
+    let e = err_text(peft(&a));
+    assert!(e.contains(&s(&missing_data)), "{e}");
+
+    let missing_cfg = f.path("no-such-config.json");
+    let e = err_text(train(
+        &f,
+        &f.path("o3"),
+        1,
+        &args!["--adapter-config", missing_cfg],
+    ));
+    assert!(e.contains(&s(&missing_cfg)), "{e}");
+
+    let e = err_text(peft(&args!["eval", "--model", missing, "--data", f.data]));
+    assert!(e.contains(&s(&missing)), "{e}");
+    let e = err_text(peft(&args![
+        "eval",
+        "--model",
+        f.model,
+        "--data",
+        missing_data
+    ]));
+    assert!(e.contains(&s(&missing_data)), "{e}");
+    let missing_adapter = f.path("no-such-adapter");
+    let e = err_text(peft(&args![
+        "eval",
+        "--model",
+        f.model,
+        "--adapter",
+        missing_adapter,
+        "--data",
+        f.data
+    ]));
+    assert!(e.contains(&s(&missing_adapter)), "{e}");
+    let e = err_text(peft(&args![
+        "generate", "--model", missing, "--prompt", "hi"
+    ]));
+    assert!(e.contains(&s(&missing)), "{e}");
+}
+
+#[test]
+fn convert_refuses_what_is_not_a_gguf_file() {
+    let f = fixture();
+    let out = f.path("converted");
+    // An HF directory, a safetensors file, a missing file: each error names the path, and nothing is
+    // written.
+    let weights = f.model.join("model.safetensors");
+    let missing = f.path("absent.gguf");
+    for (input, why) in [
+        (&f.model, "is a directory"),
+        (&weights, "invalid gguf file"),
+        (&missing, "no such gguf file"),
+    ] {
+        let e = err_text(peft(&args!["convert", "--model", input, "--output", out]));
+        assert!(e.contains(&s(input)), "{e}");
+        assert!(e.to_lowercase().contains(why), "{e}");
+        assert!(!out.exists());
+    }
+}
