@@ -521,6 +521,7 @@ fn named_tensors_and_set_tensor() {
     // Tied: one matrix under both names.
     let e = Tensor::ones((v, h), DType::F32, &Device::Cpu).unwrap();
     model.set_tensor("lm_head.weight", e).unwrap();
+    assert_eq!(id(&model, "lm_head"), id(&model, "model.embed_tokens"));
     for s in ["model.embed_tokens", "lm_head"] {
         let w = model
             .slot(s)
@@ -748,32 +749,72 @@ fn smollm2_shape_timing() {
     );
 }
 
+/// The string list `key` of a fixture's case.json.
+fn json_strings(v: &serde_json::Value, key: &str) -> Vec<String> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("case.json: no list `{key}`"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// The LoRA / DoRA parity cases on tiny Llamas (fixtures/lora, written by PEFT 0.21.2): the HF base directory
-/// loaded into [`LlamaForCausalLM`], the adapter loaded by `PeftModel::from_pretrained`, logits compared with
-/// PEFT's — with the adapter active, disabled, and merged (`merge_and_unload`).
+/// loaded into [`LlamaForCausalLM`], the adapters loaded by `PeftModel::from_pretrained` (`default`) and
+/// `load_adapter` (the others, from their sub-directories), the case's active list set, and logits compared
+/// with PEFT's — active, disabled, merged (`merge_adapter`, with the merged weights of every slot), unmerged
+/// again, and after `merge_and_unload`. Tied embeddings are one matrix, as in PEFT: a merge into either
+/// `model.embed_tokens` or `lm_head` reaches both.
 #[test]
 fn peft_lora_fixtures_on_llama_match_peft() {
     use peft::peft_model::PeftModel;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases");
     let ctx = ForwardCtx::eval();
     let mut n = 0;
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let dir = entry.unwrap().path();
+    let (mut tied_cases, mut multi_cases) = (0, 0);
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for dir in entries {
         let case = dir.file_name().unwrap().to_str().unwrap().to_string();
         if !dir.join("base_hf").is_dir() || case == "llama_tied_ensure" {
             continue; // not a Llama case; ensure_weight_tying=true is refused on purpose
         }
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let adapters = json_strings(&meta, "adapters");
+        let active = json_strings(&meta, "active");
+        let order = json_strings(&meta, "merge_order");
+        let active: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
+        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
         let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
         let tied = config.tie_word_embeddings;
         let tensors = load_st(dir.join("base_hf/model.safetensors"));
         let model = LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu).unwrap();
-        let pm = PeftModel::from_pretrained(model, dir.join("adapter"), "default", &Device::Cpu)
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(model.tied_weights().is_empty(), !tied, "{case}");
+        assert_eq!(adapters[0], "default", "{case}");
+        let mut pm =
+            PeftModel::from_pretrained(model, dir.join("adapter"), "default", &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+        for a in &adapters[1..] {
+            pm.load_adapter(dir.join("adapter").join(a), a, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{case}: {a}: {e}"));
+        }
+        pm.set_adapter(&active).unwrap();
+        let now: Vec<&str> = pm.active_adapters().iter().map(|s| s.as_str()).collect();
+        assert_eq!(now, active, "{case}");
         let io = load_st(dir.join("io.safetensors"));
         let ids = u32s(&io["model_input"]);
+        let base_weights: Vec<(String, Tensor)> = pm
+            .model()
+            .slots()
+            .iter()
+            .map(|s| (s.name().to_string(), s.base().weight().clone()))
+            .collect();
         let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
         let d = assert_close_rows(&case, &got, &io["model_output"], None, 1e-4);
-        let mut pm = pm;
         let off = pm
             .with_adapters_disabled(|pm| pm.model().forward(ForwardInput::ids(&ids), &ctx))
             .unwrap()
@@ -785,22 +826,140 @@ fn peft_lora_fixtures_on_llama_match_peft() {
             None,
             1e-4,
         );
-        // PEFT merges a delta on a tied matrix in place, so it reaches both embed_tokens and lm_head; here the
-        // merged slot gets its own matrix (AdapterHost has no notion of tied weights yet): compare merged
-        // outputs of untied models only.
-        let merged = pm.merge_and_unload(None).unwrap();
-        if !tied {
-            let m = merged.forward(ForwardInput::ids(&ids), &ctx).unwrap();
-            assert_close_rows(
-                &format!("{case} merged"),
-                &m,
-                &io["model_output_merged"],
-                None,
-                1e-4,
-            );
+        // Merged in place: PEFT's merged weights in every slot (both halves of a tied matrix hold it).
+        pm.merge_adapter(Some(&order))
+            .unwrap_or_else(|e| panic!("{case}: merge: {e}"));
+        let want = load_st(dir.join("merged.safetensors"));
+        for slot in pm.model().slots() {
+            let key = format!("{}.weight", slot.name());
+            let diff = (slot.base().weight() - &want[&key])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 1e-5, "{case}: merged {key}: max |diff| {diff}");
+        }
+        let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(
+            &format!("{case} merged"),
+            &m,
+            &io["model_output_merged"],
+            None,
+            1e-4,
+        );
+        // Unmerged: the base weights again (a tied matrix in both slots), and the adapted logits.
+        pm.unmerge_adapter().unwrap();
+        for (slot, (name, w)) in pm.model().slots().iter().zip(&base_weights) {
+            let diff = (slot.base().weight() - w)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 1e-5, "{case}: unmerged {name}: max |diff| {diff}");
+            assert!(slot.merged().is_empty(), "{case}: {name} still merged");
+        }
+        let again = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(
+            &format!("{case} unmerged"),
+            &again,
+            &io["model_output"],
+            None,
+            1e-4,
+        );
+        let merged = pm.merge_and_unload(Some(&order)).unwrap();
+        let m = merged.forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(
+            &format!("{case} merge_and_unload"),
+            &m,
+            &io["model_output_merged"],
+            None,
+            1e-4,
+        );
+        if tied {
+            // Still one matrix, as PEFT's merged model stays tied.
+            let id = |s: &str| merged.slot(s).unwrap().base().weight().id();
+            assert_eq!(id("lm_head"), id("model.embed_tokens"), "{case}: untied");
+            tied_cases += 1;
+        }
+        if adapters.len() > 1 {
+            multi_cases += 1;
         }
         eprintln!("{case}: max |diff| {d:.2e}");
         n += 1;
     }
-    assert!(n >= 6, "only {n} Llama LoRA cases found");
+    assert!(n >= 9, "only {n} Llama LoRA cases found");
+    assert!(tied_cases >= 3, "only {tied_cases} tied cases");
+    assert!(multi_cases >= 2, "only {multi_cases} two-adapter cases");
+}
+
+/// A tied pair merged in several steps (a fresh LoRA "extra" on both halves, then PEFT's DoRA "default") stays
+/// one matrix; unmerging restores the shared base exactly in both slots; merging PEFT's adapter alone afterwards
+/// gives PEFT's merged matrix (no stale state from the first round).
+#[test]
+fn tied_pair_merged_in_steps_stays_one_matrix() {
+    use peft::config::{LoraConfig, TargetModules};
+    use peft::peft_model::PeftModel;
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases/llama_tied_dora");
+    let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
+    let tensors = load_st(dir.join("base_hf/model.safetensors"));
+    let model = LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu).unwrap();
+    let mut pm =
+        PeftModel::from_pretrained(model, dir.join("adapter"), "default", &Device::Cpu).unwrap();
+    let extra = peft::PeftConfig::Lora(LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        init_lora_weights: InitLoraWeights::Bool(false),
+        target_modules: Some(TargetModules::List(vec![
+            "embed_tokens".into(),
+            "lm_head".into(),
+        ])),
+        ..Default::default()
+    });
+    pm.add_adapter("extra", extra).unwrap();
+    let w = |pm: &PeftModel<LlamaForCausalLM>, s: &str| {
+        pm.model().slot(s).unwrap().base().weight().clone()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let base = w(&pm, "lm_head");
+    assert_eq!(max_diff(&base, &w(&pm, "model.embed_tokens")), 0.0);
+    pm.merge_adapter(Some(&["extra"])).unwrap();
+    let one = w(&pm, "lm_head");
+    assert!(max_diff(&one, &base) > 1e-3);
+    pm.merge_adapter(Some(&["default"])).unwrap();
+    let (e, h) = (w(&pm, "model.embed_tokens"), w(&pm, "lm_head"));
+    assert_eq!(e.id(), h.id(), "one matrix in both slots");
+    assert!(max_diff(&h, &one) > 1e-3);
+    // Still merged: replacing the base is refused.
+    assert!(
+        pm.model_mut()
+            .set_tensor("lm_head.weight", base.clone())
+            .is_err()
+    );
+    pm.unmerge_adapter().unwrap();
+    for s in ["model.embed_tokens", "lm_head"] {
+        assert_eq!(max_diff(&w(&pm, s), &base), 0.0, "{s} restored");
+        assert!(pm.model().slot(s).unwrap().merged().is_empty());
+    }
+    pm.merge_adapter(Some(&["default"])).unwrap();
+    let want = load_st(dir.join("merged.safetensors"));
+    for s in ["model.embed_tokens", "lm_head"] {
+        let d = max_diff(&w(&pm, s), &want[&format!("{s}.weight")]);
+        assert!(d <= 1e-5, "{s}: max |diff| {d}");
+    }
 }

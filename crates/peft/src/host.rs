@@ -33,6 +33,24 @@ pub trait AdapterHost: Send + Sync {
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
 
     /// Replaces one of [`AdapterHost::named_tensors`] (or a slot's base weight or bias, by
-    /// `<slot>.weight` / `<slot>.bias`), shape checked.
+    /// `<slot>.weight` / `<slot>.bias`), shape checked. For a pair in [`AdapterHost::tied_weights`], setting
+    /// either slot's weight must set both.
     fn set_tensor(&mut self, name: &str, value: Tensor) -> Result<()>;
+
+    /// Pairs of slot names whose base weights are **one parameter** in transformers (`tie_word_embeddings`:
+    /// `("model.embed_tokens", "lm_head")`), in tree order (the slot PEFT reaches first in `named_modules()`
+    /// first). The default: none.
+    ///
+    /// Both weights must have the same shape and layout, so that one matrix serves both without a transpose:
+    /// an `Embedding` weight is `[num_embeddings, dim]` = `[V, D]` and the output `Linear`'s weight is
+    /// `[out_features, in_features]` = `[V, D]` too. (A GPT-2 `Conv1D` output layer, `[in, out]`, could not be
+    /// tied this way.)
+    ///
+    /// [`crate::PeftModel`] keeps such a pair consistent, as PEFT's in-place merge into the shared parameter
+    /// does: merging an adapter into either slot changes the one matrix both slots see (base + Δ₁ + Δ₂ for
+    /// additive adapters; a DoRA adapter merged second computes its norm from the matrix that already holds
+    /// the first slot's merge), and unmerging restores both slots to the shared base.
+    fn tied_weights(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }

@@ -248,6 +248,13 @@ impl Merger {
                     .push(m.clone());
             }
         }
+        // A tied matrix is written by its owner (the input embedding) and by the modules that read it through an
+        // alias (the output layer). PEFT merges module by module in `named_modules()` order, where the
+        // embedding comes first; adapter files list keys alphabetically (`lm_head` before `model.…`), so
+        // put the owner first. The order matters for DoRA, whose norm is taken from the weight as it is then.
+        for (target, mods) in writers.iter_mut() {
+            mods.sort_by_key(|m| format!("{m}.weight") != *target);
+        }
         Ok(Self { writers, ..me })
     }
 

@@ -13,7 +13,7 @@ use crate::layer::modules_to_save::ModulesToSave;
 use crate::layer::registry;
 use crate::tuners::tuners_utils::{ModuleKind, resolve_targets};
 use crate::{PeftError, PeftRng, Result};
-use candle_core::{Device, Var};
+use candle_core::{Device, Tensor, Var};
 use indexmap::IndexMap;
 use std::collections::HashSet;
 use std::path::Path;
@@ -29,6 +29,9 @@ pub struct PeftModel<M: AdapterHost> {
     configs: IndexMap<String, PeftConfig>,
     active: Vec<String>,
     seed: u64,
+    /// The shared base matrix of each tied slot pair ([`AdapterHost::tied_weights`]) as it was before the
+    /// first merge into it, restored by [`PeftModel::unmerge_adapter`].
+    tied_bases: IndexMap<(String, String), Tensor>,
 }
 
 /// The trainable-parameter report of [`PeftModel::trainable_parameters`].
@@ -90,6 +93,7 @@ impl<M: AdapterHost> PeftModel<M> {
             configs: IndexMap::new(),
             active: Vec::new(),
             seed,
+            tied_bases: IndexMap::new(),
         }
     }
 
@@ -377,23 +381,123 @@ impl<M: AdapterHost> PeftModel<M> {
         Ok(r)
     }
 
-    /// Merges adapters into the base weights (default: the active ones), as PEFT's `merge_adapter`.
+    /// The host's tied slot pairs ([`AdapterHost::tied_weights`]), checked: both slots exist and their weights
+    /// have one shape.
+    fn tied_pairs(&self) -> Result<Vec<(String, String)>> {
+        let pairs = self.model.tied_weights();
+        let slots = self.model.slots();
+        for (a, b) in &pairs {
+            let find = |n: &str| {
+                slots
+                    .iter()
+                    .find(|s| s.name() == n)
+                    .ok_or_else(|| PeftError::MissingModule {
+                        module: n.to_string(),
+                    })
+            };
+            let (sa, sb) = (find(a)?, find(b)?);
+            if a == b || sa.base().weight().dims() != sb.base().weight().dims() {
+                return Err(PeftError::Invalid(format!(
+                    "tied weights `{a}` {:?} and `{b}` {:?} are not one matrix",
+                    sa.base().weight().dims(),
+                    sb.base().weight().dims()
+                )));
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// Gives the tied partner of `slots[i]` (if any) the weight `slots[i]` now holds, so that both see the one
+    /// shared matrix, as PyTorch's single parameter would.
+    fn sync_tied(
+        slots: &mut [&mut crate::AdapterSlot],
+        i: usize,
+        pairs: &[(String, String)],
+    ) -> Result<()> {
+        let name = slots[i].name().to_string();
+        let Some(partner) = pairs.iter().find_map(|(a, b)| {
+            (*a == name)
+                .then_some(b)
+                .or_else(|| (*b == name).then_some(a))
+        }) else {
+            return Ok(());
+        };
+        let j = slots
+            .iter()
+            .position(|s| s.name() == partner)
+            .ok_or_else(|| PeftError::MissingModule {
+                module: partner.clone(),
+            })?;
+        let w = slots[i].base().weight().contiguous()?;
+        slots[i].set_tied_weight(w.clone())?;
+        slots[j].set_tied_weight(w)
+    }
+
+    /// Merges adapters into the base weights (default: the active ones), as PEFT's `merge_adapter`: module by
+    /// module in tree order, each merging the adapters in the given order.
+    ///
+    /// Tied weights ([`AdapterHost::tied_weights`]) stay one matrix, as PEFT's in-place merge into the shared
+    /// parameter leaves them: what either slot merges lands in the matrix both slots see, so the slot merged
+    /// second starts from a weight that already holds the first one's merge (a DoRA norm included).
     pub fn merge_adapter(&mut self, names: Option<&[&str]>) -> Result<()> {
         let names: Vec<String> = match names {
             Some(n) => n.iter().map(|s| s.to_string()).collect(),
             None => self.active.clone(),
         };
         let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-        for slot in self.model.slots_mut() {
-            slot.merge(Some(&refs))?;
+        let pairs = self.tied_pairs()?;
+        {
+            let slots = self.model.slots();
+            let merged_in = |n: &str| {
+                slots
+                    .iter()
+                    .any(|s| s.name() == n && !s.merged().is_empty())
+            };
+            for (a, b) in &pairs {
+                let key = (a.clone(), b.clone());
+                if !self.tied_bases.contains_key(&key) && !merged_in(a) && !merged_in(b) {
+                    let w = slots.iter().find(|s| s.name() == a).expect("checked");
+                    self.tied_bases.insert(key, w.base().weight().clone());
+                }
+            }
         }
+        let mut slots = self.model.slots_mut();
+        for i in 0..slots.len() {
+            let before = slots[i].merged().len();
+            slots[i].merge(Some(&refs))?;
+            if slots[i].merged().len() != before {
+                Self::sync_tied(&mut slots, i, &pairs)?;
+            }
+        }
+        // A pair nothing was merged into keeps no snapshot (its base may still be replaced).
+        let merged_in = |n: &str| {
+            slots
+                .iter()
+                .any(|s| s.name() == n && !s.merged().is_empty())
+        };
+        self.tied_bases
+            .retain(|(a, b), _| merged_in(a) || merged_in(b));
         Ok(())
     }
 
-    /// Unmerges every merged adapter.
+    /// Unmerges every merged adapter. Tied weights get back the shared base they had before the merge, in
+    /// both slots.
     pub fn unmerge_adapter(&mut self) -> Result<()> {
-        for slot in self.model.slots_mut() {
-            slot.unmerge()?;
+        let pairs = self.tied_pairs()?;
+        let mut slots = self.model.slots_mut();
+        for i in (0..slots.len()).rev() {
+            let had = !slots[i].merged().is_empty();
+            slots[i].unmerge()?;
+            if had {
+                Self::sync_tied(&mut slots, i, &pairs)?;
+            }
+        }
+        for ((a, b), w) in std::mem::take(&mut self.tied_bases) {
+            for s in slots.iter_mut() {
+                if s.name() == a || s.name() == b {
+                    s.set_tied_weight(w.clone())?;
+                }
+            }
         }
         Ok(())
     }

@@ -180,6 +180,15 @@ fn lora_disabled_forward_is_the_base() {
     });
 }
 
+/// The tied pair of a case whose embedding and LM head are one matrix and both targeted, if any.
+fn tied_targets(c: &LoadedCase) -> Option<(&'static str, &'static str)> {
+    let pair = ("model.embed_tokens", "lm_head");
+    (c.json["base_tied"].as_bool() == Some(true)
+        && c.slots.contains_key(pair.0)
+        && c.slots.contains_key(pair.1))
+    .then_some(pair)
+}
+
 #[test]
 fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
     for_each_case(|dir, c| {
@@ -188,12 +197,15 @@ fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
         let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
         let (atol, rtol) = tolerances(c.dtype);
         let io = load(&dir.join("io.safetensors"));
+        let tied = tied_targets(c);
         for (m, slot) in c.slots.iter_mut() {
             slot.merge(Some(&order))
                 .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
             let what = format!("{}: merged {m}", dir.display());
             let key = format!("{m}.weight");
-            if let Some(expected) = merged.get(&key) {
+            // Both halves of a tied pair merge into one matrix: checked below, chained.
+            let in_tied = tied.is_some_and(|(a, b)| m == a || m == b);
+            if let (Some(expected), false) = (merged.get(&key), in_tied) {
                 assert_close(&what, slot.base().weight(), expected, atol, rtol);
             }
             if let (Some(b), Some(expected)) =
@@ -228,6 +240,25 @@ fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
                 rtol,
             );
             assert!(slot.merged().is_empty());
+        }
+        // A tied pair as PEFT merges it into its one parameter: the embedding first, then the head starting
+        // from the matrix that holds the embedding's merge (`set_tied_weight`, as `PeftModel` does).
+        if let Some((e, h)) = tied {
+            let mut c = load_case(dir);
+            let mut emb = c.slots.shift_remove(e).unwrap();
+            let mut head = c.slots.shift_remove(h).unwrap();
+            emb.merge(Some(&order)).unwrap();
+            head.set_tied_weight(emb.base().weight().clone()).unwrap();
+            head.merge(Some(&order)).unwrap();
+            for name in [e, h] {
+                assert_close(
+                    &format!("{}: tied merged {name}", dir.display()),
+                    head.base().weight(),
+                    &merged[&format!("{name}.weight")],
+                    atol,
+                    rtol,
+                );
+            }
         }
     });
 }

@@ -12,6 +12,9 @@ fn candle_transformers_llama_runs_on_merged_weights() {
         "llama_dora",
         "llama_embed_lm_head",
         "llama_tied_lm_head",
+        "llama_tied_dora",
+        "llama_two_adapters",
+        "llama_two_adapters_dora",
     ] {
         let dir = fixtures_dir().join("lora/cases").join(case);
         let base = dir.join("base_hf");
@@ -19,14 +22,15 @@ fn candle_transformers_llama_runs_on_merged_weights() {
             serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap())
                 .unwrap();
         let config = config.into_config(false);
-        let adapter = dir.join("adapter");
-        let vb = peft::varbuilder::merged_var_builder(
-            &base,
-            &[(&adapter, None)],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        // Every adapter of the case, in PEFT's merge order (`default` at the root, the others in sub-dirs).
+        let adapters: Vec<_> = strings(&case_json(&dir), "merge_order")
+            .iter()
+            .map(|n| peft::io::adapter_subdir(&dir.join("adapter"), n))
+            .collect();
+        let adapters: Vec<(&std::path::Path, Option<f64>)> =
+            adapters.iter().map(|a| (a.as_path(), None)).collect();
+        let vb = peft::varbuilder::merged_var_builder(&base, &adapters, DType::F32, &Device::Cpu)
+            .unwrap();
         let model = Llama::load(vb, &config).unwrap();
         let io = load(&dir.join("io.safetensors"));
         let ids = io["model_input"].to_dtype(DType::U32).unwrap();

@@ -168,7 +168,9 @@ impl LlamaForCausalLM {
     ///
     /// Tied embeddings (`tie_word_embeddings`): `lm_head`'s base weight is the embedding tensor itself, the same
     /// storage ([`BaseLayer::linear_shared`]); a `lm_head.weight` in the map is ignored, as transformers does.
-    /// Merging an adapter into either slot, or [`AdapterHost::set_tensor`], gives that slot its own matrix.
+    /// [`AdapterHost::tied_weights`] reports the pair, so [`peft::PeftModel`]'s merges keep it one matrix (as
+    /// PEFT's in-place merge into the shared parameter does) and [`AdapterHost::set_tensor`] sets both; merging
+    /// through a slot directly ([`AdapterSlot::merge`]) gives that slot its own matrix.
     pub fn from_tensors(
         config: LlamaConfig,
         mut tensors: IndexMap<String, Tensor>,
@@ -759,6 +761,16 @@ impl AdapterHost for LlamaForCausalLM {
         Some("model.embed_tokens".into())
     }
 
+    /// With `tie_word_embeddings`: `("model.embed_tokens", "lm_head")`, one `[vocab, hidden]` matrix (the
+    /// embedding's `[num_embeddings, dim]` is the head's `[out_features, in_features]`).
+    fn tied_weights(&self) -> Vec<(String, String)> {
+        if self.config.tie_word_embeddings {
+            vec![("model.embed_tokens".into(), "lm_head".into())]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn slots(&self) -> Vec<&AdapterSlot> {
         let mut out = vec![&self.embed_tokens];
         for l in &self.layers {
@@ -848,7 +860,10 @@ impl AdapterHost for LlamaForCausalLM {
             let slot = self.slot_mut(t).expect("checked above");
             let dtype = slot.base().weight().dtype();
             let v = value.to_dtype(dtype)?.to_device(&device)?;
-            if what == "weight" {
+            if tied {
+                // One row-major matrix in both slots, storage shared, as `from_tensors` ties them.
+                slot.set_tied_weight(v.contiguous()?)?;
+            } else if what == "weight" {
                 slot.set_base_tensors(Some(v), None)?;
             } else {
                 slot.set_base_tensors(None, Some(v))?;

@@ -175,6 +175,20 @@ impl BaseLayer {
         Ok(())
     }
 
+    /// Replaces the weight keeping its storage exactly as given (no transposed copy for a `Linear`), as
+    /// [`BaseLayer::linear_shared`] does: for a weight shared with another layer.
+    pub(crate) fn replace_weight_shared(&mut self, w: Tensor) -> Result<()> {
+        if w.dims() != self.weight.dims() {
+            return Err(PeftError::ShapeMismatch {
+                name: "weight".into(),
+                expected: self.weight.dims().to_vec(),
+                got: w.dims().to_vec(),
+            });
+        }
+        self.weight = w;
+        Ok(())
+    }
+
     pub(crate) fn replace_bias(&mut self, b: Tensor) -> Result<()> {
         if b.dims() != [self.out_features()] {
             return Err(PeftError::ShapeMismatch {

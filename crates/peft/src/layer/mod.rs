@@ -231,6 +231,16 @@ impl AdapterSlot {
         Ok(())
     }
 
+    /// Replaces the base weight with `weight` as given (same storage, no copy; cast to the current dtype),
+    /// **whether or not adapters are merged**: for a weight tied to another slot's
+    /// ([`crate::host::AdapterHost::tied_weights`]), which [`crate::PeftModel`] calls after the other slot
+    /// merged into (or unmerged from) the one shared matrix. The adapters merged here stay recorded as merged,
+    /// with their undo state, and the bias is left alone. The shape must be the current one.
+    pub fn set_tied_weight(&mut self, weight: Tensor) -> Result<()> {
+        let dtype = self.base.weight().dtype();
+        self.base.replace_weight_shared(weight.to_dtype(dtype)?)
+    }
+
     /// Adds an adapter under `name`; it becomes active if no adapter was active.
     pub fn add_adapter(
         &mut self,
