@@ -58,6 +58,9 @@ pub struct TrainArgs {
     /// rsLoRA scaling (alpha/√r).
     #[arg(long)]
     pub use_rslora: bool,
+    /// Which biases train: none, all, or lora_only (the targeted layers').
+    #[arg(long, default_value = "none")]
+    pub bias: String,
     /// Optimizer: adamw or sgd.
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
@@ -155,7 +158,14 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
                 .collect(),
         )
     };
-    let c = PeftConfig::Lora(LoraConfig {
+    let bias = match args.bias.as_str() {
+        "none" => peft::config::LoraBias::None,
+        "all" => peft::config::LoraBias::All,
+        "lora_only" => peft::config::LoraBias::LoraOnly,
+        other => bail!("unknown --bias {other:?} (none, all or lora_only)"),
+    };
+    let mut c = PeftConfig::Lora(LoraConfig {
+        bias,
         r: args.r,
         lora_alpha: args.alpha.unwrap_or(2.0 * args.r as f64),
         lora_dropout: args.dropout,
@@ -165,6 +175,7 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
         init_lora_weights: InitLoraWeights::Bool(true),
         ..Default::default()
     });
+    c.base_mut().task_type = Some(peft::config::TaskType::CausalLm);
     c.validate()?;
     Ok(c)
 }

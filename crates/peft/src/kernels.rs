@@ -190,14 +190,21 @@ pub fn lora_add_inplace(
 /// The frozen Linear forward in inference, `y = x Wᵀ + b`, as one `gemm` that accumulates into the
 /// broadcast bias (one pass over the output instead of a product and a separate bias add).
 ///
-/// Returns `Ok(None)` when the operands are not f32 on the CPU or when `x` takes part in a gradient
+/// Returns `Ok(None)` when the operands are not f32 on the CPU or when any of them takes part in a gradient
 /// computation (the in-place op records no backward); the caller then runs the candle ops.
 pub fn linear_inplace(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
-    if x.track_op() || !cpu_f32(x) || !cpu_f32(weight) || weight.rank() != 2 || x.rank() == 0 {
+    if x.track_op()
+        || weight.track_op()
+        || bias.is_some_and(|b| b.track_op())
+        || !cpu_f32(x)
+        || !cpu_f32(weight)
+        || weight.rank() != 2
+        || x.rank() == 0
+    {
         return Ok(None);
     }
     let mut out_dims = x.dims().to_vec();

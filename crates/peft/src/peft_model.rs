@@ -32,6 +32,9 @@ pub struct PeftModel<M: AdapterHost> {
     /// The shared base matrix of each tied slot pair ([`AdapterHost::tied_weights`]) as it was before the
     /// first merge into it, restored by [`PeftModel::unmerge_adapter`].
     tied_bases: IndexMap<(String, String), Tensor>,
+    /// Biases trained in place (`bias = "all"` / `"lora_only"`), by their plain model name. They belong to
+    /// the model, not to an adapter, as in PEFT: disabling adapters does not undo them.
+    bias_vars: IndexMap<String, Var>,
 }
 
 /// The trainable-parameter report of [`PeftModel::trainable_parameters`].
@@ -94,6 +97,7 @@ impl<M: AdapterHost> PeftModel<M> {
             active: Vec::new(),
             seed,
             tied_bases: IndexMap::new(),
+            bias_vars: IndexMap::new(),
         }
     }
 
@@ -162,16 +166,10 @@ impl<M: AdapterHost> PeftModel<M> {
     /// adapter becomes active; later ones are added inactive, as in PEFT.
     pub fn add_adapter(&mut self, name: &str, mut config: PeftConfig) -> Result<()> {
         self.check_new_name(name, &config)?;
-        if let PeftConfig::Lora(c) = &config
-            && c.bias != LoraBias::None
-        {
-            return Err(PeftError::Unsupported {
-                field: "bias".into(),
-                value: format!("{:?}", c.bias),
-                reason: "training biases is not implemented yet (adapters saved with it load fine)"
-                    .into(),
-            });
-        }
+        let bias_mode = match &config {
+            PeftConfig::Lora(c) => c.bias,
+            _ => LoraBias::None,
+        };
         let modules = self.model.module_infos();
         let output = self.model.output_layer();
         let spec = config
@@ -231,6 +229,7 @@ impl<M: AdapterHost> PeftModel<M> {
             let slot = self.slot_mut(&module)?;
             slot.add_adapter(name, adapter)?;
         }
+        self.make_biases_trainable(bias_mode, &targeted)?;
         self.configs.insert(name.to_string(), config);
         if self.active.is_empty() {
             self.set_adapter(&[name])?;
@@ -239,6 +238,38 @@ impl<M: AdapterHost> PeftModel<M> {
             let refs: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
             self.set_adapter(&refs)?;
         }
+        Ok(())
+    }
+
+    /// PEFT's `_mark_only_adapters_as_trainable` for `bias`: `"lora_only"` trains the biases of the targeted
+    /// layers, `"all"` every bias of the model. Each becomes a `Var` in place (once, shared by adapters).
+    fn make_biases_trainable(&mut self, mode: LoraBias, targeted: &HashSet<&str>) -> Result<()> {
+        if mode == LoraBias::None {
+            return Ok(());
+        }
+        let mut new_vars = Vec::new();
+        for slot in self.model.slots_mut() {
+            let name = format!("{}.bias", slot.name());
+            let wanted = mode == LoraBias::All || targeted.contains(slot.name());
+            if !wanted || self.bias_vars.contains_key(&name) {
+                continue;
+            }
+            if let Some(b) = slot.base().bias() {
+                let v = Var::from_tensor(b)?;
+                slot.set_base_tensors(None, Some(v.as_tensor().clone()))?;
+                new_vars.push((name, v));
+            }
+        }
+        if mode == LoraBias::All {
+            for (name, t) in self.model.named_tensors() {
+                if name.ends_with(".bias") && !self.bias_vars.contains_key(&name) {
+                    let v = Var::from_tensor(&t)?;
+                    self.model.set_tensor(&name, v.as_tensor().clone())?;
+                    new_vars.push((name, v));
+                }
+            }
+        }
+        self.bias_vars.extend(new_vars);
         Ok(())
     }
 
@@ -535,6 +566,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 }
             }
         }
+        out.extend(self.bias_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         out
     }
 

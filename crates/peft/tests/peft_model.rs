@@ -326,3 +326,76 @@ fn injection_errors_are_peft_errors_and_leave_the_model_unchanged() {
         .unwrap_err();
     assert!(matches!(e, PeftError::MissingModule { .. }), "{e}");
 }
+
+#[test]
+fn bias_all_and_lora_only_train_biases_in_place_and_save_them_like_peft() {
+    use peft::config::LoraBias;
+    let dir = case("bias_all"); // lin0 [24,16]+b, norm [24]+b, lin1 [12,24]+b
+    for (mode, expected) in [
+        (LoraBias::All, vec!["lin0.bias", "lin1.bias", "norm.bias"]),
+        (LoraBias::LoraOnly, vec!["lin0.bias"]),
+    ] {
+        let mut cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: Some(TargetModules::List(vec!["lin0".into()])),
+            ..Default::default()
+        };
+        cfg.bias = mode;
+        let pm = PeftModel::get_peft_model(
+            MlpHost::from_base(&dir.join("base.safetensors")),
+            PeftConfig::Lora(cfg),
+            "default",
+            3,
+        )
+        .unwrap();
+        let vars = pm.trainable_vars();
+        let mut biases: Vec<&str> = vars
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.ends_with(".bias"))
+            .collect();
+        biases.sort();
+        assert_eq!(biases, expected, "{mode:?}");
+        let bias_params: usize = vars
+            .iter()
+            .filter(|(k, _)| k.ends_with(".bias"))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        assert_eq!(
+            pm.trainable_parameters().trainable,
+            4 * 16 + 24 * 4 + bias_params
+        );
+        // the biases receive gradients through the frozen base op, even for an input that needs none
+        let slot = &pm.model().slots["lin0"];
+        let x = peft::PeftRng::new(1)
+            .normal_tensor((3, 16), 0.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let y = slot.forward(&x, &ForwardCtx::train(0, 0)).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let (_, b) = vars.iter().find(|(k, _)| k == "lin0.bias").unwrap();
+        let g = grads.get(b.as_tensor()).expect("lin0.bias has a gradient");
+        assert_close(
+            "d sum / d bias = rows",
+            g,
+            &Tensor::full(3f32, 24, &Device::Cpu).unwrap(),
+            1e-6,
+            0.0,
+        );
+        // saved like PEFT: targeted layers' biases under base_layer, the others under their own names
+        let tmp = tempfile::tempdir().unwrap();
+        pm.save_pretrained(tmp.path()).unwrap();
+        let saved = load(&tmp.path().join("adapter_model.safetensors"));
+        let mut keys: Vec<&String> = saved.keys().filter(|k| k.ends_with(".bias")).collect();
+        keys.sort();
+        let want: Vec<String> = match mode {
+            LoraBias::All => vec![
+                "base_model.model.lin0.base_layer.bias".into(),
+                "base_model.model.lin1.bias".into(),
+                "base_model.model.norm.bias".into(),
+            ],
+            _ => vec!["base_model.model.lin0.base_layer.bias".into()],
+        };
+        assert_eq!(keys, want.iter().collect::<Vec<_>>(), "{mode:?}");
+    }
+}
