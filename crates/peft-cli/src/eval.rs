@@ -4,7 +4,7 @@ use crate::model::load_model;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;
-use peft::{ForwardCtx, PeftModel};
+use peft::ForwardCtx;
 use peft_models::data::{DataConfig, Dataset, causal_lm_sum_nll, load_dataset, pad_token_id};
 use peft_models::llama::{ForwardInput, LlamaForCausalLM};
 use std::io::Write;
@@ -93,22 +93,7 @@ pub fn evaluate(
 pub fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalResult> {
     let device = Device::Cpu;
     let loaded = load_model(&args.model, &device)?;
-    let mut pm = PeftModel::new(loaded.model, 0);
-    let mut names = Vec::new();
-    for (i, dir) in args.adapter.iter().enumerate() {
-        let name = if i == 0 {
-            "default".to_string()
-        } else {
-            format!("adapter{i}")
-        };
-        pm.load_adapter(dir, &name, &device)
-            .with_context(|| format!("loading the adapter {}", dir.display()))?;
-        names.push(name);
-    }
-    if !names.is_empty() {
-        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-        pm.set_adapter(&refs)?;
-    }
+    let pm = crate::model::with_adapters(loaded.model, &args.adapter, &device)?;
     let mut data = load_dataset(
         &args.data,
         &loaded.tokenizer,

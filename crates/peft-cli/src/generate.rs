@@ -1,10 +1,9 @@
 //! `peft generate`: text generation with a KV cache, greedy or sampled, streaming to stdout.
 
 use crate::model::load_model;
-use anyhow::Context;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::Args;
-use peft::{ForwardCtx, PeftModel, PeftRng};
+use peft::{ForwardCtx, PeftRng};
 use peft_models::llama::{ForwardInput, KvCache, LlamaForCausalLM};
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use std::io::Write;
@@ -144,22 +143,7 @@ pub fn generate(
 pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let loaded = load_model(&args.model, &device)?;
-    let mut pm = PeftModel::new(loaded.model, 0);
-    let mut names = Vec::new();
-    for (i, dir) in args.adapter.iter().enumerate() {
-        let name = if i == 0 {
-            "default".to_string()
-        } else {
-            format!("adapter{i}")
-        };
-        pm.load_adapter(dir, &name, &device)
-            .with_context(|| format!("loading the adapter {}", dir.display()))?;
-        names.push(name);
-    }
-    if !names.is_empty() {
-        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-        pm.set_adapter(&refs)?;
-    }
+    let pm = crate::model::with_adapters(loaded.model, &args.adapter, &device)?;
     let ids = prompt_ids(&loaded.tokenizer, &args.prompt, args.chat)?;
     generate(
         pm.model(),

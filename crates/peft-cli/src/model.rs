@@ -48,3 +48,29 @@ pub fn load_model(path: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
         config,
     })
 }
+
+/// Wraps `model` in a [`peft::PeftModel`] with the adapter directories loaded (`default`, then `adapter1`,
+/// `adapter2`, …) and all of them active together, in the order given.
+pub fn with_adapters(
+    model: LlamaForCausalLM,
+    dirs: &[std::path::PathBuf],
+    device: &Device,
+) -> anyhow::Result<peft::PeftModel<LlamaForCausalLM>> {
+    let mut pm = peft::PeftModel::new(model, 0);
+    let mut names = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let name = if i == 0 {
+            "default".to_string()
+        } else {
+            format!("adapter{i}")
+        };
+        pm.load_adapter(dir, &name, device)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        names.push(name);
+    }
+    if !names.is_empty() {
+        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        pm.set_adapter(&refs)?;
+    }
+    Ok(pm)
+}
