@@ -460,6 +460,42 @@ fn adapter_config_file_trains_dora_on_all_linear_layers() {
     assert!(with.is_finite());
 }
 
+/// `peft train --adapter-config` with a target-less IA3 config: PEFT's Llama defaults (k_proj, v_proj, and
+/// down_proj feedforward), only the IA3 vectors train, the eval loss drops, and the adapter reloads.
+#[test]
+fn adapter_config_file_trains_ia3_with_llama_defaults() {
+    let f = fixture();
+    let cfg = f.path("ia3.json");
+    let spec = json!({"peft_type": "IA3", "task_type": "CAUSAL_LM"});
+    std::fs::write(&cfg, spec.to_string()).unwrap();
+    let out = f.path("ia3");
+    train(&f, &out, 6, &args!["--adapter-config", cfg]).unwrap();
+    let summary = read_json(&out.join("summary.json"));
+    assert!(
+        summary["eval_loss_after"].as_f64().unwrap()
+            < summary["eval_loss_before"].as_f64().unwrap(),
+        "{summary}"
+    );
+    let adapter = out.join("adapter");
+    let saved = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(saved["peft_type"], "IA3");
+    let sorted = |v: &Value| {
+        let mut s: Vec<String> = serde_json::from_value(v.clone()).unwrap();
+        s.sort();
+        s
+    };
+    assert_eq!(
+        sorted(&saved["target_modules"]),
+        ["down_proj", "k_proj", "v_proj"]
+    );
+    assert_eq!(sorted(&saved["feedforward_modules"]), ["down_proj"]);
+    let tensors = tensor_bits(&adapter.join("adapter_model.safetensors"));
+    assert_eq!(tensors.len(), 2 * 3);
+    assert!(tensors.iter().all(|t| t.0.ends_with(".ia3_l")));
+    let with = eval_nll(&f, &args!["--adapter", adapter]);
+    assert!(with.is_finite());
+}
+
 #[test]
 fn generate_is_deterministic_bounded_and_seeded() {
     let f = fixture();

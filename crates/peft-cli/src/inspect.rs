@@ -709,11 +709,10 @@ mod tests {
             j["validation_error"]
         );
 
-        let ia3 =
-            json!({"peft_type": "IA3", "target_modules": ["lin0"], "feedforward_modules": []});
-        std::fs::write(tmp.path().join(CONFIG_NAME), ia3.to_string()).unwrap();
+        let loha = json!({"peft_type": "LOHA", "target_modules": ["lin0"]});
+        std::fs::write(tmp.path().join(CONFIG_NAME), loha.to_string()).unwrap();
         let j = inspect_json(tmp.path());
-        assert_eq!(j["peft_type"], "IA3");
+        assert_eq!(j["peft_type"], "LOHA");
         assert_eq!(names(&j["modules"], "name"), ["lin0", "lin1"]);
         assert_eq!(module(&j, "lin0")["r"], Value::Null);
         assert_eq!(

@@ -145,6 +145,13 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
             PeftConfig::from_file(path).with_context(|| format!("reading {}", path.display()))?;
         c.base_mut().inference_mode = false;
         c.validate()?;
+        if let PeftConfig::AdaLora(_) = c {
+            bail!(
+                "{}: AdaLoRA training needs its rank allocator and orthogonal regulariser, which are not \
+                 implemented yet (AdaLoRA adapters load, run and merge)",
+                path.display()
+            );
+        }
         return Ok(c);
     }
     let targets = if args.targets.eq_ignore_ascii_case("all-linear") {

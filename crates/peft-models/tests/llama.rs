@@ -963,3 +963,150 @@ fn tied_pair_merged_in_steps_stays_one_matrix() {
         assert!(d <= 1e-5, "{s}: max |diff| {d}");
     }
 }
+
+/// IA3 on the tiny Llama (fixtures/ia3/cases/ia3_llama, written by PEFT 0.21.2 with the Llama defaults: k_proj,
+/// v_proj and the feedforward down_proj): `PeftModel::from_pretrained` gives PEFT's logits active, disabled,
+/// merged (PEFT's merged weights in every slot), unmerged and after `merge_and_unload`. Then `get_peft_model`
+/// with a target-less IA3 config picks exactly PEFT's targets, starts as the identity, and one AdamW step on
+/// its vectors alone lowers the loss.
+#[test]
+fn peft_ia3_llama_fixture_and_default_targets() {
+    use peft::PeftConfig;
+    use peft::peft_model::PeftModel;
+    use peft::train::optim::{AdamW, AdamWConfig, Optimizer};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/ia3/cases/ia3_llama");
+    let base = || {
+        let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
+        let tensors = load_st(dir.join("base_hf/model.safetensors"));
+        LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu).unwrap()
+    };
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let io = load_st(dir.join("io.safetensors"));
+    let ids = u32s(&io["model_input"]);
+    let ctx = ForwardCtx::eval();
+
+    let mut pm =
+        PeftModel::from_pretrained(base(), dir.join("adapter"), "default", &Device::Cpu).unwrap();
+    let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    assert_close_rows("ia3", &got, &io["model_output"], None, 1e-4);
+    let off = pm
+        .with_adapters_disabled(|pm| pm.model().forward(ForwardInput::ids(&ids), &ctx))
+        .unwrap()
+        .unwrap();
+    assert_close_rows(
+        "ia3 disabled",
+        &off,
+        &io["model_output_disabled"],
+        None,
+        1e-4,
+    );
+    pm.merge_adapter(None).unwrap();
+    let want = load_st(dir.join("merged.safetensors"));
+    for slot in pm.model().slots() {
+        let key = format!("{}.weight", slot.name());
+        let diff = (slot.base().weight() - &want[&key])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-5, "ia3: merged {key}: max |diff| {diff}");
+    }
+    let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    assert_close_rows("ia3 merged", &m, &io["model_output_merged"], None, 1e-4);
+    pm.unmerge_adapter().unwrap();
+    let again = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    assert_close_rows("ia3 unmerged", &again, &io["model_output"], None, 1e-4);
+    let merged = pm.merge_and_unload(None).unwrap();
+    let m = merged.forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    assert_close_rows(
+        "ia3 merge_and_unload",
+        &m,
+        &io["model_output_merged"],
+        None,
+        1e-4,
+    );
+
+    // get_peft_model with PEFT's Llama defaults
+    let cfg =
+        PeftConfig::from_json_str(r#"{"peft_type": "IA3", "task_type": "CAUSAL_LM"}"#).unwrap();
+    let pm = PeftModel::get_peft_model(base(), cfg, "default", 0).unwrap();
+    let targeted: Vec<String> = pm
+        .model()
+        .slots()
+        .iter()
+        .filter(|s| s.adapter("default").is_some())
+        .map(|s| s.name().to_string())
+        .collect();
+    assert_eq!(targeted, json_strings(&meta, "targets"));
+    for slot in pm.model().slots() {
+        if let Some(a) = slot.adapter("default") {
+            let l = &a.tensors()[0].1;
+            let ff = slot.name().ends_with("down_proj");
+            let want = if ff {
+                vec![1, slot.base().in_features()]
+            } else {
+                vec![slot.base().out_features(), 1]
+            };
+            assert_eq!(l.dims(), want.as_slice(), "{}", slot.name());
+        }
+    }
+    let saved = pm.configs()["default"].to_json_value();
+    let theirs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in ["target_modules", "feedforward_modules"] {
+        let mut a: Vec<String> = serde_json::from_value(saved[key].clone()).unwrap();
+        let mut b: Vec<String> = serde_json::from_value(theirs[key].clone()).unwrap();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{key}");
+    }
+    let fresh = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    assert_close_rows(
+        "ia3 init ones",
+        &fresh,
+        &io["model_output_disabled"],
+        None,
+        1e-5,
+    );
+
+    // One AdamW step on the IA3 vectors (the only trainable parameters) lowers the loss on the batch.
+    let params = pm.trainable_vars();
+    assert_eq!(params.len(), 6);
+    assert!(params.iter().all(|(k, _)| k.ends_with(".ia3_l")));
+    let loss = |pm: &PeftModel<LlamaForCausalLM>| {
+        let logits = pm
+            .model()
+            .forward(ForwardInput::ids(&ids), &ForwardCtx::train(0, 0))
+            .unwrap();
+        let (b, l, v) = logits.dims3().unwrap();
+        let inputs = logits
+            .narrow(1, 0, l - 1)
+            .unwrap()
+            .reshape((b * (l - 1), v))
+            .unwrap();
+        let targets = ids.narrow(1, 1, l - 1).unwrap().flatten_all().unwrap();
+        candle_nn::loss::cross_entropy(&inputs, &targets).unwrap()
+    };
+    let before = loss(&pm);
+    let grads = before.backward().unwrap();
+    let mut opt = AdamW::from_params(
+        params,
+        AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step(&grads).unwrap();
+    let (b0, b1) = (
+        before.to_scalar::<f32>().unwrap(),
+        loss(&pm).to_scalar::<f32>().unwrap(),
+    );
+    assert!(b1 < b0, "loss {b0} -> {b1}");
+}

@@ -53,4 +53,10 @@ pub trait AdapterHost: Send + Sync {
     fn tied_weights(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// transformers' `config.model_type` (`"llama"`, `"mistral"`, …), which PEFT uses to pick default target
+    /// modules when a config has none. The default: none (PEFT's `"custom"`).
+    fn model_type(&self) -> Option<String> {
+        None
+    }
 }

@@ -35,6 +35,9 @@ pub struct PeftModel<M: AdapterHost> {
     /// Biases trained in place (`bias = "all"` / `"lora_only"`), by their plain model name. They belong to
     /// the model, not to an adapter, as in PEFT: disabling adapters does not undo them.
     bias_vars: IndexMap<String, Var>,
+    /// Each adapter's model-level shared tensors ([`registry::shared_tensors`]: VeRA's projections), saved
+    /// with the adapter when its method does ([`registry::saves_shared`]).
+    shared: IndexMap<String, registry::SharedTensors>,
 }
 
 /// The trainable-parameter report of [`PeftModel::trainable_parameters`].
@@ -78,6 +81,12 @@ fn thousands(n: usize) -> String {
 fn set_target_modules(config: &mut PeftConfig, t: Option<TargetModules>) {
     if let PeftConfig::Lora(c) = config {
         c.target_modules = t;
+    } else if let PeftConfig::Ia3(c) = config {
+        c.target_modules = t;
+    } else if let PeftConfig::Vera(c) = config {
+        c.target_modules = t;
+    } else if let PeftConfig::AdaLora(c) = config {
+        c.target_modules = t;
     }
 }
 
@@ -98,6 +107,7 @@ impl<M: AdapterHost> PeftModel<M> {
             seed,
             tied_bases: IndexMap::new(),
             bias_vars: IndexMap::new(),
+            shared: IndexMap::new(),
         }
     }
 
@@ -170,6 +180,10 @@ impl<M: AdapterHost> PeftModel<M> {
             PeftConfig::Lora(c) => c.bias,
             _ => LoraBias::None,
         };
+        if let PeftConfig::Ia3(c) = &mut config {
+            let model_type = self.model.model_type();
+            crate::tuners::ia3::model::prepare_adapter_config(c, model_type.as_deref())?;
+        }
         let modules = self.model.module_infos();
         let output = self.model.output_layer();
         let spec = config
@@ -190,9 +204,36 @@ impl<M: AdapterHost> PeftModel<M> {
         // Build every adapter first, so that a failure leaves the model unchanged.
         let mut rng = PeftRng::new(self.seed).fork(name);
         let mut built = Vec::new();
+        let shared = {
+            let slots = self.model.slots();
+            let targets: Vec<_> = slots
+                .iter()
+                .filter(|s| targeted.contains(s.name()))
+                .collect();
+            let dims: Vec<(usize, usize)> = targets
+                .iter()
+                .map(|s| (s.base().in_features(), s.base().out_features()))
+                .collect();
+            let device = targets
+                .first()
+                .map(|s| s.base().weight().device().clone())
+                .unwrap_or(Device::Cpu);
+            // PEFT's VeRA sets `fan_in_fan_out` on the config for each layer it wraps (true for a Conv1D,
+            // false for a Linear), so the saved value is the last targeted layer's.
+            if let (PeftConfig::Vera(c), Some(last)) = (&mut config, targets.last()) {
+                c.fan_in_fan_out = *last.base().kind() == crate::BaseKind::Conv1D;
+            }
+            registry::shared_tensors(&config, None, &dims, &device)?
+        };
         for slot in self.model.slots() {
             if targeted.contains(slot.name()) {
-                let a = registry::new_adapter(&config, slot.name(), slot.base(), &mut rng)?;
+                let a = registry::new_adapter_with_shared(
+                    &config,
+                    slot.name(),
+                    slot.base(),
+                    &mut rng,
+                    &shared,
+                )?;
                 built.push((slot.name().to_string(), a));
             } else if is_module_to_save(slot.name(), &mts) {
                 built.push((
@@ -230,6 +271,7 @@ impl<M: AdapterHost> PeftModel<M> {
             slot.add_adapter(name, adapter)?;
         }
         self.make_biases_trainable(bias_mode, &targeted)?;
+        self.shared.insert(name.to_string(), shared);
         self.configs.insert(name.to_string(), config);
         if self.active.is_empty() {
             self.set_adapter(&[name])?;
@@ -295,11 +337,15 @@ impl<M: AdapterHost> PeftModel<M> {
         let file = load_adapter(dir.as_ref(), device)?;
         self.check_new_name(name, &file.config)?;
         let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
-        if !split.shared.is_empty() {
-            return Err(PeftError::UnexpectedKeys(
-                split.shared.keys().cloned().collect(),
-            ));
-        }
+        let shared = {
+            let slots = self.model.slots();
+            let dims: Vec<(usize, usize)> = slots
+                .iter()
+                .filter(|s| split.modules.contains_key(s.name()))
+                .map(|s| (s.base().in_features(), s.base().out_features()))
+                .collect();
+            registry::shared_tensors(&file.config, Some(&split.shared), &dims, device)?
+        };
         let mts: Vec<String> = file
             .config
             .modules_to_save()
@@ -314,7 +360,13 @@ impl<M: AdapterHost> PeftModel<M> {
                         module: module.clone(),
                     }
                 })?;
-                let a = registry::build_adapter(&file.config, module, slot.base(), params)?;
+                let a = registry::build_adapter_with_shared(
+                    &file.config,
+                    module,
+                    slot.base(),
+                    params,
+                    &shared,
+                )?;
                 built.push((module.clone(), a));
             }
             for slot in &slots {
@@ -346,6 +398,7 @@ impl<M: AdapterHost> PeftModel<M> {
         for (module, adapter) in built {
             self.slot_mut(&module)?.add_adapter(name, adapter)?;
         }
+        self.shared.insert(name.to_string(), shared);
         self.configs.insert(name.to_string(), file.config);
         if self.active.is_empty() {
             self.set_adapter(&[name])?;
@@ -391,6 +444,7 @@ impl<M: AdapterHost> PeftModel<M> {
             }
         }
         self.configs.shift_remove(name);
+        self.shared.shift_remove(name);
         self.active.retain(|n| n != name);
         if let (true, Some(first)) = (self.active.is_empty(), self.configs.keys().next().cloned()) {
             self.set_adapter(&[&first])?;
@@ -655,6 +709,11 @@ impl<M: AdapterHost> PeftModel<M> {
                         sd.push((key, t));
                     }
                 }
+            }
+            if registry::saves_shared(config)
+                && let Some(shared) = self.shared.get(name)
+            {
+                sd.extend(shared.iter().map(|(k, t)| (k.clone(), t.clone())));
             }
             list.push((name.as_str(), config, sd));
         }

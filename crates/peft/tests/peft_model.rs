@@ -11,14 +11,14 @@ use peft::{AdapterSlot, BaseLayer, ForwardCtx, PeftConfig, PeftError, PeftModel}
 use std::path::Path;
 
 /// The fixtures' `MLP`: Linear layers as adapter slots, anything with a 1-D weight as a LayerNorm.
-struct MlpHost {
+pub(crate) struct MlpHost {
     order: Vec<String>,
     slots: IndexMap<String, AdapterSlot>,
     tensors: IndexMap<String, Tensor>,
 }
 
 impl MlpHost {
-    fn from_base(path: &Path) -> Self {
+    pub(crate) fn from_base(path: &Path) -> Self {
         let base = load(path);
         let mut order = Vec::new();
         for k in base.keys() {
@@ -107,7 +107,7 @@ fn case(name: &str) -> std::path::PathBuf {
     fixtures_dir().join("lora/cases").join(name)
 }
 
-fn check_outputs(what: &str, pm: &PeftModel<MlpHost>, dir: &Path, prefix: &str) {
+pub(crate) fn check_outputs(what: &str, pm: &PeftModel<MlpHost>, dir: &Path, prefix: &str) {
     let io = load(&dir.join("io.safetensors"));
     for (m, slot) in &pm.model().slots {
         let Some(expected) = io.get(&format!("output{prefix}.{m}")) else {

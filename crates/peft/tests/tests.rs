@@ -1,9 +1,12 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
+mod adalora;
 mod common;
+mod ia3;
 mod lora_init;
 mod lora_parity;
 mod merge_files;
 mod peft_model;
 mod train;
 mod varbuilder;
+mod vera;

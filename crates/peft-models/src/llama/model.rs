@@ -771,6 +771,11 @@ impl AdapterHost for LlamaForCausalLM {
         }
     }
 
+    /// The family's `model_type` (`"llama"`, `"mistral"`, `"qwen2"`).
+    fn model_type(&self) -> Option<String> {
+        Some(self.config.family.model_type().to_string())
+    }
+
     fn slots(&self) -> Vec<&AdapterSlot> {
         let mut out = vec![&self.embed_tokens];
         for l in &self.layers {

@@ -62,7 +62,7 @@ fn is_match(re: &Regex, haystack: &str, field: &str) -> Result<bool> {
 }
 
 /// Python's `re.fullmatch(pattern, haystack)`.
-fn fullmatch(pattern: &str, haystack: &str, field: &str) -> Result<bool> {
+pub(crate) fn fullmatch(pattern: &str, haystack: &str, field: &str) -> Result<bool> {
     let re = compile(&format!("^(?:{pattern})$"), field, pattern)?;
     is_match(&re, haystack, field)
 }

@@ -1,5 +1,8 @@
 //! VeRA (PEFT's `tuners/vera/`): shared random projections with learned scaling vectors.
 
 pub mod config;
+pub mod layer;
+pub mod prng;
 
 pub use config::VeraConfig;
+pub use layer::{VeraAdapter, VeraProjections};

@@ -1,0 +1,506 @@
+//! AdaLoRA parity with PEFT 0.21.2 on the fixtures of `fixtures/adalora/` (written by `gen_adalora.py`):
+//! per-layer forward, disabled forward, merged weights, unmerge, save → re-load and `peft merge`, including
+//! adapters pruned by PEFT's RankAllocator (`rank_pattern` masks, truncated and zero-size tensors).
+
+use crate::common::*;
+use crate::lora_parity::load_case;
+use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+use peft::io::{adapter_subdir, load_adapter, peft_key};
+use peft::layer::registry;
+use peft::merge::{MergeAdapter, merge_model};
+use peft::tuners::adalora::layer::{AdaLoraAdapter, AdaLoraOptions};
+use peft::{AdapterSlot, BaseLayer, ForwardCtx, PeftConfig, PeftError, PeftRng};
+
+const CASES: [&str; 4] = [
+    "adalora_plain",
+    "adalora_pruned",
+    "adalora_pruned_alpha0",
+    "adalora_conv",
+];
+
+fn all() -> Vec<std::path::PathBuf> {
+    let v = cases("adalora");
+    let names: Vec<String> = v
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, {
+        let mut c = CASES.to_vec();
+        c.sort();
+        c
+    });
+    v
+}
+
+#[test]
+fn adalora_forward_matches_peft_per_layer() {
+    for dir in all() {
+        let c = load_case(&dir);
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in &c.slots {
+            let y = slot
+                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            assert_close(
+                &format!("{}: output.{m}", dir.display()),
+                &y,
+                &io[&format!("output.{m}")],
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn adalora_training_forward_without_dropout_is_the_eval_forward() {
+    let dir = fixtures_dir().join("adalora/cases/adalora_plain");
+    let c = load_case(&dir);
+    let io = load(&dir.join("io.safetensors"));
+    for (m, slot) in &c.slots {
+        let x = &io[&format!("input.{m}")];
+        let y = slot.forward(x, &ForwardCtx::train(1, 0)).unwrap();
+        assert_close(m, &y, &io[&format!("output.{m}")], 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn adalora_dropout_applies_in_training_only() {
+    let dir = fixtures_dir().join("adalora/cases/adalora_conv");
+    let c = load_case(&dir);
+    let io = load(&dir.join("io.safetensors"));
+    let slot = &c.slots["proj"];
+    let x = &io["input.proj"];
+    let eval = slot.forward(x, &ForwardCtx::eval()).unwrap();
+    let t1 = slot.forward(x, &ForwardCtx::train(7, 0)).unwrap();
+    let t1b = slot.forward(x, &ForwardCtx::train(7, 0)).unwrap();
+    let t2 = slot.forward(x, &ForwardCtx::train(7, 1)).unwrap();
+    assert!(
+        max_abs_diff(&eval, &t1) > 1e-4,
+        "dropout changes the output"
+    );
+    assert_eq!(max_abs_diff(&t1, &t1b), 0.0, "same step, same mask");
+    assert!(max_abs_diff(&t1, &t2) > 1e-4, "another step, another mask");
+}
+
+#[test]
+fn adalora_disabled_forward_is_the_base() {
+    for dir in all() {
+        let mut c = load_case(&dir);
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in c.slots.iter_mut() {
+            slot.set_disabled(true);
+            let y = slot
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{}: disabled {m}", dir.display()),
+                &y,
+                &io[&format!("output_disabled.{m}")],
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn adalora_loaded_ranks_scale_and_divisor_follow_peft() {
+    for dir in all() {
+        let c = load_case(&dir);
+        for (m, slot) in &c.slots {
+            let a = slot.adapter("default").unwrap();
+            assert_eq!(a.peft_type(), "ADALORA");
+            let r = c.json["r"][m]["default"].as_u64().unwrap() as usize;
+            let scaling = c.json["scaling"][m]["default"].as_f64().unwrap();
+            let ranknum = c.json["ranknum"][m]["default"].as_f64().unwrap() as f32;
+            let vars = a.vars();
+            assert_eq!(vars[0].1.dims()[0], r, "{m}: rank");
+            let want = a.describe();
+            assert!(want.starts_with(&format!("r={r} ")), "{m}: {want}");
+            if r > 0 {
+                // factor = scaling / (ranknum + 1e-5), as PEFT computes it in f32
+                let (_, config, _, _) = &c.adapters[0];
+                let PeftConfig::AdaLora(cfg) = config else {
+                    panic!()
+                };
+                let opts = AdaLoraOptions::from_config(cfg, m).unwrap();
+                assert_eq!(opts.loaded_rank(), r);
+                let expected = scaling / (ranknum + 1e-5) as f64;
+                let tensors: IndexMap<String, Tensor> = a.tensors().into_iter().collect();
+                let ad = AdaLoraAdapter::from_tensors(slot.base(), opts, &tensors).unwrap();
+                assert!(
+                    (ad.factor() - expected).abs() < 1e-9 * expected,
+                    "{}: {m}: factor {} vs {expected}",
+                    dir.display(),
+                    ad.factor()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn adalora_merge_matches_peft_and_unmerge_restores_the_base() {
+    for dir in all() {
+        let mut c = load_case(&dir);
+        let merged = load(&dir.join("merged.safetensors"));
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in c.slots.iter_mut() {
+            let what = format!("{}: merged {m}", dir.display());
+            // delta_weight (weighted merges) is what merging adds
+            let delta = slot
+                .adapter("default")
+                .unwrap()
+                .delta_weight(slot.base().kind())
+                .unwrap()
+                .expect("additive");
+            let key = format!("{m}.weight");
+            let expected_delta = (&merged[&key] - &c.base[&key]).unwrap();
+            assert_close(
+                &format!("{what} delta"),
+                &delta.0,
+                &expected_delta,
+                1e-5,
+                1e-4,
+            );
+            assert!(delta.1.is_none());
+            slot.merge(None).unwrap();
+            assert_close(&what, slot.base().weight(), &merged[&key], 1e-5, 1e-4);
+            if let Some(b) = slot.base().bias() {
+                assert_close(
+                    &format!("{what}.bias"),
+                    b,
+                    &merged[&format!("{m}.bias")],
+                    0.0,
+                    0.0,
+                );
+            }
+            let y = slot
+                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{what} forward"),
+                &y,
+                &io[&format!("output.{m}")],
+                1e-4,
+                1e-3,
+            );
+            slot.unmerge().unwrap();
+            assert_close(
+                &format!("{what} unmerged"),
+                slot.base().weight(),
+                &c.base[&key],
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn adalora_save_reload_gives_the_same_file_and_config() {
+    for dir in all() {
+        let c = load_case(&dir);
+        let (name, config, _, original) = &c.adapters[0];
+        let saved =
+            peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        peft::io::save_adapter(tmp.path(), config, &saved).unwrap();
+        let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
+        let mut a: Vec<&String> = back.tensors.keys().collect();
+        let mut b: Vec<&String> = original.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{}: keys", dir.display());
+        for (k, t) in original {
+            let u = &back.tensors[k];
+            assert_eq!(u.dims(), t.dims(), "{k}: shape (zero-size ones included)");
+            assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
+            if t.elem_count() > 0 {
+                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
+            }
+        }
+        let mine: serde_json::Value = serde_json::from_str(&back.config.to_json_string()).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            peft::config::json_content_eq(&mine, &theirs),
+            "{}: config differs:\n{mine}\nvs\n{theirs}",
+            dir.display()
+        );
+        let rp = &theirs["rank_pattern"];
+        if dir.ends_with("adalora_pruned") {
+            assert_eq!(rp["aux.lora_E"], serde_json::json!(vec![false; 6]));
+            assert_eq!(mine["rank_pattern"], *rp);
+        }
+    }
+}
+
+#[test]
+fn adalora_merge_files_matches_peft_merge_and_unload() {
+    for dir in all() {
+        let merged = load(&dir.join("merged.safetensors"));
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged.safetensors");
+        let ad = MergeAdapter::load(dir.join("adapter"), None, &Device::Cpu).unwrap();
+        merge_model(
+            &dir.join("base.safetensors"),
+            vec![ad],
+            &out,
+            None,
+            &mut |_, _, _| {},
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let w = load(&out);
+        assert_eq!(w.len(), merged.len());
+        for (k, t) in &w {
+            assert_close(
+                &format!("{}: {k}", dir.display()),
+                t,
+                &merged[k],
+                1e-5,
+                1e-4,
+            );
+        }
+        // additive, so a weighted merge is allowed
+        MergeAdapter::load(dir.join("adapter"), Some(0.5), &Device::Cpu).unwrap();
+    }
+}
+
+fn linear(out: usize, inp: usize) -> BaseLayer {
+    let w = PeftRng::new(1)
+        .normal_tensor((out, inp), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
+    BaseLayer::linear(w, None).unwrap()
+}
+
+fn parse_config(json: &str) -> PeftConfig {
+    let c = PeftConfig::from_json_str(json).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+#[test]
+fn new_adalora_adapters_start_as_peft_does() {
+    let cfg =
+        parse_config(r#"{"peft_type": "ADALORA", "total_step": 10, "init_r": 5, "lora_alpha": 4}"#);
+    let base = linear(40, 30);
+    let a = registry::new_adapter(&cfg, "fc", &base, &mut PeftRng::new(3)).unwrap();
+    let t: IndexMap<String, Tensor> = a.tensors().into_iter().collect();
+    assert_eq!(t["lora_A"].dims(), [5, 30]);
+    assert_eq!(t["lora_B"].dims(), [40, 5]);
+    assert_eq!(t["lora_E"].dims(), [5, 1]);
+    assert_eq!(
+        t["lora_E"]
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    for k in ["lora_A", "lora_B"] {
+        let v: Vec<f32> = t[k].flatten_all().unwrap().to_vec1().unwrap();
+        let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+        assert!((std - 0.02).abs() < 0.004, "{k}: std {std}");
+    }
+    // E = 0: the adapter starts as the identity
+    let mut slot = AdapterSlot::new("fc", base.clone());
+    slot.add_adapter("default", a).unwrap();
+    let x = Tensor::ones((2, 30), DType::F32, &Device::Cpu).unwrap();
+    let y = slot.forward(&x, &ForwardCtx::eval()).unwrap();
+    assert_eq!(max_abs_diff(&y, &base.forward(&x).unwrap()), 0.0);
+    // init_lora_weights=false: everything random, E included
+    let cfg = parse_config(
+        r#"{"peft_type": "ADALORA", "total_step": 10, "init_r": 5, "init_lora_weights": false}"#,
+    );
+    let a = registry::new_adapter(&cfg, "fc", &base, &mut PeftRng::new(3)).unwrap();
+    let e = a
+        .tensors()
+        .into_iter()
+        .find(|(k, _)| k == "lora_E")
+        .unwrap()
+        .1;
+    assert!(
+        e.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.5
+    );
+    assert!(registry::is_additive(&cfg));
+}
+
+#[test]
+fn adalora_with_masks_in_memory_saves_the_kept_rows_like_peft() {
+    // An adapter created at init_r whose config carries masks (as after training) saves the kept rows only
+    // (PEFT's `resize_state_dict_by_rank_pattern`), and the file loads back at the kept rank.
+    let text = r#"{"peft_type": "ADALORA", "total_step": 10, "init_r": 4, "init_lora_weights": false,
+        "rank_pattern": {"fc.lora_E": [false, true, false, true], "gc.lora_E": [false, false, false, false]}}"#;
+    let cfg = parse_config(text);
+    let base = linear(6, 5);
+    let a = registry::new_adapter(&cfg, "fc", &base, &mut PeftRng::new(3)).unwrap();
+    let full: IndexMap<String, Tensor> = a
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    let saved: IndexMap<String, Tensor> = a.tensors().into_iter().collect();
+    let idx = Tensor::new(&[1u32, 3], &Device::Cpu).unwrap();
+    assert_eq!(saved["lora_A"].dims(), [2, 5]);
+    assert_eq!(saved["lora_B"].dims(), [6, 2]);
+    assert_close(
+        "A",
+        &saved["lora_A"],
+        &full["lora_A"].index_select(&idx, 0).unwrap(),
+        0.0,
+        0.0,
+    );
+    assert_close(
+        "E",
+        &saved["lora_E"],
+        &full["lora_E"].index_select(&idx, 0).unwrap(),
+        0.0,
+        0.0,
+    );
+    assert_close(
+        "B",
+        &saved["lora_B"],
+        &full["lora_B"].index_select(&idx, 1).unwrap(),
+        0.0,
+        0.0,
+    );
+    let back = registry::build_adapter(&cfg, "fc", &base, &saved).unwrap();
+    assert!(back.describe().starts_with("r=2 init_r=4"));
+    // pruned to nothing: zero-size tensors, and the layer is the base
+    let g = registry::new_adapter(&cfg, "gc", &base, &mut PeftRng::new(4)).unwrap();
+    let saved: IndexMap<String, Tensor> = g.tensors().into_iter().collect();
+    assert_eq!(saved["lora_A"].dims(), [0, 5]);
+    assert_eq!(saved["lora_E"].dims(), [0, 1]);
+    assert_eq!(saved["lora_B"].dims(), [6, 0]);
+    let back = registry::build_adapter(&cfg, "gc", &base, &saved).unwrap();
+    let mut slot = AdapterSlot::new("gc", base.clone());
+    slot.add_adapter("default", back).unwrap();
+    let x = Tensor::ones((3, 5), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &slot.forward(&x, &ForwardCtx::eval()).unwrap(),
+            &base.forward(&x).unwrap()
+        ),
+        0.0
+    );
+    slot.merge(None).unwrap();
+    assert_eq!(max_abs_diff(slot.base().weight(), base.weight()), 0.0);
+}
+
+#[test]
+fn adalora_errors_name_keys_masks_and_layers() {
+    let dir = fixtures_dir().join("adalora/cases/adalora_pruned");
+    let c = load_case(&dir);
+    let (_, config, split, _) = &c.adapters[0];
+    let base = c.slots["lin0"].base();
+    let params = &split.modules["lin0"];
+    let mut missing = params.clone();
+    missing.shift_remove("lora_E");
+    let e = registry::build_adapter(config, "lin0", base, &missing).unwrap_err();
+    assert!(
+        matches!(&e, PeftError::MissingKey(k) if k == &peft_key("lin0", "lora_E")),
+        "{e}"
+    );
+    // lin1 keeps 2 ranks: lin0's rank-4 tensors do not fit it
+    let e = registry::build_adapter(config, "lin1", c.slots["lin1"].base(), params).unwrap_err();
+    assert!(matches!(e, PeftError::ShapeMismatch { .. }), "{e}");
+    // a mask of the wrong length
+    let cfg = PeftConfig::from_json_str(
+        r#"{"peft_type": "ADALORA", "total_step": 10, "init_r": 4, "rank_pattern": {"fc.lora_E": [true]}}"#,
+    )
+    .unwrap();
+    let e = registry::new_adapter(&cfg, "fc", &linear(3, 3), &mut PeftRng::new(1)).unwrap_err();
+    assert!(matches!(e, PeftError::InvalidConfig(_)), "{e}");
+    // embeddings are not AdaLoRA targets in PEFT
+    let emb =
+        BaseLayer::embedding(Tensor::zeros((10, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let cfg = parse_config(r#"{"peft_type": "ADALORA", "total_step": 10}"#);
+    let e = registry::new_adapter(&cfg, "emb", &emb, &mut PeftRng::new(1)).unwrap_err();
+    assert!(matches!(e, PeftError::Unsupported { .. }), "{e}");
+}
+
+#[test]
+fn adalora_peft_model_loads_saves_merges_and_injects() {
+    use crate::peft_model::{MlpHost, check_outputs};
+    use peft::PeftModel;
+    use peft::host::AdapterHost;
+    for name in ["adalora_plain", "adalora_pruned", "adalora_pruned_alpha0"] {
+        let dir = fixtures_dir().join("adalora/cases").join(name);
+        let pm = PeftModel::from_pretrained(
+            MlpHost::from_base(&dir.join("base.safetensors")),
+            dir.join("adapter"),
+            "default",
+            &Device::Cpu,
+        )
+        .unwrap();
+        check_outputs(name, &pm, &dir, "");
+        let tmp = tempfile::tempdir().unwrap();
+        pm.save_pretrained(tmp.path()).unwrap();
+        let mine = load(&tmp.path().join("adapter_model.safetensors"));
+        let theirs = load(&dir.join("adapter/adapter_model.safetensors"));
+        let mut a: Vec<&String> = mine.keys().collect();
+        let mut b: Vec<&String> = theirs.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}: saved keys");
+        for (k, t) in &theirs {
+            assert_eq!(mine[k].dims(), t.dims(), "{name}: {k}");
+            if t.elem_count() > 0 {
+                assert_close(&format!("{name}: {k}"), &mine[k], t, 0.0, 0.0);
+            }
+        }
+        let read = |d: &std::path::Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap()
+        };
+        assert!(
+            peft::config::json_content_eq(&read(tmp.path()), &read(&dir.join("adapter"))),
+            "{name}: config"
+        );
+        let merged = load(&dir.join("merged.safetensors"));
+        let host = pm.merge_and_unload(None).unwrap();
+        for slot in host.slots() {
+            let m = slot.name();
+            assert_eq!(slot.adapters().count(), 0);
+            assert_close(
+                &format!("{name}: merged {m}"),
+                slot.base().weight(),
+                &merged[&format!("{m}.weight")],
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+    // get_peft_model: every targeted layer at init_r; PEFT counts 6·(16+24+1) + 6·(24+12+1) = 468 trainable
+    // parameters (its `ranknum` buffers are frozen parameters, which only its total counts).
+    let dir = fixtures_dir().join("adalora/cases/adalora_plain");
+    let cfg = parse_config(
+        r#"{"peft_type": "ADALORA", "total_step": 10, "init_r": 6, "target_modules": ["lin0", "lin1"]}"#,
+    );
+    let pm = PeftModel::get_peft_model(
+        MlpHost::from_base(&dir.join("base.safetensors")),
+        cfg,
+        "default",
+        0,
+    )
+    .unwrap();
+    assert_eq!(pm.trainable_parameters().trainable, 468);
+    // E starts at zero: the fresh adapter computes the base layers
+    check_outputs("fresh adapter = base", &pm, &dir, "_disabled");
+}
