@@ -496,6 +496,58 @@ fn adapter_config_file_trains_ia3_with_llama_defaults() {
     assert!(with.is_finite());
 }
 
+/// `peft train --adapter-config` with AdaLoRA: the rank allocator prunes to the budget, the saved config holds
+/// the masks and the file the kept rows (PEFT's format), and the adapter reloads; without `total_step` a clear
+/// error.
+#[test]
+fn adapter_config_file_trains_adalora_and_saves_the_masks() {
+    let f = fixture();
+    let cfg = f.path("adalora.json");
+    let spec = json!({"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"],
+        "init_r": 4, "target_r": 2, "lora_alpha": 8, "total_step": 6, "tinit": 1, "tfinal": 2});
+    std::fs::write(&cfg, spec.to_string()).unwrap();
+    let out = f.path("adalora");
+    let text = train(&f, &out, 6, &args!["--adapter-config", cfg]).unwrap();
+    assert!(text.contains("AdaLoRA:"), "{text}");
+    let adapter = out.join("adapter");
+    let saved = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(saved["peft_type"], "ADALORA");
+    let masks = saved["rank_pattern"]
+        .as_object()
+        .expect("rank_pattern saved");
+    assert!(!masks.is_empty());
+    let tensors = tensor_bits(&adapter.join("adapter_model.safetensors"));
+    let mut kept_total = 0;
+    for (k, m) in masks {
+        let m: Vec<bool> = serde_json::from_value(m.clone()).unwrap();
+        assert_eq!(m.len(), 4, "{k}");
+        let kept = m.iter().filter(|b| **b).count();
+        kept_total += kept;
+        let module = k.strip_suffix(".lora_E").unwrap();
+        let a = tensors
+            .iter()
+            .find(|t| t.0 == format!("base_model.model.{module}.lora_A"))
+            .unwrap_or_else(|| panic!("{module}.lora_A saved"));
+        assert_eq!(a.1[0], kept, "{module}: saved rows");
+    }
+    assert!(kept_total <= 2 * masks.len(), "budget {kept_total}");
+    let with = eval_nll(&f, &args!["--adapter", adapter]);
+    assert!(with.is_finite());
+    let cfg2 = f.path("adalora_no_total.json");
+    std::fs::write(
+        &cfg2,
+        json!({"peft_type": "ADALORA", "target_modules": ["q_proj"]}).to_string(),
+    )
+    .unwrap();
+    let e = err_text(train(
+        &f,
+        &f.path("adalora2"),
+        2,
+        &args!["--adapter-config", cfg2],
+    ));
+    assert!(e.contains("total_step"), "{e}");
+}
+
 #[test]
 fn generate_is_deterministic_bounded_and_seeded() {
     let f = fixture();
@@ -627,4 +679,112 @@ fn convert_refuses_what_is_not_a_gguf_file() {
         assert!(e.to_lowercase().contains(why), "{e}");
         assert!(!out.exists());
     }
+}
+
+/// `peft train --adapter-config` with prompt tuning, prefix tuning (projection) and P-tuning (MLP, LSTM): only
+/// the virtual tokens (and encoder) train, the loss drops, the adapter holds the single key `prompt_embeddings`
+/// of PEFT's shape, and `eval` / `generate` load it; SAMPLE_VOCAB init is refused by name, and mixing a
+/// prompt-learning adapter with another adapter too.
+#[test]
+fn adapter_config_file_trains_prompt_learning() {
+    let f = fixture();
+    let cases = [
+        (
+            "prompt",
+            json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}),
+        ),
+        (
+            "prefix",
+            json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3,
+                   "prefix_projection": true, "encoder_hidden_size": 8}),
+        ),
+        (
+            "ptuning",
+            json!({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2,
+                   "encoder_hidden_size": 8}),
+        ),
+        (
+            "ptuning_lstm",
+            json!({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2,
+                   "encoder_hidden_size": 4, "encoder_reparameterization_type": "LSTM"}),
+        ),
+    ];
+    let base = eval_nll(&f, &[]);
+    let mut lora = None;
+    for (name, spec) in cases {
+        let cfg = f.path(&format!("{name}.json"));
+        std::fs::write(&cfg, spec.to_string()).unwrap();
+        let out = f.path(name);
+        let report = train(&f, &out, 6, &args!["--adapter-config", cfg]).unwrap();
+        assert!(report.contains("trainable params"), "{report}");
+        let summary = read_json(&out.join("summary.json"));
+        assert!(
+            summary["eval_loss_after"].as_f64().unwrap()
+                < summary["eval_loss_before"].as_f64().unwrap(),
+            "{name}: {summary}"
+        );
+        let adapter = out.join("adapter");
+        let saved = read_json(&adapter.join("adapter_config.json"));
+        assert_eq!(saved["peft_type"], spec["peft_type"]);
+        let tensors = tensor_bits(&adapter.join("adapter_model.safetensors"));
+        assert_eq!(tensors.len(), 1, "{name}");
+        assert_eq!(tensors[0].0, "prompt_embeddings");
+        let (layers, token_dim) = (
+            saved["num_layers"].as_u64().unwrap() as usize,
+            saved["token_dim"].as_u64().unwrap() as usize,
+        );
+        let n = spec["num_virtual_tokens"].as_u64().unwrap() as usize;
+        let want = if name == "prefix" {
+            vec![n, layers * 2 * token_dim]
+        } else {
+            vec![n, token_dim]
+        };
+        assert_eq!(tensors[0].1, want, "{name}");
+        let with = eval_nll(&f, &args!["--adapter", adapter]);
+        assert!(with.is_finite() && with != base, "{name}: {with} vs {base}");
+        let generate = |a: &Path| {
+            peft(&args![
+                "generate",
+                "--model",
+                f.model,
+                "--prompt",
+                "the cat",
+                "--max-new-tokens",
+                "3",
+                "--adapter",
+                a
+            ])
+        };
+        let text = generate(&adapter).unwrap();
+        assert_eq!(generate(&adapter).unwrap(), text);
+        if lora.is_none() {
+            let out = f.path("lora");
+            train(&f, &out, 1, &[]).unwrap();
+            lora = Some(out.join("adapter"));
+        }
+        let lora = lora.as_ref().unwrap();
+        let e = err_text(peft(&args![
+            "eval",
+            "--model",
+            f.model,
+            "--data",
+            f.data,
+            "--adapter",
+            adapter,
+            "--adapter",
+            lora
+        ]));
+        assert!(e.contains("cannot be combined"), "{e}");
+    }
+    let cfg = f.path("sample.json");
+    let spec = json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2,
+                      "prompt_tuning_init": "SAMPLE_VOCAB"});
+    std::fs::write(&cfg, spec.to_string()).unwrap();
+    let e = err_text(train(
+        &f,
+        &f.path("sample"),
+        1,
+        &args!["--adapter-config", cfg],
+    ));
+    assert!(e.contains("SAMPLE_VOCAB"), "{e}");
 }

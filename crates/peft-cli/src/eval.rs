@@ -7,6 +7,7 @@ use clap::Args;
 use peft::ForwardCtx;
 use peft_models::data::{DataConfig, Dataset, causal_lm_sum_nll, load_dataset, pad_token_id};
 use peft_models::llama::{ForwardInput, LlamaForCausalLM};
+use peft_models::prompt_learning::PromptLearning;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -60,6 +61,19 @@ pub fn evaluate(
     data: &Dataset,
     batch_size: usize,
     pad_id: u32,
+    first_logits: Option<&mut FirstBatch<'_>>,
+) -> anyhow::Result<EvalResult> {
+    evaluate_with(model, None, data, batch_size, pad_id, first_logits)
+}
+
+/// [`evaluate`] with an optional prompt-learning adapter; the loss covers the real tokens only (PEFT's labels
+/// are −100 on the virtual positions), and the logits passed to `first_logits` are those of the real tokens.
+pub fn evaluate_with(
+    model: &LlamaForCausalLM,
+    prompt: Option<&PromptLearning>,
+    data: &Dataset,
+    batch_size: usize,
+    pad_id: u32,
     mut first_logits: Option<&mut FirstBatch<'_>>,
 ) -> anyhow::Result<EvalResult> {
     let device = model.device().clone();
@@ -67,8 +81,16 @@ pub fn evaluate(
     let (mut nll, mut tokens) = (0f64, 0usize);
     for batch in data.eval_batches(batch_size, pad_id, &device) {
         let batch = batch?;
-        let input = ForwardInput::ids(&batch.input_ids).with_attention_mask(&batch.attention_mask);
-        let logits = model.forward(input, &ctx)?;
+        let logits = match prompt {
+            Some(pl) => {
+                pl.token_logits(model, &batch.input_ids, Some(&batch.attention_mask), &ctx)?
+            }
+            None => {
+                let input =
+                    ForwardInput::ids(&batch.input_ids).with_attention_mask(&batch.attention_mask);
+                model.forward(input, &ctx)?
+            }
+        };
         if let Some(f) = first_logits.take() {
             f(&batch, &logits)?;
         }
@@ -93,7 +115,7 @@ pub fn evaluate(
 pub fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalResult> {
     let device = Device::Cpu;
     let loaded = load_model(&args.model, &device)?;
-    let pm = crate::model::with_adapters(loaded.model, &args.adapter, &device)?;
+    let (pm, prompt) = crate::model::with_any_adapters(loaded.model, &args.adapter, &device)?;
     let mut data = load_dataset(
         &args.data,
         &loaded.tokenizer,
@@ -118,7 +140,14 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalResult> {
         }
         Ok(())
     };
-    let r = evaluate(pm.model(), &data, args.batch_size, pad, Some(&mut saver))?;
+    let r = evaluate_with(
+        pm.model(),
+        prompt.as_ref(),
+        &data,
+        args.batch_size,
+        pad,
+        Some(&mut saver),
+    )?;
     if args.json {
         let v = serde_json::json!({
             "mean_nll": r.mean_nll, "perplexity": r.perplexity, "tokens": r.tokens,

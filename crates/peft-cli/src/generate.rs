@@ -5,6 +5,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::Args;
 use peft::{ForwardCtx, PeftRng};
 use peft_models::llama::{ForwardInput, KvCache, LlamaForCausalLM};
+use peft_models::prompt_learning::PromptLearning;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use std::io::Write;
 use std::path::PathBuf;
@@ -108,6 +109,19 @@ pub fn generate(
     s: &SamplingArgs,
     on_text: &mut dyn FnMut(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<String> {
+    generate_with(model, None, tok, ids, s, on_text)
+}
+
+/// [`generate`] with an optional prompt-learning adapter: the first step runs its virtual tokens (or prefix)
+/// and the prompt into the cache, as PEFT's `generate`; later steps decode from the cache.
+pub fn generate_with(
+    model: &LlamaForCausalLM,
+    prompt: Option<&PromptLearning>,
+    tok: &Tokenizer,
+    ids: &[u32],
+    s: &SamplingArgs,
+    on_text: &mut dyn FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<String> {
     let device = model.device().clone();
     let ctx = ForwardCtx::eval();
     let mut cache = KvCache::new();
@@ -117,7 +131,12 @@ pub fn generate(
     let mut input = Tensor::new(ids, &device)?.unsqueeze(0)?;
     let eos = tok.eos_token_id();
     for _ in 0..s.max_new_tokens {
-        let logits = model.forward(ForwardInput::ids(&input).with_cache(&mut cache), &ctx)?;
+        let logits = match prompt {
+            Some(pl) if cache.is_empty() => {
+                pl.forward_with_cache(model, &input, None, Some(&mut cache), &ctx)?
+            }
+            _ => model.forward(ForwardInput::ids(&input).with_cache(&mut cache), &ctx)?,
+        };
         let last = logits
             .i((0, logits.dim(1)? - 1))?
             .to_dtype(DType::F32)?
@@ -143,10 +162,11 @@ pub fn generate(
 pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let loaded = load_model(&args.model, &device)?;
-    let pm = crate::model::with_adapters(loaded.model, &args.adapter, &device)?;
+    let (pm, prompt) = crate::model::with_any_adapters(loaded.model, &args.adapter, &device)?;
     let ids = prompt_ids(&loaded.tokenizer, &args.prompt, args.chat)?;
-    generate(
+    generate_with(
         pm.model(),
+        prompt.as_ref(),
         &loaded.tokenizer,
         &ids,
         &args.sampling,

@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod merge;
 pub mod model;
 pub mod train;
+pub mod train_prompt;
 
 #[cfg(test)]
 mod cli_tests;

@@ -74,3 +74,35 @@ pub fn with_adapters(
     }
     Ok(pm)
 }
+
+/// Adapters for `eval` / `generate`: either PEFT layer adapters (a [`peft::PeftModel`], see [`with_adapters`])
+/// or one prompt-learning adapter (prompt tuning, P-tuning, prefix tuning), which PEFT does not combine with
+/// others either.
+pub fn with_any_adapters(
+    model: LlamaForCausalLM,
+    dirs: &[std::path::PathBuf],
+    device: &Device,
+) -> anyhow::Result<(
+    peft::PeftModel<LlamaForCausalLM>,
+    Option<peft_models::prompt_learning::PromptLearning>,
+)> {
+    let mut prompt = Vec::new();
+    for dir in dirs {
+        let config = peft::PeftConfig::from_dir(dir)
+            .with_context(|| format!("reading the adapter config in {}", dir.display()))?;
+        if config.is_prompt_learning() {
+            prompt.push(dir);
+        }
+    }
+    if prompt.is_empty() {
+        return Ok((with_adapters(model, dirs, device)?, None));
+    }
+    anyhow::ensure!(
+        dirs.len() == 1,
+        "a prompt-learning adapter ({}) cannot be combined with other adapters",
+        prompt[0].display()
+    );
+    let pl = peft_models::prompt_learning::PromptLearning::load(&dirs[0], &model)
+        .with_context(|| format!("loading the adapter {}", dirs[0].display()))?;
+    Ok((peft::PeftModel::new(model, 0), Some(pl)))
+}

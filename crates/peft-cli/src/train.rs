@@ -144,14 +144,23 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
         let mut c =
             PeftConfig::from_file(path).with_context(|| format!("reading {}", path.display()))?;
         c.base_mut().inference_mode = false;
-        c.validate()?;
-        if let PeftConfig::AdaLora(_) = c {
-            bail!(
-                "{}: AdaLoRA training needs its rank allocator and orthogonal regulariser, which are not \
-                 implemented yet (AdaLoRA adapters load, run and merge)",
-                path.display()
-            );
+        if let PeftConfig::AdaLora(a) = &c {
+            if a.total_step.is_none_or(|t| t == 0) {
+                bail!(
+                    "{}: AdaLoRA needs `total_step` (the number of optimizer steps the rank schedule spans) \
+                     set to a positive value in the adapter config",
+                    path.display()
+                );
+            }
+            if args.resume.is_some() {
+                bail!(
+                    "{}: resuming AdaLoRA training is not supported (the rank allocator's importance scores \
+                     are not checkpointed)",
+                    path.display()
+                );
+            }
         }
+        c.validate()?;
         return Ok(c);
     }
     let targets = if args.targets.eq_ignore_ascii_case("all-linear") {
@@ -203,7 +212,14 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
     if let Some(name) = loaded.config.get("_name_or_path").and_then(|v| v.as_str()) {
         config.base_mut().base_model_name_or_path = Some(name.to_string());
     }
-    let pm = PeftModel::get_peft_model(loaded.model, config, "default", args.seed)?;
+    if config.is_prompt_learning() {
+        return crate::train_prompt::run(args, config, loaded.model, tok, out);
+    }
+    let adalora = match &config {
+        PeftConfig::AdaLora(a) => Some(a.clone()),
+        _ => None,
+    };
+    let mut pm = PeftModel::get_peft_model(loaded.model, config, "default", args.seed)?;
     writeln!(out, "{}", pm.trainable_parameters())?;
 
     let splits = load_splits(
@@ -264,7 +280,16 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
         seed: args.seed,
         log_every: 1,
     };
-    let mut trainer = Trainer::new(params, optimizer, schedule, settings)?;
+    let mut trainer = Trainer::new(params.clone(), optimizer, schedule, settings)?;
+    // AdaLoRA: orthogonal regulariser and rank allocator (update_and_allocate after every step).
+    let allocator = match &adalora {
+        Some(a) => Some(peft::tuners::adalora::attach_adalora(
+            &mut trainer,
+            &params,
+            a,
+        )?),
+        None => None,
+    };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
     let metrics_path = args.output.join("metrics.jsonl");
@@ -403,6 +428,15 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
     )?;
     sample(&pm, out, "after")?;
     let adapter_dir = args.output.join("adapter");
+    if let Some(pattern) = allocator.as_ref().and_then(|a| a.rank_pattern()) {
+        let kept: usize = pattern.values().flatten().filter(|k| **k).count();
+        writeln!(
+            out,
+            "AdaLoRA: {kept} of {} ranks kept",
+            pattern.values().map(Vec::len).sum::<usize>()
+        )?;
+        pm.set_adalora_rank_pattern("default", pattern)?;
+    }
     pm.save_pretrained(&adapter_dir)?;
     writeln!(
         out,

@@ -10,4 +10,5 @@ pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod prompt_learning;
 pub mod tokenizer;

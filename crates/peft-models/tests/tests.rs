@@ -1,3 +1,4 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
 mod llama;
+mod prompt;

@@ -315,6 +315,8 @@ pub fn peft_key(module: &str, param: &str) -> String {
 /// `<module>.base_layer.bias`, and for the modules `save_embedding_base` selects (PEFT's
 /// `save_embedding_layers`) the base matrix as `<module>.base_layer.weight`.
 ///
+/// For AdaLoRA, a `rank_pattern` in `config` truncates tensors still at `init_r` to the kept rows.
+///
 /// Biases of modules that are not adapter slots (`bias = "all"` saves every bias of the model) are the
 /// model's business: a model adds them.
 pub fn adapter_state_dict<'a>(
@@ -340,7 +342,23 @@ pub fn adapter_state_dict<'a>(
             }
             continue;
         }
+        // AdaLoRA trained here: the config's masks select the rows to save
+        // (PEFT's `resize_state_dict_by_rank_pattern`).
+        let mask = match config {
+            PeftConfig::AdaLora(c) if a.peft_type() == "ADALORA" && c.rank_pattern.is_some() => {
+                crate::tuners::adalora::layer::AdaLoraOptions::from_config(c, m)?.mask
+            }
+            _ => None,
+        };
         for (k, t) in a.tensors() {
+            let t = match &mask {
+                Some(mask) => crate::tuners::adalora::layer::keep_masked_rows(
+                    &t,
+                    mask,
+                    usize::from(k == "lora_B"),
+                )?,
+                None => t,
+            };
             out.push((peft_key(m, &k), t.to_dtype(dtype)?));
         }
         if let (true, Some(b)) = (

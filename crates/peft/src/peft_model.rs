@@ -151,6 +151,26 @@ impl<M: AdapterHost> PeftModel<M> {
         &self.configs
     }
 
+    /// Records the rank allocation an AdaLoRA adapter was trained to (the masks of
+    /// [`crate::tuners::adalora::AdaLoraAllocator::rank_pattern`]) in its config's `rank_pattern`, as PEFT's
+    /// `update_and_allocate` does: [`PeftModel::save_pretrained`] then writes the masks and the kept rows only.
+    pub fn set_adalora_rank_pattern(
+        &mut self,
+        adapter: &str,
+        pattern: IndexMap<String, Vec<bool>>,
+    ) -> Result<()> {
+        match self.configs.get_mut(adapter) {
+            Some(PeftConfig::AdaLora(c)) => {
+                c.rank_pattern = Some(pattern);
+                Ok(())
+            }
+            Some(_) => Err(PeftError::Invalid(format!(
+                "adapter `{adapter}` is not an AdaLoRA adapter"
+            ))),
+            None => Err(PeftError::Invalid(format!("no adapter named `{adapter}`"))),
+        }
+    }
+
     /// The active adapters, in the order they apply.
     pub fn active_adapters(&self) -> &[String] {
         &self.active
@@ -166,7 +186,8 @@ impl<M: AdapterHost> PeftModel<M> {
             return Err(PeftError::Unsupported {
                 field: "peft_type".into(),
                 value: config.peft_type().as_str().into(),
-                reason: "prompt-learning adapters are not implemented yet".into(),
+                reason: "prompt learning injects no layers: see peft_models::prompt_learning"
+                    .into(),
             });
         }
         config.validate()

@@ -327,26 +327,33 @@ impl AdaLoraAdapter {
     /// The rows PEFT saves: with a mask of the config and tensors still at `init_r` (an adapter trained here),
     /// only the kept rows (`resize_state_dict_by_rank_pattern`).
     fn saved_rows(&self, t: &Tensor, rows_dim: usize) -> Result<Tensor> {
-        let Some(mask) = &self.opts.mask else {
-            return Ok(t.clone());
-        };
-        let kept: Vec<u32> = mask
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k)
-            .map(|(i, _)| i as u32)
-            .collect();
-        if t.dim(rows_dim)? == kept.len() || t.dim(rows_dim)? != mask.len() {
-            return Ok(t.clone());
+        match &self.opts.mask {
+            Some(mask) => keep_masked_rows(t, mask, rows_dim),
+            None => Ok(t.clone()),
         }
-        let idx = Tensor::from_vec(kept.clone(), kept.len(), t.device())?;
-        if kept.is_empty() {
-            let mut shape = t.dims().to_vec();
-            shape[rows_dim] = 0;
-            return Ok(Tensor::zeros(shape, t.dtype(), t.device())?);
-        }
-        Ok(t.index_select(&idx, rows_dim)?)
     }
+}
+
+/// PEFT's `resize_state_dict_by_rank_pattern` for one tensor: when `t` still has `mask.len()` entries along
+/// `rows_dim` (and some are dropped), only the entries where `mask` is `true` (zero-size when none is);
+/// otherwise `t` unchanged (already truncated).
+pub fn keep_masked_rows(t: &Tensor, mask: &[bool], rows_dim: usize) -> Result<Tensor> {
+    let kept: Vec<u32> = mask
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| **k)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if t.dim(rows_dim)? == kept.len() || t.dim(rows_dim)? != mask.len() {
+        return Ok(t.clone());
+    }
+    if kept.is_empty() {
+        let mut shape = t.dims().to_vec();
+        shape[rows_dim] = 0;
+        return Ok(Tensor::zeros(shape, t.dtype(), t.device())?);
+    }
+    let idx = Tensor::from_vec(kept.clone(), kept.len(), t.device())?;
+    Ok(t.index_select(&idx, rows_dim)?)
 }
 
 impl Adapter for AdaLoraAdapter {

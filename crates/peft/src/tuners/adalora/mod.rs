@@ -1,7 +1,9 @@
 //! AdaLoRA (PEFT's `tuners/adalora/`): LoRA in SVD form whose ranks are reallocated during training.
 
+pub mod allocator;
 pub mod config;
 pub mod layer;
 
+pub use allocator::{AdaLoraAllocator, RankAllocator, attach_adalora, orth_reg};
 pub use config::AdaLoraConfig;
 pub use layer::AdaLoraAdapter;
