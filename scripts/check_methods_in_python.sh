@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every adapter method trains and stays PEFT-compatible: on a seeded tiny Llama (hidden 64, 2 layers, SmolLM2's
+# tokenizer) a short `peft train --adapter-config` run per method must lower the eval loss, and the saved adapter,
+# loaded by Python PEFT (PeftModel.from_pretrained), must give the logits `peft eval --save-logits` gives
+# (relative 1e-4, f32). Prints one table; exits non-zero on any FAIL. Needs the reference venv
+# (bash ../shared/oracle/setup.sh). METHODS="lora ia3" limits the run to some methods.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py="${PEFT_ORACLE_VENV:-$HOME/.cache/peft-oracle}/bin/python"
+peft=target/release/peft
+hf=target/smollm2-hf
+tiny=target/tiny-llama-hf
+out=target/methods
+steps=12
+data=data/shakespeare/train.txt
+
+cargo build --release -q -p peft-cli || exit 1
+if [ ! -f "$hf/tokenizer.json" ]; then
+    gguf="$(bash scripts/fetch_smollm2.sh | tail -n 1)" || exit 1
+    $peft convert --model "$gguf" --output "$hf" || exit 1
+fi
+[ -f "$tiny/model.safetensors" ] || "$py" scripts/check_methods_in_python.py build-tiny "$hf" "$tiny" || exit 1
+mkdir -p "$out"
+
+config() { # name -> adapter_config.json-style spec
+    case "$1" in
+    lora) echo '{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":8,"lora_dropout":0.0,"target_modules":["q_proj","v_proj"]}' ;;
+    dora) echo '{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":8,"lora_dropout":0.0,"target_modules":"all-linear","use_dora":true}' ;;
+    ia3) echo '{"peft_type":"IA3","task_type":"CAUSAL_LM"}' ;;
+    adalora) echo "{\"peft_type\":\"ADALORA\",\"task_type\":\"CAUSAL_LM\",\"target_modules\":[\"q_proj\",\"v_proj\"],\"init_r\":6,\"target_r\":2,\"lora_alpha\":8,\"total_step\":$steps,\"tinit\":2,\"tfinal\":2,\"deltaT\":2}" ;;
+    vera) echo '{"peft_type":"VERA","task_type":"CAUSAL_LM","r":16,"target_modules":["q_proj","v_proj"],"vera_dropout":0.0}' ;;
+    prompt_tuning) echo '{"peft_type":"PROMPT_TUNING","task_type":"CAUSAL_LM","num_virtual_tokens":8,"prompt_tuning_init":"RANDOM"}' ;;
+    prefix_tuning) echo '{"peft_type":"PREFIX_TUNING","task_type":"CAUSAL_LM","num_virtual_tokens":8,"prefix_projection":false}' ;;
+    prefix_tuning_proj) echo '{"peft_type":"PREFIX_TUNING","task_type":"CAUSAL_LM","num_virtual_tokens":8,"prefix_projection":true,"encoder_hidden_size":32}' ;;
+    p_tuning) echo '{"peft_type":"P_TUNING","task_type":"CAUSAL_LM","num_virtual_tokens":8,"encoder_reparameterization_type":"MLP","encoder_hidden_size":32}' ;;
+    esac
+}
+lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
+
+methods=${METHODS:-"lora dora ia3 adalora vera prompt_tuning prefix_tuning prefix_tuning_proj p_tuning"}
+for m in $methods; do
+    d="$out/$m"
+    rm -rf "$d"
+    mkdir -p "$d"
+    config "$m" >"$d/adapter_config.in.json"
+    echo "== $m: $(cat "$d/adapter_config.in.json")"
+    if ! $peft train --model "$tiny" --data "$data" --adapter-config "$d/adapter_config.in.json" --steps $steps \
+        --batch-size 4 --seq-len 32 --lr "$(lr_of "$m")" --eval-max-examples 8 --quiet --output "$d" >"$d/train.log" 2>&1; then
+        echo "   peft train failed:"; tail -n 5 "$d/train.log" | sed 's/^/   /'
+        continue
+    fi
+    if ! $peft eval --model "$tiny" --adapter "$d/adapter" --data "$data" --seq-len 32 --batch-size 2 \
+        --max-examples 2 --save-logits "$d/rust_logits.safetensors" >"$d/eval.log" 2>&1; then
+        echo "   peft eval failed:"; tail -n 5 "$d/eval.log" | sed 's/^/   /'
+    fi
+done
+echo
+"$py" scripts/check_methods_in_python.py compare "$tiny" "$out" $methods
