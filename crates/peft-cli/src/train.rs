@@ -196,43 +196,30 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
     Ok(c)
 }
 
-/// Runs `peft train`; the report goes to `out`, the progress bar to stderr.
-pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary> {
-    let device = Device::Cpu;
-    let t0 = Instant::now();
-    let loaded = load_model(&args.model, &device)?;
-    let tok = loaded.tokenizer;
-    writeln!(
-        out,
-        "loaded {} in {:.1} s",
-        args.model.display(),
-        t0.elapsed().as_secs_f64()
-    )?;
-    let mut config = adapter_config(args)?;
-    if let Some(name) = loaded.config.get("_name_or_path").and_then(|v| v.as_str()) {
-        config.base_mut().base_model_name_or_path = Some(name.to_string());
-    }
-    if config.is_prompt_learning() {
-        return crate::train_prompt::run(args, config, loaded.model, tok, out);
-    }
-    let adalora = match &config {
-        PeftConfig::AdaLora(a) => Some(a.clone()),
-        _ => None,
-    };
-    let mut pm = PeftModel::get_peft_model(loaded.model, config, "default", args.seed)?;
-    writeln!(out, "{}", pm.trainable_parameters())?;
-
+/// Loads the training data and its eval split (capped at `--eval-max-examples`), and derives the batcher, the
+/// number of optimizer steps and the pad id; reports the sizes to `out`.
+pub(crate) fn prepare_data(
+    args: &TrainArgs,
+    tok: &peft_models::tokenizer::Tokenizer,
+    out: &mut dyn Write,
+) -> anyhow::Result<(
+    peft_models::data::Splits,
+    peft_models::data::Dataset,
+    Batcher,
+    u64,
+    u32,
+)> {
     let splits = load_splits(
         &args.data,
         args.eval_data.as_deref(),
-        &tok,
+        tok,
         &DataConfig::new(args.seq_len),
     )
     .with_context(|| format!("loading {}", args.data.display()))?;
     let mut eval_set = splits.eval.clone();
     eval_set.examples.truncate(args.eval_max_examples.max(1));
-    let pad = pad_token_id(&tok);
-    let mut batcher = Batcher::new(splits.train.len(), args.batch_size, args.seed, pad)?;
+    let pad = pad_token_id(tok);
+    let batcher = Batcher::new(splits.train.len(), args.batch_size, args.seed, pad)?;
     let per_epoch = (batcher.batches_per_epoch() as u64)
         .div_ceil(args.grad_accum as u64)
         .max(1);
@@ -249,8 +236,15 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
         args.batch_size,
         args.grad_accum
     )?;
+    Ok((splits, eval_set, batcher, max_steps, pad))
+}
 
-    let params = pm.trainable_vars();
+/// The trainer of a run: the optimizer and schedule chosen by the flags over `params`.
+pub(crate) fn build_trainer(
+    args: &TrainArgs,
+    params: Vec<(String, candle_core::Var)>,
+    max_steps: u64,
+) -> anyhow::Result<Trainer> {
     let optimizer: Box<dyn Optimizer> = match args.optimizer.as_str() {
         "adamw" => Box::new(AdamW::from_params(
             params.clone(),
@@ -280,16 +274,17 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
         seed: args.seed,
         log_every: 1,
     };
-    let mut trainer = Trainer::new(params.clone(), optimizer, schedule, settings)?;
-    // AdaLoRA: orthogonal regulariser and rank allocator (update_and_allocate after every step).
-    let allocator = match &adalora {
-        Some(a) => Some(peft::tuners::adalora::attach_adalora(
-            &mut trainer,
-            &params,
-            a,
-        )?),
-        None => None,
-    };
+    Ok(Trainer::new(params, optimizer, schedule, settings)?)
+}
+
+/// Creates the output directory, attaches `metrics.jsonl` (appended to when resuming) and, with `--resume`,
+/// restores the trainer and the data cursor from the checkpoint.
+pub(crate) fn open_log_and_resume(
+    args: &TrainArgs,
+    trainer: &mut Trainer,
+    batcher: &mut Batcher,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
     let metrics_path = args.output.join("metrics.jsonl");
@@ -311,6 +306,49 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
             dir.display()
         )?;
     }
+    Ok(())
+}
+
+/// Runs `peft train`; the report goes to `out`, the progress bar to stderr.
+pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary> {
+    let device = Device::Cpu;
+    let t0 = Instant::now();
+    let loaded = load_model(&args.model, &device)?;
+    let tok = loaded.tokenizer;
+    writeln!(
+        out,
+        "loaded {} in {:.1} s",
+        args.model.display(),
+        t0.elapsed().as_secs_f64()
+    )?;
+    let mut config = adapter_config(args)?;
+    if let Some(name) = loaded.config.get("_name_or_path").and_then(|v| v.as_str()) {
+        config.base_mut().base_model_name_or_path = Some(name.to_string());
+    }
+    if config.is_prompt_learning() {
+        return crate::train_prompt::run(args, config, loaded.model, tok, out);
+    }
+    let adalora = match &config {
+        PeftConfig::AdaLora(a) => Some(a.clone()),
+        _ => None,
+    };
+    let mut pm = PeftModel::get_peft_model(loaded.model, config, "default", args.seed)?;
+    writeln!(out, "{}", pm.trainable_parameters())?;
+
+    let (splits, eval_set, mut batcher, max_steps, pad) = prepare_data(args, &tok, out)?;
+
+    let params = pm.trainable_vars();
+    let mut trainer = build_trainer(args, params.clone(), max_steps)?;
+    // AdaLoRA: orthogonal regulariser and rank allocator (update_and_allocate after every step).
+    let allocator = match &adalora {
+        Some(a) => Some(peft::tuners::adalora::attach_adalora(
+            &mut trainer,
+            &params,
+            a,
+        )?),
+        None => None,
+    };
+    open_log_and_resume(args, &mut trainer, &mut batcher, out)?;
 
     let sampling = SamplingArgs {
         max_new_tokens: args.sample_tokens,

@@ -6,16 +6,12 @@
 use crate::eval::evaluate_with;
 use crate::generate::{SamplingArgs, generate_with, prompt_ids};
 use crate::train::{TrainArgs, TrainSummary};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::config::PromptTuningInit;
-use peft::train::metrics::MetricsLog;
-use peft::train::optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
-use peft::train::schedule::Schedule;
-use peft::train::trainer::{Trainer, TrainerSettings};
 use peft::{PeftConfig, PeftRng};
-use peft_models::data::{Batcher, DataConfig, causal_lm_loss, load_splits, pad_token_id};
+use peft_models::data::causal_lm_loss;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::prompt_learning::PromptLearning;
 use peft_models::tokenizer::Tokenizer;
@@ -61,86 +57,12 @@ pub fn run(
     };
     writeln!(out, "{count}")?;
 
-    let splits = load_splits(
-        &args.data,
-        args.eval_data.as_deref(),
-        &tok,
-        &DataConfig::new(args.seq_len),
-    )
-    .with_context(|| format!("loading {}", args.data.display()))?;
-    let mut eval_set = splits.eval.clone();
-    eval_set.examples.truncate(args.eval_max_examples.max(1));
-    let pad = pad_token_id(&tok);
-    let mut batcher = Batcher::new(splits.train.len(), args.batch_size, args.seed, pad)?;
-    let per_epoch = (batcher.batches_per_epoch() as u64)
-        .div_ceil(args.grad_accum as u64)
-        .max(1);
-    let max_steps = args
-        .steps
-        .unwrap_or(((per_epoch as f64) * args.epochs).ceil() as u64)
-        .max(1);
-    writeln!(
-        out,
-        "data: {} training examples, {} eval examples of ≤{} tokens; {max_steps} steps of {}×{} examples",
-        splits.train.len(),
-        eval_set.len(),
-        args.seq_len,
-        args.batch_size,
-        args.grad_accum
-    )?;
+    let (splits, eval_set, mut batcher, max_steps, pad) =
+        crate::train::prepare_data(args, &tok, out)?;
 
     let params = pl.named_vars();
-    let optimizer: Box<dyn Optimizer> = match args.optimizer.as_str() {
-        "adamw" => Box::new(AdamW::from_params(
-            params.clone(),
-            AdamWConfig {
-                lr: args.lr,
-                weight_decay: args.weight_decay,
-                ..Default::default()
-            },
-        )?),
-        "sgd" => Box::new(Sgd::from_params(
-            params.clone(),
-            SgdConfig {
-                lr: args.lr,
-                momentum: args.momentum,
-                weight_decay: args.weight_decay,
-                ..Default::default()
-            },
-        )?),
-        other => bail!("unknown optimizer {other:?} (adamw or sgd)"),
-    };
-    let schedule = Schedule::from_name(&args.schedule, args.warmup_steps, max_steps)?;
-    let settings = TrainerSettings {
-        grad_accum_steps: args.grad_accum,
-        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-        max_steps,
-        eval_every: args.eval_every,
-        seed: args.seed,
-        log_every: 1,
-    };
-    let mut trainer = Trainer::new(params, optimizer, schedule, settings)?;
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
-    let metrics_path = args.output.join("metrics.jsonl");
-    let log = if args.resume.is_some() {
-        MetricsLog::append(&metrics_path)?
-    } else {
-        MetricsLog::create(&metrics_path)?
-    };
-    trainer.set_metrics_log(log);
-    if let Some(dir) = &args.resume {
-        let cursor = trainer
-            .resume(dir)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        batcher.restore(&cursor)?;
-        writeln!(
-            out,
-            "resumed at step {} from {}",
-            trainer.step(),
-            dir.display()
-        )?;
-    }
+    let mut trainer = crate::train::build_trainer(args, params, max_steps)?;
+    crate::train::open_log_and_resume(args, &mut trainer, &mut batcher, out)?;
 
     let sampling = SamplingArgs {
         max_new_tokens: args.sample_tokens,
