@@ -87,6 +87,14 @@ fn set_target_modules(config: &mut PeftConfig, t: Option<TargetModules>) {
         c.target_modules = t;
     } else if let PeftConfig::AdaLora(c) = config {
         c.target_modules = t;
+    } else if let PeftConfig::LoHa(c) = config {
+        c.target_modules = t;
+    } else if let PeftConfig::LoKr(c) = config {
+        c.target_modules = t;
+    } else if let PeftConfig::Oft(c) = config {
+        c.target_modules = t;
+    } else if let PeftConfig::Boft(c) = config {
+        c.target_modules = t;
     }
 }
 

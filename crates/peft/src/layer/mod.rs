@@ -165,6 +165,12 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
 
     /// Human-readable sizes for `peft inspect` (e.g. `r=8 alpha=16`).
     fn describe(&self) -> String;
+
+    /// A warning to show when this adapter is merged, if merging it does not reproduce its unmerged forward
+    /// (OFT on a Conv2d with a kernel larger than 1×1, as in PEFT). `None` by default.
+    fn merge_warning(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The slot a model holds instead of a plain layer: a frozen base plus named adapters.

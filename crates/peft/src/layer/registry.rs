@@ -33,6 +33,10 @@ pub fn param_prefixes(config: &PeftConfig) -> Result<&'static [&'static str]> {
         // Bare parameters, no `.weight`: the same names as LoRA's first components, valid for AdaLoRA only.
         PeftConfig::AdaLora(_) => Ok(&["lora_A", "lora_B", "lora_E"]),
         PeftConfig::Vera(_) => Ok(&["vera_lambda_b", "vera_lambda_d"]),
+        PeftConfig::LoHa(_) => Ok(crate::tuners::loha::layer::PARAM_PREFIXES),
+        PeftConfig::LoKr(_) => Ok(crate::tuners::lokr::layer::PARAM_PREFIXES),
+        PeftConfig::Oft(_) => Ok(crate::tuners::oft::layer::PARAM_PREFIXES),
+        PeftConfig::Boft(_) => Ok(crate::tuners::boft::layer::PARAM_PREFIXES),
         other => Err(not_implemented(other)),
     }
 }
@@ -43,7 +47,8 @@ pub fn is_additive(config: &PeftConfig) -> bool {
         PeftConfig::Lora(c) => !c.use_dora,
         PeftConfig::Vera(_) => true,
         PeftConfig::AdaLora(_) => true,
-        PeftConfig::Ia3(_) => false,
+        PeftConfig::LoHa(_) | PeftConfig::LoKr(_) => true,
+        PeftConfig::Ia3(_) | PeftConfig::Oft(_) | PeftConfig::Boft(_) => false,
         _ => false,
     }
 }
@@ -92,6 +97,18 @@ pub fn build_adapter(
                 AdaLoraAdapter::from_tensors(base, opts, tensors).map_err(wrap)?,
             ))
         }
+        PeftConfig::LoHa(c) => {
+            crate::tuners::loha::layer::build(c, module, base, tensors).map_err(wrap)
+        }
+        PeftConfig::LoKr(c) => {
+            crate::tuners::lokr::layer::build(c, module, base, tensors).map_err(wrap)
+        }
+        PeftConfig::Oft(c) => {
+            crate::tuners::oft::layer::build(c, module, base, tensors).map_err(wrap)
+        }
+        PeftConfig::Boft(c) => {
+            crate::tuners::boft::layer::build(c, module, base, tensors).map_err(wrap)
+        }
         PeftConfig::Vera(_) => Err(needs_shared(config)),
         other => Err(not_implemented(other)),
     }
@@ -130,6 +147,18 @@ pub fn new_adapter(
                 opts,
                 &mut rng.fork(module),
             )?))
+        }
+        PeftConfig::LoHa(c) => {
+            crate::tuners::loha::layer::create(c, module, base, &mut rng.fork(module))
+        }
+        PeftConfig::LoKr(c) => {
+            crate::tuners::lokr::layer::create(c, module, base, &mut rng.fork(module))
+        }
+        PeftConfig::Oft(c) => {
+            crate::tuners::oft::layer::create(c, module, base, &mut rng.fork(module))
+        }
+        PeftConfig::Boft(c) => {
+            crate::tuners::boft::layer::create(c, module, base, &mut rng.fork(module))
         }
         PeftConfig::Vera(_) => Err(needs_shared(config)),
         other => Err(not_implemented(other)),

@@ -18,11 +18,13 @@
 //! `candle_core::utils::get_num_threads()` scoped threads when the work is large enough.
 
 mod frozen_linear;
+mod inverse;
 mod rms_norm;
 mod rope;
 mod softmax;
 
 pub use frozen_linear::{frozen_linear, frozen_linear_reference};
+pub use inverse::batched_inverse;
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
 pub use softmax::{softmax_last_dim, softmax_last_dim_reference};

@@ -9,6 +9,7 @@ pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod lycoris_utils;
 pub mod oft;
 pub mod p_tuning;
 pub mod prefix_tuning;

@@ -1,5 +1,6 @@
 //! BOFT (PEFT's `tuners/boft/`): butterfly-factorised orthogonal fine-tuning.
 
 pub mod config;
+pub mod layer;
 
 pub use config::BoftConfig;

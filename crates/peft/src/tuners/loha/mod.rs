@@ -1,5 +1,6 @@
 //! LoHa (PEFT's `tuners/loha/`): low-rank Hadamard product updates.
 
 pub mod config;
+pub mod layer;
 
 pub use config::LoHaConfig;

@@ -1,5 +1,6 @@
 //! LoKr (PEFT's `tuners/lokr/`): low-rank Kronecker product updates.
 
 pub mod config;
+pub mod layer;
 
 pub use config::LoKrConfig;

@@ -1,5 +1,6 @@
 //! OFT (PEFT's `tuners/oft/`): block-diagonal orthogonal fine-tuning.
 
 pub mod config;
+pub mod layer;
 
 pub use config::OftConfig;

@@ -1,0 +1,73 @@
+//! What LoHa and LoKr share (PEFT's `tuners/lycoris_utils.py`): both build a full-size `ΔW` from small
+//! factors and add `F.linear(x, ΔW)` / `F.conv2d(x, ΔW, …)` to the base output, with whole-module dropout
+//! and row ("rank") dropout during training.
+//!
+//! ```text
+//! y = base(x) + op(x, ΔW · rank_mask)      (skipped entirely with probability module_dropout in training)
+//! ```
+
+use crate::layer::{BaseKind, BaseLayer, CallCtx};
+use crate::{PeftError, Result};
+use candle_core::Tensor;
+
+/// Refuses the layer kinds LyCORIS methods cannot wrap here: PEFT wraps `nn.Linear`, `nn.Conv1d` and
+/// `nn.Conv2d`; peft-rs models have no `nn.Conv1d`, and an Embedding or GPT-2 `Conv1D` is PEFT's
+/// "Target module … not supported" error. Grouped convolutions are refused too.
+pub fn check_supported(method: &str, base: &BaseLayer) -> Result<()> {
+    match base.kind() {
+        BaseKind::Linear => Ok(()),
+        BaseKind::Conv2d(s) if s.groups == 1 => Ok(()),
+        BaseKind::Conv2d(s) => Err(PeftError::Unsupported {
+            field: "target_modules".into(),
+            value: format!("a Conv2d with groups={}", s.groups),
+            reason: format!("{method} supports only ungrouped Conv2d layers here"),
+        }),
+        other => Err(PeftError::Unsupported {
+            field: "target_modules".into(),
+            value: format!("a {other:?} layer"),
+            reason: format!("{method} supports only Linear and Conv2d layers (as PEFT)"),
+        }),
+    }
+}
+
+/// PEFT's `_get_delta_activations`: `F.linear(x, ΔW)` for a Linear, `F.conv2d(x, ΔW, stride, padding,
+/// dilation, groups)` for a Conv2d, no bias (the base output already holds it). `delta` has the base
+/// weight's shape; `x` is cast to its dtype.
+pub fn delta_activations(base: &BaseLayer, x: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(delta.dtype())?;
+    Ok(match base.kind() {
+        BaseKind::Conv2d(s) => x.conv2d(delta, s.padding, s.stride, s.dilation, s.groups)?,
+        _ => crate::layer::base::linear_apply(&x, delta, true)?,
+    })
+}
+
+/// Whether module dropout skips the adapter in this forward (PEFT: applied unless training and
+/// `torch.rand(1) <= module_dropout`).
+pub fn module_dropped(ctx: &CallCtx<'_>, module_dropout: f64) -> bool {
+    ctx.fwd.training
+        && module_dropout > 0.0
+        && ctx.rng("module_dropout").uniform_f64() <= module_dropout
+}
+
+/// PEFT's rank dropout on `ΔW` (training only, when `rank_dropout > 0`): every output row (dimension 0) is
+/// kept with probability `1 − p`; with `rescale` the mask is divided by its mean (LoHa always, LoKr with
+/// `rank_dropout_scale`).
+pub fn rank_dropout(ctx: &CallCtx<'_>, delta: &Tensor, p: f64, rescale: bool) -> Result<Tensor> {
+    if !ctx.fwd.training || p <= 0.0 {
+        return Ok(delta.clone());
+    }
+    let rows = delta.dim(0)?;
+    let mut rng = ctx.rng("rank_dropout");
+    let keep: Vec<f32> = (0..rows)
+        .map(|_| if rng.uniform_f64() > p { 1.0 } else { 0.0 })
+        .collect();
+    let mut mask = Tensor::from_vec(keep, rows, delta.device())?;
+    if rescale {
+        let mean = mask.mean_all()?.to_scalar::<f32>()?;
+        mask = (mask / mean as f64)?;
+    }
+    let mut shape = vec![rows];
+    shape.extend(std::iter::repeat_n(1, delta.rank() - 1));
+    let mask = mask.reshape(shape)?.to_dtype(delta.dtype())?;
+    Ok(delta.broadcast_mul(&mask)?)
+}
