@@ -1,11 +1,15 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
 mod adalora;
+mod boft;
 mod common;
 mod ia3;
+mod loha;
+mod lokr;
 mod lora_init;
 mod lora_parity;
 mod merge_files;
+mod oft;
 mod peft_model;
 mod train;
 mod varbuilder;
