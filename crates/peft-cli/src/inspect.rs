@@ -208,6 +208,63 @@ fn lora_details(c: &peft::config::LoraConfig, m: &mut ModuleEntry) {
     }
 }
 
+/// LoHa / LoKr: rank and alpha from the config (patterns included; never from the shapes, which for small
+/// LoKr layers are full matrices), `alpha / r`, and which factorisation the file holds.
+fn lycoris_details(r: usize, alpha: f64, m: &mut ModuleEntry) {
+    m.r = Some(r);
+    m.alpha = Some(alpha);
+    m.scaling = Some(alpha / r as f64);
+    let has = |k: &str| m.tensors.iter().any(|t| t.name == k);
+    let mut flags = Vec::new();
+    if has("hada_t1") || has("lokr_t2") {
+        flags.push("cp".to_string());
+    }
+    if has("lokr_w1_a") {
+        flags.push("w1_low_rank".into());
+    }
+    if has("lokr_w2_a") {
+        flags.push("w2_low_rank".into());
+    }
+    m.flags.extend(flags);
+}
+
+/// OFT: block size and number of stored blocks from `oft_R.weight` (`[blocks, bs·(bs−1)/2]`), and the
+/// config's Cayley form, COFT and block sharing.
+fn oft_details(c: &peft::config::OftConfig, m: &mut ModuleEntry) {
+    if let Some(t) = m.tensors.iter().find(|t| t.name == "oft_R.weight")
+        && let [blocks, packed] = t.shape[..]
+    {
+        let bs = (1..=4096usize).find(|b| b * (b - 1) / 2 == packed);
+        if let Some(bs) = bs {
+            m.flags.push(format!("block_size={bs}"));
+        }
+        m.flags.push(format!("blocks={blocks}"));
+    }
+    m.flags.push(if c.use_cayley_neumann {
+        format!("neumann_terms={}", c.num_cayley_neumann_terms)
+    } else {
+        "exact_cayley".into()
+    });
+    if c.block_share {
+        m.flags.push("block_share".into());
+    }
+    if c.coft {
+        m.flags.push(format!("coft eps={}", c.eps));
+    }
+}
+
+/// BOFT: butterfly factors, blocks and block size from `boft_R` (`[factors, blocks, bs, bs]`; the factor count
+/// is read from the file, since stock CPU PEFT saves one factor whatever the config says).
+fn boft_details(m: &mut ModuleEntry) {
+    if let Some(t) = m.tensors.iter().find(|t| t.name == "boft_R")
+        && let [factors, blocks, bs, _] = t.shape[..]
+    {
+        m.flags.push(format!("butterfly_factors={factors}"));
+        m.flags.push(format!("blocks={blocks}"));
+        m.flags.push(format!("block_size={bs}"));
+    }
+}
+
 /// Reads an adapter directory's config and safetensors header (no tensor data).
 pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
     if !dir.is_dir() {
@@ -288,9 +345,20 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
             Place::Shared => shared_tensors.push(entry(key.clone())),
         }
     }
-    if let PeftConfig::Lora(c) = &config {
-        for m in &mut modules {
-            lora_details(c, m);
+    for m in &mut modules {
+        match &config {
+            PeftConfig::Lora(c) => lora_details(c, m),
+            PeftConfig::LoHa(c) => {
+                let (r, alpha) = c.rank_and_alpha_for(&m.name);
+                lycoris_details(r, alpha, m);
+            }
+            PeftConfig::LoKr(c) => {
+                let (r, alpha) = c.rank_and_alpha_for(&m.name);
+                lycoris_details(r, alpha, m);
+            }
+            PeftConfig::Oft(c) => oft_details(c, m),
+            PeftConfig::Boft(_) => boft_details(m),
+            _ => {}
         }
     }
 
@@ -690,7 +758,7 @@ mod tests {
         assert_eq!(module(&j, "lin0")["r"], 2);
         assert_eq!(module(&j, "lin0")["flags"], json!(["dora"]));
 
-        // an unknown key, and a method whose layers are not implemented: generic grouping
+        // an unknown key, and keys a method does not name: generic grouping
         let tmp = tempfile::tempdir().unwrap();
         let src = adapter("linear_basic");
         std::fs::copy(src.join(WEIGHTS_NAME), tmp.path().join(WEIGHTS_NAME)).unwrap();
@@ -709,10 +777,11 @@ mod tests {
             j["validation_error"]
         );
 
-        let loha = json!({"peft_type": "LOHA", "target_modules": ["lin0"]});
-        std::fs::write(tmp.path().join(CONFIG_NAME), loha.to_string()).unwrap();
+        // a method without per-module parameter names (prompt learning) holding LoRA keys: generic grouping
+        let other = json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4});
+        std::fs::write(tmp.path().join(CONFIG_NAME), other.to_string()).unwrap();
         let j = inspect_json(tmp.path());
-        assert_eq!(j["peft_type"], "LOHA");
+        assert_eq!(j["peft_type"], "PROMPT_TUNING");
         assert_eq!(names(&j["modules"], "name"), ["lin0", "lin1"]);
         assert_eq!(module(&j, "lin0")["r"], Value::Null);
         assert_eq!(

@@ -287,6 +287,9 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
             args.output.display()
         )
     })?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     writeln!(out, "{}", summary(&report, n_adapters))?;
     Ok(report)
 }

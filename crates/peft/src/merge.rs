@@ -106,6 +106,8 @@ pub struct Merger {
     writers: HashMap<String, Vec<String>>,
     /// Base tensor names replaced by adapter tensors (last loaded wins).
     overrides: HashMap<String, (usize, String)>,
+    /// Warnings of adapters whose merged weights differ from their unmerged forward, `"<module>: <text>"`.
+    warnings: Vec<String>,
 }
 
 /// A function that returns a base tensor's shape, `None` if the base lacks it.
@@ -306,7 +308,9 @@ impl Merger {
             aliases,
             writers: HashMap::new(),
             overrides,
+            warnings: Vec::new(),
         };
+        let mut warnings = Vec::new();
         // Module order follows the first adapter that names each module, like PEFT's walk over modules.
         let mut modules: Vec<String> = Vec::new();
         for ad in &me.adapters {
@@ -337,7 +341,7 @@ impl Merger {
                     .map(|s| Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(s.as_slice()))
                     .transpose()?;
                 let layer = BaseLayer::new(kind, w, b)?;
-                registry::build_adapter_with_shared(
+                let adapter = registry::build_adapter_with_shared(
                     &ad.config,
                     m,
                     &layer,
@@ -345,6 +349,9 @@ impl Merger {
                     &ad.split.shared,
                 )
                 .map_err(|e| PeftError::Invalid(format!("{}: module `{m}`: {e}", ad.source)))?;
+                if let Some(w) = adapter.merge_warning() {
+                    warnings.push(format!("{m}: {w}"));
+                }
             }
             writers.entry(target).or_default().push(m.clone());
             if bias_shape.is_some() {
@@ -361,7 +368,17 @@ impl Merger {
         for (target, mods) in writers.iter_mut() {
             mods.sort_by_key(|m| format!("{m}.weight") != *target);
         }
-        Ok(Self { writers, ..me })
+        Ok(Self {
+            writers,
+            warnings,
+            ..me
+        })
+    }
+
+    /// Warnings of adapters whose merged weights differ from their unmerged forward (OFT on a Conv2d with a
+    /// kernel larger than 1×1), `"<module>: <text>"`, one per module and adapter.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Whether the merge changes base tensor `name`.
@@ -623,6 +640,8 @@ pub struct MergeReport {
     pub modules: Vec<String>,
     /// Tensor data bytes written.
     pub bytes: u64,
+    /// Warnings of adapters whose merged weights differ from their unmerged forward ([`Merger::warnings`]).
+    pub warnings: Vec<String>,
 }
 
 /// The weight files of a base model: one file, a directory with `model.safetensors`, or a sharded directory
@@ -774,6 +793,7 @@ pub fn merge_model(
     let merger = Merger::new(adapters, &|n: &str| model.shape(n), aliases)?;
     let mut report = MergeReport {
         modules: merger.modules(),
+        warnings: merger.warnings().to_vec(),
         ..Default::default()
     };
     let total: u64 = model
