@@ -1110,3 +1110,71 @@ fn peft_ia3_llama_fixture_and_default_targets() {
     );
     assert!(b1 < b0, "loss {b0} -> {b1}");
 }
+
+/// LoHa, LoKr, OFT and BOFT on the tiny Llama (fixtures/<method>/cases/<method>_llama, written by PEFT 0.21.2
+/// with every adapter parameter perturbed): `PeftModel::from_pretrained` gives PEFT's logits active, disabled,
+/// merged (PEFT's merged weights in every targeted slot), unmerged again, and after `merge_and_unload`.
+#[test]
+fn peft_loha_lokr_oft_boft_llama_fixtures() {
+    use peft::peft_model::PeftModel;
+    for method in ["loha", "lokr", "oft", "boft"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../fixtures/{method}/cases/{method}_llama"));
+        let base = || {
+            let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
+            let tensors = load_st(dir.join("base_hf/model.safetensors"));
+            LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu).unwrap()
+        };
+        let io = load_st(dir.join("io.safetensors"));
+        let ids = u32s(&io["model_input"]);
+        let ctx = ForwardCtx::eval();
+        let mut pm =
+            PeftModel::from_pretrained(base(), dir.join("adapter"), "default", &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(method, &got, &io["model_output"], None, 1e-4);
+        let effect = (&io["model_output"] - &io["model_output_disabled"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            effect > 1e-3,
+            "{method}: the adapter barely changes the logits ({effect})"
+        );
+        let off = pm
+            .with_adapters_disabled(|pm| pm.model().forward(ForwardInput::ids(&ids), &ctx))
+            .unwrap()
+            .unwrap();
+        let what = format!("{method} disabled");
+        assert_close_rows(&what, &off, &io["model_output_disabled"], None, 1e-4);
+        pm.merge_adapter(None).unwrap();
+        let want = load_st(dir.join("merged.safetensors"));
+        for slot in pm.model().slots() {
+            let key = format!("{}.weight", slot.name());
+            let diff = (slot.base().weight() - &want[&key])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 1e-5, "{method}: merged {key}: max |diff| {diff}");
+        }
+        let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        let what = format!("{method} merged");
+        assert_close_rows(&what, &m, &io["model_output_merged"], None, 1e-4);
+        pm.unmerge_adapter().unwrap();
+        let again = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        let what = format!("{method} unmerged");
+        assert_close_rows(&what, &again, &io["model_output"], None, 1e-4);
+        let merged = pm.merge_and_unload(None).unwrap();
+        let m = merged.forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        let what = format!("{method} merge_and_unload");
+        assert_close_rows(&what, &m, &io["model_output_merged"], None, 1e-4);
+    }
+}

@@ -213,6 +213,17 @@ impl<M: AdapterHost> PeftModel<M> {
             let model_type = self.model.model_type();
             crate::tuners::ia3::model::prepare_adapter_config(c, model_type.as_deref())?;
         }
+        if config
+            .target_spec()
+            .is_some_and(|s| s.target_modules.is_none())
+        {
+            let model_type = self.model.model_type();
+            if let Some(t) =
+                crate::tuners::constants::default_target_modules(&config, model_type.as_deref())
+            {
+                set_target_modules(&mut config, Some(t));
+            }
+        }
         let modules = self.model.module_infos();
         let output = self.model.output_layer();
         let spec = config

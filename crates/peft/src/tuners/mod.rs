@@ -5,6 +5,7 @@
 
 pub mod adalora;
 pub mod boft;
+pub mod constants;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;
