@@ -789,7 +789,7 @@ fn adapter_config_file_trains_prompt_learning() {
     assert!(e.contains("SAMPLE_VOCAB"), "{e}");
 }
 
-/// `peft train --adapter-config` with LoHa, LoKr (both factors low-rank), OFT (exact Cayley, COFT) and BOFT
+/// `peft train --adapter-config` with LoHa (target-less: PEFT's Llama default q_proj / v_proj), LoKr (both factors low-rank), OFT (exact Cayley, COFT) and BOFT
 /// (two butterfly factors) on q_proj / v_proj: each lowers the eval loss, saves PEFT's parameter names for
 /// exactly the targeted modules, reloads in `peft eval` with the trained effect, `peft inspect` lists its
 /// sizes, and `peft merge` bakes it into weights that give the adapter's loss.
@@ -799,7 +799,8 @@ fn adapter_config_file_trains_and_merges_loha_lokr_oft_boft() {
     let specs = [
         (
             "loha",
-            json!({"peft_type": "LOHA", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+            // no target_modules: PEFT's default for model_type "llama" (q_proj, v_proj)
+            json!({"peft_type": "LOHA", "r": 4, "alpha": 8}),
             vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
         ),
         (

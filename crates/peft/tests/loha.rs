@@ -1,1 +1,447 @@
-//! loha parity with PEFT 0.21.2 (fixtures/loha/). Filled in by the method's parity tests.
+//! LoHa parity with PEFT 0.21.2 on the fixtures of `fixtures/loha/` (written by `gen_loha.py`): per-layer
+//! forward (Linear with rank/alpha patterns, flattened Conv2d, CP Conv2d with a 3×3 and a 3×2 kernel, a 1×1
+//! Conv2d left flat, a tiny Llama, two active adapters), disabled forward, merged weights and forward, unmerge,
+//! save → re-load, `peft merge` without a model, and named errors for bad tensors.
+
+use crate::common::*;
+use crate::lora_parity::{LoadedCase, load_case};
+use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+use peft::io::{adapter_subdir, load_adapter, peft_key};
+use peft::layer::registry;
+use peft::merge::{MergeAdapter, merge_model};
+use peft::{ForwardCtx, PeftConfig};
+use std::path::Path;
+
+const CASES: [&str; 5] = [
+    "loha_conv2d",
+    "loha_conv2d_effective",
+    "loha_linear",
+    "loha_llama",
+    "loha_two_adapters",
+];
+
+fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
+    let found = cases("loha");
+    let names: Vec<String> = found
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, CASES, "LoHa fixture cases");
+    for dir in found {
+        let mut c = load_case(&dir);
+        f(&dir, &mut c);
+    }
+}
+
+#[test]
+fn loha_layers_have_peft_ranks_and_forms() {
+    for_each_case(|dir, c| {
+        let cp = c.json["cp"].as_object().unwrap().clone();
+        let ranks = c.json["ranks"].as_object().unwrap().clone();
+        let scaling = c.json["scaling"].as_object().unwrap().clone();
+        assert_eq!(cp.len(), c.slots.len(), "{}", dir.display());
+        for (m, slot) in &c.slots {
+            for (name, a) in slot.adapters() {
+                let what = format!("{}: {m}/{name}", dir.display());
+                assert_eq!(a.peft_type(), "LOHA");
+                let keys: Vec<String> = a.tensors().into_iter().map(|(k, _)| k).collect();
+                let want_cp = cp[m][name].as_bool().unwrap();
+                assert_eq!(keys.len(), if want_cp { 6 } else { 4 }, "{what}: {keys:?}");
+                let r = ranks[m][name].as_u64().unwrap();
+                let s = scaling[m][name].as_f64().unwrap();
+                let d = a.describe();
+                assert!(d.starts_with(&format!("r={r} ")), "{what}: {d}");
+                assert_eq!(d.contains(" cp ["), want_cp, "{what}: {d}");
+                let PeftConfig::LoHa(cfg) = &c.adapters.iter().find(|(n, ..)| n == name).unwrap().1
+                else {
+                    panic!("not LoHa")
+                };
+                let (cr, ca) = cfg.rank_and_alpha_for(m);
+                assert_eq!(cr as u64, r, "{what}");
+                assert!((ca / cr as f64 - s).abs() < 1e-12, "{what}");
+            }
+        }
+    });
+}
+
+#[test]
+fn loha_forward_matches_peft_per_layer() {
+    for_each_case(|dir, c| {
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in &c.slots {
+            let y = slot
+                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            let want = &io[&format!("output.{m}")];
+            assert_close(
+                &format!("{}: output.{m}", dir.display()),
+                &y,
+                want,
+                1e-5,
+                1e-4,
+            );
+            // the adapter changes the output noticeably, so a wrong ΔW cannot pass
+            assert!(
+                max_abs_diff(want, &io[&format!("output_disabled.{m}")]) > 1e-3,
+                "{}: {m}: adapter has no effect",
+                dir.display()
+            );
+        }
+    });
+}
+
+#[test]
+fn loha_disabled_forward_is_the_base() {
+    for_each_case(|dir, c| {
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in c.slots.iter_mut() {
+            slot.set_disabled(true);
+            let y = slot
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{}: output_disabled.{m}", dir.display()),
+                &y,
+                &io[&format!("output_disabled.{m}")],
+                1e-5,
+                1e-4,
+            );
+            slot.set_disabled(false);
+        }
+    });
+}
+
+#[test]
+fn loha_merge_matches_peft_and_unmerge_restores() {
+    for_each_case(|dir, c| {
+        let merged = load(&dir.join("merged.safetensors"));
+        let unmerged = load(&dir.join("unmerged.safetensors"));
+        let io = load(&dir.join("io.safetensors"));
+        let order = strings(&c.json, "merge_order");
+        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
+        for (m, slot) in c.slots.iter_mut() {
+            let what = format!("{}: {m}", dir.display());
+            slot.merge(Some(&order))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let w = format!("{m}.weight");
+            let b = format!("{m}.bias");
+            assert_close(
+                &format!("{what} merged weight"),
+                slot.base().weight(),
+                &merged[&w],
+                1e-6,
+                1e-5,
+            );
+            assert!(
+                max_abs_diff(&merged[&w], &c.base[&w]) > 1e-3,
+                "{what}: merge changes nothing"
+            );
+            match (slot.base().bias(), merged.get(&b)) {
+                (Some(got), Some(want)) => {
+                    assert_close(&format!("{what} merged bias"), got, want, 0.0, 0.0)
+                }
+                (None, None) => {}
+                other => panic!("{what}: bias presence differs: {other:?}"),
+            }
+            let y = slot
+                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{what} merged forward"),
+                &y,
+                &io[&format!("output.{m}")],
+                1e-5,
+                1e-4,
+            );
+            slot.unmerge().unwrap();
+            assert!(slot.merged().is_empty());
+            assert_close(
+                &format!("{what} unmerged weight"),
+                slot.base().weight(),
+                &unmerged[&w],
+                1e-6,
+                1e-5,
+            );
+            assert_close(
+                &format!("{what} unmerged weight vs base"),
+                slot.base().weight(),
+                &c.base[&w],
+                1e-6,
+                1e-5,
+            );
+            // after unmerging, the adapter runs unmerged again
+            let y = slot
+                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{what} forward after unmerge"),
+                &y,
+                &io[&format!("output.{m}")],
+                1e-5,
+                1e-4,
+            );
+        }
+    });
+}
+
+#[test]
+fn loha_delta_weight_is_merged_minus_base() {
+    let dir = fixtures_dir().join("loha/cases/loha_conv2d_effective");
+    let c = load_case(&dir);
+    let merged = load(&dir.join("merged.safetensors"));
+    for (m, slot) in &c.slots {
+        let a = slot.adapter("default").unwrap();
+        let (dw, db) = a
+            .delta_weight(slot.base().kind())
+            .unwrap()
+            .expect("additive");
+        assert!(db.is_none());
+        assert_eq!(dw.dtype(), DType::F32);
+        let w = format!("{m}.weight");
+        let want = (&merged[&w] - &c.base[&w]).unwrap();
+        assert_close(&format!("{m}: ΔW"), &dw, &want, 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn loha_save_reload_gives_the_same_file() {
+    for_each_case(|dir, c| {
+        for (name, config, _, original) in &c.adapters {
+            let saved =
+                peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            peft::io::save_adapter(tmp.path(), config, &saved).unwrap();
+            let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
+            let mut a: Vec<&String> = back.tensors.keys().collect();
+            let mut b: Vec<&String> = original.keys().collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
+            for (k, t) in original {
+                assert!(k.contains(".hada_"), "{k}");
+                let u = &back.tensors[k];
+                assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
+                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
+            }
+            let mine: serde_json::Value =
+                serde_json::from_str(&back.config.to_json_string()).unwrap();
+            let theirs: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(
+                    adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            assert!(
+                peft::config::json_content_eq(&mine, &theirs),
+                "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
+                dir.display()
+            );
+        }
+    });
+}
+
+#[test]
+fn loha_merge_files_matches_peft_merge_and_unload() {
+    let found = cases("loha");
+    assert_eq!(found.len(), CASES.len());
+    for dir in found {
+        let json = case_json(&dir);
+        let merged = load(&dir.join("merged.safetensors"));
+        let adapters: Vec<MergeAdapter> = strings(&json, "merge_order")
+            .iter()
+            .map(|n| {
+                MergeAdapter::load(adapter_subdir(&dir.join("adapter"), n), None, &Device::Cpu)
+                    .unwrap()
+            })
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = dir.join("base_hf");
+        let written = if hf.exists() {
+            let out = tmp.path().join("merged");
+            merge_model(&hf, adapters, &out, None, &mut |_, _, _| {})
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            load(&out.join("model.safetensors"))
+        } else {
+            let out = tmp.path().join("merged.safetensors");
+            merge_model(
+                &dir.join("base.safetensors"),
+                adapters,
+                &out,
+                None,
+                &mut |_, _, _| {},
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            load(&out)
+        };
+        let targets = strings(&json, "targets");
+        let mut touched = 0;
+        for (k, t) in &written {
+            let expected = merged
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: {k} not in merged", dir.display()));
+            assert_close(
+                &format!("{}: merged {k}", dir.display()),
+                t,
+                expected,
+                1e-6,
+                1e-5,
+            );
+            touched += usize::from(targets.iter().any(|m| k == &format!("{m}.weight")));
+        }
+        assert_eq!(
+            touched,
+            targets.len(),
+            "{}: targeted weights written",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn loha_missing_unexpected_and_misshapen_tensors_are_named() {
+    let dir = fixtures_dir().join("loha/cases/loha_conv2d_effective");
+    let c = load_case(&dir);
+    let (_, config, split, _) = &c.adapters[0];
+    let base = c.slots["conv2"].base();
+    let params = &split.modules["conv2"];
+    let e = registry::build_adapter(config, "conv2", base, &IndexMap::new()).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::MissingKey(k) if k.starts_with("base_model.model.conv2.hada_")),
+        "{e}"
+    );
+    let mut missing = params.clone();
+    missing.shift_remove("hada_t2");
+    let e = registry::build_adapter(config, "conv2", base, &missing).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::MissingKey(k) if k == "base_model.model.conv2.hada_t2"),
+        "{e}"
+    );
+    let mut extra = params.clone();
+    extra.insert("hada_w1_a.weight".into(), params["hada_w1_a"].clone());
+    let e = registry::build_adapter(config, "conv2", base, &extra).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::UnexpectedKeys(k) if k == &["base_model.model.conv2.hada_w1_a.weight".to_string()]),
+        "{e}"
+    );
+    // CP: hada_w1_a is [r, out] = [3, 6]; the flat layout [out, r] is refused
+    let mut wrong = params.clone();
+    wrong.insert(
+        "hada_w1_a".into(),
+        Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = registry::build_adapter(config, "conv2", base, &wrong).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::ShapeMismatch { name, expected, got } if name == &peft_key("conv2", "hada_w1_a") && expected == &[3, 6] && got == &[6, 3]),
+        "{e}"
+    );
+    // the kernel is 3×2: a 3×3 core is refused
+    let mut wrong = params.clone();
+    wrong.insert(
+        "hada_t1".into(),
+        Tensor::zeros((3, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = registry::build_adapter(config, "conv2", base, &wrong).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::ShapeMismatch { name, expected, got } if name == &peft_key("conv2", "hada_t1") && expected == &[3, 3, 3, 2] && got == &[3, 3, 3, 3]),
+        "{e}"
+    );
+    // the same tensors under a flat config do not fit
+    let PeftConfig::LoHa(cfg) = config else {
+        panic!("not LoHa")
+    };
+    let flat = PeftConfig::LoHa(peft::tuners::loha::LoHaConfig {
+        use_effective_conv2d: false,
+        ..cfg.clone()
+    });
+    let e = registry::build_adapter(&flat, "conv2", base, params).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::ShapeMismatch { name, .. } if name == &peft_key("conv2", "hada_w1_a")),
+        "{e}"
+    );
+    // LoHa does not wrap embeddings or GPT-2 Conv1D layers (PEFT raises too)
+    let emb = peft::BaseLayer::embedding(Tensor::zeros((10, 4), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    let e = registry::new_adapter(config, "emb", &emb, &mut peft::PeftRng::new(0)).unwrap_err();
+    assert!(matches!(e, peft::PeftError::Unsupported { .. }), "{e}");
+    let c1d = peft::BaseLayer::conv1d(
+        Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap(),
+        None,
+    )
+    .unwrap();
+    let e = registry::build_adapter(config, "c", &c1d, params).unwrap_err();
+    assert!(matches!(e, peft::PeftError::Unsupported { .. }), "{e}");
+}
+
+#[test]
+fn loha_rank_pattern_decides_the_shapes() {
+    // lin1 has rank 2 by rank_pattern; reading it with the pattern removed (r = 4) must fail on shapes.
+    let dir = fixtures_dir().join("loha/cases/loha_linear");
+    let c = load_case(&dir);
+    let (_, config, split, _) = &c.adapters[0];
+    let PeftConfig::LoHa(cfg) = config else {
+        panic!("not LoHa")
+    };
+    let mut no_pattern = cfg.clone();
+    no_pattern.rank_pattern.clear();
+    let e = registry::build_adapter(
+        &PeftConfig::LoHa(no_pattern),
+        "lin1",
+        c.slots["lin1"].base(),
+        &split.modules["lin1"],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::ShapeMismatch { name, expected, got } if name == &peft_key("lin1", "hada_w1_a") && expected == &[12, 4] && got == &[12, 2]),
+        "{e}"
+    );
+}
+
+#[test]
+fn loha_new_adapter_is_the_identity_until_trained() {
+    for case in ["loha_conv2d_effective", "loha_linear"] {
+        let dir = fixtures_dir().join("loha/cases").join(case);
+        let c = load_case(&dir);
+        let (_, config, _, original) = &c.adapters[0];
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in &c.slots {
+            let a =
+                registry::new_adapter(config, m, slot.base(), &mut peft::PeftRng::new(1)).unwrap();
+            // same keys and shapes as PEFT's file
+            for (k, t) in a.tensors() {
+                let want = &original[&peft_key(m, &k)];
+                assert_eq!(t.dims(), want.dims(), "{m}.{k}");
+                let zero = t
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0;
+                assert_eq!(zero, k == "hada_w2_b", "{m}.{k}");
+            }
+            assert_eq!(a.tensors().len(), split_count(original, m), "{m}");
+            let mut fresh = peft::AdapterSlot::new(m.clone(), slot.base().clone());
+            fresh.add_adapter("default", a).unwrap();
+            let y = fresh
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{case}: {m}: identity"),
+                &y,
+                &io[&format!("output_disabled.{m}")],
+                1e-6,
+                1e-5,
+            );
+        }
+    }
+}
+
+fn split_count(original: &IndexMap<String, Tensor>, module: &str) -> usize {
+    original
+        .keys()
+        .filter(|k| k.starts_with(&format!("base_model.model.{module}.hada_")))
+        .count()
+}

@@ -10,6 +10,7 @@
 //! | [`softmax_last_dim`] | custom op, backward `y ⊙ (g − Σ g⊙y)` | [`softmax_last_dim_reference`] |
 //! | [`rope`] | custom op, backward for `x` (the transposed rotation) | [`rope_reference`] |
 //! | [`frozen_linear`] | custom op on `gemm`, backward `g W` only | [`frozen_linear_reference`] |
+//! | [`batched_inverse`] | custom op (Gauss–Jordan, partial pivoting, f64 accumulation), backward `−A⁻ᵀ G A⁻ᵀ` | computed on the CPU in f32 / f64 and moved back |
 //!
 //! The `*_reference` functions are written with candle primitives: correct on every device and dtype, with
 //! candle's autograd, and the yardstick the custom ops are tested against (values, gradients, and finite

@@ -4,3 +4,4 @@ pub mod config;
 pub mod layer;
 
 pub use config::BoftConfig;
+pub use layer::{BoftAdapter, BoftGeometry};

@@ -4,3 +4,4 @@ pub mod config;
 pub mod layer;
 
 pub use config::LoHaConfig;
+pub use layer::{LoHaAdapter, LoHaOptions};

@@ -1,9 +1,33 @@
-//! The LOKR adapter layer (PEFT's `tuners/lokr/layer.py`). Not implemented yet.
+//! The LoKr adapter for Linear and Conv2d layers (PEFT's `tuners/lokr/layer.py`).
+//!
+//! The update is a Kronecker product of two factors, scaled by `alpha / r`:
+//!
+//! ```text
+//! ΔW = kron(w1, w2) · alpha / r,  reshaped to the base weight
+//! out = a·b, in = c·d   with (a, b) = factorization(out), (c, d) = factorization(in)
+//! w1 [a, c]     = lokr_w1                       or lokr_w1_a [a, r] @ lokr_w1_b [r, c]   (decompose_both)
+//! w2 [b, d(,k)] = lokr_w2                       or lokr_w2_a [b, r] @ lokr_w2_b [r, d·kh·kw]
+//!                 or einsum("i j k l, i p, j r -> p r k l", lokr_t2 [r, r, kh, kw], lokr_w2_a [r, b], lokr_w2_b [r, d])
+//! ```
+//!
+//! Which of these a layer holds is PEFT's `update_layer` decision from the config and the base shape
+//! ([`LoKrLayout`]): w1 is low-rank only with `decompose_both` and `r < max(a, c) / 2`, w2 only when
+//! `r < max(b, d) / 2`, and the CP form (`lokr_t2`) only with `use_effective_conv2d` on a Conv2d whose kernel
+//! is not 1×1. `r` and `alpha` always come from the config (`rank_pattern` / `alpha_pattern`): small layers
+//! store full matrices and are still scaled by `alpha / r`.
+//!
+//! The forward adds `F.linear(x, ΔW)` / `F.conv2d(x, ΔW, …)` to the base output
+//! ([`crate::tuners::lycoris_utils::delta_activations`]); in training the whole update is skipped with
+//! probability `module_dropout`, and `rank_dropout` zeroes rows of ΔW (rescaled by the kept fraction only with
+//! `rank_dropout_scale`). Merging adds ΔW to the weight; unmerging subtracts it.
 
-use super::config::LoKrConfig;
-use crate::layer::{Adapter, BaseLayer};
+use super::config::{LoKrConfig, LoKrInitWeights};
+use crate::layer::{
+    Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape,
+};
+use crate::tuners::lycoris_utils;
 use crate::{PeftError, PeftRng, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, Var};
 use indexmap::IndexMap;
 
 /// The parameter names of a LOKR adapter's tensors (the first key component after the module name).
@@ -17,30 +41,538 @@ pub const PARAM_PREFIXES: &[&str] = &[
     "lokr_t2",
 ];
 
-fn todo() -> PeftError {
-    PeftError::Unsupported {
-        field: "peft_type".into(),
-        value: "LOKR".into(),
-        reason: "this method's layers are not implemented yet".into(),
+/// PEFT's (and LyCORIS') `factorization(dimension, factor)`, ported literally: two numbers whose product is
+/// `dimension`. A positive `factor` dividing `dimension` gives `(factor, dimension / factor)` as is (so
+/// `factorization(16, 16) = (16, 1)`); otherwise the divisor pair is searched from `(1, dimension)` upwards
+/// while the sum does not grow and the smaller number stays `<= factor` (`-1`: no bound, the most balanced
+/// split), and returned smaller first: `factorization(32, -1) = (4, 8)`, `factorization(127, -1) = (1, 127)`.
+pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
+    if factor > 0 && dimension % (factor as usize) == 0 {
+        let m = factor as usize;
+        return (m, dimension / m);
+    }
+    // `factor == -1` means "no bound"; any other value bounds `new_m` as is (0 or negative stop at once).
+    let bound: i128 = if factor == -1 {
+        dimension as i128
+    } else {
+        factor as i128
+    };
+    let (mut m, mut n) = (1usize, dimension);
+    let length = m + n;
+    while m < n {
+        let mut new_m = m + 1;
+        while dimension % new_m != 0 {
+            new_m += 1;
+        }
+        let new_n = dimension / new_m;
+        if new_m + new_n > length || new_m as i128 > bound {
+            break;
+        }
+        (m, n) = (new_m, new_n);
+    }
+    if m > n {
+        (m, n) = (n, m);
+    }
+    (m, n)
+}
+
+/// What PEFT's `update_layer` decides for one layer: the Kronecker factor sizes and which parameters exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoKrLayout {
+    /// `a`: rows of w1 (`out = a·b`).
+    pub a: usize,
+    /// `b`: rows of w2.
+    pub b: usize,
+    /// `c`: columns of w1 (`in = c·d`).
+    pub c: usize,
+    /// `d`: columns (input channels) of w2.
+    pub d: usize,
+    /// The Conv2d kernel `(kh, kw)`; `None` for a Linear.
+    pub kernel: Option<(usize, usize)>,
+    /// The rank.
+    pub r: usize,
+    /// Whether w1 is one full matrix `lokr_w1` (else `lokr_w1_a @ lokr_w1_b`).
+    pub full_w1: bool,
+    /// Whether w2 is one full tensor `lokr_w2`.
+    pub full_w2: bool,
+    /// Whether a low-rank w2 is in CP form (`lokr_t2`, `lokr_w2_a`, `lokr_w2_b`).
+    pub cp: bool,
+}
+
+impl LoKrLayout {
+    /// PEFT's shape logic of `update_layer` for `base` with rank `r` under `config`. Refuses the layer kinds
+    /// LoKr does not wrap (as [`lycoris_utils::check_supported`]).
+    pub fn new(config: &LoKrConfig, base: &BaseLayer, r: usize) -> Result<Self> {
+        lycoris_utils::check_supported("LoKr", base)?;
+        if r == 0 {
+            return Err(PeftError::InvalidConfig(
+                "`r` should be a positive integer value but the value passed is 0".into(),
+            ));
+        }
+        let dims = base.weight().dims();
+        let (out_dim, in_dim) = (dims[0], dims[1]);
+        let (a, b) = factorization(out_dim, config.decompose_factor);
+        let (c, d) = factorization(in_dim, config.decompose_factor);
+        let rf = r as f64;
+        // PEFT: `use_w1 = not (decompose_both and r < max(a, c) / 2)`, `use_w2 = not (r < max(b, d) / 2)`,
+        // with true division.
+        let full_w1 = !(config.decompose_both && rf < a.max(c) as f64 / 2.0);
+        let full_w2 = rf >= b.max(d) as f64 / 2.0;
+        let (kernel, cp) = match base.kind() {
+            BaseKind::Conv2d(_) => {
+                let k = (dims[2], dims[3]);
+                (Some(k), config.use_effective_conv2d && k != (1, 1))
+            }
+            _ => (None, false),
+        };
+        Ok(Self {
+            a,
+            b,
+            c,
+            d,
+            kernel,
+            r,
+            full_w1,
+            full_w2,
+            cp: cp && !full_w2,
+        })
+    }
+
+    /// `kh·kw`, 1 for a Linear.
+    fn k(&self) -> usize {
+        self.kernel.map_or(1, |(h, w)| h * w)
+    }
+
+    /// Every tensor this layer holds, with its shape, in PEFT's parameter order (what `create_adapter_parameters`
+    /// creates).
+    pub fn expected(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let r = self.r;
+        let mut v = Vec::new();
+        if self.full_w1 {
+            v.push(("lokr_w1", vec![self.a, self.c]));
+        } else {
+            v.push(("lokr_w1_a", vec![self.a, r]));
+            v.push(("lokr_w1_b", vec![r, self.c]));
+        }
+        match self.kernel {
+            Some((kh, kw)) if self.full_w2 => v.push(("lokr_w2", vec![self.b, self.d, kh, kw])),
+            None if self.full_w2 => v.push(("lokr_w2", vec![self.b, self.d])),
+            Some((kh, kw)) if self.cp => {
+                v.push(("lokr_w2_a", vec![r, self.b]));
+                v.push(("lokr_w2_b", vec![r, self.d]));
+                v.push(("lokr_t2", vec![r, r, kh, kw]));
+            }
+            _ => {
+                v.push(("lokr_w2_a", vec![self.b, r]));
+                v.push(("lokr_w2_b", vec![r, self.d * self.k()]));
+            }
+        }
+        v
+    }
+}
+
+/// The first Kronecker factor.
+#[derive(Debug)]
+enum W1 {
+    Full(Var),
+    LowRank { a: Var, b: Var },
+}
+
+/// The second Kronecker factor.
+#[derive(Debug)]
+enum W2 {
+    Full(Var),
+    LowRank { a: Var, b: Var },
+    Cp { t2: Var, a: Var, b: Var },
+}
+
+/// One LoKr adapter inside one Linear or Conv2d layer. Parameters are `Var`s (f32 when created or loaded);
+/// the dtype they were loaded in is kept for saving.
+#[derive(Debug)]
+pub struct LoKrAdapter {
+    layout: LoKrLayout,
+    weight_shape: Vec<usize>,
+    alpha: f64,
+    w1: W1,
+    w2: W2,
+    rank_dropout: f64,
+    module_dropout: f64,
+    rank_dropout_scale: bool,
+    saved_dtype: DType,
+}
+
+/// `kron(w1 [a, c], w2 [b, m]) → [a·b, c·m]`: `out[i·b + p, j·m + q] = w1[i, j] · w2[p, q]`.
+fn kron2(w1: &Tensor, w2: &Tensor) -> Result<Tensor> {
+    let (a, c) = w1.dims2()?;
+    let (b, m) = w2.dims2()?;
+    let k = w1
+        .reshape((a, 1, c, 1))?
+        .broadcast_mul(&w2.reshape((1, b, 1, m))?)?;
+    Ok(k.reshape((a * b, c * m))?)
+}
+
+/// PEFT's `make_weight_cp`: `einsum("i j k l, i p, j r -> p r k l", t, wa, wb)`, returned flattened as
+/// `[b, d·kh·kw]` (`t [r, r, kh, kw]`, `wa [r, b]`, `wb [r, d]`).
+fn make_weight_cp(t: &Tensor, wa: &Tensor, wb: &Tensor) -> Result<Tensor> {
+    let (r1, r2, kh, kw) = t.dims4()?;
+    let k = kh * kw;
+    let b = wa.dim(1)?;
+    let d = wb.dim(1)?;
+    // [b, r1] @ [r1, r2·k] → [b, r2, k]
+    let tmp = wa.t()?.matmul(&t.reshape((r1, r2 * k))?)?;
+    // [b·k, r2] @ [r2, d] → [b, k, d] → [b, d, k]
+    let tmp = tmp.reshape((b, r2, k))?.transpose(1, 2)?.contiguous()?;
+    let out = tmp.reshape((b * k, r2))?.matmul(wb)?;
+    Ok(out
+        .reshape((b, k, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, d * k))?)
+}
+
+impl LoKrAdapter {
+    /// The layout (factor sizes and forms) and `(r, alpha)` of `module` under `config`.
+    fn layout_for(
+        config: &LoKrConfig,
+        module: &str,
+        base: &BaseLayer,
+    ) -> Result<(LoKrLayout, f64)> {
+        let (r, alpha) = config.rank_and_alpha_for(module);
+        Ok((LoKrLayout::new(config, base, r)?, alpha))
+    }
+
+    fn assemble(
+        config: &LoKrConfig,
+        layout: LoKrLayout,
+        alpha: f64,
+        base: &BaseLayer,
+        mut params: IndexMap<&'static str, Var>,
+        saved_dtype: DType,
+    ) -> Result<Self> {
+        let mut take = |k: &str| {
+            params
+                .shift_remove(k)
+                .ok_or_else(|| PeftError::MissingKey(k.to_string()))
+        };
+        let w1 = if layout.full_w1 {
+            W1::Full(take("lokr_w1")?)
+        } else {
+            W1::LowRank {
+                a: take("lokr_w1_a")?,
+                b: take("lokr_w1_b")?,
+            }
+        };
+        let w2 = if layout.full_w2 {
+            W2::Full(take("lokr_w2")?)
+        } else if layout.cp {
+            W2::Cp {
+                t2: take("lokr_t2")?,
+                a: take("lokr_w2_a")?,
+                b: take("lokr_w2_b")?,
+            }
+        } else {
+            W2::LowRank {
+                a: take("lokr_w2_a")?,
+                b: take("lokr_w2_b")?,
+            }
+        };
+        Ok(Self {
+            layout,
+            weight_shape: base.weight().dims().to_vec(),
+            alpha,
+            w1,
+            w2,
+            rank_dropout: config.rank_dropout,
+            module_dropout: config.module_dropout,
+            rank_dropout_scale: config.rank_dropout_scale,
+            saved_dtype,
+        })
+    }
+
+    /// A freshly initialised adapter (PEFT's `reset_adapter_parameters*`): `init_weights = true` zeroes w1
+    /// (`lokr_w1` or `lokr_w1_a`), `"lycoris"` zeroes w2 (`lokr_w2` or `lokr_w2_b`), `false` draws everything;
+    /// every other tensor is kaiming-uniform with `a = √5` (uniform in `±1/√fan_in`).
+    pub fn new(
+        config: &LoKrConfig,
+        module: &str,
+        base: &BaseLayer,
+        rng: &mut PeftRng,
+    ) -> Result<Self> {
+        let (layout, alpha) = Self::layout_for(config, module, base)?;
+        let dev = base.weight().device().clone();
+        let zero_key: Option<&str> = match &config.init_weights {
+            LoKrInitWeights::Bool(true) => Some(if layout.full_w1 {
+                "lokr_w1"
+            } else {
+                "lokr_w1_a"
+            }),
+            LoKrInitWeights::Bool(false) => None,
+            LoKrInitWeights::Method(m) if m == "lycoris" => Some(if layout.full_w2 {
+                "lokr_w2"
+            } else {
+                "lokr_w2_b"
+            }),
+            LoKrInitWeights::Method(m) => {
+                return Err(PeftError::InvalidConfig(format!(
+                    "`init_weights` must be true, false or \"lycoris\", got {m:?}"
+                )));
+            }
+        };
+        let mut params = IndexMap::new();
+        for (key, shape) in layout.expected() {
+            let t = if Some(key) == zero_key {
+                Tensor::zeros(shape.as_slice(), DType::F32, &dev)?
+            } else {
+                let fan_in: usize = shape[1..].iter().product();
+                let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                rng.uniform_tensor(shape.as_slice(), -bound, bound, DType::F32, &dev)?
+            };
+            params.insert(key, Var::from_tensor(&t)?);
+        }
+        Self::assemble(config, layout, alpha, base, params, DType::F32)
+    }
+
+    /// An adapter from tensors as PEFT saves them (keys relative to the module, adapter name stripped): exactly
+    /// the keys, and shapes, PEFT's `update_layer` creates for this config and base.
+    pub fn from_tensors(
+        config: &LoKrConfig,
+        module: &str,
+        base: &BaseLayer,
+        tensors: &IndexMap<String, Tensor>,
+    ) -> Result<Self> {
+        Self::load(config, module, base, tensors, DType::F32)
+    }
+
+    /// [`LoKrAdapter::from_tensors`] with the parameters held in `param_dtype` (f32 except in f64 tests).
+    fn load(
+        config: &LoKrConfig,
+        module: &str,
+        base: &BaseLayer,
+        tensors: &IndexMap<String, Tensor>,
+        param_dtype: DType,
+    ) -> Result<Self> {
+        let (layout, alpha) = Self::layout_for(config, module, base)?;
+        let expected = layout.expected();
+        for (key, _) in &expected {
+            if !tensors.contains_key(*key) {
+                return Err(PeftError::MissingKey(key.to_string()));
+            }
+        }
+        for (key, shape) in &expected {
+            check_shape(key, &tensors[*key], shape)?;
+        }
+        let extra: Vec<String> = tensors
+            .keys()
+            .filter(|k| !expected.iter().any(|(e, _)| e == k))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            return Err(PeftError::UnexpectedKeys(extra));
+        }
+        let saved_dtype = tensors[expected[0].0].dtype();
+        let mut params = IndexMap::new();
+        for (key, _) in &expected {
+            let t = tensors[*key].to_dtype(param_dtype)?;
+            params.insert(*key, Var::from_tensor(&t)?);
+        }
+        Self::assemble(config, layout, alpha, base, params, saved_dtype)
+    }
+
+    /// The layout: factor sizes and which forms w1 and w2 take.
+    pub fn layout(&self) -> &LoKrLayout {
+        &self.layout
+    }
+
+    /// The scale `alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.layout.r as f64
+    }
+
+    /// `w1 [a, c]`.
+    fn w1(&self) -> Result<Tensor> {
+        Ok(match &self.w1 {
+            W1::Full(w) => w.as_tensor().clone(),
+            W1::LowRank { a, b } => a.as_tensor().matmul(b.as_tensor())?,
+        })
+    }
+
+    /// `w2` flattened to `[b, d·kh·kw]` (the kernel axes follow `d`, as in the 4-D Kronecker product).
+    fn w2_flat(&self) -> Result<Tensor> {
+        let l = &self.layout;
+        Ok(match &self.w2 {
+            W2::Full(w) => w.as_tensor().reshape((l.b, l.d * l.k()))?,
+            W2::LowRank { a, b } => a.as_tensor().matmul(b.as_tensor())?,
+            W2::Cp { t2, a, b } => make_weight_cp(t2.as_tensor(), a.as_tensor(), b.as_tensor())?,
+        })
+    }
+
+    /// PEFT's `get_delta_weight` without rank dropout: `kron(w1, w2) · alpha / r` in the base weight's shape,
+    /// in the parameters' dtype (f32).
+    pub fn delta(&self) -> Result<Tensor> {
+        let k = kron2(&self.w1()?, &self.w2_flat()?)?;
+        Ok((k * self.scaling())?.reshape(self.weight_shape.as_slice())?)
+    }
+
+    fn check_base(&self, base: &BaseLayer) -> Result<()> {
+        if base.weight().dims() != self.weight_shape.as_slice() {
+            return Err(PeftError::Invalid(format!(
+                "LoKr adapter for a weight of shape {:?} used on one of shape {:?}",
+                self.weight_shape,
+                base.weight().dims()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_weight(&self, w: &Tensor) -> Result<()> {
+        if w.dims() != self.weight_shape.as_slice() {
+            return Err(PeftError::Invalid(format!(
+                "LoKr adapter for a weight of shape {:?} merged into one of shape {:?}",
+                self.weight_shape,
+                w.dims()
+            )));
+        }
+        Ok(())
+    }
+
+    fn all_vars(&self) -> Vec<(&'static str, &Var)> {
+        let mut v = Vec::new();
+        match &self.w1 {
+            W1::Full(w) => v.push(("lokr_w1", w)),
+            W1::LowRank { a, b } => {
+                v.push(("lokr_w1_a", a));
+                v.push(("lokr_w1_b", b));
+            }
+        }
+        match &self.w2 {
+            W2::Full(w) => v.push(("lokr_w2", w)),
+            W2::LowRank { a, b } => {
+                v.push(("lokr_w2_a", a));
+                v.push(("lokr_w2_b", b));
+            }
+            W2::Cp { t2, a, b } => {
+                v.push(("lokr_w2_a", a));
+                v.push(("lokr_w2_b", b));
+                v.push(("lokr_t2", t2));
+            }
+        }
+        v
+    }
+}
+
+impl Adapter for LoKrAdapter {
+    fn peft_type(&self) -> &'static str {
+        "LOKR"
+    }
+
+    fn transform_output(
+        &self,
+        base: &BaseLayer,
+        x: &Tensor,
+        result: Tensor,
+        ctx: &CallCtx<'_>,
+    ) -> Result<Tensor> {
+        self.check_base(base)?;
+        if lycoris_utils::module_dropped(ctx, self.module_dropout) {
+            return Ok(result);
+        }
+        let delta = lycoris_utils::rank_dropout(
+            ctx,
+            &self.delta()?,
+            self.rank_dropout,
+            self.rank_dropout_scale,
+        )?;
+        let dy = lycoris_utils::delta_activations(base, x, &delta)?;
+        Ok((result.to_dtype(dy.dtype())? + dy)?)
+    }
+
+    fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
+        self.check_weight(input.weight)?;
+        let delta = self.delta()?.to_dtype(input.weight.dtype())?;
+        Ok(Merged {
+            weight: (input.weight + delta)?,
+            bias: input.bias.cloned(),
+            cache: None,
+        })
+    }
+
+    fn unmerge(
+        &self,
+        input: MergeInput<'_>,
+        _cache: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.check_weight(input.weight)?;
+        let delta = self.delta()?.to_dtype(input.weight.dtype())?;
+        Ok(((input.weight - delta)?, input.bias.cloned()))
+    }
+
+    fn delta_weight(&self, _kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        Ok(Some((self.delta()?.to_dtype(DType::F32)?, None)))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor> {
+        self.all_vars()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.all_vars()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn saved_dtype(&self) -> DType {
+        self.saved_dtype
+    }
+
+    fn describe(&self) -> String {
+        let l = &self.layout;
+        let dims = |v: &Var| format!("{:?}", v.as_tensor().dims());
+        let w1 = match &self.w1 {
+            W1::Full(w) => format!("w1 {} full", dims(w)),
+            W1::LowRank { a, b } => {
+                format!("w1 [{}, {}] low-rank {}@{}", l.a, l.c, dims(a), dims(b))
+            }
+        };
+        let w2_shape = match l.kernel {
+            Some((kh, kw)) => format!("[{}, {}, {kh}, {kw}]", l.b, l.d),
+            None => format!("[{}, {}]", l.b, l.d),
+        };
+        let w2 = match &self.w2 {
+            W2::Full(w) => format!("w2 {} full", dims(w)),
+            W2::LowRank { a, b } => format!("w2 {w2_shape} low-rank {}@{}", dims(a), dims(b)),
+            W2::Cp { t2, a, b } => format!(
+                "w2 {w2_shape} CP t2 {} with {}, {}",
+                dims(t2),
+                dims(a),
+                dims(b)
+            ),
+        };
+        format!("r={} alpha={} {w1}, {w2}", l.r, self.alpha)
     }
 }
 
 /// The adapter for `module` from its saved tensors (keys relative to the module, adapter name stripped).
 pub fn build(
-    _config: &LoKrConfig,
-    _module: &str,
-    _base: &BaseLayer,
-    _tensors: &IndexMap<String, Tensor>,
+    config: &LoKrConfig,
+    module: &str,
+    base: &BaseLayer,
+    tensors: &IndexMap<String, Tensor>,
 ) -> Result<Box<dyn Adapter>> {
-    Err(todo())
+    Ok(Box::new(LoKrAdapter::from_tensors(
+        config, module, base, tensors,
+    )?))
 }
 
 /// A freshly initialised adapter for `module`.
 pub fn create(
-    _config: &LoKrConfig,
-    _module: &str,
-    _base: &BaseLayer,
-    _rng: &mut PeftRng,
+    config: &LoKrConfig,
+    module: &str,
+    base: &BaseLayer,
+    rng: &mut PeftRng,
 ) -> Result<Box<dyn Adapter>> {
-    Err(todo())
+    Ok(Box::new(LoKrAdapter::new(config, module, base, rng)?))
 }

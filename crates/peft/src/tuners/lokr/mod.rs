@@ -4,3 +4,4 @@ pub mod config;
 pub mod layer;
 
 pub use config::LoKrConfig;
+pub use layer::LoKrAdapter;

@@ -4,3 +4,4 @@ pub mod config;
 pub mod layer;
 
 pub use config::OftConfig;
+pub use layer::OftAdapter;
