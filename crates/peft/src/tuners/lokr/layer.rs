@@ -47,7 +47,7 @@ pub const PARAM_PREFIXES: &[&str] = &[
 /// while the sum does not grow and the smaller number stays `<= factor` (`-1`: no bound, the most balanced
 /// split), and returned smaller first: `factorization(32, -1) = (4, 8)`, `factorization(127, -1) = (1, 127)`.
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
-    if factor > 0 && dimension % (factor as usize) == 0 {
+    if factor > 0 && dimension.is_multiple_of(factor as usize) {
         let m = factor as usize;
         return (m, dimension / m);
     }
@@ -61,7 +61,7 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     let length = m + n;
     while m < n {
         let mut new_m = m + 1;
-        while dimension % new_m != 0 {
+        while !dimension.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dimension / new_m;
@@ -575,4 +575,419 @@ pub fn create(
     rng: &mut PeftRng,
 ) -> Result<Box<dyn Adapter>> {
     Ok(Box::new(LoKrAdapter::new(config, module, base, rng)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::Conv2dSpec;
+    use crate::ops::testutil::{fd_check, grads_of, max_diff, randn, vars};
+    use crate::{AdapterSlot, ForwardCtx};
+    use candle_core::Device;
+
+    /// `peft.tuners.lokr.layer.factorization(dimension, factor)` as PEFT 0.21.2 computes it.
+    #[test]
+    fn factorization_matches_peft() {
+        #[rustfmt::skip]
+        let table: &[(usize, i64, (usize, usize))] = &[
+            (32, -1, (4, 8)), (64, 4, (4, 16)), (48, -1, (6, 8)), (7, -1, (1, 7)), (12, 3, (3, 4)),
+            (16, 16, (16, 1)), (24, -1, (4, 6)), (16, -1, (4, 4)), (12, -1, (3, 4)), (3, -1, (1, 3)),
+            (8, -1, (2, 4)), (6, -1, (2, 3)), (96, -1, (8, 12)), (64, -1, (8, 8)), (128, 4, (4, 32)),
+            (127, -1, (1, 127)), (256, -1, (16, 16)), (1, -1, (1, 1)), (2, -1, (1, 2)), (36, -1, (6, 6)),
+            (100, 3, (2, 50)), (64, 5, (4, 16)), (96, 5, (4, 24)), (30, 4, (3, 10)), (18, -1, (3, 6)),
+            (60, 7, (6, 10)), (12, 0, (1, 12)), (24, -2, (1, 24)), (1000, -1, (25, 40)), (49, 3, (1, 49)),
+            (10, 100, (2, 5)),
+        ];
+        for &(d, f, want) in table {
+            assert_eq!(factorization(d, f), want, "factorization({d}, {f})");
+        }
+        // degenerate sizes do not panic
+        let _ = factorization(0, -1);
+        let _ = factorization(0, 3);
+    }
+
+    fn cfg() -> LoKrConfig {
+        LoKrConfig {
+            r: 2,
+            alpha: 3.0,
+            ..Default::default()
+        }
+    }
+
+    fn linear(rng: &mut PeftRng, out: usize, inp: usize, dtype: DType) -> BaseLayer {
+        BaseLayer::linear(
+            randn(rng, &[out, inp], dtype),
+            Some(randn(rng, &[out], dtype)),
+        )
+        .unwrap()
+    }
+
+    fn conv(rng: &mut PeftRng, out: usize, inp: usize, k: usize, dtype: DType) -> BaseLayer {
+        let spec = Conv2dSpec {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        BaseLayer::conv2d(randn(rng, &[out, inp, k, k], dtype), None, spec).unwrap()
+    }
+
+    /// Random tensors for every parameter the layout has.
+    fn params(layout: &LoKrLayout, rng: &mut PeftRng, dtype: DType) -> IndexMap<String, Tensor> {
+        layout
+            .expected()
+            .into_iter()
+            .map(|(k, s)| (k.to_string(), randn(rng, &s, dtype)))
+            .collect()
+    }
+
+    #[test]
+    fn layout_follows_update_layer() {
+        let mut rng = PeftRng::new(0);
+        let base = linear(&mut rng, 64, 48, DType::F32);
+        // (a, b) = (8, 8), (c, d) = (6, 8)
+        let l = LoKrLayout::new(&cfg(), &base, 2).unwrap();
+        assert_eq!((l.a, l.b, l.c, l.d), (8, 8, 6, 8));
+        assert!(l.full_w1 && !l.full_w2 && !l.cp);
+        let both = LoKrConfig {
+            decompose_both: true,
+            ..cfg()
+        };
+        assert!(!LoKrLayout::new(&both, &base, 3).unwrap().full_w1);
+        // r < max(8, 6) / 2 = 4 fails at r = 4: full
+        assert!(LoKrLayout::new(&both, &base, 4).unwrap().full_w1);
+        assert!(LoKrLayout::new(&both, &base, 4).unwrap().full_w2);
+        let eff = LoKrConfig {
+            use_effective_conv2d: true,
+            ..cfg()
+        };
+        let c3 = conv(&mut rng, 32, 8, 3, DType::F32);
+        let l = LoKrLayout::new(&eff, &c3, 2).unwrap();
+        assert!(l.cp);
+        assert_eq!(
+            l.expected(),
+            vec![
+                ("lokr_w1", vec![4, 2]),
+                ("lokr_w2_a", vec![2, 8]),
+                ("lokr_w2_b", vec![2, 4]),
+                ("lokr_t2", vec![2, 2, 3, 3]),
+            ]
+        );
+        // 1x1 kernels never use the CP form
+        let c1 = conv(&mut rng, 32, 8, 1, DType::F32);
+        let l = LoKrLayout::new(&eff, &c1, 2).unwrap();
+        assert!(!l.cp);
+        assert_eq!(l.expected()[2], ("lokr_w2_b", vec![2, 4]));
+        assert!(matches!(
+            LoKrLayout::new(&cfg(), &base, 0),
+            Err(PeftError::InvalidConfig(_))
+        ));
+    }
+
+    #[test]
+    fn cp_weight_is_the_einsum() {
+        let mut rng = PeftRng::new(1);
+        let (r, b, d, kh, kw) = (3, 4, 5, 2, 3);
+        let t = randn(&mut rng, &[r, r, kh, kw], DType::F64);
+        let wa = randn(&mut rng, &[r, b], DType::F64);
+        let wb = randn(&mut rng, &[r, d], DType::F64);
+        let got = make_weight_cp(&t, &wa, &wb).unwrap();
+        let (tv, av, bv) = (
+            t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            wa.to_vec2::<f64>().unwrap(),
+            wb.to_vec2::<f64>().unwrap(),
+        );
+        let mut want = vec![0f64; b * d * kh * kw];
+        for p in 0..b {
+            for q in 0..d {
+                for k in 0..kh {
+                    for l in 0..kw {
+                        let mut s = 0.0;
+                        for i in 0..r {
+                            for j in 0..r {
+                                s += tv[((i * r + j) * kh + k) * kw + l] * av[i][p] * bv[j][q];
+                            }
+                        }
+                        want[((p * d + q) * kh + k) * kw + l] = s;
+                    }
+                }
+            }
+        }
+        let want = Tensor::from_vec(want, (b, d * kh * kw), &Device::Cpu).unwrap();
+        assert!(max_diff(&got, &want) < 1e-12);
+    }
+
+    #[test]
+    fn kron_is_torch_kron() {
+        let w1 = Tensor::from_slice(&[1f64, 2., 3., 4.], (2, 2), &Device::Cpu).unwrap();
+        let w2 = Tensor::from_slice(&[0f64, 1., 10., 100., 5., 6.], (2, 3), &Device::Cpu).unwrap();
+        let k = kron2(&w1, &w2).unwrap().to_vec2::<f64>().unwrap();
+        assert_eq!(k[0], vec![0., 1., 10., 0., 2., 20.]);
+        assert_eq!(k[1], vec![100., 5., 6., 200., 10., 12.]);
+        assert_eq!(k[3], vec![300., 15., 18., 400., 20., 24.]);
+    }
+
+    /// `sum(forward(x) ⊙ R)` of an adapter built in f64 from `ts` (in `layout.expected()` order).
+    fn loss_of(
+        config: &LoKrConfig,
+        base: &BaseLayer,
+        layout: &LoKrLayout,
+        x: &Tensor,
+        rr: &Tensor,
+        ts: &[Tensor],
+    ) -> Tensor {
+        let tensors: IndexMap<String, Tensor> = layout
+            .expected()
+            .iter()
+            .zip(ts)
+            .map(|((k, _), t)| (k.to_string(), t.clone()))
+            .collect();
+        let a = LoKrAdapter::load(config, "m", base, &tensors, DType::F64).unwrap();
+        let ctx = ForwardCtx::eval();
+        let call = CallCtx {
+            module: "m",
+            adapter: "default",
+            fwd: &ctx,
+        };
+        let y = a
+            .transform_output(base, x, base.forward(x).unwrap(), &call)
+            .unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        (y * rr).unwrap().sum_all().unwrap()
+    }
+
+    fn check_gradients(config: &LoKrConfig, base: &BaseLayer, x: &Tensor, rng: &mut PeftRng) {
+        let (r, _) = config.rank_and_alpha_for("m");
+        let layout = LoKrLayout::new(config, base, r).unwrap();
+        let init = params(&layout, rng, DType::F64);
+        let ts: Vec<&Tensor> = init.values().collect();
+        let vs = vars(&ts);
+        let y0 = base.forward(x).unwrap();
+        let rr = randn(rng, y0.dims(), DType::F64);
+        let grads = grads_of(
+            &vs,
+            &Tensor::ones((), DType::F64, &Device::Cpu).unwrap(),
+            &|t| Ok(loss_of(config, base, &layout, x, &rr, t)),
+        );
+        let inputs: Vec<Tensor> = init.values().cloned().collect();
+        for (i, g) in grads.iter().enumerate() {
+            let g = g
+                .as_ref()
+                .unwrap_or_else(|| panic!("no gradient for {}", init.keys().nth(i).unwrap()));
+            let err = fd_check(&inputs, i, g, &|t| {
+                loss_of(config, base, &layout, x, &rr, t).to_scalar::<f64>()
+            });
+            assert!(
+                err < 1e-5,
+                "{}: fd error {err}",
+                init.keys().nth(i).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_decompose_both_linear() {
+        let mut rng = PeftRng::new(2);
+        let base = linear(&mut rng, 64, 48, DType::F64);
+        let config = LoKrConfig {
+            decompose_both: true,
+            ..cfg()
+        };
+        let layout = LoKrLayout::new(&config, &base, 2).unwrap();
+        assert!(!layout.full_w1 && !layout.full_w2);
+        let x = randn(&mut rng, &[2, 3, 48], DType::F64);
+        check_gradients(&config, &base, &x, &mut rng);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_cp_conv2d() {
+        let mut rng = PeftRng::new(3);
+        let base = conv(&mut rng, 32, 8, 3, DType::F64);
+        let config = LoKrConfig {
+            use_effective_conv2d: true,
+            ..cfg()
+        };
+        assert!(LoKrLayout::new(&config, &base, 2).unwrap().cp);
+        let x = randn(&mut rng, &[2, 8, 5, 5], DType::F64);
+        check_gradients(&config, &base, &x, &mut rng);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_full_conv2d() {
+        let mut rng = PeftRng::new(4);
+        let base = conv(&mut rng, 6, 8, 3, DType::F64);
+        let config = LoKrConfig { r: 4, ..cfg() };
+        assert!(LoKrLayout::new(&config, &base, 4).unwrap().full_w2);
+        let x = randn(&mut rng, &[1, 8, 5, 5], DType::F64);
+        check_gradients(&config, &base, &x, &mut rng);
+    }
+
+    #[test]
+    fn merge_equals_forward_and_unmerge_restores() {
+        let mut rng = PeftRng::new(5);
+        for (config, base, x) in [
+            (
+                LoKrConfig {
+                    decompose_both: true,
+                    init_weights: LoKrInitWeights::Bool(false),
+                    ..cfg()
+                },
+                linear(&mut rng, 64, 48, DType::F32),
+                randn(&mut rng, &[2, 48], DType::F32),
+            ),
+            (
+                LoKrConfig {
+                    use_effective_conv2d: true,
+                    init_weights: LoKrInitWeights::Bool(false),
+                    ..cfg()
+                },
+                conv(&mut rng, 32, 8, 3, DType::F32),
+                randn(&mut rng, &[1, 8, 6, 6], DType::F32),
+            ),
+        ] {
+            let a = LoKrAdapter::new(&config, "m", &base, &mut rng).unwrap();
+            assert!(
+                a.describe().starts_with("r=2 alpha=3 w1 "),
+                "{}",
+                a.describe()
+            );
+            let mut slot = AdapterSlot::new("m", base.clone());
+            slot.add_adapter("default", Box::new(a)).unwrap();
+            let ctx = ForwardCtx::eval();
+            let y = slot.forward(&x, &ctx).unwrap();
+            assert!(max_diff(&y, &base.forward(&x).unwrap()) > 1e-3);
+            slot.merge(None).unwrap();
+            assert!(max_diff(&slot.forward(&x, &ctx).unwrap(), &y) < 1e-4);
+            slot.unmerge().unwrap();
+            assert!(max_diff(slot.base().weight(), base.weight()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn module_and_rank_dropout_apply_in_training_only() {
+        let mut rng = PeftRng::new(6);
+        let base = linear(&mut rng, 16, 24, DType::F32);
+        let x = randn(&mut rng, &[3, 24], DType::F32);
+        let y_base = base.forward(&x).unwrap();
+        let run = |config: &LoKrConfig, ctx: &ForwardCtx| {
+            let a = LoKrAdapter::new(config, "m", &base, &mut PeftRng::new(7)).unwrap();
+            let mut slot = AdapterSlot::new("m", base.clone());
+            slot.add_adapter("default", Box::new(a)).unwrap();
+            slot.forward(&x, ctx).unwrap()
+        };
+        let random = LoKrConfig {
+            init_weights: LoKrInitWeights::Bool(false),
+            ..cfg()
+        };
+        let full = run(&random, &ForwardCtx::eval());
+        let md = LoKrConfig {
+            module_dropout: 1.0,
+            ..random.clone()
+        };
+        assert_eq!(max_diff(&run(&md, &ForwardCtx::train(1, 0)), &y_base), 0.0);
+        assert_eq!(max_diff(&run(&md, &ForwardCtx::eval()), &full), 0.0);
+        // rank dropout zeroes output features of ΔW; with rank_dropout_scale the kept ones are rescaled
+        let d_full = (&full - &y_base).unwrap().to_vec2::<f32>().unwrap();
+        for scale in [false, true] {
+            let rd = LoKrConfig {
+                rank_dropout: 0.5,
+                rank_dropout_scale: scale,
+                ..random.clone()
+            };
+            assert_eq!(max_diff(&run(&rd, &ForwardCtx::eval()), &full), 0.0);
+            let mut seen = (false, false);
+            for step in 0..4 {
+                let y = run(&rd, &ForwardCtx::train(9, step));
+                let d = (&y - &y_base).unwrap().to_vec2::<f32>().unwrap();
+                let kept: Vec<bool> = (0..16).map(|j| d[0][j].abs() > 1e-6).collect();
+                let n = kept.iter().filter(|k| **k).count();
+                let s = if scale && n > 0 { 16.0 / n as f32 } else { 1.0 };
+                for (row, full_row) in d.iter().zip(&d_full) {
+                    for j in 0..16 {
+                        let want = if kept[j] { full_row[j] * s } else { 0.0 };
+                        assert!(
+                            (row[j] - want).abs() < 1e-4,
+                            "{scale} {j}: {} vs {want}",
+                            row[j]
+                        );
+                    }
+                }
+                seen.0 |= n > 0;
+                seen.1 |= n < 16;
+            }
+            assert!(seen.0 && seen.1);
+        }
+    }
+
+    #[test]
+    fn init_zeroes_w1_or_w2() {
+        let mut rng = PeftRng::new(8);
+        let base = linear(&mut rng, 64, 48, DType::F32);
+        let both = LoKrConfig {
+            decompose_both: true,
+            ..cfg()
+        };
+        let zero = |a: &LoKrAdapter, k: &str| {
+            let t = a.tensors().into_iter().find(|(n, _)| n == k).unwrap().1;
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                == 0.0
+        };
+        let a = LoKrAdapter::new(&both, "m", &base, &mut rng).unwrap();
+        assert!(zero(&a, "lokr_w1_a") && !zero(&a, "lokr_w1_b") && !zero(&a, "lokr_w2_a"));
+        let ly = LoKrConfig {
+            init_weights: LoKrInitWeights::Method("lycoris".into()),
+            ..both.clone()
+        };
+        let a = LoKrAdapter::new(&ly, "m", &base, &mut rng).unwrap();
+        assert!(zero(&a, "lokr_w2_b") && !zero(&a, "lokr_w2_a") && !zero(&a, "lokr_w1_a"));
+        // kaiming-uniform(a=√5) bound: 1/√fan_in (lokr_w2_a [8, 2]: 1/√2)
+        let w2a = a
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| n == "lokr_w2_a")
+            .unwrap()
+            .1;
+        let m = w2a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(m <= (0.5f32).sqrt() && m > 0.3, "{m}");
+        let bad = LoKrConfig {
+            init_weights: LoKrInitWeights::Method("pissa".into()),
+            ..cfg()
+        };
+        assert!(LoKrAdapter::new(&bad, "m", &base, &mut rng).is_err());
+    }
+
+    #[test]
+    fn used_on_another_layer_is_an_error() {
+        let mut rng = PeftRng::new(9);
+        let base = linear(&mut rng, 16, 24, DType::F32);
+        let other = linear(&mut rng, 24, 16, DType::F32);
+        let a = LoKrAdapter::new(&cfg(), "m", &base, &mut rng).unwrap();
+        let ctx = ForwardCtx::eval();
+        let call = CallCtx {
+            module: "m",
+            adapter: "default",
+            fwd: &ctx,
+        };
+        let x = randn(&mut rng, &[1, 16], DType::F32);
+        let y = other.forward(&x).unwrap();
+        assert!(a.transform_output(&other, &x, y, &call).is_err());
+        let w = other.weight().clone();
+        let input = MergeInput {
+            kind: other.kind(),
+            weight: &w,
+            bias: None,
+            unmerged_weight: &w,
+        };
+        assert!(a.merge(input).is_err());
+    }
 }
