@@ -81,7 +81,7 @@ fn fwd<T: Real>(x: &[T], l: &Layout) -> Result<(CpuStorage, Shape)> {
     let dims = l.dims();
     let n = dims[dims.len() - 1];
     let nn = n * n;
-    if nn == 0 || x.len() % nn != 0 {
+    if nn == 0 || !x.len().is_multiple_of(nn) {
         bail!("peft-batched-inverse: unexpected layout {l:?}");
     }
     let mut out = vec![T::zero(); x.len()];

@@ -93,11 +93,11 @@ pub fn adjust_oft_parameter(width: usize, param: usize) -> usize {
         return width;
     }
     let mut higher = param;
-    while higher <= width && width % higher != 0 {
+    while higher <= width && !width.is_multiple_of(higher) {
         higher += 1;
     }
     let mut lower = param;
-    while lower > 1 && width % lower != 0 {
+    while lower > 1 && !width.is_multiple_of(lower) {
         lower -= 1;
     }
     if param - lower <= higher - param {
@@ -115,7 +115,7 @@ pub fn block_size_for(width: usize, r: usize, oft_block_size: usize) -> Result<u
     }
     match (r, oft_block_size) {
         (0, bs) if bs != 0 => {
-            let bs = if width % bs != 0 || bs > width {
+            let bs = if !width.is_multiple_of(bs) || bs > width {
                 adjust_oft_parameter(width, bs)
             } else {
                 bs
@@ -123,7 +123,7 @@ pub fn block_size_for(width: usize, r: usize, oft_block_size: usize) -> Result<u
             Ok(bs)
         }
         (r, 0) if r != 0 => {
-            let r = if width % r != 0 || r > width {
+            let r = if !width.is_multiple_of(r) || r > width {
                 adjust_oft_parameter(width, r)
             } else {
                 r
@@ -434,7 +434,7 @@ impl OftAdapter {
         };
         let (rows, packed) = t.dims2().map_err(|_| mismatch())?;
         let bs = block_size_of_packed(packed).ok_or_else(mismatch)?;
-        if width % bs != 0 {
+        if !width.is_multiple_of(bs) {
             return Err(mismatch());
         }
         let n_blocks = width / bs;
@@ -1083,8 +1083,8 @@ mod tests {
         let grads = grads_of(&vs, &r, &f);
         let loss = |t: &[Tensor]| (f(t)? * &r)?.sum_all()?.to_scalar::<f64>();
         let inputs = [w.clone(), x.clone()];
-        for which in 0..2 {
-            let err = fd_check(&inputs, which, grads[which].as_ref().unwrap(), &loss);
+        for (which, g) in grads.iter().enumerate() {
+            let err = fd_check(&inputs, which, g.as_ref().unwrap(), &loss);
             assert!(err < 1e-6, "{c:?} input {which}: {err}");
         }
     }
