@@ -26,10 +26,13 @@
 //! silently builds one factor whatever `boft_n_butterfly_factor` says, and saves the config unchanged. A fresh
 //! adapter ([`create`]) has the config's number of factors (≥ 2 works here, unlike stock CPU PEFT).
 //!
+//! `fan_in_fan_out` is ignored, as PEFT does for Linear layers (it warns and resets it; GPT-2 Conv1D layers are
+//! not BOFT targets). `bias` other than `"none"` is refused (not implemented).
+//!
 //! Several active BOFT adapters on one layer: PEFT multiplies their rotations into one (`M_b · M_a` for the
 //! list `[a, b]`) and applies that once; here each adapter rotates the input in turn (`x M_a M_b`), which is
 //! the same only when the rotations commute, and on a Conv2d the last active adapter's convolution wins.
-//! One active adapter (the usual case) is exact.
+//! One active adapter (the usual case) is exact, and so is merging several in turn.
 
 use super::config::BoftConfig;
 use crate::config::BiasMode;
@@ -79,7 +82,7 @@ impl BoftGeometry {
         let f = factors - 1; // PEFT's (paper's) notation
         let (block_num, block_size) = match (config.boft_block_size, config.boft_block_num) {
             (0, bn) if bn != 0 => {
-                if n % bn != 0 {
+                if !n.is_multiple_of(bn) {
                     return Err(bad(format!(
                         "{what} ({n}) must be divisible by boft_block_num ({bn})!"
                     )));
@@ -90,7 +93,7 @@ impl BoftGeometry {
                             "Invalid combination of boft_n_butterfly_factor ({factors}) and boft_block_num ({bn})!"
                         )));
                     }
-                    if bn % (1usize << f) != 0 {
+                    if !bn.is_multiple_of(1usize << f) {
                         return Err(bad(format!(
                             "boft_block_num ({bn}) must be a multiple of 2 raised to the power of \
                              boft_n_butterfly_factor ({factors})!"
@@ -100,16 +103,17 @@ impl BoftGeometry {
                 (bn, n / bn)
             }
             (bs, 0) if bs != 0 => {
-                if n % bs != 0 {
+                if !n.is_multiple_of(bs) {
                     return Err(bad(format!(
                         "{what} ({n}) must be divisible by boft_block_size ({bs})!"
                     )));
                 }
                 if f != 0 {
-                    let span = 1usize
-                        .checked_shl(f as u32)
+                    let span = u32::try_from(f)
+                        .ok()
+                        .and_then(|f| 1usize.checked_shl(f))
                         .and_then(|p| p.checked_mul(bs))
-                        .filter(|&s| s <= n && n % s == 0);
+                        .filter(|&s| s <= n && n.is_multiple_of(s));
                     if span.is_none() {
                         return Err(bad(format!(
                             "Invalid combination of {what} ({n}), boft_n_butterfly_factor ({factors}) and \
@@ -126,12 +130,12 @@ impl BoftGeometry {
             }
         };
         if f != 0 {
-            if block_num % 2 != 0 {
+            if !block_num.is_multiple_of(2) {
                 return Err(bad(format!(
                     "boft_block_num ({block_num}) must be an even number!"
                 )));
             }
-            if block_size % 2 != 0 {
+            if !block_size.is_multiple_of(2) {
                 return Err(bad(format!(
                     "boft_block_size ({block_size}) must be an even number!"
                 )));
@@ -241,14 +245,14 @@ pub fn block_butterfly_perm(
     if n_butterfly_factor == 0 {
         return Ok((0..n).collect());
     }
-    if b == 0 || r == 0 || b * r * 2 > n || n % b != 0 {
+    if b == 0 || r == 0 || b * r * 2 > n || !n.is_multiple_of(b) {
         return Err(PeftError::InvalidConfig(format!(
             "Invalid number of blocks! (n={n}, b={b}, r={r})"
         )));
     }
     let block_size = n / b;
     // sort_block(block_size, r): the runs of r at even positions, then those at odd positions.
-    if block_size % r != 0 {
+    if !block_size.is_multiple_of(r) {
         return Err(PeftError::InvalidConfig(format!(
             "Invalid number of blocks! (block size {block_size} is not a multiple of {r})"
         )));
@@ -762,7 +766,8 @@ mod tests {
     #[test]
     fn butterfly_perms_match_peft() {
         // BOFTLayer.block_butterfly_perm(n, b, r, n_butterfly_factor) of PEFT 0.21.2
-        let cases: &[((usize, usize, usize, usize), &[usize])] = &[
+        type Case = ((usize, usize, usize, usize), &'static [usize]);
+        let cases: &[Case] = &[
             (
                 (16, 2, 2, 1),
                 &[0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15],
