@@ -50,6 +50,14 @@ def compare_one(base_dir: str, mdir: str):
 
     summary = json.load(open(os.path.join(mdir, "summary.json")))
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    saved = json.load(open(os.path.join(mdir, "adapter", "adapter_config.json")))
+    if saved["peft_type"] == "BOFT":
+        # Stock CPU PEFT cannot build its CUDA block-diagonal extension and would load one butterfly factor only:
+        # emulate the extension (fixtures/boft/boft_emulation.py) so that factors >= 2 run PEFT's own layer code.
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "boft"))
+        import boft_emulation
+
+        boft_emulation.enable()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, os.path.join(mdir, "adapter"))
     model.eval()

@@ -789,7 +789,7 @@ fn adapter_config_file_trains_prompt_learning() {
     assert!(e.contains("SAMPLE_VOCAB"), "{e}");
 }
 
-/// `peft train --adapter-config` with LoHa (target-less: PEFT's Llama default q_proj / v_proj), LoKr (both factors low-rank), OFT (exact Cayley, COFT) and BOFT
+/// `peft train --adapter-config` with LoHa (target-less: PEFT's Llama default q_proj / v_proj), LoKr (`decompose_both`, low-rank w2), OFT (exact Cayley, COFT) and BOFT
 /// (two butterfly factors) on q_proj / v_proj: each lowers the eval loss, saves PEFT's parameter names for
 /// exactly the targeted modules, reloads in `peft eval` with the trained effect, `peft inspect` lists its
 /// sizes, and `peft merge` bakes it into weights that give the adapter's loss.
@@ -805,9 +805,10 @@ fn adapter_config_file_trains_and_merges_loha_lokr_oft_boft() {
         ),
         (
             "lokr",
-            json!({"peft_type": "LOKR", "r": 1, "alpha": 2, "decompose_both": true,
+            json!({"peft_type": "LOKR", "r": 2, "alpha": 8, "decompose_both": true,
                    "target_modules": ["q_proj", "v_proj"]}),
-            vec!["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"],
+            // hidden 32 = 4 × 8: w1 [4, 4] stays full (r < 4/2 fails), w2 [8, 8] is low-rank
+            vec!["lokr_w1", "lokr_w2_a", "lokr_w2_b"],
         ),
         (
             "oft",
