@@ -238,7 +238,9 @@ fn oft_details(c: &peft::config::OftConfig, m: &mut ModuleEntry) {
         if let Some(bs) = bs {
             m.flags.push(format!("block_size={bs}"));
         }
-        m.flags.push(format!("blocks={blocks}"));
+        if !c.block_share {
+            m.flags.push(format!("blocks={blocks}"));
+        }
     }
     m.flags.push(if c.use_cayley_neumann {
         format!("neumann_terms={}", c.num_cayley_neumann_terms)
@@ -246,7 +248,7 @@ fn oft_details(c: &peft::config::OftConfig, m: &mut ModuleEntry) {
         "exact_cayley".into()
     });
     if c.block_share {
-        m.flags.push("block_share".into());
+        m.flags.push("block_share (one block for the layer)".into());
     }
     if c.coft {
         m.flags.push(format!("coft eps={}", c.eps));
@@ -789,6 +791,58 @@ mod tests {
             json!([4, 16])
         );
         assert!(j["grouping_note"].is_string());
+    }
+
+    /// LoHa, LoKr, OFT and BOFT adapters written by PEFT (fixtures/<method>/cases): ranks and alphas from the
+    /// config patterns, the factorisation each module holds, OFT block sizes and BOFT factors from the shapes.
+    #[test]
+    fn inspect_lycoris_and_orthogonal_methods() {
+        let fx = |m: &str, case: &str| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../../fixtures/{m}/cases/{case}/adapter"))
+        };
+        let flags = |j: &Value, m: &str| -> Vec<String> {
+            serde_json::from_value(module(j, m)["flags"].clone()).unwrap()
+        };
+        let j = inspect_json(&fx("loha", "loha_conv2d_effective"));
+        assert_eq!(j["peft_type"], "LOHA");
+        assert_eq!(flags(&j, "conv"), ["cp"]);
+        assert!(flags(&j, "pw").is_empty(), "a 1x1 conv stays flat");
+        assert_eq!(
+            j["trainable_params"],
+            expected_params(&fx("loha", "loha_conv2d_effective"))
+        );
+        let j = inspect_json(&fx("lokr", "lokr_decompose_both"));
+        // rank_pattern {"lin1": 4}: r from the config, not from the (full) tensors of lin1
+        assert_eq!(
+            (
+                module(&j, "lin0")["r"].clone(),
+                module(&j, "lin1")["r"].clone()
+            ),
+            (json!(2), json!(4))
+        );
+        assert_eq!(module(&j, "lin1")["scaling"], 1.5);
+        assert_eq!(flags(&j, "lin0"), ["w1_low_rank", "w2_low_rank"]);
+        assert!(flags(&j, "lin1").is_empty());
+        let j = inspect_json(&fx("oft", "oft_coft"));
+        assert_eq!(
+            flags(&j, "lin1"),
+            [
+                "block_size=4",
+                "blocks=6",
+                "neumann_terms=5",
+                "coft eps=0.6"
+            ]
+        );
+        let j = inspect_json(&fx("oft", "oft_exact"));
+        assert!(flags(&j, "lin0").contains(&"exact_cayley".to_string()));
+        let j = inspect_json(&fx("boft", "boft_f2_linear"));
+        assert_eq!(
+            flags(&j, "lin1"),
+            ["butterfly_factors=2", "blocks=6", "block_size=4"]
+        );
+        let text = inspect(&fx("boft", "boft_f2_linear")).unwrap().to_text();
+        assert!(text.contains("butterfly_factors=2"), "{text}");
     }
 
     #[test]
