@@ -166,6 +166,13 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// Human-readable sizes for `peft inspect` (e.g. `r=8 alpha=16`).
     fn describe(&self) -> String;
 
+    /// Whether the slot may run this adapter's forward steps in turn with other active adapters (`true` by
+    /// default). BOFT says `false`: PEFT composes several active BOFT adapters into one rotation in an order
+    /// the per-adapter steps cannot give, so the forward refuses that combination (merging stays exact).
+    fn stacks_with_others(&self) -> bool {
+        true
+    }
+
     /// A warning to show when this adapter is merged, if merging it does not reproduce its unmerged forward
     /// (OFT on a Conv2d with a kernel larger than 1×1, as in PEFT). `None` by default.
     fn merge_warning(&self) -> Option<String> {
@@ -340,6 +347,22 @@ impl AdapterSlot {
         }
         if !self.merged.is_empty() || self.active.is_empty() {
             return self.base.forward(x);
+        }
+        if self.active.len() > 1
+            && let Some(lone) = self
+                .active
+                .iter()
+                .find(|n| !self.adapters[n.as_str()].stacks_with_others())
+        {
+            return Err(PeftError::Unsupported {
+                field: "active adapters".into(),
+                value: format!("{:?} on {}", self.active, self.name),
+                reason: format!(
+                    "`{lone}` ({}) cannot run together with other active adapters in one layer (PEFT composes \
+                     several active adapters of this method into one transform); activate one, or merge them",
+                    self.adapters[lone.as_str()].peft_type()
+                ),
+            });
         }
         let mut xin = x.clone();
         for name in &self.active {

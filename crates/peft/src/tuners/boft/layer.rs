@@ -29,10 +29,10 @@
 //! `fan_in_fan_out` is ignored, as PEFT does for Linear layers (it warns and resets it; GPT-2 Conv1D layers are
 //! not BOFT targets). `bias` other than `"none"` is refused (not implemented).
 //!
-//! Several active BOFT adapters on one layer: PEFT multiplies their rotations into one (`M_b · M_a` for the
-//! list `[a, b]`) and applies that once; here each adapter rotates the input in turn (`x M_a M_b`), which is
-//! the same only when the rotations commute, and on a Conv2d the last active adapter's convolution wins.
-//! One active adapter (the usual case) is exact, and so is merging several in turn.
+//! Several active BOFT adapters on one layer are refused in the forward ([`Adapter::stacks_with_others`]):
+//! PEFT multiplies their rotations into one (`M_b · M_a` for the list `[a, b]`, so `b` rotates the input
+//! first) and, on a Conv2d, convolves once with the combined filters; the slot's per-adapter steps would give
+//! `x M_a M_b`. One active adapter (the usual case) is exact, and so is merging several in turn.
 
 use super::config::BoftConfig;
 use crate::config::BiasMode;
@@ -556,6 +556,10 @@ impl BoftAdapter {
 }
 
 impl Adapter for BoftAdapter {
+    fn stacks_with_others(&self) -> bool {
+        false
+    }
+
     fn peft_type(&self) -> &'static str {
         "BOFT"
     }
@@ -975,6 +979,57 @@ mod tests {
             slot.set_disabled(true);
             assert!(max_diff(&slot_forward(&slot, &x), &base.forward(&x).unwrap()) < 1e-4);
         }
+    }
+
+    /// Two active BOFT adapters in one layer: the forward is refused (PEFT composes them as `x M_b M_a`),
+    /// naming them; merging them in turn is exact (PEFT's merge applies them one after the other) and
+    /// unmerges back.
+    #[test]
+    fn several_active_adapters_are_refused_but_merge_in_turn() {
+        let mut rng = PeftRng::new(11);
+        let base = linear(&mut rng, 8, 16, true, DType::F32);
+        let c = cfg(4, 0, 2);
+        let (a, b) = (perturbed(&c, &base, 1), perturbed(&c, &base, 2));
+        let (ma, mb) = (dense_rotation(&a), dense_rotation(&b));
+        let mut slot = AdapterSlot::new("lin", base.clone());
+        slot.add_adapter("a", Box::new(a)).unwrap();
+        slot.add_adapter("b", Box::new(b)).unwrap();
+        slot.set_active(&["a", "b"]);
+        let x = randn(&mut rng, &[2, 16], DType::F32);
+        let e = slot
+            .forward(&x, &ForwardCtx::eval())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("active adapters") && e.contains("\"a\""), "{e}");
+        slot.merge(None).unwrap();
+        // merging a then b: W ← (W Maᵀ Mbᵀ)·s_a·s_b, from the dense rotations
+        let w = base.weight().to_dtype(DType::F64).unwrap();
+        let want = w
+            .matmul(&ma.t().unwrap())
+            .unwrap()
+            .matmul(&mb.t().unwrap())
+            .unwrap();
+        let got = slot.base().weight().to_dtype(DType::F64).unwrap();
+        let sa = slot.adapter("a").unwrap().tensors();
+        let sb = slot.adapter("b").unwrap().tensors();
+        let s = |t: &Vec<NamedTensor>| {
+            t.iter()
+                .find(|(k, _)| k == BOFT_S)
+                .unwrap()
+                .1
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let want = want
+            .broadcast_mul(&s(&sa))
+            .unwrap()
+            .broadcast_mul(&s(&sb))
+            .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        slot.unmerge().unwrap();
+        assert!(max_diff(slot.base().weight(), base.weight()) < 1e-5);
+        slot.set_active(&["b"]);
+        assert!(slot.forward(&x, &ForwardCtx::eval()).is_ok());
     }
 
     #[test]
