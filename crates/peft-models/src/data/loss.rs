@@ -1,6 +1,6 @@
 //! The causal language-modelling loss (token cross-entropy with the shift) and its evaluation meter.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::IGNORE_INDEX;
 use crate::error::{ModelError, Result};
@@ -31,12 +31,13 @@ pub fn causal_lm_sum_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
         )));
     }
     let host: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
+    // Row `bi · L + t` predicts `labels[bi][t + 1]`; the last position of each row predicts nothing.
+    let mut targets: Vec<Option<u32>> = Vec::with_capacity(b * l);
     for (bi, row) in host.iter().enumerate() {
-        for t in 0..l.saturating_sub(1) {
-            let y = row[t + 1];
+        for t in 0..l {
+            let y = if t + 1 < l { row[t + 1] } else { IGNORE_INDEX };
             if y == IGNORE_INDEX {
+                targets.push(None);
                 continue;
             }
             if y < 0 || y as u64 >= v as u64 {
@@ -45,30 +46,18 @@ pub fn causal_lm_sum_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
                     t + 1
                 )));
             }
-            rows.push((bi * l + t) as u32);
-            targets.push(y as u32);
+            targets.push(Some(y as u32));
         }
     }
-    let n = rows.len();
-    let device = logits.device();
+    let n = targets.iter().filter(|t| t.is_some()).count();
     if n == 0 {
         let zero = logits.to_dtype(DType::F32)?.sum_all()?.affine(0.0, 0.0)?;
         return Ok((zero, 0));
     }
-    let flat = logits.reshape((b * l, v))?;
-    let selected = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-    let logp = log_softmax_last(&selected.to_dtype(DType::F32)?)?;
-    let picked = logp.gather(&Tensor::from_vec(targets, (n, 1), device)?, 1)?;
-    Ok((picked.sum_all()?.neg()?, n))
-}
-
-/// `x - max - log(sum(exp(x - max)))` over the last dimension; the max is a constant shift (detached), so
-/// the gradient is the exact `softmax`-based one.
-fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
+    // One fused op over all rows (ignored rows give 0): no shifted copies of the `[B·L, V]` logits.
+    let flat = logits.reshape((b * l, v))?.to_dtype(DType::F32)?;
+    let nll = peft::ops::cross_entropy_rows(&flat, &targets)?;
+    Ok((nll.sum_all()?, n))
 }
 
 /// A running sum of token negative log-likelihoods over evaluation batches.

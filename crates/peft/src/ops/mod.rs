@@ -9,6 +9,7 @@
 //! | [`rms_norm`] | custom op, analytic backward for `x` and `weight` | [`rms_norm_reference`] |
 //! | [`softmax_last_dim`] | custom op, backward `y ⊙ (g − Σ g⊙y)` | [`softmax_last_dim_reference`] |
 //! | [`rope`] | custom op, backward for `x` (the transposed rotation) | [`rope_reference`] |
+//! | [`cross_entropy_rows`] | custom op, backward `g (softmax − onehot)` | [`cross_entropy_rows_reference`] |
 //! | [`frozen_linear`] | custom op on `gemm`, backward `g W` only | [`frozen_linear_reference`] |
 //! | [`batched_inverse`] | custom op (Gauss–Jordan, partial pivoting, f64 accumulation), backward `−A⁻ᵀ G A⁻ᵀ` | computed on the CPU in f32 / f64 and moved back |
 //!
@@ -18,12 +19,14 @@
 //! contiguous (a transposed `q` / `k` needs no copy), write contiguous outputs, and split rows over
 //! `candle_core::utils::get_num_threads()` scoped threads when the work is large enough.
 
+mod cross_entropy;
 mod frozen_linear;
 mod inverse;
 mod rms_norm;
 mod rope;
 mod softmax;
 
+pub use cross_entropy::{cross_entropy_rows, cross_entropy_rows_reference};
 pub use frozen_linear::{frozen_linear, frozen_linear_reference};
 pub use inverse::batched_inverse;
 pub use rms_norm::{rms_norm, rms_norm_reference};
@@ -38,6 +41,8 @@ pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> + std::iter::Sum
     fn exp(self) -> Self;
     /// `√x`.
     fn sqrt(self) -> Self;
+    /// `ln x`.
+    fn ln(self) -> Self;
     /// −∞.
     const NEG_INFINITY: Self;
 }
@@ -49,6 +54,9 @@ impl Real for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
 }
 
@@ -58,6 +66,9 @@ impl Real for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
     }
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
 }
