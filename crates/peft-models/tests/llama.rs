@@ -1178,3 +1178,111 @@ fn peft_loha_lokr_oft_boft_llama_fixtures() {
         assert_close_rows(&what, &m, &io["model_output_merged"], None, 1e-4);
     }
 }
+
+/// PEFT's mixed-batch inference on the tiny Llama with two LoRA adapters (fixtures/lora/cases/llama_two_adapters,
+/// logits from `model(input_ids, adapter_names=[…])` written by gen_mixed_batch.py): each row runs with its own
+/// adapter or none (`"__base__"`), whichever adapters are active. Unknown names, training, merged adapters and
+/// DoRA are errors, as in PEFT.
+#[test]
+fn peft_mixed_batch_llama_fixture() {
+    use peft::peft_model::PeftModel;
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases");
+    let dir = fixtures.join("llama_two_adapters");
+    let base = |case: &str| {
+        let d = fixtures.join(case);
+        let config = LlamaConfig::from_file(d.join("base_hf/config.json")).unwrap();
+        LlamaForCausalLM::from_tensors(
+            config,
+            load_st(d.join("base_hf/model.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let io = load_st(dir.join("mixed_batch.safetensors"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("mixed_batch.json")).unwrap())
+            .unwrap();
+    let names = json_strings(&meta, "adapter_names");
+    let ids = u32s(&io["input_ids"]);
+    let mut pm = PeftModel::from_pretrained(
+        base("llama_two_adapters"),
+        dir.join("adapter"),
+        "default",
+        &Device::Cpu,
+    )
+    .unwrap();
+    pm.load_adapter(dir.join("adapter/other"), "other", &Device::Cpu)
+        .unwrap();
+    pm.check_adapter_names(&names).unwrap();
+    let ctx = ForwardCtx::eval().with_adapter_names(&names);
+    for active in [&["default"][..], &["other"], &["default", "other"]] {
+        pm.set_adapter(active).unwrap();
+        let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows("mixed batch", &got, &io["logits"], None, 1e-4);
+    }
+    // rows really differ by adapter: the "other" rows are not what "default" gives
+    pm.set_adapter(&["default"]).unwrap();
+    let plain = pm
+        .model()
+        .forward(ForwardInput::ids(&ids), &ForwardCtx::eval())
+        .unwrap();
+    let row = |t: &Tensor, i: usize| t.i(i).unwrap();
+    let d = (row(&plain, 1) - row(&io["logits"], 1))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() > 1e-3);
+
+    let e = pm
+        .check_adapter_names(&["default", "nope", "zzz", "nope"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("non-existing adapter(s): nope, zzz"), "{e}");
+    let train = ForwardCtx::train(0, 0).with_adapter_names(&names);
+    let e = pm
+        .model()
+        .forward(ForwardInput::ids(&ids), &train)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inference only"), "{e}");
+    let short = ForwardCtx::eval().with_adapter_names(&["default"]);
+    let e = pm
+        .model()
+        .forward(ForwardInput::ids(&ids), &short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 names for 4 rows"), "{e}");
+    pm.merge_adapter(None).unwrap();
+    let e = pm
+        .model()
+        .forward(ForwardInput::ids(&ids), &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("merged"), "{e}");
+
+    let dora = fixtures.join("llama_two_adapters_dora");
+    let mut pm = PeftModel::from_pretrained(
+        base("llama_two_adapters_dora"),
+        dora.join("adapter"),
+        "default",
+        &Device::Cpu,
+    )
+    .unwrap();
+    pm.load_adapter(dora.join("adapter/other"), "other", &Device::Cpu)
+        .unwrap();
+    let e = pm
+        .model()
+        .forward(ForwardInput::ids(&ids), &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("adapter_names") && e.contains("other"), "{e}");
+    let only_lora =
+        ForwardCtx::eval().with_adapter_names(&["default", "__base__", "default", "__base__"]);
+    assert!(
+        pm.model()
+            .forward(ForwardInput::ids(&ids), &only_lora)
+            .is_ok()
+    );
+}

@@ -184,6 +184,28 @@ impl<M: AdapterHost> PeftModel<M> {
         &self.active
     }
 
+    /// PEFT's check of `adapter_names` for a mixed batch ([`crate::ForwardCtx::with_adapter_names`]): every
+    /// name other than `"__base__"` must be an adapter some layer holds, else an error listing the unknown
+    /// ones (sorted), as PEFT's "Trying to infer with non-existing adapter(s)".
+    pub fn check_adapter_names(&self, names: &[impl AsRef<str>]) -> Result<()> {
+        let mut unknown: Vec<&str> = names
+            .iter()
+            .map(|n| n.as_ref())
+            .filter(|n| *n != crate::layer::BASE_ADAPTER_NAME)
+            .filter(|n| !self.model.slots().iter().any(|s| s.adapter(n).is_some()))
+            .collect();
+        unknown.sort();
+        unknown.dedup();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(PeftError::Invalid(format!(
+                "Trying to infer with non-existing adapter(s): {}",
+                unknown.join(", ")
+            )))
+        }
+    }
+
     fn check_new_name(&self, name: &str, config: &PeftConfig) -> Result<()> {
         if self.configs.contains_key(name) {
             return Err(PeftError::Invalid(format!(

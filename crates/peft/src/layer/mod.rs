@@ -39,7 +39,14 @@ pub struct ForwardCtx {
     /// A counter that must change between forward passes that should draw fresh dropout masks (the training
     /// step times the number of micro-batches, plus the micro-batch).
     pub step: u64,
+    /// PEFT's mixed-batch inference (`model(…, adapter_names=[…])`): the adapter each row of the batch (the
+    /// first dimension of every layer input) runs with, `"__base__"` for none. `None`: the active adapters
+    /// for every row. Set it with [`ForwardCtx::with_adapter_names`].
+    pub adapter_names: Option<std::sync::Arc<[String]>>,
 }
+
+/// The name that, in [`ForwardCtx::adapter_names`], runs a row on the base model alone (PEFT's `"__base__"`).
+pub const BASE_ADAPTER_NAME: &str = "__base__";
 
 impl ForwardCtx {
     /// Inference: no dropout.
@@ -53,7 +60,23 @@ impl ForwardCtx {
             training: true,
             seed,
             step,
+            adapter_names: None,
         }
+    }
+
+    /// This context with one adapter per batch row (PEFT's mixed-batch inference; [`BASE_ADAPTER_NAME`] for
+    /// the base model alone). Inference only: LoRA adapters (not DoRA) and `modules_to_save` copies take part,
+    /// and a layer refuses it while adapters are merged. [`crate::PeftModel::check_adapter_names`] checks the
+    /// names against the model's adapters first.
+    ///
+    /// ```
+    /// use peft::ForwardCtx;
+    /// let ctx = ForwardCtx::eval().with_adapter_names(&["default", "__base__", "other"]);
+    /// assert_eq!(ctx.adapter_names.as_deref().map(|n| n.len()), Some(3));
+    /// ```
+    pub fn with_adapter_names(mut self, names: &[impl AsRef<str>]) -> Self {
+        self.adapter_names = Some(names.iter().map(|n| n.as_ref().to_string()).collect());
+        self
     }
 
     /// The random stream for one use (`what`, e.g. `"dropout"`) in one adapter of one module.
@@ -171,6 +194,13 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// the per-adapter steps cannot give, so the forward refuses that combination (merging stays exact).
     fn stacks_with_others(&self) -> bool {
         true
+    }
+
+    /// Whether the adapter can serve some rows of a mixed batch ([`ForwardCtx::adapter_names`]): its
+    /// [`Adapter::transform_output`] on those rows alone, with no input transform. PEFT allows LoRA (not DoRA)
+    /// and `modules_to_save` copies; `false` by default.
+    fn supports_mixed_batch(&self) -> bool {
+        false
     }
 
     /// A warning to show when this adapter is merged, if merging it does not reproduce its unmerged forward
@@ -345,6 +375,9 @@ impl AdapterSlot {
             }
             return self.base.forward(x);
         }
+        if let Some(names) = &ctx.adapter_names {
+            return self.mixed_batch_forward(x, names, ctx);
+        }
         if !self.merged.is_empty() || self.active.is_empty() {
             return self.base.forward(x);
         }
@@ -384,6 +417,97 @@ impl AdapterSlot {
             y = self.adapters[name.as_str()].transform_output(&self.base, x, y, &call)?;
         }
         Ok(y.to_dtype(out_dtype)?)
+    }
+
+    /// PEFT's `_mixed_batch_forward`: the base output for every row, then each adapter named in `names`
+    /// (one per row of `x`'s first dimension) transforms the output of its own rows; rows named
+    /// [`BASE_ADAPTER_NAME`] or an adapter this layer does not hold keep the base output.
+    fn mixed_batch_forward(
+        &self,
+        x: &Tensor,
+        names: &[String],
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        if names.len() != rows {
+            return Err(PeftError::Invalid(format!(
+                "{}: adapter_names has {} names for {rows} rows of input",
+                self.name,
+                names.len()
+            )));
+        }
+        if ctx.training {
+            return Err(PeftError::Invalid(
+                "adapter_names (a mixed batch) is for inference only, not training".into(),
+            ));
+        }
+        if !self.merged.is_empty() {
+            return Err(PeftError::Invalid(format!(
+                "{}: cannot pass adapter_names while {:?} are merged; unmerge first",
+                self.name,
+                self.merged()
+            )));
+        }
+        let y = self.base.forward(x)?;
+        // Groups of rows per adapter this layer holds, in order of first appearance.
+        let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            if n == BASE_ADAPTER_NAME || !self.adapters.contains_key(n.as_str()) {
+                continue;
+            }
+            match groups.iter_mut().find(|(g, _)| g == n) {
+                Some((_, idx)) => idx.push(i as u32),
+                None => groups.push((n.as_str(), vec![i as u32])),
+            }
+        }
+        if groups.is_empty() {
+            return Ok(y);
+        }
+        let out_dtype = y.dtype();
+        let mut parts = Vec::with_capacity(groups.len() + 1);
+        let mut order: Vec<u32> = Vec::with_capacity(rows);
+        let mut covered = vec![false; rows];
+        for (name, idx) in &groups {
+            let adapter = &self.adapters[*name];
+            if !adapter.supports_mixed_batch() {
+                return Err(PeftError::Unsupported {
+                    field: "adapter_names".into(),
+                    value: format!("`{name}` ({}) on {}", adapter.peft_type(), self.name),
+                    reason: "a mixed batch takes LoRA adapters (not DoRA) and modules_to_save copies only, \
+                             as in PEFT"
+                        .into(),
+                });
+            }
+            let sel = Tensor::from_slice(idx, idx.len(), x.device())?;
+            let call = CallCtx {
+                module: &self.name,
+                adapter: name,
+                fwd: ctx,
+            };
+            let part = adapter.transform_output(
+                &self.base,
+                &x.index_select(&sel, 0)?,
+                y.index_select(&sel, 0)?,
+                &call,
+            )?;
+            parts.push(part.to_dtype(out_dtype)?);
+            for &i in idx {
+                covered[i as usize] = true;
+            }
+            order.extend_from_slice(idx);
+        }
+        let rest: Vec<u32> = (0..rows as u32).filter(|&i| !covered[i as usize]).collect();
+        if !rest.is_empty() {
+            parts.push(y.index_select(&Tensor::from_slice(&rest, rest.len(), x.device())?, 0)?);
+            order.extend_from_slice(&rest);
+        }
+        // `order[k]` is the row that part-row `k` belongs to: invert it to put every row back in place.
+        let mut inverse = vec![0u32; rows];
+        for (k, &r) in order.iter().enumerate() {
+            inverse[r as usize] = k as u32;
+        }
+        let stacked = Tensor::cat(&parts, 0)?;
+        Ok(stacked.index_select(&Tensor::from_slice(&inverse, rows, x.device())?, 0)?)
     }
 
     /// The base weight with every merged adapter taken out, f32.
