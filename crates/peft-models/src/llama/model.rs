@@ -587,9 +587,12 @@ impl LlamaForCausalLM {
         let x = (residual + a)?;
         let h = layer.post_attention_layernorm.forward(&x)?;
         let m = &layer.mlp;
-        let gate = m.gate_proj.forward(&h, ctx)?.silu()?;
+        let gate = m.gate_proj.forward(&h, ctx)?;
         let up = m.up_proj.forward(&h, ctx)?;
-        let y = m.down_proj.forward(&(gate * up)?, ctx)?;
+        // silu(gate) ⊙ up in one pass forward and one backward
+        let y = m
+            .down_proj
+            .forward(&peft::ops::silu_mul(&gate, &up)?, ctx)?;
         Ok(((x + y)?, k, v))
     }
 

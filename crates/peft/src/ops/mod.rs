@@ -10,6 +10,7 @@
 //! | [`softmax_last_dim`] | custom op, backward `y ⊙ (g − Σ g⊙y)` | [`softmax_last_dim_reference`] |
 //! | [`rope`] | custom op, backward for `x` (the transposed rotation) | [`rope_reference`] |
 //! | [`cross_entropy_rows`] | custom op, backward `g (softmax − onehot)` | [`cross_entropy_rows_reference`] |
+//! | [`silu_mul`] | custom op, both gradients in one pass | [`silu_mul_reference`] |
 //! | [`frozen_linear`] | custom op on `gemm`, backward `g W` only | [`frozen_linear_reference`] |
 //! | [`batched_inverse`] | custom op (Gauss–Jordan, partial pivoting, f64 accumulation), backward `−A⁻ᵀ G A⁻ᵀ` | computed on the CPU in f32 / f64 and moved back |
 //!
@@ -24,6 +25,7 @@ mod frozen_linear;
 mod inverse;
 mod rms_norm;
 mod rope;
+mod silu_mul;
 mod softmax;
 
 pub use cross_entropy::{cross_entropy_rows, cross_entropy_rows_reference};
@@ -31,6 +33,7 @@ pub use frozen_linear::{frozen_linear, frozen_linear_reference};
 pub use inverse::batched_inverse;
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
+pub use silu_mul::{silu_mul, silu_mul_reference};
 pub use softmax::{softmax_last_dim, softmax_last_dim_reference};
 
 use candle_core::{DType, Layout, Result, Tensor, WithDType, bail};
