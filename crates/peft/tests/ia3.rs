@@ -6,9 +6,8 @@ use crate::common::*;
 use crate::lora_parity::{LoadedCase, load_case};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
-use peft::io::{adapter_subdir, load_adapter, peft_key};
+use peft::io::peft_key;
 use peft::layer::registry;
-use peft::merge::{MergeAdapter, merge_model};
 use peft::tuners::ia3::Ia3Adapter;
 use peft::{ForwardCtx, PeftConfig};
 use std::path::Path;
@@ -65,42 +64,12 @@ fn ia3_layers_scale_input_or_output_as_peft_decided() {
 
 #[test]
 fn ia3_forward_matches_peft_per_layer() {
-    for_each_case(|dir, c| {
-        let io = load(&dir.join("io.safetensors"));
-        for (m, slot) in &c.slots {
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
-            assert_close(
-                &format!("{}: output.{m}", dir.display()),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-5,
-                1e-4,
-            );
-        }
-    });
+    for_each_case(|dir, c| parity::assert_forward_matches(dir, c, None));
 }
 
 #[test]
 fn ia3_disabled_forward_is_the_base() {
-    for_each_case(|dir, c| {
-        let io = load(&dir.join("io.safetensors"));
-        for (m, slot) in c.slots.iter_mut() {
-            slot.set_disabled(true);
-            let y = slot
-                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{}: output_disabled.{m}", dir.display()),
-                &y,
-                &io[&format!("output_disabled.{m}")],
-                1e-5,
-                1e-4,
-            );
-            slot.set_disabled(false);
-        }
-    });
+    for_each_case(parity::assert_disabled_forward_is_base);
 }
 
 #[test]
@@ -174,86 +143,16 @@ fn ia3_merge_matches_peft_and_unmerge_is_peft_lossy_division() {
 #[test]
 fn ia3_save_reload_gives_the_same_file() {
     for_each_case(|dir, c| {
-        for (name, config, _, original) in &c.adapters {
-            let saved =
-                peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
-            let tmp = tempfile::tempdir().unwrap();
-            peft::io::save_adapter(tmp.path(), config, &saved).unwrap();
-            let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
-            let mut a: Vec<&String> = back.tensors.keys().collect();
-            let mut b: Vec<&String> = original.keys().collect();
-            a.sort();
-            b.sort();
-            assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
-            for (k, t) in original {
-                assert!(k.ends_with(".ia3_l"), "{k}");
-                let u = &back.tensors[k];
-                assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
-                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
-            }
-            let mine: serde_json::Value =
-                serde_json::from_str(&back.config.to_json_string()).unwrap();
-            let theirs: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(
-                    adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
-                )
-                .unwrap(),
-            )
-            .unwrap();
-            assert!(
-                peft::config::json_content_eq(&mine, &theirs),
-                "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
-                dir.display()
-            );
-        }
+        parity::assert_save_reload_same(dir, c, |k| k.ends_with(".ia3_l"));
     });
 }
 
 #[test]
 fn ia3_merge_files_matches_peft_merge_and_unload() {
     for dir in cases("ia3") {
-        let json = case_json(&dir);
-        let merged = load(&dir.join("merged.safetensors"));
-        let adapters: Vec<MergeAdapter> = strings(&json, "merge_order")
-            .iter()
-            .map(|n| {
-                MergeAdapter::load(adapter_subdir(&dir.join("adapter"), n), None, &Device::Cpu)
-                    .unwrap()
-            })
-            .collect();
-        let tmp = tempfile::tempdir().unwrap();
-        let hf = dir.join("base_hf");
-        let written = if hf.exists() {
-            let out = tmp.path().join("merged");
-            merge_model(&hf, adapters, &out, None, &mut |_, _, _| {})
-                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-            load(&out.join("model.safetensors"))
-        } else {
-            let out = tmp.path().join("merged.safetensors");
-            merge_model(
-                &dir.join("base.safetensors"),
-                adapters,
-                &out,
-                None,
-                &mut |_, _, _| {},
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-            load(&out)
-        };
-        let mut touched = 0;
-        for (k, t) in &written {
-            let expected = merged
-                .get(k)
-                .unwrap_or_else(|| panic!("{}: {k} not in merged", dir.display()));
-            assert_close(
-                &format!("{}: merged {k}", dir.display()),
-                t,
-                expected,
-                1e-6,
-                1e-5,
-            );
-            touched += usize::from(strings(&json, "targets").iter().any(|m| k.starts_with(m)));
-        }
+        let targets = strings(&case_json(&dir), "targets");
+        let touched =
+            parity::assert_merge_model_matches(&dir, |k| targets.iter().any(|m| k.starts_with(m)));
         assert!(
             touched >= 2,
             "{}: {touched} targeted tensors",

@@ -107,3 +107,146 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// Checks shared by the per-method parity tests (IA3, LoHa, LoKr, OFT, BOFT) on a case loaded with
+/// [`crate::lora_parity::load_case`].
+pub mod parity {
+    use super::*;
+    use crate::lora_parity::LoadedCase;
+    use peft::ForwardCtx;
+    use peft::io::{adapter_subdir, load_adapter};
+    use peft::merge::{MergeAdapter, merge_model};
+
+    /// Every slot's forward on PEFT's recorded input equals PEFT's output (f32: 1e-5 / 1e-4); with
+    /// `min_effect`, the adapter must also move the layer's output by more than that (a wrong update could
+    /// otherwise pass).
+    pub fn assert_forward_matches(dir: &Path, c: &LoadedCase, min_effect: Option<f32>) {
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in &c.slots {
+            let y = slot
+                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
+                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+            let want = &io[&format!("output.{m}")];
+            assert_close(
+                &format!("{}: output.{m}", dir.display()),
+                &y,
+                want,
+                1e-5,
+                1e-4,
+            );
+            if let Some(min) = min_effect {
+                let moved = max_abs_diff(want, &io[&format!("output_disabled.{m}")]);
+                assert!(
+                    moved > min,
+                    "{}: {m}: adapter has no effect ({moved})",
+                    dir.display()
+                );
+            }
+        }
+    }
+
+    /// With adapters disabled every slot gives PEFT's disabled output.
+    pub fn assert_disabled_forward_is_base(dir: &Path, c: &mut LoadedCase) {
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in c.slots.iter_mut() {
+            slot.set_disabled(true);
+            let y = slot
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{}: output_disabled.{m}", dir.display()),
+                &y,
+                &io[&format!("output_disabled.{m}")],
+                1e-5,
+                1e-4,
+            );
+            slot.set_disabled(false);
+        }
+    }
+
+    /// Saving every adapter of the case and reading it back gives PEFT's file: the same keys (each accepted
+    /// by `key_ok`), dtypes and values bit for bit, and a config with the same content.
+    pub fn assert_save_reload_same(dir: &Path, c: &LoadedCase, key_ok: impl Fn(&str) -> bool) {
+        for (name, config, _, original) in &c.adapters {
+            let saved =
+                peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            peft::io::save_adapter(tmp.path(), config, &saved).unwrap();
+            let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
+            let mut a: Vec<&String> = back.tensors.keys().collect();
+            let mut b: Vec<&String> = original.keys().collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
+            for (k, t) in original {
+                assert!(key_ok(k), "{k}");
+                let u = &back.tensors[k];
+                assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
+                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
+            }
+            let mine: serde_json::Value =
+                serde_json::from_str(&back.config.to_json_string()).unwrap();
+            let theirs: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(
+                    adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            assert!(
+                peft::config::json_content_eq(&mine, &theirs),
+                "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
+                dir.display()
+            );
+        }
+    }
+
+    /// `peft merge` without a model ([`merge_model`]) of the case's adapters, in merge order, into its base
+    /// (`base_hf/` when the case has one, else `base.safetensors`): every written tensor equals PEFT's
+    /// `merge_and_unload` state dict (1e-6 / 1e-5). Returns how many written names `is_target` accepts.
+    pub fn assert_merge_model_matches(dir: &Path, is_target: impl Fn(&str) -> bool) -> usize {
+        let json = case_json(dir);
+        let merged = load(&dir.join("merged.safetensors"));
+        let adapters: Vec<MergeAdapter> = strings(&json, "merge_order")
+            .iter()
+            .map(|n| {
+                MergeAdapter::load(adapter_subdir(&dir.join("adapter"), n), None, &Device::Cpu)
+                    .unwrap()
+            })
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = dir.join("base_hf");
+        let written = if hf.exists() {
+            let out = tmp.path().join("merged");
+            merge_model(&hf, adapters, &out, None, &mut |_, _, _| {})
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            load(&out.join("model.safetensors"))
+        } else {
+            let out = tmp.path().join("merged.safetensors");
+            merge_model(
+                &dir.join("base.safetensors"),
+                adapters,
+                &out,
+                None,
+                &mut |_, _, _| {},
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            load(&out)
+        };
+        let mut touched = 0;
+        for (k, t) in &written {
+            let expected = merged
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: {k} not in merged", dir.display()));
+            assert_close(
+                &format!("{}: merged {k}", dir.display()),
+                t,
+                expected,
+                1e-6,
+                1e-5,
+            );
+            touched += usize::from(is_target(k));
+        }
+        touched
+    }
+}
