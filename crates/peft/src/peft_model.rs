@@ -78,26 +78,6 @@ fn thousands(n: usize) -> String {
     out
 }
 
-fn set_target_modules(config: &mut PeftConfig, t: Option<TargetModules>) {
-    if let PeftConfig::Lora(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::Ia3(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::Vera(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::AdaLora(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::LoHa(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::LoKr(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::Oft(c) = config {
-        c.target_modules = t;
-    } else if let PeftConfig::Boft(c) = config {
-        c.target_modules = t;
-    }
-}
-
 /// PEFT's `_set_trainable` match: a module is a `modules_to_save` copy when its name ends with an entry.
 fn is_module_to_save(name: &str, entries: &[String]) -> bool {
     entries
@@ -243,7 +223,7 @@ impl<M: AdapterHost> PeftModel<M> {
             if let Some(t) =
                 crate::tuners::constants::default_target_modules(&config, model_type.as_deref())
             {
-                set_target_modules(&mut config, Some(t));
+                config.set_target_modules(Some(t));
             }
         }
         let modules = self.model.module_infos();
@@ -261,7 +241,7 @@ impl<M: AdapterHost> PeftModel<M> {
             .modules_to_save()
             .map(|m| m.to_vec())
             .unwrap_or_default();
-        set_target_modules(&mut config, resolved.target_modules.clone());
+        config.set_target_modules(resolved.target_modules.clone());
         let targeted: HashSet<&str> = resolved.targeted.iter().map(|s| s.as_str()).collect();
         // Build every adapter first, so that a failure leaves the model unchanged.
         let mut rng = PeftRng::new(self.seed).fork(name);

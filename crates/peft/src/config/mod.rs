@@ -439,6 +439,22 @@ impl PeftConfig {
         }
     }
 
+    /// Replaces `target_modules` (what PEFT writes back after resolving defaults and `all-linear`); prompt
+    /// learning has none, and is left unchanged.
+    pub fn set_target_modules(&mut self, t: Option<TargetModules>) {
+        match self {
+            PeftConfig::Lora(c) => c.target_modules = t,
+            PeftConfig::AdaLora(c) => c.target_modules = t,
+            PeftConfig::Ia3(c) => c.target_modules = t,
+            PeftConfig::LoHa(c) => c.target_modules = t,
+            PeftConfig::LoKr(c) => c.target_modules = t,
+            PeftConfig::Oft(c) => c.target_modules = t,
+            PeftConfig::Boft(c) => c.target_modules = t,
+            PeftConfig::Vera(c) => c.target_modules = t,
+            PeftConfig::PromptTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuning(_) => {}
+        }
+    }
+
     /// The keys of the file that PEFT 0.21.2's config class does not have (kept, and written back on save).
     pub fn unknown_keys(&self) -> Vec<String> {
         self.extra().keys().cloned().collect()
