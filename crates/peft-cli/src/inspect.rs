@@ -3,6 +3,7 @@
 //! The config comes from [`peft::PeftConfig::from_dir`], the tensor names, shapes and dtypes from the
 //! safetensors header ([`peft::io::SafetensorsFile`]). Keys are grouped by module with
 //! [`peft::io::split_keys`] and the method's parameter names ([`peft::layer::registry::param_prefixes`]);
+//! what is shown of each module comes from the method's [`peft::tuners::PeftMethod::summarize_module`];
 //! for a method whose layers peft-rs does not implement yet, a generic rule groups them instead (everything
 //! before the first key component that starts like an adapter parameter: `lora_`, `ia3_`, `hada_`, …).
 
@@ -12,6 +13,7 @@ use clap::Args;
 use indicatif::{HumanBytes, HumanCount};
 use peft::PeftConfig;
 use peft::io::{CONFIG_NAME, MODEL_PREFIX, SafetensorsFile, WEIGHTS_NAME, split_keys};
+use peft::tuners::TensorInfo;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -180,93 +182,6 @@ fn sub_adapters(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-/// LoRA's rank, alpha, scaling and flags for one module.
-fn lora_details(c: &peft::config::LoraConfig, m: &mut ModuleEntry) {
-    let (r, alpha) = c.rank_and_alpha_for(&m.name);
-    m.r = Some(r);
-    m.alpha = Some(alpha);
-    m.scaling = Some(c.scaling_for(r, alpha));
-    if c.use_rslora {
-        m.flags.push("rslora".into());
-    }
-    if c.use_dora
-        || m.tensors
-            .iter()
-            .any(|t| t.name.starts_with("lora_magnitude_vector"))
-    {
-        m.flags.push("dora".into());
-    }
-    if c.lora_bias || m.tensors.iter().any(|t| t.name == "lora_B.bias") {
-        m.flags.push("lora_bias".into());
-    }
-    let file_rank = m.tensors.iter().find_map(|t| match t.name.as_str() {
-        "lora_A.weight" | "lora_embedding_A" => t.shape.first().copied(),
-        _ => None,
-    });
-    if file_rank.is_some_and(|fr| fr != r) {
-        m.flags.push("rank_mismatch".into());
-    }
-}
-
-/// LoHa / LoKr: rank and alpha from the config (patterns included; never from the shapes, which for small
-/// LoKr layers are full matrices), `alpha / r`, and which factorisation the file holds.
-fn lycoris_details(r: usize, alpha: f64, m: &mut ModuleEntry) {
-    m.r = Some(r);
-    m.alpha = Some(alpha);
-    m.scaling = Some(alpha / r as f64);
-    let has = |k: &str| m.tensors.iter().any(|t| t.name == k);
-    let mut flags = Vec::new();
-    if has("hada_t1") || has("lokr_t2") {
-        flags.push("cp".to_string());
-    }
-    if has("lokr_w1_a") {
-        flags.push("w1_low_rank".into());
-    }
-    if has("lokr_w2_a") {
-        flags.push("w2_low_rank".into());
-    }
-    m.flags.extend(flags);
-}
-
-/// OFT: block size and number of stored blocks from `oft_R.weight` (`[blocks, bs·(bs−1)/2]`), and the
-/// config's Cayley form, COFT and block sharing.
-fn oft_details(c: &peft::config::OftConfig, m: &mut ModuleEntry) {
-    if let Some(t) = m.tensors.iter().find(|t| t.name == "oft_R.weight")
-        && let [blocks, packed] = t.shape[..]
-    {
-        let bs = (1..=4096usize).find(|b| b * (b - 1) / 2 == packed);
-        if let Some(bs) = bs {
-            m.flags.push(format!("block_size={bs}"));
-        }
-        if !c.block_share {
-            m.flags.push(format!("blocks={blocks}"));
-        }
-    }
-    m.flags.push(if c.use_cayley_neumann {
-        format!("neumann_terms={}", c.num_cayley_neumann_terms)
-    } else {
-        "exact_cayley".into()
-    });
-    if c.block_share {
-        m.flags.push("block_share (one block for the layer)".into());
-    }
-    if c.coft {
-        m.flags.push(format!("coft eps={}", c.eps));
-    }
-}
-
-/// BOFT: butterfly factors, blocks and block size from `boft_R` (`[factors, blocks, bs, bs]`; the factor count
-/// is read from the file, since stock CPU PEFT saves one factor whatever the config says).
-fn boft_details(m: &mut ModuleEntry) {
-    if let Some(t) = m.tensors.iter().find(|t| t.name == "boft_R")
-        && let [factors, blocks, bs, _] = t.shape[..]
-    {
-        m.flags.push(format!("butterfly_factors={factors}"));
-        m.flags.push(format!("blocks={blocks}"));
-        m.flags.push(format!("block_size={bs}"));
-    }
-}
-
 /// Reads an adapter directory's config and safetensors header (no tensor data).
 pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
     if !dir.is_dir() {
@@ -348,20 +263,19 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
         }
     }
     for m in &mut modules {
-        match &config {
-            PeftConfig::Lora(c) => lora_details(c, m),
-            PeftConfig::LoHa(c) => {
-                let (r, alpha) = c.rank_and_alpha_for(&m.name);
-                lycoris_details(r, alpha, m);
-            }
-            PeftConfig::LoKr(c) => {
-                let (r, alpha) = c.rank_and_alpha_for(&m.name);
-                lycoris_details(r, alpha, m);
-            }
-            PeftConfig::Oft(c) => oft_details(c, m),
-            PeftConfig::Boft(_) => boft_details(m),
-            _ => {}
-        }
+        let tensors: Vec<TensorInfo<'_>> = m
+            .tensors
+            .iter()
+            .map(|t| TensorInfo {
+                name: &t.name,
+                shape: &t.shape,
+            })
+            .collect();
+        let summary = config.method().summarize_module(&m.name, &tensors);
+        m.r = summary.r;
+        m.alpha = summary.alpha;
+        m.scaling = summary.scaling;
+        m.flags = summary.flags;
     }
 
     Ok(Inspection {

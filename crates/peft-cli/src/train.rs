@@ -174,18 +174,19 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
                 .collect(),
         )
     };
-    let bias = match args.bias.as_str() {
-        "none" => peft::config::LoraBias::None,
-        "all" => peft::config::LoraBias::All,
-        "lora_only" => peft::config::LoraBias::LoraOnly,
-        other => bail!("unknown --bias {other:?} (none, all or lora_only)"),
-    };
+    let bias: peft::config::LoraBias = args
+        .bias
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown --bias {:?} (none, all or lora_only)", args.bias))?;
     let mut c = PeftConfig::Lora(LoraConfig {
         bias,
         r: args.r,
         lora_alpha: args.alpha.unwrap_or(2.0 * args.r as f64),
         lora_dropout: args.dropout,
-        target_modules: Some(targets),
+        targets: peft::config::TargetFields {
+            target_modules: Some(targets),
+            ..Default::default()
+        },
         use_dora: args.use_dora,
         use_rslora: args.use_rslora,
         init_lora_weights: InitLoraWeights::Bool(true),

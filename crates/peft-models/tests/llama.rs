@@ -916,10 +916,13 @@ fn tied_pair_merged_in_steps_stays_one_matrix() {
         r: 2,
         lora_alpha: 4.0,
         init_lora_weights: InitLoraWeights::Bool(false),
-        target_modules: Some(TargetModules::List(vec![
-            "embed_tokens".into(),
-            "lm_head".into(),
-        ])),
+        targets: peft::config::TargetFields {
+            target_modules: Some(TargetModules::List(vec![
+                "embed_tokens".into(),
+                "lm_head".into(),
+            ])),
+            ..Default::default()
+        },
         ..Default::default()
     });
     pm.add_adapter("extra", extra).unwrap();

@@ -82,6 +82,28 @@ pub enum PeftError {
     /// An adapter name was not found.
     #[error("adapter `{0}` not found")]
     UnknownAdapter(String),
+    /// An adapter name that is already taken.
+    #[error("an adapter named `{0}` already exists")]
+    DuplicateAdapter(String),
+    /// A request that needs an adapter unmerged (adding over it, deleting it, replacing base tensors).
+    #[error("{module}: adapter `{adapter}` is merged; unmerge it first")]
+    AdapterMerged {
+        /// The module (slot) that holds the merge.
+        module: String,
+        /// The merged adapter.
+        adapter: String,
+    },
+    /// A forward with adapters disabled while some are merged into the base weights, which then still hold
+    /// them.
+    #[error(
+        "{module}: adapters are disabled but {merged:?} are merged into the base; unmerge first"
+    )]
+    DisabledWhileMerged {
+        /// The module (slot).
+        module: String,
+        /// The merged adapters.
+        merged: Vec<String>,
+    },
     /// Any other invalid request, described in words.
     #[error("{0}")]
     Invalid(String),

@@ -325,10 +325,7 @@ pub fn adapter_state_dict<'a>(
     config: &PeftConfig,
     save_embedding_base: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(String, Tensor)>> {
-    let bias_mode = match config {
-        PeftConfig::Lora(c) => c.bias,
-        _ => crate::config::LoraBias::None,
-    };
+    let bias_mode = config.method().bias();
     let mut out = Vec::new();
     for slot in slots {
         let Some(a) = slot.adapter(adapter) else {
@@ -342,23 +339,7 @@ pub fn adapter_state_dict<'a>(
             }
             continue;
         }
-        // AdaLoRA trained here: the config's masks select the rows to save
-        // (PEFT's `resize_state_dict_by_rank_pattern`).
-        let mask = match config {
-            PeftConfig::AdaLora(c) if a.peft_type() == "ADALORA" && c.rank_pattern.is_some() => {
-                crate::tuners::adalora::layer::AdaLoraOptions::from_config(c, m)?.mask
-            }
-            _ => None,
-        };
-        for (k, t) in a.tensors() {
-            let t = match &mask {
-                Some(mask) => crate::tuners::adalora::layer::keep_masked_rows(
-                    &t,
-                    mask,
-                    usize::from(k == "lora_B"),
-                )?,
-                None => t,
-            };
+        for (k, t) in config.method().saved_tensors(m, a.tensors())? {
             out.push((peft_key(m, &k), t.to_dtype(dtype)?));
         }
         if let (true, Some(b)) = (

@@ -16,7 +16,7 @@ use crate::io::{
     SafetensorsFile, SplitKeys, atomic_write, atomic_write_try, load_adapter, split_keys,
 };
 use crate::layer::registry;
-use crate::layer::{BaseKind, BaseLayer, Conv2dSpec, MergeInput};
+use crate::layer::{BaseLayer, MergeInput};
 use crate::{PeftError, Result};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
@@ -69,18 +69,13 @@ impl MergeAdapter {
         if let Some(w) = weight.filter(|_| !registry::is_additive(&config)) {
             return Err(PeftError::Invalid(format!(
                 "{source}: a merge weight ({w}) is only allowed for additive methods (plain LoRA); this \
-                 adapter is {}{}",
-                config.peft_type().as_str(),
-                if matches!(&config, PeftConfig::Lora(c) if c.use_dora) {
-                    " with DoRA"
-                } else {
-                    ""
-                }
+                 adapter is {}",
+                config.method().merge_name()
             )));
         }
         // Model-level tensors (VeRA's `base_model.vera_A` / `vera_B`) are checked by `Merger::new`, which knows
         // the base shapes they depend on; other methods have none.
-        if !split.shared.is_empty() && !matches!(config, PeftConfig::Vera(_)) {
+        if !split.shared.is_empty() && !config.method().shares_tensors() {
             let keys: Vec<String> = split.shared.keys().cloned().collect();
             return Err(PeftError::UnexpectedKeys(keys));
         }
@@ -119,127 +114,6 @@ pub trait BaseShapes {
 impl<F: Fn(&str) -> Option<Vec<usize>>> BaseShapes for F {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self(name)
-    }
-}
-
-/// The layer kind of an IA3 module: Conv2d for a 4-D weight (groups from a feedforward vector, which spans
-/// every input channel), else Linear or Conv1D from where the vector's length sits in the weight's shape
-/// (`[out, in]` or `[in, out]`); a square weight is a Conv1D when the config says `fan_in_fan_out` (PEFT sets
-/// it for Conv1D targets and saves it).
-fn infer_ia3_kind(
-    config: &crate::tuners::ia3::Ia3Config,
-    module: &str,
-    params: &IndexMap<String, Tensor>,
-    wshape: &[usize],
-) -> Result<BaseKind> {
-    let ff = crate::tuners::ia3::layer::is_feedforward(config, module)?;
-    let n = params
-        .get(crate::tuners::ia3::layer::IA3_L)
-        .map(|l| l.elem_count());
-    match wshape.len() {
-        4 => {
-            let groups = match n {
-                Some(n) if ff && wshape[1] > 0 && n % wshape[1] == 0 => n / wshape[1],
-                _ => 1,
-            };
-            Ok(BaseKind::Conv2d(Conv2dSpec {
-                groups,
-                ..Default::default()
-            }))
-        }
-        2 => {
-            // The axis of the vector's length in a Linear weight `[out, in]`; a Conv1D has the other one.
-            let (lin, c1d) = if ff { (1, 0) } else { (0, 1) };
-            Ok(match n {
-                Some(n) if wshape[c1d] == n && (wshape[lin] != n || config.fan_in_fan_out) => {
-                    BaseKind::Conv1D
-                }
-                _ => BaseKind::Linear, // the adapter's shape check names a mismatch
-            })
-        }
-        _ => Err(PeftError::Invalid(format!(
-            "cannot merge into a weight of shape {wshape:?}"
-        ))),
-    }
-}
-
-/// The layer kind of a VeRA module: Linear (`[out, in]`) or GPT-2 Conv1D (`[in, out]`), from where the length of
-/// `vera_lambda_b` (= out) sits in the weight's shape; a square weight is a Conv1D when the config says
-/// `fan_in_fan_out` (PEFT sets it for Conv1D targets and saves it).
-fn infer_vera_kind(
-    config: &crate::tuners::vera::VeraConfig,
-    params: &IndexMap<String, Tensor>,
-    wshape: &[usize],
-) -> Result<BaseKind> {
-    if wshape.len() != 2 {
-        return Err(PeftError::Invalid(format!(
-            "VeRA merges into Linear or Conv1D weights only, got a weight of shape {wshape:?}"
-        )));
-    }
-    let out = params.get("vera_lambda_b").map(|l| l.elem_count());
-    Ok(match out {
-        Some(o) if wshape[1] == o && (wshape[0] != o || config.fan_in_fan_out) => BaseKind::Conv1D,
-        _ => BaseKind::Linear, // the adapter's shape check names a mismatch
-    })
-}
-
-/// Infers the kind of layer a module is from the adapter tensors and the base weight's shape.
-fn infer_kind(
-    config: &PeftConfig,
-    module: &str,
-    params: &IndexMap<String, Tensor>,
-    wshape: &[usize],
-) -> Result<BaseKind> {
-    if params.keys().any(|k| k.starts_with("lora_embedding_")) {
-        return Ok(BaseKind::Embedding);
-    }
-    if let PeftConfig::Vera(c) = config {
-        return infer_vera_kind(c, params, wshape);
-    }
-    if let PeftConfig::Ia3(c) = config {
-        return infer_ia3_kind(c, module, params, wshape);
-    }
-    match wshape.len() {
-        4 => {
-            let groups = match params.get("lora_A.weight") {
-                Some(a) if a.rank() == 4 && wshape[1] > 0 && a.dim(1)? % wshape[1] == 0 => {
-                    a.dim(1)? / wshape[1]
-                }
-                _ => 1,
-            };
-            Ok(BaseKind::Conv2d(Conv2dSpec {
-                groups,
-                ..Default::default()
-            }))
-        }
-        2 => {
-            // LoRA keys end in `.weight`; AdaLoRA's are bare parameters (`lora_A` [r, in], `lora_B` [out, r]).
-            let pair = |ka: &str, kb: &str| match (params.get(ka), params.get(kb)) {
-                (Some(a), Some(b)) if a.rank() == 2 && b.rank() == 2 => Some((a, b)),
-                _ => None,
-            };
-            let Some((a, b)) =
-                pair("lora_A.weight", "lora_B.weight").or_else(|| pair("lora_A", "lora_B"))
-            else {
-                return Ok(BaseKind::Linear);
-            };
-            let (i, o) = (a.dim(1)?, b.dim(0)?);
-            let fifo = match config {
-                PeftConfig::Lora(c) => c.fan_in_fan_out,
-                PeftConfig::AdaLora(c) => c.fan_in_fan_out,
-                _ => false,
-            };
-            if wshape == [o, i] && (i != o || !fifo) {
-                Ok(BaseKind::Linear)
-            } else if wshape == [i, o] {
-                Ok(BaseKind::Conv1D)
-            } else {
-                Ok(BaseKind::Linear) // the adapter's shape check names the mismatch
-            }
-        }
-        _ => Err(PeftError::Invalid(format!(
-            "cannot merge into a weight of shape {wshape:?}"
-        ))),
     }
 }
 
@@ -293,7 +167,7 @@ impl Merger {
                     continue; // reported below as a missing module
                 };
                 let wshape = base.shape(&target).unwrap_or_default();
-                let kind = infer_kind(&ad.config, m, params, &wshape)?;
+                let kind = ad.config.method().infer_kind(m, params, &wshape)?;
                 let w =
                     Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(wshape.as_slice())?;
                 let layer = BaseLayer::new(kind, w, None)?;
@@ -333,7 +207,7 @@ impl Merger {
                 .filter(|a| a.split.modules.contains_key(m))
             {
                 let params = &ad.split.modules[m];
-                let kind = infer_kind(&ad.config, m, params, &wshape)?;
+                let kind = ad.config.method().infer_kind(m, params, &wshape)?;
                 let w =
                     Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(wshape.as_slice())?;
                 let b = bias_shape
@@ -470,7 +344,10 @@ impl Merger {
             .filter(|a| a.split.modules.contains_key(module))
         {
             let params = &ad.split.modules[module];
-            let kind = infer_kind(&ad.config, module, params, unmerged.dims())?;
+            let kind = ad
+                .config
+                .method()
+                .infer_kind(module, params, unmerged.dims())?;
             let layer = BaseLayer::new(kind, unmerged.clone(), b.clone())?;
             let adapter = registry::build_adapter_with_shared(
                 &ad.config,

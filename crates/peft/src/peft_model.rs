@@ -155,7 +155,7 @@ impl<M: AdapterHost> PeftModel<M> {
             Some(_) => Err(PeftError::Invalid(format!(
                 "adapter `{adapter}` is not an AdaLoRA adapter"
             ))),
-            None => Err(PeftError::Invalid(format!("no adapter named `{adapter}`"))),
+            None => Err(PeftError::UnknownAdapter(adapter.to_string())),
         }
     }
 
@@ -188,9 +188,7 @@ impl<M: AdapterHost> PeftModel<M> {
 
     fn check_new_name(&self, name: &str, config: &PeftConfig) -> Result<()> {
         if self.configs.contains_key(name) {
-            return Err(PeftError::Invalid(format!(
-                "an adapter named `{name}` already exists"
-            )));
+            return Err(PeftError::DuplicateAdapter(name.to_string()));
         }
         if config.is_prompt_learning() {
             return Err(PeftError::Unsupported {
@@ -207,25 +205,11 @@ impl<M: AdapterHost> PeftModel<M> {
     /// adapter becomes active; later ones are added inactive, as in PEFT.
     pub fn add_adapter(&mut self, name: &str, mut config: PeftConfig) -> Result<()> {
         self.check_new_name(name, &config)?;
-        let bias_mode = match &config {
-            PeftConfig::Lora(c) => c.bias,
-            _ => LoraBias::None,
-        };
-        if let PeftConfig::Ia3(c) = &mut config {
-            let model_type = self.model.model_type();
-            crate::tuners::ia3::model::prepare_adapter_config(c, model_type.as_deref())?;
-        }
-        if config
-            .target_spec()
-            .is_some_and(|s| s.target_modules.is_none())
-        {
-            let model_type = self.model.model_type();
-            if let Some(t) =
-                crate::tuners::constants::default_target_modules(&config, model_type.as_deref())
-            {
-                config.set_target_modules(Some(t));
-            }
-        }
+        let bias_mode = config.method().bias();
+        let model_type = self.model.model_type();
+        config
+            .method_mut()
+            .prepare_adapter_config(model_type.as_deref())?;
         let modules = self.model.module_infos();
         let output = self.model.output_layer();
         let spec = config
@@ -260,11 +244,8 @@ impl<M: AdapterHost> PeftModel<M> {
                 .first()
                 .map(|s| s.base().weight().device().clone())
                 .unwrap_or(Device::Cpu);
-            // PEFT's VeRA sets `fan_in_fan_out` on the config for each layer it wraps (true for a Conv1D,
-            // false for a Linear), so the saved value is the last targeted layer's.
-            if let (PeftConfig::Vera(c), Some(last)) = (&mut config, targets.last()) {
-                c.fan_in_fan_out = *last.base().kind() == crate::BaseKind::Conv1D;
-            }
+            let bases: Vec<_> = targets.iter().map(|s| s.base()).collect();
+            config.method_mut().note_targets(&bases);
             registry::shared_tensors(&config, None, &dims, &device)?
         };
         for slot in self.model.slots() {
@@ -474,10 +455,10 @@ impl<M: AdapterHost> PeftModel<M> {
         }
         for slot in self.model.slots() {
             if slot.merged().contains(&name) {
-                return Err(PeftError::Invalid(format!(
-                    "adapter `{name}` is merged in `{}`; unmerge first",
-                    slot.name()
-                )));
+                return Err(PeftError::AdapterMerged {
+                    module: slot.name().to_string(),
+                    adapter: name.to_string(),
+                });
             }
         }
         for slot in self.model.slots_mut() {
@@ -729,9 +710,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 embedding_targeted && (Some(m) == input.as_deref() || Some(m) == output.as_deref())
             };
             let mut sd = adapter_state_dict(self.model.slots(), name, config, &save_base)?;
-            if let PeftConfig::Lora(c) = config
-                && c.bias == LoraBias::All
-            {
+            if config.method().bias() == LoraBias::All {
                 let have: HashSet<String> = sd.iter().map(|(k, _)| k.clone()).collect();
                 let mut biases: Vec<(String, candle_core::Tensor)> = self
                     .model

@@ -276,7 +276,7 @@ fn loha_rank_pattern_decides_the_shapes() {
         panic!("not LoHa")
     };
     let mut no_pattern = cfg.clone();
-    no_pattern.rank_pattern.clear();
+    no_pattern.patterns.rank_pattern.clear();
     let e = registry::build_adapter(
         &PeftConfig::LoHa(no_pattern),
         "lin1",

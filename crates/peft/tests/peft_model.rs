@@ -254,9 +254,12 @@ fn lora(targets: &[&str], r: usize) -> PeftConfig {
     PeftConfig::Lora(LoraConfig {
         r,
         lora_alpha: 2.0 * r as f64,
-        target_modules: Some(TargetModules::List(
-            targets.iter().map(|s| s.to_string()).collect(),
-        )),
+        targets: peft::config::TargetFields {
+            target_modules: Some(TargetModules::List(
+                targets.iter().map(|s| s.to_string()).collect(),
+            )),
+            ..Default::default()
+        },
         ..Default::default()
     })
 }
@@ -338,7 +341,10 @@ fn bias_all_and_lora_only_train_biases_in_place_and_save_them_like_peft() {
         let mut cfg = LoraConfig {
             r: 4,
             lora_alpha: 8.0,
-            target_modules: Some(TargetModules::List(vec!["lin0".into()])),
+            targets: peft::config::TargetFields {
+                target_modules: Some(TargetModules::List(vec!["lin0".into()])),
+                ..Default::default()
+            },
             ..Default::default()
         };
         cfg.bias = mode;

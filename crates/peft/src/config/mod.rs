@@ -30,7 +30,10 @@ pub use crate::tuners::p_tuning::config::{
 pub use crate::tuners::prefix_tuning::config::PrefixTuningConfig;
 pub use crate::tuners::prompt_tuning::config::{PromptTuningConfig, PromptTuningInit};
 pub use crate::tuners::vera::config::VeraConfig;
-pub use common::{BiasMode, LayersToTransform, StrOrList, TargetModules, TargetSpec};
+pub use common::{
+    BiasMode, LayersToTransform, RankAlphaPatterns, StrOrList, TargetFields, TargetModules,
+    TargetSpec,
+};
 pub use json::{json_content_eq, python_dumps};
 
 use crate::{PeftError, Result};
@@ -48,74 +51,7 @@ pub const CONFIG_NAME: &str = "adapter_config.json";
 /// carry one (PEFT fills in its own version the same way).
 pub const PEFT_VERSION: &str = "0.21.2";
 
-/// The methods peft-rs reads, as named by `peft_type` in `adapter_config.json`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PeftType {
-    /// `"LORA"`: LoRA and its variants (rsLoRA, DoRA, `lora_bias`).
-    Lora,
-    /// `"ADALORA"`: AdaLoRA.
-    AdaLora,
-    /// `"IA3"`: (IA)³.
-    Ia3,
-    /// `"LOHA"`: LoHa.
-    LoHa,
-    /// `"LOKR"`: LoKr.
-    LoKr,
-    /// `"OFT"`: orthogonal fine-tuning.
-    Oft,
-    /// `"BOFT"`: butterfly orthogonal fine-tuning.
-    Boft,
-    /// `"VERA"`: VeRA.
-    Vera,
-    /// `"PROMPT_TUNING"`: prompt tuning.
-    PromptTuning,
-    /// `"PREFIX_TUNING"`: prefix tuning.
-    PrefixTuning,
-    /// `"P_TUNING"`: P-tuning (prompt encoder).
-    PTuning,
-}
-
-impl PeftType {
-    /// Every method, in the order of PEFT's `PeftType` enum.
-    pub const ALL: [PeftType; 11] = [
-        PeftType::PromptTuning,
-        PeftType::PTuning,
-        PeftType::PrefixTuning,
-        PeftType::Lora,
-        PeftType::AdaLora,
-        PeftType::Boft,
-        PeftType::Ia3,
-        PeftType::LoHa,
-        PeftType::LoKr,
-        PeftType::Oft,
-        PeftType::Vera,
-    ];
-
-    /// The name written as `peft_type` (`"LORA"`, `"P_TUNING"`, …).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeftType::Lora => "LORA",
-            PeftType::AdaLora => "ADALORA",
-            PeftType::Ia3 => "IA3",
-            PeftType::LoHa => "LOHA",
-            PeftType::LoKr => "LOKR",
-            PeftType::Oft => "OFT",
-            PeftType::Boft => "BOFT",
-            PeftType::Vera => "VERA",
-            PeftType::PromptTuning => "PROMPT_TUNING",
-            PeftType::PrefixTuning => "PREFIX_TUNING",
-            PeftType::PTuning => "P_TUNING",
-        }
-    }
-
-    /// Whether the method is prompt learning (virtual tokens instead of wrapped layers).
-    pub fn is_prompt_learning(self) -> bool {
-        matches!(
-            self,
-            PeftType::PromptTuning | PeftType::PrefixTuning | PeftType::PTuning
-        )
-    }
-}
+pub use crate::tuners::{PeftConfig, PeftType};
 
 impl fmt::Display for PeftType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -263,81 +199,6 @@ impl PromptLearningBase {
     }
 }
 
-/// An `adapter_config.json`: one variant per method, tagged by `peft_type`.
-///
-/// Read it with [`from_dir`](Self::from_dir) / [`from_file`](Self::from_file) /
-/// [`from_json_str`](Self::from_json_str), check it with [`validate`](Self::validate), write it with
-/// [`save`](Self::save) / [`to_json_string`](Self::to_json_string). Its serde form is the JSON object with
-/// `peft_type`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum PeftConfig {
-    /// `"LORA"`.
-    Lora(LoraConfig),
-    /// `"ADALORA"`.
-    AdaLora(AdaLoraConfig),
-    /// `"IA3"`.
-    Ia3(Ia3Config),
-    /// `"LOHA"`.
-    LoHa(LoHaConfig),
-    /// `"LOKR"`.
-    LoKr(LoKrConfig),
-    /// `"OFT"`.
-    Oft(OftConfig),
-    /// `"BOFT"`.
-    Boft(BoftConfig),
-    /// `"VERA"`.
-    Vera(VeraConfig),
-    /// `"PROMPT_TUNING"`.
-    PromptTuning(PromptTuningConfig),
-    /// `"PREFIX_TUNING"`.
-    PrefixTuning(PrefixTuningConfig),
-    /// `"P_TUNING"`.
-    PTuning(PromptEncoderConfig),
-}
-
-/// Runs `$body` with `$c` bound to the inner config of every variant.
-macro_rules! each_config {
-    ($self:expr, $c:ident => $body:expr) => {
-        match $self {
-            PeftConfig::Lora($c) => $body,
-            PeftConfig::AdaLora($c) => $body,
-            PeftConfig::Ia3($c) => $body,
-            PeftConfig::LoHa($c) => $body,
-            PeftConfig::LoKr($c) => $body,
-            PeftConfig::Oft($c) => $body,
-            PeftConfig::Boft($c) => $body,
-            PeftConfig::Vera($c) => $body,
-            PeftConfig::PromptTuning($c) => $body,
-            PeftConfig::PrefixTuning($c) => $body,
-            PeftConfig::PTuning($c) => $body,
-        }
-    };
-}
-
-macro_rules! impl_from {
-    ($($variant:ident($ty:ty)),* $(,)?) => {$(
-        impl From<$ty> for PeftConfig {
-            fn from(c: $ty) -> Self {
-                PeftConfig::$variant(c)
-            }
-        }
-    )*};
-}
-
-impl_from!(
-    Lora(LoraConfig),
-    AdaLora(AdaLoraConfig),
-    Ia3(Ia3Config),
-    LoHa(LoHaConfig),
-    LoKr(LoKrConfig),
-    Oft(OftConfig),
-    Boft(BoftConfig),
-    Vera(VeraConfig),
-    PromptTuning(PromptTuningConfig),
-    PrefixTuning(PrefixTuningConfig),
-    PTuning(PromptEncoderConfig),
-);
-
 /// Keys whose list value PEFT turns into a set (so duplicates disappear when it saves).
 const SET_KEYS: &[&str] = &["target_modules", "exclude_modules", "feedforward_modules"];
 
@@ -348,7 +209,7 @@ fn json_error(context: &str, e: impl fmt::Display) -> PeftError {
     }
 }
 
-fn parse_variant<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse_variant<T: serde::de::DeserializeOwned>(
     map: Map<String, Value>,
     context: &str,
     t: PeftType,
@@ -358,23 +219,6 @@ fn parse_variant<T: serde::de::DeserializeOwned>(
 }
 
 impl PeftConfig {
-    /// The method.
-    pub fn peft_type(&self) -> PeftType {
-        match self {
-            PeftConfig::Lora(_) => PeftType::Lora,
-            PeftConfig::AdaLora(_) => PeftType::AdaLora,
-            PeftConfig::Ia3(_) => PeftType::Ia3,
-            PeftConfig::LoHa(_) => PeftType::LoHa,
-            PeftConfig::LoKr(_) => PeftType::LoKr,
-            PeftConfig::Oft(_) => PeftType::Oft,
-            PeftConfig::Boft(_) => PeftType::Boft,
-            PeftConfig::Vera(_) => PeftType::Vera,
-            PeftConfig::PromptTuning(_) => PeftType::PromptTuning,
-            PeftConfig::PrefixTuning(_) => PeftType::PrefixTuning,
-            PeftConfig::PTuning(_) => PeftType::PTuning,
-        }
-    }
-
     /// Whether the method is prompt learning.
     pub fn is_prompt_learning(&self) -> bool {
         self.peft_type().is_prompt_learning()
@@ -382,12 +226,12 @@ impl PeftConfig {
 
     /// The fields every config has.
     pub fn base(&self) -> &PeftConfigBase {
-        each_config!(self, c => &c.base)
+        self.method().base()
     }
 
     /// The fields every config has, mutably.
     pub fn base_mut(&mut self) -> &mut PeftConfigBase {
-        each_config!(self, c => &mut c.base)
+        self.method_mut().base_mut()
     }
 
     /// `base_model_name_or_path`.
@@ -407,52 +251,18 @@ impl PeftConfig {
 
     /// `modules_to_save`: modules trained in full and saved with the adapter.
     pub fn modules_to_save(&self) -> Option<&[String]> {
-        match self {
-            PeftConfig::Lora(c) => c.modules_to_save.as_deref(),
-            PeftConfig::AdaLora(c) => c.modules_to_save.as_deref(),
-            PeftConfig::Ia3(c) => c.modules_to_save.as_deref(),
-            PeftConfig::LoHa(c) => c.modules_to_save.as_deref(),
-            PeftConfig::LoKr(c) => c.modules_to_save.as_deref(),
-            PeftConfig::Oft(c) => c.modules_to_save.as_deref(),
-            PeftConfig::Boft(c) => c.modules_to_save.as_deref(),
-            PeftConfig::Vera(c) => c.modules_to_save.as_deref(),
-            PeftConfig::PromptTuning(c) => c.prompt.modules_to_save.as_deref(),
-            PeftConfig::PrefixTuning(c) => c.prompt.modules_to_save.as_deref(),
-            PeftConfig::PTuning(c) => c.prompt.modules_to_save.as_deref(),
-        }
+        self.method().modules_to_save()
     }
 
     /// Which modules the adapter wraps; `None` for prompt learning, which wraps none.
     pub fn target_spec(&self) -> Option<TargetSpec<'_>> {
-        match self {
-            PeftConfig::Lora(c) => Some(c.target_spec()),
-            PeftConfig::AdaLora(c) => Some(c.target_spec()),
-            PeftConfig::Ia3(c) => Some(c.target_spec()),
-            PeftConfig::LoHa(c) => Some(c.target_spec()),
-            PeftConfig::LoKr(c) => Some(c.target_spec()),
-            PeftConfig::Oft(c) => Some(c.target_spec()),
-            PeftConfig::Boft(c) => Some(c.target_spec()),
-            PeftConfig::Vera(c) => Some(c.target_spec()),
-            PeftConfig::PromptTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuning(_) => {
-                None
-            }
-        }
+        self.method().target_spec()
     }
 
     /// Replaces `target_modules` (what PEFT writes back after resolving defaults and `all-linear`); prompt
     /// learning has none, and is left unchanged.
     pub fn set_target_modules(&mut self, t: Option<TargetModules>) {
-        match self {
-            PeftConfig::Lora(c) => c.target_modules = t,
-            PeftConfig::AdaLora(c) => c.target_modules = t,
-            PeftConfig::Ia3(c) => c.target_modules = t,
-            PeftConfig::LoHa(c) => c.target_modules = t,
-            PeftConfig::LoKr(c) => c.target_modules = t,
-            PeftConfig::Oft(c) => c.target_modules = t,
-            PeftConfig::Boft(c) => c.target_modules = t,
-            PeftConfig::Vera(c) => c.target_modules = t,
-            PeftConfig::PromptTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuning(_) => {}
-        }
+        self.method_mut().set_target_modules(t)
     }
 
     /// The keys of the file that PEFT 0.21.2's config class does not have (kept, and written back on save).
@@ -462,7 +272,7 @@ impl PeftConfig {
 
     /// The unknown keys with their values.
     pub fn extra(&self) -> &Map<String, Value> {
-        each_config!(self, c => &c.extra)
+        self.method().extra()
     }
 
     /// Checks the config as PEFT 0.21.2 does when it builds the adapter ([`PeftError::InvalidConfig`]) and
@@ -470,13 +280,13 @@ impl PeftConfig {
     /// ([`PeftError::Unsupported`], naming the field). Unknown keys are accepted at `null` / `false` / `0` / empty
     /// values and refused otherwise, since their effect is unknown.
     pub fn validate(&self) -> Result<()> {
-        each_config!(self, c => c.validate())
+        self.method().validate()
     }
 
     /// The config as PEFT's `to_dict()` gives it: every field, `peft_type` included, unknown keys kept.
     /// `inference_mode` is as held (see [`to_json_string`](Self::to_json_string) for the saved form).
     pub fn to_json_value(&self) -> Value {
-        let value = each_config!(self, c => serde_json::to_value(c));
+        let value = self.fields_to_value();
         // Serializing these structs cannot fail: every map key is a string.
         let mut map = match value {
             Ok(Value::Object(m)) => m,
@@ -589,31 +399,7 @@ impl PeftConfig {
                 )));
             }
         };
-        Ok(match peft_type {
-            PeftType::Lora => PeftConfig::Lora(parse_variant(map, context, peft_type)?),
-            PeftType::AdaLora => PeftConfig::AdaLora(parse_variant(map, context, peft_type)?),
-            PeftType::Ia3 => PeftConfig::Ia3(parse_variant(map, context, peft_type)?),
-            PeftType::LoHa => PeftConfig::LoHa(parse_variant(map, context, peft_type)?),
-            PeftType::LoKr => PeftConfig::LoKr(parse_variant(map, context, peft_type)?),
-            PeftType::Oft => {
-                if !map.contains_key("oft_block_size") {
-                    return Err(PeftError::InvalidConfig(format!(
-                        "{context}: OFT has been updated since PEFT 0.14.0 and this adapter (no `oft_block_size`) is \
-                         incompatible with it; PEFT refuses it too (retrain it, or use PEFT 0.13)"
-                    )));
-                }
-                PeftConfig::Oft(parse_variant(map, context, peft_type)?)
-            }
-            PeftType::Boft => PeftConfig::Boft(parse_variant(map, context, peft_type)?),
-            PeftType::Vera => PeftConfig::Vera(parse_variant(map, context, peft_type)?),
-            PeftType::PromptTuning => {
-                PeftConfig::PromptTuning(parse_variant(map, context, peft_type)?)
-            }
-            PeftType::PrefixTuning => {
-                PeftConfig::PrefixTuning(parse_variant(map, context, peft_type)?)
-            }
-            PeftType::PTuning => PeftConfig::PTuning(parse_variant(map, context, peft_type)?),
-        })
+        PeftConfig::parse_fields(peft_type, map, context)
     }
 }
 
@@ -708,10 +494,13 @@ mod tests {
     #[test]
     fn written_json_has_sorted_keys_and_two_space_indent() {
         let cfg = PeftConfig::from(LoraConfig {
-            target_modules: Some(TargetModules::List(vec!["v_proj".into(), "q_proj".into()])),
-            rank_pattern: [("z".to_string(), 2usize), ("a".to_string(), 4)]
-                .into_iter()
-                .collect(),
+            targets: TargetFields::modules(["v_proj", "q_proj"]),
+            patterns: RankAlphaPatterns {
+                rank_pattern: [("z".to_string(), 2usize), ("a".to_string(), 4)]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            },
             ..Default::default()
         });
         let text = cfg.to_json_string();

@@ -133,6 +133,37 @@ pub struct MergeInput<'a> {
 /// (`lora_A.weight`, `lora_magnitude_vector`, `ia3_l`).
 pub type NamedTensor = (String, Tensor);
 
+/// `(W ± ΔW, b ± Δb)` with the adapter's [`Adapter::delta_weight`], its shape checked against the weight's.
+fn apply_delta<A: Adapter + ?Sized>(
+    adapter: &A,
+    input: &MergeInput<'_>,
+    sign: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (delta, delta_bias) = adapter.delta_weight(input.kind)?.ok_or_else(|| {
+        PeftError::Invalid(format!(
+            "{} is not additive: its adapter must implement its own merge",
+            adapter.peft_type()
+        ))
+    })?;
+    check_shape("weight", input.weight, delta.dims())?;
+    let weight = if sign > 0.0 {
+        (input.weight + delta)?
+    } else {
+        (input.weight - delta)?
+    };
+    let bias = match (input.bias, delta_bias) {
+        (b, None) => b.cloned(),
+        (Some(b), Some(db)) => Some((b + (db * sign)?)?),
+        (None, Some(_)) => {
+            return Err(PeftError::Invalid(format!(
+                "{}: the adapter changes the bias but the base layer has none",
+                adapter.peft_type()
+            )));
+        }
+    };
+    Ok((weight, bias))
+}
+
 /// One PEFT method's adapter inside one layer.
 ///
 /// Implementations own their forward around the base op and their merge; the slot calls them in the order
@@ -156,15 +187,27 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
         ctx: &CallCtx<'_>,
     ) -> Result<Tensor>;
 
-    /// Merges the adapter into `(W, b)`.
-    fn merge(&self, input: MergeInput<'_>) -> Result<Merged>;
+    /// Merges the adapter into `(W, b)`. The default is the additive merge `(W + ΔW, b + Δb)` from
+    /// [`Adapter::delta_weight`], which must then be `Some`; methods that are not additive (DoRA, IA3, OFT, …)
+    /// implement their own.
+    fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
+        let (weight, bias) = apply_delta(self, &input, 1.0)?;
+        Ok(Merged {
+            weight,
+            bias,
+            cache: None,
+        })
+    }
 
-    /// Undoes [`Adapter::merge`]: `(W', b') → (W, b)`, given the merge's cache.
+    /// Undoes [`Adapter::merge`]: `(W', b') → (W, b)`, given the merge's cache. The default subtracts
+    /// [`Adapter::delta_weight`].
     fn unmerge(
         &self,
         input: MergeInput<'_>,
-        cache: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)>;
+        _cache: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        apply_delta(self, &input, -1.0)
+    }
 
     /// For additive methods, the `(ΔW, Δb)` that [`Adapter::merge`] adds, in the base weight's layout; `None`
     /// for methods that are not additive (DoRA, IA3, OFT, …). Weighted merges need it.
@@ -292,10 +335,10 @@ impl AdapterSlot {
     ) -> Result<()> {
         let name = name.into();
         if self.merged.iter().any(|(n, _)| n == &name) {
-            return Err(PeftError::Invalid(format!(
-                "{}: adapter `{name}` is merged; unmerge it first",
-                self.name
-            )));
+            return Err(PeftError::AdapterMerged {
+                module: self.name.clone(),
+                adapter: name.to_string(),
+            });
         }
         self.adapters.insert(name.clone(), adapter);
         if self.active.is_empty() {
@@ -307,10 +350,10 @@ impl AdapterSlot {
     /// Removes an adapter. Refused while it is merged.
     pub fn delete_adapter(&mut self, name: &str) -> Result<Box<dyn Adapter>> {
         if self.merged.iter().any(|(n, _)| n == name) {
-            return Err(PeftError::Invalid(format!(
-                "{}: adapter `{name}` is merged; unmerge it first",
-                self.name
-            )));
+            return Err(PeftError::AdapterMerged {
+                module: self.name.clone(),
+                adapter: name.to_string(),
+            });
         }
         let a = self
             .adapters
@@ -367,11 +410,10 @@ impl AdapterSlot {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         if self.disabled {
             if !self.merged.is_empty() {
-                return Err(PeftError::Invalid(format!(
-                    "{}: adapters are disabled but {:?} are merged into the base; unmerge first",
-                    self.name,
-                    self.merged()
-                )));
+                return Err(PeftError::DisabledWhileMerged {
+                    module: self.name.clone(),
+                    merged: self.merged().into_iter().map(str::to_string).collect(),
+                });
             }
             return self.base.forward(x);
         }

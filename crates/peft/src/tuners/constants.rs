@@ -139,33 +139,23 @@ pub const ADALORA_TARGET_MODULES: &[(&str, TargetDefault)] = &[
     ),
 ];
 
-/// The default `target_modules` of `config`'s method for a model of type `model_type`: LoRA, LoHa, LoKr, OFT
-/// and BOFT share LoRA's table, VeRA uses it with `phi` → `q_proj`, `v_proj`, AdaLoRA has its own. `None` for
-/// other methods, unknown model types, or no model type.
+/// The entry of `model_type` in a table, as a config value.
+pub fn lookup(table: &[(&str, TargetDefault)], model_type: &str) -> Option<TargetModules> {
+    table
+        .iter()
+        .find(|(m, _)| *m == model_type)
+        .map(|(_, d)| d.to_target_modules())
+}
+
+/// The default `target_modules` of `config`'s method for a model of type `model_type`
+/// ([`crate::tuners::PeftMethod::default_target_modules`]): LoRA, LoHa, LoKr, OFT and BOFT share LoRA's
+/// table, VeRA uses it with `phi` → `q_proj`, `v_proj`, AdaLoRA has its own. `None` for other methods,
+/// unknown model types, or no model type.
 pub fn default_target_modules(
     config: &PeftConfig,
     model_type: Option<&str>,
 ) -> Option<TargetModules> {
-    let t = model_type?;
-    let find = |table: &[(&str, TargetDefault)]| {
-        table
-            .iter()
-            .find(|(m, _)| *m == t)
-            .map(|(_, d)| d.to_target_modules())
-    };
-    match config {
-        PeftConfig::Lora(_)
-        | PeftConfig::LoHa(_)
-        | PeftConfig::LoKr(_)
-        | PeftConfig::Oft(_)
-        | PeftConfig::Boft(_) => find(LORA_TARGET_MODULES),
-        PeftConfig::Vera(_) if t == "phi" => {
-            Some(TargetDefault::List(&["q_proj", "v_proj"]).to_target_modules())
-        }
-        PeftConfig::Vera(_) => find(LORA_TARGET_MODULES),
-        PeftConfig::AdaLora(_) => find(ADALORA_TARGET_MODULES),
-        _ => None,
-    }
+    config.method().default_target_modules(model_type?)
 }
 
 #[cfg(test)]

@@ -71,3 +71,30 @@ pub fn rank_dropout(ctx: &CallCtx<'_>, delta: &Tensor, p: f64, rescale: bool) ->
     let mask = mask.reshape(shape)?.to_dtype(delta.dtype())?;
     Ok(delta.broadcast_mul(&mask)?)
 }
+
+/// What `peft inspect` shows of a LoHa / LoKr module: rank and alpha from the config (never from the shapes,
+/// which for small LoKr layers are full matrices), `alpha / r`, and which factorisation the file holds
+/// (`cp`, `w1_low_rank`, `w2_low_rank`).
+pub(crate) fn lycoris_summary(
+    r: usize,
+    alpha: f64,
+    tensors: &[crate::tuners::method::TensorInfo<'_>],
+) -> crate::tuners::method::ModuleSummary {
+    let has = |k: &str| tensors.iter().any(|t| t.name == k);
+    let mut flags = Vec::new();
+    if has("hada_t1") || has("lokr_t2") {
+        flags.push("cp".to_string());
+    }
+    if has("lokr_w1_a") {
+        flags.push("w1_low_rank".into());
+    }
+    if has("lokr_w2_a") {
+        flags.push("w2_low_rank".into());
+    }
+    crate::tuners::method::ModuleSummary {
+        r: Some(r),
+        alpha: Some(alpha),
+        scaling: Some(alpha / r as f64),
+        flags,
+    }
+}

@@ -1,7 +1,7 @@
 //! `AdaLoraConfig`, field for field with PEFT 0.21.2's `tuners/adalora/config.py` (a `LoraConfig` subclass).
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{LayersToTransform, StrOrList, TargetModules, TargetSpec};
+use crate::config::common::{TargetFields, TargetSpec};
 use crate::config::helpers::{self, int_if_integral, map_int_if_integral, null_as_default};
 use crate::tuners::lora::config::{
     InitLoraWeights, LoraBias, LoraOptionalFeatures, check_adalora_init, check_lora_common,
@@ -21,12 +21,11 @@ pub struct AdaLoraConfig {
     /// The fields every PEFT config has.
     #[serde(flatten)]
     pub base: PeftConfigBase,
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
+    #[serde(flatten)]
+    pub targets: TargetFields,
     /// `r` (default 8): inherited from LoRA and ignored by AdaLoRA (`init_r` is the rank).
     pub r: usize,
-    /// `target_modules` (default `null`).
-    pub target_modules: Option<TargetModules>,
-    /// `exclude_modules` (default `null`).
-    pub exclude_modules: Option<TargetModules>,
     /// `lora_alpha` (default 8; written as an integer when integral).
     #[serde(serialize_with = "int_if_integral")]
     pub lora_alpha: f64,
@@ -38,14 +37,8 @@ pub struct AdaLoraConfig {
     pub bias: LoraBias,
     /// `use_rslora` (default `false`; PEFT's AdaLoRA layers ignore it).
     pub use_rslora: bool,
-    /// `modules_to_save` (default `null`).
-    pub modules_to_save: Option<Vec<String>>,
     /// `init_lora_weights` (default `true`; AdaLoRA only distinguishes true from false).
     pub init_lora_weights: InitLoraWeights,
-    /// `layers_to_transform` (default `null`).
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// `layers_pattern` (default `null`).
-    pub layers_pattern: Option<StrOrList>,
     /// `rank_pattern` (default `null`): the rank allocation found in training, one boolean mask per `lora_E`
     /// parameter name (`true` = singular value kept), used to resize the layers when loading.
     pub rank_pattern: Option<IndexMap<String, Vec<bool>>>,
@@ -90,18 +83,14 @@ impl Default for AdaLoraConfig {
     fn default() -> Self {
         Self {
             base: PeftConfigBase::default(),
+            targets: TargetFields::default(),
             r: 8,
-            target_modules: None,
-            exclude_modules: None,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             fan_in_fan_out: false,
             bias: LoraBias::None,
             use_rslora: false,
-            modules_to_save: None,
             init_lora_weights: InitLoraWeights::Bool(true),
-            layers_to_transform: None,
-            layers_pattern: None,
             rank_pattern: None,
             alpha_pattern: IndexMap::new(),
             use_dora: false,
@@ -124,13 +113,7 @@ impl Default for AdaLoraConfig {
 impl AdaLoraConfig {
     /// Which modules the adapter wraps.
     pub fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
+        self.targets.spec()
     }
 
     /// The keys PEFT 0.21.2's `AdaLoraConfig` does not have.
@@ -154,9 +137,9 @@ impl AdaLoraConfig {
             ));
         }
         check_lora_common(
-            self.target_modules.as_ref(),
-            self.layers_to_transform.as_ref(),
-            self.layers_pattern.as_ref(),
+            self.targets.target_modules.as_ref(),
+            self.targets.layers_to_transform.as_ref(),
+            self.targets.layers_pattern.as_ref(),
             &self.init_lora_weights,
             self.lora_bias,
             self.use_dora,

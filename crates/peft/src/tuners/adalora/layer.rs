@@ -403,26 +403,6 @@ impl Adapter for AdaLoraAdapter {
         }
     }
 
-    fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
-        self.check_kind_of(input.kind)?;
-        let delta = self.delta(input.weight.dims())?;
-        Ok(Merged {
-            weight: (input.weight + delta)?,
-            bias: input.bias.cloned(),
-            cache: None,
-        })
-    }
-
-    fn unmerge(
-        &self,
-        input: MergeInput<'_>,
-        _cache: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        self.check_kind_of(input.kind)?;
-        let delta = self.delta(input.weight.dims())?;
-        Ok(((input.weight - delta)?, input.bias.cloned()))
-    }
-
     fn delta_weight(&self, kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
         self.check_kind_of(kind)?;
         Ok(Some((self.delta(&self.wshape)?, None)))

@@ -3,6 +3,7 @@
 pub mod allocator;
 pub mod config;
 pub mod layer;
+pub mod model;
 
 pub use allocator::{AdaLoraAllocator, RankAllocator, attach_adalora, orth_reg};
 pub use config::AdaLoraConfig;

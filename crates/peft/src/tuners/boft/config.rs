@@ -1,7 +1,7 @@
 //! `BOFTConfig`, field for field with PEFT 0.21.2's `tuners/boft/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{BiasMode, LayersToTransform, StrOrList, TargetModules, TargetSpec};
+use crate::config::common::{TargetFields, BiasMode, TargetSpec};
 use crate::config::helpers;
 use crate::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -18,30 +18,23 @@ pub struct BoftConfig {
     /// The fields every PEFT config has.
     #[serde(flatten)]
     pub base: PeftConfigBase,
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
+    #[serde(flatten)]
+    pub targets: TargetFields,
     /// `boft_block_size` (default 4).
     pub boft_block_size: usize,
     /// `boft_block_num`: blocks per layer (default 0: use `boft_block_size`).
     pub boft_block_num: usize,
     /// `boft_n_butterfly_factor`: the number of butterfly factors (default 1: plain block-diagonal OFT).
     pub boft_n_butterfly_factor: usize,
-    /// `target_modules` (default `null`).
-    pub target_modules: Option<TargetModules>,
-    /// `exclude_modules` (default `null`).
-    pub exclude_modules: Option<TargetModules>,
     /// `boft_dropout`: multiplicative dropout of blocks during training (default 0.0).
     pub boft_dropout: f64,
     /// `fan_in_fan_out` (default `false`).
     pub fan_in_fan_out: bool,
     /// `bias` (default `"none"`; `"boft_only"` trains the targeted layers' biases).
     pub bias: BiasMode,
-    /// `modules_to_save` (default `null`).
-    pub modules_to_save: Option<Vec<String>>,
     /// `init_weights`: start at the identity rotation (default `true`).
     pub init_weights: bool,
-    /// `layers_to_transform` (default `null`).
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// `layers_pattern` (default `null`).
-    pub layers_pattern: Option<StrOrList>,
     /// Keys PEFT 0.21.2's `BOFTConfig` does not have, kept as read and written back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -51,18 +44,14 @@ impl Default for BoftConfig {
     fn default() -> Self {
         Self {
             base: PeftConfigBase::default(),
+            targets: TargetFields::default(),
             boft_block_size: 4,
             boft_block_num: 0,
             boft_n_butterfly_factor: 1,
-            target_modules: None,
-            exclude_modules: None,
             boft_dropout: 0.0,
             fan_in_fan_out: false,
             bias: BiasMode::None,
-            modules_to_save: None,
             init_weights: true,
-            layers_to_transform: None,
-            layers_pattern: None,
             extra: Map::new(),
         }
     }
@@ -71,13 +60,7 @@ impl Default for BoftConfig {
 impl BoftConfig {
     /// Which modules the adapter wraps.
     pub fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
+        self.targets.spec()
     }
 
     /// The keys PEFT 0.21.2's `BOFTConfig` does not have.
@@ -90,8 +73,8 @@ impl BoftConfig {
     /// is refused.
     pub fn validate(&self) -> Result<()> {
         helpers::check_layers_pattern(
-            self.layers_to_transform.as_ref(),
-            self.layers_pattern.as_ref(),
+            self.targets.layers_to_transform.as_ref(),
+            self.targets.layers_pattern.as_ref(),
         )?;
         if self.boft_block_size == 0 && self.boft_block_num == 0 {
             return Err(PeftError::InvalidConfig(

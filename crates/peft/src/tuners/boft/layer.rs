@@ -667,26 +667,6 @@ impl Adapter for BoftAdapter {
     }
 }
 
-/// The adapter for `module` from its saved tensors (keys relative to the module, adapter name stripped).
-pub fn build(
-    config: &BoftConfig,
-    _module: &str,
-    base: &BaseLayer,
-    tensors: &IndexMap<String, Tensor>,
-) -> Result<Box<dyn Adapter>> {
-    Ok(Box::new(BoftAdapter::from_tensors(config, base, tensors)?))
-}
-
-/// A freshly initialised adapter for `module`.
-pub fn create(
-    config: &BoftConfig,
-    _module: &str,
-    base: &BaseLayer,
-    rng: &mut PeftRng,
-) -> Result<Box<dyn Adapter>> {
-    Ok(Box::new(BoftAdapter::new(config, base, rng)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

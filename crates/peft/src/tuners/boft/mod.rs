@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod layer;
+pub mod model;
 
 pub use config::BoftConfig;
 pub use layer::{BoftAdapter, BoftGeometry};

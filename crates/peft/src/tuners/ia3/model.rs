@@ -1,10 +1,15 @@
-//! What PEFT's `IA3Model` does before injection: default target and feedforward modules by model type
+//! IA3's hooks (PEFT's `IA3Model`): what it does before injection, default target and feedforward modules by model type
 //! (`utils/constants.py`, `TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING` and
 //! `TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING`).
 
 use super::config::Ia3Config;
-use crate::config::common::TargetModules;
-use crate::{PeftError, Result};
+use super::layer::{IA3_L, Ia3Adapter, Ia3Options};
+use crate::config::common::{TargetModules, TargetSpec};
+use crate::layer::{Adapter, BaseKind, BaseLayer, Conv2dSpec};
+use crate::tuners::method::{PeftMethod, SharedTensors};
+use crate::{PeftError, PeftRng, Result};
+use candle_core::Tensor;
+use indexmap::IndexMap;
 
 /// PEFT 0.21.2's default IA3 targets and feedforward modules, by transformers `model_type`.
 pub const IA3_DEFAULTS: &[(&str, &[&str], &[&str])] = &[
@@ -96,6 +101,114 @@ pub fn prepare_adapter_config(config: &mut Ia3Config, model_type: Option<&str>) 
         config.feedforward_modules = Some(list(ff));
     }
     Ok(())
+}
+
+impl PeftMethod for Ia3Config {
+    fn validate(&self) -> Result<()> {
+        Ia3Config::validate(self)
+    }
+
+    fn modules_to_save(&self) -> Option<&[String]> {
+        self.modules_to_save.as_deref()
+    }
+
+    fn target_spec(&self) -> Option<TargetSpec<'_>> {
+        Some(Ia3Config::target_spec(self))
+    }
+
+    fn set_target_modules(&mut self, targets: Option<TargetModules>) {
+        self.target_modules = targets;
+    }
+
+    /// None from LoRA's table: IA3 fills its targets together with its feedforward modules from its own table
+    /// ([`IA3_DEFAULTS`]) in [`prepare_adapter_config`].
+    fn default_target_modules(&self, _model_type: &str) -> Option<TargetModules> {
+        None
+    }
+
+    fn prepare_adapter_config(&mut self, model_type: Option<&str>) -> Result<()> {
+        prepare_adapter_config(self, model_type)
+    }
+
+    fn fan_in_fan_out(&self) -> bool {
+        self.fan_in_fan_out
+    }
+
+    fn param_prefixes(&self) -> Result<&'static [&'static str]> {
+        Ok(&[IA3_L])
+    }
+
+    fn build_adapter(
+        &self,
+        module: &str,
+        base: &BaseLayer,
+        tensors: &IndexMap<String, Tensor>,
+        _shared: &SharedTensors,
+    ) -> Result<Box<dyn Adapter>> {
+        let opts = Ia3Options::from_config(self, module)?;
+        Ok(Box::new(Ia3Adapter::from_tensors(base, opts, tensors)?))
+    }
+
+    fn new_adapter(
+        &self,
+        module: &str,
+        base: &BaseLayer,
+        rng: &mut PeftRng,
+        _shared: &SharedTensors,
+    ) -> Result<Box<dyn Adapter>> {
+        let opts = Ia3Options::from_config(self, module)?;
+        Ok(Box::new(Ia3Adapter::new(base, opts, rng)?))
+    }
+
+    fn infer_kind(
+        &self,
+        module: &str,
+        params: &IndexMap<String, Tensor>,
+        wshape: &[usize],
+    ) -> Result<BaseKind> {
+        infer_ia3_kind(self, module, params, wshape)
+    }
+}
+
+/// The layer kind of an IA3 module: Conv2d for a 4-D weight (groups from a feedforward vector, which spans
+/// every input channel), else Linear or Conv1D from where the vector's length sits in the weight's shape
+/// (`[out, in]` or `[in, out]`); a square weight is a Conv1D when the config says `fan_in_fan_out` (PEFT sets
+/// it for Conv1D targets and saves it).
+fn infer_ia3_kind(
+    config: &Ia3Config,
+    module: &str,
+    params: &IndexMap<String, Tensor>,
+    wshape: &[usize],
+) -> Result<BaseKind> {
+    let ff = super::layer::is_feedforward(config, module)?;
+    let n = params
+        .get(super::layer::IA3_L)
+        .map(|l| l.elem_count());
+    match wshape.len() {
+        4 => {
+            let groups = match n {
+                Some(n) if ff && wshape[1] > 0 && n % wshape[1] == 0 => n / wshape[1],
+                _ => 1,
+            };
+            Ok(BaseKind::Conv2d(Conv2dSpec {
+                groups,
+                ..Default::default()
+            }))
+        }
+        2 => {
+            // The axis of the vector's length in a Linear weight `[out, in]`; a Conv1D has the other one.
+            let (lin, c1d) = if ff { (1, 0) } else { (0, 1) };
+            Ok(match n {
+                Some(n) if wshape[c1d] == n && (wshape[lin] != n || config.fan_in_fan_out) => {
+                    BaseKind::Conv1D
+                }
+                _ => BaseKind::Linear, // the adapter's shape check names a mismatch
+            })
+        }
+        _ => Err(PeftError::Invalid(format!(
+            "cannot merge into a weight of shape {wshape:?}"
+        ))),
+    }
 }
 
 #[cfg(test)]

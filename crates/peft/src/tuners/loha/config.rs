@@ -1,8 +1,8 @@
 //! `LoHaConfig`, field for field with PEFT 0.21.2's `tuners/loha/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{LayersToTransform, StrOrList, TargetModules, TargetSpec};
-use crate::config::helpers::{self, int_if_integral, map_int_if_integral, null_as_default};
+use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList, TargetSpec};
+use crate::config::helpers::{self, int_if_integral};
 use crate::{PeftError, Result};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -15,15 +15,12 @@ pub struct LoHaConfig {
     /// The fields every PEFT config has.
     #[serde(flatten)]
     pub base: PeftConfigBase,
-    /// `rank_pattern`: per-module ranks, matched as by PEFT's `get_pattern_key` (default `{}`).
-    #[serde(deserialize_with = "null_as_default")]
-    pub rank_pattern: IndexMap<String, usize>,
-    /// `alpha_pattern`: per-module alphas (default `{}`).
-    #[serde(
-        deserialize_with = "null_as_default",
-        serialize_with = "map_int_if_integral"
-    )]
-    pub alpha_pattern: IndexMap<String, f64>,
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
+    #[serde(flatten)]
+    pub targets: TargetFields,
+    /// `rank_pattern`, `alpha_pattern`.
+    #[serde(flatten)]
+    pub patterns: RankAlphaPatterns,
     /// `r`: the rank (default 8).
     pub r: usize,
     /// `alpha` (default 8; an `int` in PEFT, written as an integer when integral). The scale is `alpha / r`.
@@ -35,18 +32,8 @@ pub struct LoHaConfig {
     pub module_dropout: f64,
     /// `use_effective_conv2d`: CP-decomposed Conv2d weights for kernels larger than 1×1 (default `false`).
     pub use_effective_conv2d: bool,
-    /// `target_modules` (default `null`).
-    pub target_modules: Option<TargetModules>,
-    /// `exclude_modules` (default `null`).
-    pub exclude_modules: Option<TargetModules>,
     /// `init_weights`: `hada_w2_b` starts at zero, so the adapter starts as the identity (default `true`).
     pub init_weights: bool,
-    /// `layers_to_transform` (default `null`).
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// `layers_pattern` (default `null`).
-    pub layers_pattern: Option<StrOrList>,
-    /// `modules_to_save` (default `null`).
-    pub modules_to_save: Option<Vec<String>>,
     /// Keys PEFT 0.21.2's `LoHaConfig` does not have, kept as read and written back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -56,19 +43,14 @@ impl Default for LoHaConfig {
     fn default() -> Self {
         Self {
             base: PeftConfigBase::default(),
-            rank_pattern: IndexMap::new(),
-            alpha_pattern: IndexMap::new(),
+            targets: TargetFields::default(),
+            patterns: RankAlphaPatterns::default(),
             r: 8,
             alpha: 8.0,
             rank_dropout: 0.0,
             module_dropout: 0.0,
             use_effective_conv2d: false,
-            target_modules: None,
-            exclude_modules: None,
             init_weights: true,
-            layers_to_transform: None,
-            layers_pattern: None,
-            modules_to_save: None,
             extra: Map::new(),
         }
     }
@@ -102,24 +84,12 @@ impl LoHaConfig {
     /// The rank and alpha of the module named `module_name`: from the first matching key of `rank_pattern` /
     /// `alpha_pattern` (as PEFT's `get_pattern_key`), else `r` / `alpha`.
     pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
-        let r = helpers::pattern_lookup(&self.rank_pattern, module_name)
-            .copied()
-            .unwrap_or(self.r);
-        let alpha = helpers::pattern_lookup(&self.alpha_pattern, module_name)
-            .copied()
-            .unwrap_or(self.alpha);
-        (r, alpha)
+        self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
     }
 
     /// Which modules the adapter wraps.
     pub fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
+        self.targets.spec()
     }
 
     /// The keys PEFT 0.21.2's `LoHaConfig` does not have.
@@ -132,10 +102,10 @@ impl LoHaConfig {
     pub fn validate(&self) -> Result<()> {
         check_lycoris(
             self.r,
-            &self.rank_pattern,
-            &self.alpha_pattern,
-            self.layers_to_transform.as_ref(),
-            self.layers_pattern.as_ref(),
+            &self.patterns.rank_pattern,
+            &self.patterns.alpha_pattern,
+            self.targets.layers_to_transform.as_ref(),
+            self.targets.layers_pattern.as_ref(),
         )?;
         helpers::refuse_unknown_keys(&self.extra, "LoHaConfig")
     }

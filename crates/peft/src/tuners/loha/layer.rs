@@ -344,26 +344,6 @@ impl Adapter for LoHaAdapter {
         Ok((result.to_dtype(d.dtype())? + d)?)
     }
 
-    fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
-        self.check_weight(&input)?;
-        let delta = self.delta()?.to_dtype(DType::F32)?;
-        Ok(Merged {
-            weight: (input.weight + delta)?,
-            bias: input.bias.cloned(),
-            cache: None,
-        })
-    }
-
-    fn unmerge(
-        &self,
-        input: MergeInput<'_>,
-        _cache: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        self.check_weight(&input)?;
-        let delta = self.delta()?.to_dtype(DType::F32)?;
-        Ok(((input.weight - delta)?, input.bias.cloned()))
-    }
-
     fn delta_weight(&self, kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
         self.check_kind(kind)?;
         Ok(Some((self.delta()?.to_dtype(DType::F32)?, None)))
@@ -400,28 +380,6 @@ impl Adapter for LoHaAdapter {
         };
         format!("{head} {form} ({})", sizes.join(", "))
     }
-}
-
-/// The adapter for `module` from its saved tensors (keys relative to the module, adapter name stripped).
-pub fn build(
-    config: &LoHaConfig,
-    module: &str,
-    base: &BaseLayer,
-    tensors: &IndexMap<String, Tensor>,
-) -> Result<Box<dyn Adapter>> {
-    let opts = LoHaOptions::from_config(config, module);
-    Ok(Box::new(LoHaAdapter::from_tensors(base, opts, tensors)?))
-}
-
-/// A freshly initialised adapter for `module`.
-pub fn create(
-    config: &LoHaConfig,
-    module: &str,
-    base: &BaseLayer,
-    rng: &mut PeftRng,
-) -> Result<Box<dyn Adapter>> {
-    let opts = LoHaOptions::from_config(config, module);
-    Ok(Box::new(LoHaAdapter::new(base, opts, rng)?))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod layer;
+pub mod model;
 
 pub use config::LoHaConfig;
 pub use layer::{LoHaAdapter, LoHaOptions};

@@ -486,26 +486,6 @@ impl Adapter for LoKrAdapter {
         Ok((result.to_dtype(dy.dtype())? + dy)?)
     }
 
-    fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
-        self.check_weight(input.weight)?;
-        let delta = self.delta()?.to_dtype(input.weight.dtype())?;
-        Ok(Merged {
-            weight: (input.weight + delta)?,
-            bias: input.bias.cloned(),
-            cache: None,
-        })
-    }
-
-    fn unmerge(
-        &self,
-        input: MergeInput<'_>,
-        _cache: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        self.check_weight(input.weight)?;
-        let delta = self.delta()?.to_dtype(input.weight.dtype())?;
-        Ok(((input.weight - delta)?, input.bias.cloned()))
-    }
-
     fn delta_weight(&self, _kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
         Ok(Some((self.delta()?.to_dtype(DType::F32)?, None)))
     }
@@ -553,28 +533,6 @@ impl Adapter for LoKrAdapter {
         };
         format!("r={} alpha={} {w1}, {w2}", l.r, self.alpha)
     }
-}
-
-/// The adapter for `module` from its saved tensors (keys relative to the module, adapter name stripped).
-pub fn build(
-    config: &LoKrConfig,
-    module: &str,
-    base: &BaseLayer,
-    tensors: &IndexMap<String, Tensor>,
-) -> Result<Box<dyn Adapter>> {
-    Ok(Box::new(LoKrAdapter::from_tensors(
-        config, module, base, tensors,
-    )?))
-}
-
-/// A freshly initialised adapter for `module`.
-pub fn create(
-    config: &LoKrConfig,
-    module: &str,
-    base: &BaseLayer,
-    rng: &mut PeftRng,
-) -> Result<Box<dyn Adapter>> {
-    Ok(Box::new(LoKrAdapter::new(config, module, base, rng)?))
 }
 
 #[cfg(test)]

@@ -1,13 +1,12 @@
 //! `LoraConfig`, field for field with PEFT 0.21.2's `tuners/lora/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{LayersToTransform, StrOrList, TargetModules, TargetSpec};
+use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList, TargetModules, TargetSpec};
 use crate::config::helpers::{
-    self, int_if_integral, map_int_if_integral, null_as_default, refuse_flag, refuse_if_some,
+    self, int_if_integral, refuse_flag, refuse_if_some,
     refuse_if_truthy,
 };
 use crate::{PeftError, Result};
-use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -22,6 +21,40 @@ pub enum LoraBias {
     All,
     /// `"lora_only"`: the biases of the targeted layers train.
     LoraOnly,
+}
+
+impl LoraBias {
+    /// The name as written in `adapter_config.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoraBias::None => "none",
+            LoraBias::All => "all",
+            LoraBias::LoraOnly => "lora_only",
+        }
+    }
+}
+
+impl std::str::FromStr for LoraBias {
+    type Err = crate::PeftError;
+
+    /// `"none"`, `"all"` or `"lora_only"`, as PEFT writes them.
+    ///
+    /// ```
+    /// use peft::config::LoraBias;
+    /// assert_eq!("lora_only".parse::<LoraBias>()?, LoraBias::LoraOnly);
+    /// assert!("some".parse::<LoraBias>().is_err());
+    /// # Ok::<(), peft::PeftError>(())
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        [LoraBias::None, LoraBias::All, LoraBias::LoraOnly]
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| {
+                crate::PeftError::InvalidConfig(format!(
+                    "unknown bias {s:?} (none, all or lora_only)"
+                ))
+            })
+    }
 }
 
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (random A and B, for tests), or a named
@@ -228,12 +261,14 @@ pub struct LoraConfig {
     /// The fields every PEFT config has.
     #[serde(flatten)]
     pub base: PeftConfigBase,
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
+    #[serde(flatten)]
+    pub targets: TargetFields,
+    /// `rank_pattern`, `alpha_pattern`.
+    #[serde(flatten)]
+    pub patterns: RankAlphaPatterns,
     /// `r`: the rank (default 8).
     pub r: usize,
-    /// `target_modules`: the modules to wrap (default `null`: PEFT picks them by model architecture).
-    pub target_modules: Option<TargetModules>,
-    /// `exclude_modules`: modules never wrapped (default `null`).
-    pub exclude_modules: Option<TargetModules>,
     /// `lora_alpha` (default 8; an `int` in PEFT, written as an integer when integral).
     #[serde(serialize_with = "int_if_integral")]
     pub lora_alpha: f64,
@@ -245,24 +280,8 @@ pub struct LoraConfig {
     pub bias: LoraBias,
     /// `use_rslora`: scale by `alpha/√r` instead of `alpha/r` (default `false`).
     pub use_rslora: bool,
-    /// `modules_to_save`: modules trained in full and saved with the adapter (default `null`).
-    pub modules_to_save: Option<Vec<String>>,
     /// `init_lora_weights` (default `true`).
     pub init_lora_weights: InitLoraWeights,
-    /// `layers_to_transform`: only these layer indices are wrapped (default `null`).
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// `layers_pattern`: the name of the layer list, used with `layers_to_transform` (default `null`).
-    pub layers_pattern: Option<StrOrList>,
-    /// `rank_pattern`: per-module ranks, keys matched as by PEFT's `get_pattern_key`, first key in file order
-    /// wins (default `{}`).
-    #[serde(deserialize_with = "null_as_default")]
-    pub rank_pattern: IndexMap<String, usize>,
-    /// `alpha_pattern`: per-module alphas, matched like `rank_pattern` (default `{}`).
-    #[serde(
-        deserialize_with = "null_as_default",
-        serialize_with = "map_int_if_integral"
-    )]
-    pub alpha_pattern: IndexMap<String, f64>,
     /// `use_dora`: weight-decomposed LoRA (default `false`).
     pub use_dora: bool,
     /// `lora_bias`: a trainable bias in `lora_B` (default `false`).
@@ -279,20 +298,15 @@ impl Default for LoraConfig {
     fn default() -> Self {
         Self {
             base: PeftConfigBase::default(),
+            targets: TargetFields::default(),
+            patterns: RankAlphaPatterns::default(),
             r: 8,
-            target_modules: None,
-            exclude_modules: None,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             fan_in_fan_out: false,
             bias: LoraBias::None,
             use_rslora: false,
-            modules_to_save: None,
             init_lora_weights: InitLoraWeights::Bool(true),
-            layers_to_transform: None,
-            layers_pattern: None,
-            rank_pattern: IndexMap::new(),
-            alpha_pattern: IndexMap::new(),
             use_dora: false,
             lora_bias: false,
             features: LoraOptionalFeatures::default(),
@@ -349,24 +363,12 @@ impl LoraConfig {
     /// key of `rank_pattern` / `alpha_pattern` (in map order) that matches as `re.match(rf"(.*\.)?({key})$",
     /// module_name)`, else the top-level `r` / `lora_alpha`.
     pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
-        let r = helpers::pattern_lookup(&self.rank_pattern, module_name)
-            .copied()
-            .unwrap_or(self.r);
-        let alpha = helpers::pattern_lookup(&self.alpha_pattern, module_name)
-            .copied()
-            .unwrap_or(self.lora_alpha);
-        (r, alpha)
+        self.patterns.rank_and_alpha_for(module_name, self.r, self.lora_alpha)
     }
 
     /// Which modules the adapter wraps.
     pub fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
+        self.targets.spec()
     }
 
     /// The keys PEFT 0.21.2's `LoraConfig` does not have.
@@ -387,17 +389,17 @@ impl LoraConfig {
                 "`r` should be a positive integer value but the value passed is 0".into(),
             ));
         }
-        if let Some((key, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+        if let Some((key, _)) = self.patterns.rank_pattern.iter().find(|(_, r)| **r == 0) {
             return Err(PeftError::InvalidConfig(format!(
                 "`rank_pattern` gives {key:?} rank 0; ranks must be positive"
             )));
         }
-        helpers::check_pattern_keys("rank_pattern", self.rank_pattern.keys())?;
-        helpers::check_pattern_keys("alpha_pattern", self.alpha_pattern.keys())?;
+        helpers::check_pattern_keys("rank_pattern", self.patterns.rank_pattern.keys())?;
+        helpers::check_pattern_keys("alpha_pattern", self.patterns.alpha_pattern.keys())?;
         check_lora_common(
-            self.target_modules.as_ref(),
-            self.layers_to_transform.as_ref(),
-            self.layers_pattern.as_ref(),
+            self.targets.target_modules.as_ref(),
+            self.targets.layers_to_transform.as_ref(),
+            self.targets.layers_pattern.as_ref(),
             &self.init_lora_weights,
             self.lora_bias,
             self.use_dora,
@@ -576,22 +578,22 @@ mod tests {
             InitLoraWeights::Method("gaussian".into())
         );
         assert_eq!(
-            c.layers_to_transform,
+            c.targets.layers_to_transform,
             Some(LayersToTransform::Many(vec![0, 2]))
         );
-        assert_eq!(c.layers_pattern, Some(StrOrList::One("layers".into())));
+        assert_eq!(c.targets.layers_pattern, Some(StrOrList::One("layers".into())));
         assert_eq!(
             c.base.base_model_name_or_path.as_deref(),
             Some("modèle/ü-tiny")
         );
         assert_eq!(c.base.task_type, Some(crate::config::TaskType::CausalLm));
         assert_eq!(
-            c.modules_to_save,
+            c.targets.modules_to_save,
             Some(vec!["lm_head".to_string(), "classifier".to_string()])
         );
         // File order is kept (sorted, since PEFT sorts on save).
-        assert_eq!(c.rank_pattern.keys().collect::<Vec<_>>(), ["a.b", "z_proj"]);
-        assert_eq!(c.alpha_pattern.get("q_proj"), Some(&0.5));
+        assert_eq!(c.patterns.rank_pattern.keys().collect::<Vec<_>>(), ["a.b", "z_proj"]);
+        assert_eq!(c.patterns.alpha_pattern.get("q_proj"), Some(&0.5));
     }
 
     #[test]
@@ -602,12 +604,12 @@ mod tests {
         assert_eq!(c.lora_dropout, 0.0);
         assert_eq!(c.bias, LoraBias::None);
         assert_eq!(c.init_lora_weights, InitLoraWeights::Bool(true));
-        assert!(c.rank_pattern.is_empty() && c.alpha_pattern.is_empty());
+        assert!(c.patterns.rank_pattern.is_empty() && c.patterns.alpha_pattern.is_empty());
         assert_eq!(c.base.peft_version.as_deref(), Some("0.21.2"));
         assert!(!c.base.inference_mode);
         assert_eq!(c.features, LoraOptionalFeatures::default());
         assert_eq!(
-            c.target_modules,
+            c.targets.target_modules,
             Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into()]))
         );
         PeftConfig::Lora(c).validate().expect("supported");
@@ -616,7 +618,7 @@ mod tests {
     #[test]
     fn null_patterns_read_as_empty() {
         let c = lora(r#"{"peft_type": "LORA", "rank_pattern": null, "alpha_pattern": null}"#);
-        assert!(c.rank_pattern.is_empty() && c.alpha_pattern.is_empty());
+        assert!(c.patterns.rank_pattern.is_empty() && c.patterns.alpha_pattern.is_empty());
     }
 
     #[test]
@@ -685,7 +687,7 @@ mod tests {
         }
         // Reordering the keys changes the winner.
         let mut reordered = c.clone();
-        reordered.rank_pattern.move_index(0, 3);
+        reordered.patterns.rank_pattern.move_index(0, 3);
         assert_eq!(
             reordered.rank_and_alpha_for("model.layers.1.self_attn.q_proj"),
             (12, 16.0)

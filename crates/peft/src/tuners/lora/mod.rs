@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dora;
 pub mod layer;
+pub mod model;
 
 pub use config::LoraConfig;
 pub use layer::LoraAdapter;

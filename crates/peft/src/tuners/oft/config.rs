@@ -1,7 +1,7 @@
 //! `OFTConfig`, field for field with PEFT 0.21.2's `tuners/oft/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{BiasMode, LayersToTransform, StrOrList, TargetModules, TargetSpec};
+use crate::config::common::{TargetFields, BiasMode, TargetSpec};
 use crate::config::helpers;
 use crate::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,9 @@ pub struct OftConfig {
     /// The fields every PEFT config has.
     #[serde(flatten)]
     pub base: PeftConfigBase,
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
+    #[serde(flatten)]
+    pub targets: TargetFields,
     /// `r`: the number of OFT blocks per layer (default 0: use `oft_block_size`).
     pub r: usize,
     /// `oft_block_size`: the block size (default 32). PEFT adjusts it per layer when the input width is not
@@ -24,22 +27,12 @@ pub struct OftConfig {
     pub oft_block_size: usize,
     /// `module_dropout`: probability of replacing blocks with the identity during training (default 0.0).
     pub module_dropout: f64,
-    /// `target_modules` (default `null`).
-    pub target_modules: Option<TargetModules>,
     /// `fan_in_fan_out` (default `false`).
     pub fan_in_fan_out: bool,
     /// `bias` (default `"none"`; `"oft_only"` trains the targeted layers' biases).
     pub bias: BiasMode,
-    /// `exclude_modules` (default `null`).
-    pub exclude_modules: Option<TargetModules>,
     /// `init_weights`: start at the identity rotation (default `true`).
     pub init_weights: bool,
-    /// `layers_to_transform` (default `null`).
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// `layers_pattern` (default `null`).
-    pub layers_pattern: Option<StrOrList>,
-    /// `modules_to_save` (default `null`).
-    pub modules_to_save: Option<Vec<String>>,
     /// `coft`: constrained OFT, parameters projected onto an `eps` ball (default `false`).
     pub coft: bool,
     /// `eps`: the COFT radius (default 6e-05).
@@ -59,17 +52,13 @@ impl Default for OftConfig {
     fn default() -> Self {
         Self {
             base: PeftConfigBase::default(),
+            targets: TargetFields::default(),
             r: 0,
             oft_block_size: 32,
             module_dropout: 0.0,
-            target_modules: None,
             fan_in_fan_out: false,
             bias: BiasMode::None,
-            exclude_modules: None,
             init_weights: true,
-            layers_to_transform: None,
-            layers_pattern: None,
-            modules_to_save: None,
             coft: false,
             eps: 6e-5,
             block_share: false,
@@ -83,13 +72,7 @@ impl Default for OftConfig {
 impl OftConfig {
     /// Which modules the adapter wraps.
     pub fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
+        self.targets.spec()
     }
 
     /// The keys PEFT 0.21.2's `OFTConfig` does not have.
@@ -102,8 +85,8 @@ impl OftConfig {
     /// Cayley forms are part of the method).
     pub fn validate(&self) -> Result<()> {
         helpers::check_layers_pattern(
-            self.layers_to_transform.as_ref(),
-            self.layers_pattern.as_ref(),
+            self.targets.layers_to_transform.as_ref(),
+            self.targets.layers_pattern.as_ref(),
         )?;
         if self.r == 0 && self.oft_block_size == 0 {
             return Err(PeftError::InvalidConfig(

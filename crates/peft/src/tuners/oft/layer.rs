@@ -653,26 +653,6 @@ impl Adapter for OftAdapter {
     }
 }
 
-/// The adapter for `module` from its saved tensors (keys relative to the module, adapter name stripped).
-pub fn build(
-    config: &OftConfig,
-    _module: &str,
-    base: &BaseLayer,
-    tensors: &IndexMap<String, Tensor>,
-) -> Result<Box<dyn Adapter>> {
-    Ok(Box::new(OftAdapter::from_tensors(base, config, tensors)?))
-}
-
-/// A freshly initialised adapter for `module`.
-pub fn create(
-    config: &OftConfig,
-    _module: &str,
-    base: &BaseLayer,
-    rng: &mut PeftRng,
-) -> Result<Box<dyn Adapter>> {
-    Ok(Box::new(OftAdapter::new(base, config, rng)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -984,7 +964,7 @@ mod tests {
         let base = linear(&mut rng, 4, 16);
         let mut c = cfg(4);
         c.init_weights = true;
-        let a = create(&c, "fc", &base, &mut rng).unwrap();
+        let a = OftAdapter::new(&base, &c, &mut rng).unwrap();
         let t = &a.tensors()[0];
         assert_eq!(t.0, "oft_R.weight");
         assert_eq!(t.1.dims(), [4, 6]);
@@ -1006,7 +986,7 @@ mod tests {
         };
         assert!(max_diff(&a.transform_input(&base, x.clone(), &call).unwrap(), &x) < 1e-7);
         c.init_weights = false;
-        let a = create(&c, "fc", &base, &mut PeftRng::new(3)).unwrap();
+        let a = OftAdapter::new(&base, &c, &mut PeftRng::new(3)).unwrap();
         let v: Vec<f32> = a.tensors()[0].1.flatten_all().unwrap().to_vec1().unwrap();
         let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
         assert!((0.04..0.2).contains(&std), "{std}");

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod layer;
+pub mod model;
 
 pub use config::OftConfig;
 pub use layer::OftAdapter;

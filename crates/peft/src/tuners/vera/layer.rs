@@ -344,24 +344,6 @@ impl Adapter for VeraAdapter {
         Ok((result.to_dtype(DType::F32)? + h)?)
     }
 
-    fn merge(&self, input: MergeInput<'_>) -> Result<Merged> {
-        self.check_kind(input.kind)?;
-        Ok(Merged {
-            weight: (input.weight + self.delta()?)?,
-            bias: input.bias.cloned(),
-            cache: None,
-        })
-    }
-
-    fn unmerge(
-        &self,
-        input: MergeInput<'_>,
-        _cache: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        self.check_kind(input.kind)?;
-        Ok(((input.weight - self.delta()?)?, input.bias.cloned()))
-    }
-
     fn delta_weight(&self, kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
         self.check_kind(kind)?;
         Ok(Some((self.delta()?, None)))
