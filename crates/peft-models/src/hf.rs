@@ -5,7 +5,7 @@ use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
-use peft::merge::BaseModel;
+use peft::io::BaseModel;
 use serde_json::Value;
 use std::path::Path;
 

@@ -36,36 +36,25 @@ pub fn atomic_write_with(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let tmp = tmp_path(path);
-    let res = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(f);
-        write(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(PeftError::io(path, e));
-    }
-    Ok(())
+    atomic_write_try(path, |w| write(w).map_err(|e| PeftError::io(path, e)))
 }
 
-/// Like [`atomic_write_with`], but `write` may fail with a library error (the temporary file is removed).
+/// The one atomic writer: `write` fills a buffered temporary file next to `path` (it may fail with a library
+/// error), which is synced and renamed to `path`; on any failure the temporary file is removed and `path` is
+/// left as it was.
 pub fn atomic_write_try(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<()> {
     let tmp = tmp_path(path);
     let res = (|| -> Result<()> {
-        let f = std::fs::File::create(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+        let f = std::fs::File::create(&tmp).map_err(|e| PeftError::io(path, e))?;
         let mut w = std::io::BufWriter::new(f);
         write(&mut w)?;
         let f = w
             .into_inner()
-            .map_err(|e| PeftError::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| PeftError::io(&tmp, e))?;
+            .map_err(|e| PeftError::io(path, e.into_error()))?;
+        f.sync_all().map_err(|e| PeftError::io(path, e))?;
         std::fs::rename(&tmp, path).map_err(|e| PeftError::io(path, e))
     })();
     if res.is_err() {
@@ -222,6 +211,24 @@ pub struct AdapterFile {
 }
 
 /// Reads an adapter directory (config validated: a flag we do not implement is an error).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use peft::io::{load_adapter, save_adapter};
+/// use peft::PeftConfig;
+///
+/// let dir = std::env::temp_dir().join(format!("peft-load-doc-{}", std::process::id()));
+/// let config = PeftConfig::from_json_str(r#"{"peft_type": "IA3", "target_modules": ["fc"], "feedforward_modules": []}"#)?;
+/// let l = Tensor::ones(6, DType::F32, &Device::Cpu)?;
+/// save_adapter(&dir, &config, &[("base_model.model.fc.ia3_l".to_string(), l)])?;
+///
+/// let file = load_adapter(&dir, &Device::Cpu)?;
+/// assert_eq!(file.config.peft_type().as_str(), "IA3");
+/// assert_eq!(file.tensors["base_model.model.fc.ia3_l"].dims(), [6]);
+/// assert!(matches!(load_adapter(dir.join("missing"), &Device::Cpu), Err(peft::PeftError::Io { .. })));
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), peft::PeftError>(())
+/// ```
 pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<AdapterFile> {
     let dir = dir.as_ref();
     let config = PeftConfig::from_dir(dir)?;
@@ -373,6 +380,142 @@ pub fn save_adapters(root: impl AsRef<Path>, adapters: &[AdapterToSave<'_>]) -> 
 /// Converts a tensor to the dtype it is saved in (adapters compute in f32 but keep their file dtype).
 pub fn to_saved_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(t.to_dtype(dtype)?)
+}
+
+/// How the base model stores a module's weight when its own tensor is absent (tied embeddings: the output
+/// layer reads the input embedding).
+pub type Aliases = HashMap<String, String>;
+
+/// The weight files of a base model: one file, a directory with `model.safetensors`, or a sharded directory
+/// with `model.safetensors.index.json`.
+#[derive(Debug)]
+pub struct BaseModel {
+    /// The directory (None for a single file).
+    pub dir: Option<PathBuf>,
+    /// The shards, in index order, with their file names.
+    pub shards: Vec<(String, SafetensorsFile)>,
+    /// The parsed index, if sharded.
+    pub index: Option<serde_json::Value>,
+    /// `config.json`, if present.
+    pub config: Option<serde_json::Value>,
+}
+
+impl BaseModel {
+    /// Opens a base model file or directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            return Ok(Self {
+                dir: None,
+                shards: vec![(file_name(path), SafetensorsFile::open(path)?)],
+                index: None,
+                config: None,
+            });
+        }
+        if !path.is_dir() {
+            return Err(PeftError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        let config = read_json_opt(&path.join("config.json"))?;
+        let index_path = path.join("model.safetensors.index.json");
+        if index_path.exists() {
+            let index = read_json_opt(&index_path)?.unwrap_or_default();
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| PeftError::Json {
+                    context: index_path.display().to_string(),
+                    message: "no weight_map".into(),
+                })?;
+            let mut files: Vec<String> = Vec::new();
+            for v in map.values() {
+                let f = v.as_str().ok_or_else(|| PeftError::Json {
+                    context: index_path.display().to_string(),
+                    message: "weight_map values must be file names".into(),
+                })?;
+                if !files.iter().any(|x| x == f) {
+                    files.push(f.to_string());
+                }
+            }
+            files.sort();
+            let shards = files
+                .into_iter()
+                .map(|f| Ok((f.clone(), SafetensorsFile::open(path.join(&f))?)))
+                .collect::<Result<_>>()?;
+            return Ok(Self {
+                dir: Some(path.to_path_buf()),
+                shards,
+                index: Some(index),
+                config,
+            });
+        }
+        let single = path.join("model.safetensors");
+        if !single.exists() {
+            return Err(PeftError::Invalid(format!(
+                "{}: no model.safetensors or model.safetensors.index.json in this directory",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            dir: Some(path.to_path_buf()),
+            shards: vec![("model.safetensors".into(), SafetensorsFile::open(&single)?)],
+            index: None,
+            config,
+        })
+    }
+
+    /// The shape of a tensor in any shard.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shards
+            .iter()
+            .find_map(|(_, f)| f.info(name).map(|(s, _)| s))
+    }
+
+    /// Tied-embedding aliases: when the output layer's weight is absent and the config ties it (or says
+    /// nothing), `lm_head.weight` reads `model.embed_tokens.weight` (any `*embed_tokens.weight` / `wte`).
+    pub fn aliases(&self) -> Aliases {
+        let mut a = Aliases::new();
+        let tied = self
+            .config
+            .as_ref()
+            .and_then(|c| c.get("tie_word_embeddings"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        if tied && self.shape("lm_head.weight").is_none() {
+            for cand in [
+                "model.embed_tokens.weight",
+                "transformer.wte.weight",
+                "embed_tokens.weight",
+            ] {
+                if self.shape(cand).is_some() {
+                    a.insert("lm_head.weight".into(), cand.into());
+                    break;
+                }
+            }
+        }
+        a
+    }
+}
+
+/// The file name of `p` as a string (empty for none).
+pub(crate) fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn read_json_opt(p: &Path) -> Result<Option<serde_json::Value>> {
+    if !p.exists() {
+        return Ok(None);
+    }
+    let s = std::fs::read_to_string(p).map_err(|e| PeftError::io(p, e))?;
+    serde_json::from_str(&s)
+        .map(Some)
+        .map_err(|e| PeftError::Json {
+            context: p.display().to_string(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@
 
 use crate::config::PeftConfig;
 use crate::io::{
-    SafetensorsFile, SplitKeys, atomic_write, atomic_write_try, load_adapter, split_keys,
+    Aliases, BaseModel, SafetensorsFile, SplitKeys, atomic_write, atomic_write_try, file_name,
+    load_adapter, split_keys,
 };
 use crate::layer::registry;
 use crate::layer::{BaseLayer, MergeInput};
@@ -87,10 +88,6 @@ impl MergeAdapter {
         })
     }
 }
-
-/// How the base model stores a module's weight when its own tensor is absent (tied embeddings: the output
-/// layer reads the input embedding).
-pub type Aliases = HashMap<String, String>;
 
 /// Pairs adapters with base tensors and computes merged tensors.
 #[derive(Debug)]
@@ -385,28 +382,23 @@ impl Merger {
     }
 }
 
+/// The safetensors dtype merged weights are written in: one of the float dtypes a merge rounds to (candle's
+/// own conversion).
 fn st_dtype(d: DType) -> Result<safetensors::Dtype> {
-    Ok(match d {
-        DType::F32 => safetensors::Dtype::F32,
-        DType::F16 => safetensors::Dtype::F16,
-        DType::BF16 => safetensors::Dtype::BF16,
-        DType::F64 => safetensors::Dtype::F64,
-        other => {
-            return Err(PeftError::Invalid(format!(
-                "cannot write merged weights as {other:?}"
-            )));
-        }
-    })
+    match d {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(d.into()),
+        other => Err(PeftError::Invalid(format!(
+            "cannot write merged weights as {other:?}"
+        ))),
+    }
 }
 
+/// The candle dtype of a stored tensor that a merge computes with or converts: the float dtypes f32, f16,
+/// bf16 and f64 (candle's own conversion); `None` for others, which are copied as they are.
 fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
-    Some(match d {
-        safetensors::Dtype::F32 => DType::F32,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
-        safetensors::Dtype::F64 => DType::F64,
-        _ => return None,
-    })
+    DType::try_from(d)
+        .ok()
+        .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
 }
 
 /// Progress of a merge: bytes written so far, total bytes, and the tensor just written.
@@ -521,143 +513,41 @@ pub struct MergeReport {
     pub warnings: Vec<String>,
 }
 
-/// The weight files of a base model: one file, a directory with `model.safetensors`, or a sharded directory
-/// with `model.safetensors.index.json`.
-#[derive(Debug)]
-pub struct BaseModel {
-    /// The directory (None for a single file).
-    pub dir: Option<PathBuf>,
-    /// The shards, in index order, with their file names.
-    pub shards: Vec<(String, SafetensorsFile)>,
-    /// The parsed index, if sharded.
-    pub index: Option<serde_json::Value>,
-    /// `config.json`, if present.
-    pub config: Option<serde_json::Value>,
-}
-
-impl BaseModel {
-    /// Opens a base model file or directory.
-    pub fn open(path: &Path) -> Result<Self> {
-        if path.is_file() {
-            return Ok(Self {
-                dir: None,
-                shards: vec![(file_name(path), SafetensorsFile::open(path)?)],
-                index: None,
-                config: None,
-            });
-        }
-        if !path.is_dir() {
-            return Err(PeftError::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-            ));
-        }
-        let config = read_json_opt(&path.join("config.json"))?;
-        let index_path = path.join("model.safetensors.index.json");
-        if index_path.exists() {
-            let index = read_json_opt(&index_path)?.unwrap_or_default();
-            let map = index
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| PeftError::Json {
-                    context: index_path.display().to_string(),
-                    message: "no weight_map".into(),
-                })?;
-            let mut files: Vec<String> = Vec::new();
-            for v in map.values() {
-                let f = v.as_str().ok_or_else(|| PeftError::Json {
-                    context: index_path.display().to_string(),
-                    message: "weight_map values must be file names".into(),
-                })?;
-                if !files.iter().any(|x| x == f) {
-                    files.push(f.to_string());
-                }
-            }
-            files.sort();
-            let shards = files
-                .into_iter()
-                .map(|f| Ok((f.clone(), SafetensorsFile::open(path.join(&f))?)))
-                .collect::<Result<_>>()?;
-            return Ok(Self {
-                dir: Some(path.to_path_buf()),
-                shards,
-                index: Some(index),
-                config,
-            });
-        }
-        let single = path.join("model.safetensors");
-        if !single.exists() {
-            return Err(PeftError::Invalid(format!(
-                "{}: no model.safetensors or model.safetensors.index.json in this directory",
-                path.display()
-            )));
-        }
-        Ok(Self {
-            dir: Some(path.to_path_buf()),
-            shards: vec![("model.safetensors".into(), SafetensorsFile::open(&single)?)],
-            index: None,
-            config,
-        })
-    }
-
-    /// The shape of a tensor in any shard.
-    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.shards
-            .iter()
-            .find_map(|(_, f)| f.info(name).map(|(s, _)| s))
-    }
-
-    /// Tied-embedding aliases: when the output layer's weight is absent and the config ties it (or says
-    /// nothing), `lm_head.weight` reads `model.embed_tokens.weight` (any `*embed_tokens.weight` / `wte`).
-    pub fn aliases(&self) -> Aliases {
-        let mut a = Aliases::new();
-        let tied = self
-            .config
-            .as_ref()
-            .and_then(|c| c.get("tie_word_embeddings"))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(true);
-        if tied && self.shape("lm_head.weight").is_none() {
-            for cand in [
-                "model.embed_tokens.weight",
-                "transformer.wte.weight",
-                "embed_tokens.weight",
-            ] {
-                if self.shape(cand).is_some() {
-                    a.insert("lm_head.weight".into(), cand.into());
-                    break;
-                }
-            }
-        }
-        a
-    }
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn read_json_opt(p: &Path) -> Result<Option<serde_json::Value>> {
-    if !p.exists() {
-        return Ok(None);
-    }
-    let s = std::fs::read_to_string(p).map_err(|e| PeftError::io(p, e))?;
-    serde_json::from_str(&s)
-        .map(Some)
-        .map_err(|e| PeftError::Json {
-            context: p.display().to_string(),
-            message: e.to_string(),
-        })
-}
-
 /// Merges adapters into a base model file or directory and writes the result.
 ///
 /// - base file → `output` is a file (or, if it is an existing directory, `output/model.safetensors`);
 /// - base directory → `output` is a directory with the same shard layout and index, plus the base's
 ///   non-weight files (config, tokenizer, generation config). The directory is assembled under a temporary
 ///   name and renamed into place, so a failure leaves nothing behind.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use peft::io::{read_safetensors, save_adapter, write_safetensors};
+/// use peft::merge::{MergeAdapter, merge_model};
+/// use peft::PeftConfig;
+///
+/// let dev = Device::Cpu;
+/// let tmp = std::env::temp_dir().join(format!("peft-merge-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&tmp)?;
+/// let w = Tensor::zeros((3, 2), DType::F32, &dev)?;
+/// write_safetensors(tmp.join("base.safetensors"), &[("fc.weight".to_string(), w)])?;
+/// // A LoRA adapter with r = 1, alpha = 2 (scale 2): ΔW = 2·B·A.
+/// let config = PeftConfig::from_json_str(r#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["fc"]}"#)?;
+/// let a = Tensor::new(&[[1f32, 2.]], &dev)?;
+/// let b = Tensor::new(&[[1f32], [0.], [-1.]], &dev)?;
+/// save_adapter(tmp.join("adapter"), &config, &[
+///     ("base_model.model.fc.lora_A.weight".to_string(), a),
+///     ("base_model.model.fc.lora_B.weight".to_string(), b),
+/// ])?;
+///
+/// let adapter = MergeAdapter::load(tmp.join("adapter"), None, &dev)?;
+/// let out = tmp.join("merged.safetensors");
+/// merge_model(&tmp.join("base.safetensors"), vec![adapter], &out, None, &mut |_, _, _| {})?;
+/// let merged = read_safetensors(&out, &dev)?;
+/// assert_eq!(merged["fc.weight"].to_vec2::<f32>()?, [[2., 4.], [0., 0.], [-2., -4.]]);
+/// # std::fs::remove_dir_all(&tmp).ok();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn merge_model(
     base: &Path,
     adapters: Vec<MergeAdapter>,

@@ -23,6 +23,71 @@ use std::path::Path;
 const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
 
 /// A model with named adapters, as PEFT's `PeftModel`.
+///
+/// Any [`AdapterHost`] works; here a two-layer model written in a few lines, with LoRA on one layer: inject,
+/// save, reload into a fresh model, merge.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use peft::config::{LoraConfig, TargetFields};
+/// use peft::host::AdapterHost;
+/// use peft::tuners::tuners_utils::{ModuleInfo, ModuleKind};
+/// use peft::{AdapterSlot, BaseLayer, ForwardCtx, PeftModel};
+///
+/// #[derive(Debug)]
+/// struct Mlp { slots: Vec<AdapterSlot> }
+/// impl Mlp {
+///     fn new() -> peft::Result<Self> {
+///         let w = |o: usize, i: usize| Tensor::arange(0f32, (o * i) as f32, &Device::Cpu)?.reshape((o, i));
+///         Ok(Self { slots: vec![
+///             AdapterSlot::new("fc1", BaseLayer::linear((w(8, 4)? * 0.01)?, None)?),
+///             AdapterSlot::new("fc2", BaseLayer::linear((w(2, 8)? * 0.01)?, None)?),
+///         ] })
+///     }
+///     fn forward(&self, x: &Tensor) -> peft::Result<Tensor> {
+///         let ctx = ForwardCtx::eval();
+///         self.slots[1].forward(&self.slots[0].forward(x, &ctx)?.relu()?, &ctx)
+///     }
+/// }
+/// impl AdapterHost for Mlp {
+///     fn module_infos(&self) -> Vec<ModuleInfo> {
+///         self.slots.iter().map(|s| ModuleInfo { name: s.name().into(), kind: ModuleKind::Linear }).collect()
+///     }
+///     fn output_layer(&self) -> Option<String> { None }
+///     fn input_embeddings(&self) -> Option<String> { None }
+///     fn slots(&self) -> Vec<&AdapterSlot> { self.slots.iter().collect() }
+///     fn slots_mut(&mut self) -> Vec<&mut AdapterSlot> { self.slots.iter_mut().collect() }
+///     fn named_tensors(&self) -> Vec<(String, Tensor)> { Vec::new() }
+///     fn set_tensor(&mut self, name: &str, _: Tensor) -> peft::Result<()> {
+///         Err(peft::PeftError::MissingKey(name.into()))
+///     }
+/// }
+///
+/// # fn main() -> peft::Result<()> {
+/// let config = LoraConfig {
+///     r: 2,
+///     init_lora_weights: peft::config::InitLoraWeights::Bool(false), // random B: a visible delta
+///     targets: TargetFields::modules(["fc1"]),
+///     ..Default::default()
+/// };
+/// let pm = PeftModel::get_peft_model(Mlp::new()?, config.into(), "default", 0)?;
+/// let x = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
+/// let y = pm.model().forward(&x)?;
+///
+/// let dir = std::env::temp_dir().join(format!("peft-doc-{}", std::process::id()));
+/// pm.save_pretrained(&dir)?; // adapter_config.json + adapter_model.safetensors, as PEFT writes them
+/// let reloaded = PeftModel::from_pretrained(Mlp::new()?, &dir, "default", &Device::Cpu)?;
+/// let diff = |a: &Tensor, b: &Tensor| -> peft::Result<f32> {
+///     Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+/// };
+/// assert!(diff(&reloaded.model().forward(&x)?, &y)? < 1e-6);
+///
+/// let merged = reloaded.merge_and_unload(None)?; // a plain model with W + s·BA
+/// assert!(diff(&merged.forward(&x)?, &y)? < 1e-5);
+/// assert!(diff(&Mlp::new()?.forward(&x)?, &y)? > 1e-4); // the adapter did change the output
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct PeftModel<M: AdapterHost> {
     model: M,

@@ -17,7 +17,8 @@
 //! # let _ = vb; Ok(()) }
 //! ```
 
-use crate::merge::{BaseModel, MergeAdapter, Merger};
+use crate::io::BaseModel;
+use crate::merge::{MergeAdapter, Merger};
 use crate::{PeftError, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::{SimpleBackend, VarBuilder};

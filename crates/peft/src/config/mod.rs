@@ -40,7 +40,6 @@ use crate::{PeftError, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -322,24 +321,11 @@ impl PeftConfig {
     }
 
     /// Writes [`to_json_string`](Self::to_json_string) to `<dir>/adapter_config.json`, creating `dir` if needed.
-    /// The file is written as `adapter_config.json.tmp` in the same directory and then renamed, so a failure
-    /// never leaves a half-written config behind.
+    /// The file is written under a temporary name in the same directory and then renamed
+    /// ([`crate::io::atomic_write`]), so a failure never leaves a half-written config behind.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-        let path = dir.join(CONFIG_NAME);
-        let tmp = dir.join(format!("{CONFIG_NAME}.tmp"));
-        let text = self.to_json_string();
-        let written = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(PeftError::io(path, e));
-        }
-        Ok(())
+        crate::io::atomic_write(&dir.join(CONFIG_NAME), self.to_json_string().as_bytes())
     }
 
     /// Parses the text of an `adapter_config.json`.

@@ -62,6 +62,11 @@ pub trait MethodType {
     /// The keys of the file that PEFT 0.21.2's config class does not have, with their values (its `extra`
     /// field).
     fn extra(&self) -> &Map<String, Value>;
+
+    /// The keys of the file that PEFT 0.21.2's config class does not have.
+    fn unknown_keys(&self) -> Vec<String> {
+        self.extra().keys().cloned().collect()
+    }
 }
 
 /// One PEFT method: its config's common view and the hooks injection, loading, merging and inspection

@@ -1,7 +1,7 @@
 //! `AdaLoraConfig`, field for field with PEFT 0.21.2's `tuners/adalora/config.py` (a `LoraConfig` subclass).
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{TargetFields, TargetSpec};
+use crate::config::common::TargetFields;
 use crate::config::helpers::{self, int_if_integral, map_int_if_integral, null_as_default};
 use crate::tuners::lora::config::{
     InitLoraWeights, LoraBias, LoraOptionalFeatures, check_adalora_init, check_lora_common,
@@ -111,15 +111,7 @@ impl Default for AdaLoraConfig {
 }
 
 impl AdaLoraConfig {
-    /// Which modules the adapter wraps.
-    pub fn target_spec(&self) -> TargetSpec<'_> {
-        self.targets.spec()
-    }
 
-    /// The keys PEFT 0.21.2's `AdaLoraConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): LoRA's layer-selection and `lora_bias` checks, no DoRA, no
     /// LoftQ, `total_step > 0`, `orth_reg_weight >= 0`, a budgeting phase (`tinit < total_step - tfinal`), a
@@ -185,6 +177,7 @@ impl AdaLoraConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tuners::MethodType;
     use crate::config::{PeftConfig, json_content_eq};
 
     /// `AdaLoraConfig(total_step=100, target_modules=["q", "v"])` saved by PEFT 0.21.2.

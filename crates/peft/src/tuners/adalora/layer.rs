@@ -22,7 +22,7 @@ use super::config::AdaLoraConfig;
 use crate::config::LoraBias;
 use crate::layer::base::linear_apply;
 use crate::layer::{
-    Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape,
+    Adapter, BaseKind, BaseLayer, CallCtx, NamedTensor, check_shape,
 };
 use crate::tuners::lora::config::InitLoraWeights;
 use crate::{PeftError, PeftRng, Result};

@@ -1,7 +1,7 @@
 //! `BOFTConfig`, field for field with PEFT 0.21.2's `tuners/boft/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{TargetFields, BiasMode, TargetSpec};
+use crate::config::common::{TargetFields, BiasMode};
 use crate::config::helpers;
 use crate::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -58,15 +58,7 @@ impl Default for BoftConfig {
 }
 
 impl BoftConfig {
-    /// Which modules the adapter wraps.
-    pub fn target_spec(&self) -> TargetSpec<'_> {
-        self.targets.spec()
-    }
 
-    /// The keys PEFT 0.21.2's `BOFTConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): exactly one of `boft_block_size` and `boft_block_num`
     /// non-zero, at least one butterfly factor, `layers_pattern` only with `layers_to_transform`. Nothing of BOFT

@@ -60,10 +60,6 @@ impl Ia3Config {
         }
     }
 
-    /// The keys PEFT 0.21.2's `IA3Config` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's check: when both are lists, `feedforward_modules` must be a subset of `target_modules`
     /// ([`PeftError::InvalidConfig`]). Nothing of IA3 is refused.

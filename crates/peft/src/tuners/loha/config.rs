@@ -1,7 +1,7 @@
 //! `LoHaConfig`, field for field with PEFT 0.21.2's `tuners/loha/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList, TargetSpec};
+use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList};
 use crate::config::helpers::{self, int_if_integral};
 use crate::{PeftError, Result};
 use indexmap::IndexMap;
@@ -87,15 +87,7 @@ impl LoHaConfig {
         self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
     }
 
-    /// Which modules the adapter wraps.
-    pub fn target_spec(&self) -> TargetSpec<'_> {
-        self.targets.spec()
-    }
 
-    /// The keys PEFT 0.21.2's `LoHaConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
     /// `layers_pattern` only with `layers_to_transform`. Nothing of LoHa is refused.

@@ -24,7 +24,7 @@
 
 use super::config::LoHaConfig;
 use crate::layer::{
-    Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape,
+    Adapter, BaseKind, BaseLayer, CallCtx, NamedTensor, check_shape,
 };
 use crate::tuners::lycoris_utils;
 use crate::{PeftError, PeftRng, Result};
@@ -316,10 +316,6 @@ impl LoHaAdapter {
         Ok(w.reshape(self.geometry.weight.as_slice())?)
     }
 
-    fn check_weight(&self, input: &MergeInput<'_>) -> Result<()> {
-        self.check_kind(input.kind)?;
-        check_shape("weight", input.weight, &self.geometry.weight)
-    }
 }
 
 impl Adapter for LoHaAdapter {

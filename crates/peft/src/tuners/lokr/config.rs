@@ -1,7 +1,7 @@
 //! `LoKrConfig`, field for field with PEFT 0.21.2's `tuners/lokr/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{RankAlphaPatterns, TargetFields, TargetSpec};
+use crate::config::common::{RankAlphaPatterns, TargetFields};
 use crate::config::helpers::{self, int_if_integral};
 use crate::tuners::loha::config::check_lycoris;
 use crate::{PeftError, Result};
@@ -89,15 +89,7 @@ impl LoKrConfig {
         self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
     }
 
-    /// Which modules the adapter wraps.
-    pub fn target_spec(&self) -> TargetSpec<'_> {
-        self.targets.spec()
-    }
 
-    /// The keys PEFT 0.21.2's `LoKrConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
     /// `layers_pattern` only with `layers_to_transform` and `init_weights` a bool or `"lycoris"`. Nothing

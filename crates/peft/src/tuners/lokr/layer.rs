@@ -23,7 +23,7 @@
 
 use super::config::{LoKrConfig, LoKrInitWeights};
 use crate::layer::{
-    Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape,
+    Adapter, BaseKind, BaseLayer, CallCtx, NamedTensor, check_shape,
 };
 use crate::tuners::lycoris_utils;
 use crate::{PeftError, PeftRng, Result};
@@ -424,17 +424,6 @@ impl LoKrAdapter {
         Ok(())
     }
 
-    fn check_weight(&self, w: &Tensor) -> Result<()> {
-        if w.dims() != self.weight_shape.as_slice() {
-            return Err(PeftError::Invalid(format!(
-                "LoKr adapter for a weight of shape {:?} merged into one of shape {:?}",
-                self.weight_shape,
-                w.dims()
-            )));
-        }
-        Ok(())
-    }
-
     fn all_vars(&self) -> Vec<(&'static str, &Var)> {
         let mut v = Vec::new();
         match &self.w1 {
@@ -538,7 +527,7 @@ impl Adapter for LoKrAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::Conv2dSpec;
+    use crate::layer::{Conv2dSpec, MergeInput};
     use crate::ops::testutil::{fd_check, grads_of, max_diff, randn, vars};
     use crate::{AdapterSlot, ForwardCtx};
     use candle_core::Device;

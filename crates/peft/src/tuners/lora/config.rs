@@ -1,7 +1,7 @@
 //! `LoraConfig`, field for field with PEFT 0.21.2's `tuners/lora/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList, TargetModules, TargetSpec};
+use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList, TargetModules};
 use crate::config::helpers::{
     self, int_if_integral, refuse_flag, refuse_if_some,
     refuse_if_truthy,
@@ -366,15 +366,7 @@ impl LoraConfig {
         self.patterns.rank_and_alpha_for(module_name, self.r, self.lora_alpha)
     }
 
-    /// Which modules the adapter wraps.
-    pub fn target_spec(&self) -> TargetSpec<'_> {
-        self.targets.spec()
-    }
 
-    /// The keys PEFT 0.21.2's `LoraConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks, then a refusal of every unimplemented feature set to a non-default value.
     ///
@@ -427,6 +419,7 @@ pub(crate) fn check_adalora_init(init: &InitLoraWeights) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tuners::MethodType;
     use crate::config::{PeftConfig, json_content_eq};
 
     /// `LoraConfig()` saved by PEFT 0.21.2 (`inference_mode` set to true).

@@ -1,7 +1,7 @@
 //! `OFTConfig`, field for field with PEFT 0.21.2's `tuners/oft/config.py`.
 
 use crate::config::PeftConfigBase;
-use crate::config::common::{TargetFields, BiasMode, TargetSpec};
+use crate::config::common::{TargetFields, BiasMode};
 use crate::config::helpers;
 use crate::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -70,15 +70,7 @@ impl Default for OftConfig {
 }
 
 impl OftConfig {
-    /// Which modules the adapter wraps.
-    pub fn target_spec(&self) -> TargetSpec<'_> {
-        self.targets.spec()
-    }
 
-    /// The keys PEFT 0.21.2's `OFTConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): exactly one of `r` and `oft_block_size` non-zero,
     /// `layers_pattern` only with `layers_to_transform`. Nothing of OFT is refused (COFT, block sharing and both

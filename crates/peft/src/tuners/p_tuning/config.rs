@@ -55,10 +55,6 @@ impl Default for PromptEncoderConfig {
 }
 
 impl PromptEncoderConfig {
-    /// The keys PEFT 0.21.2's `PromptEncoderConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`crate::PeftError::InvalidConfig`]): `num_virtual_tokens` set. Nothing of P-tuning is
     /// refused (MLP and LSTM encoders are both part of the method).

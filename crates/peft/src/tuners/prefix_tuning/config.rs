@@ -29,10 +29,6 @@ pub struct PrefixTuningConfig {
 }
 
 impl PrefixTuningConfig {
-    /// The keys PEFT 0.21.2's `PrefixTuningConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `num_virtual_tokens` set, `init_weights` `null` or
     /// `"zero"`. Nothing of prefix tuning is refused.

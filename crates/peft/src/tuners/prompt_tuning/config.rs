@@ -43,10 +43,6 @@ pub struct PromptTuningConfig {
 }
 
 impl PromptTuningConfig {
-    /// The keys PEFT 0.21.2's `PromptTuningConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `num_virtual_tokens` set; `"TEXT"` init needs
     /// `tokenizer_name_or_path` and `prompt_tuning_init_text`; `tokenizer_kwargs` only with `"TEXT"` init.

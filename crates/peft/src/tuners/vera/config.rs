@@ -78,10 +78,6 @@ impl VeraConfig {
         }
     }
 
-    /// The keys PEFT 0.21.2's `VeraConfig` does not have.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
-    }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0`, `vera_dropout` at most 1, `layers_pattern` only
     /// with `layers_to_transform`. Nothing of VeRA is refused (`save_projection: false` included).
@@ -103,6 +99,7 @@ impl VeraConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tuners::MethodType;
     use crate::config::PeftConfig;
 
     /// `VeraConfig(target_modules=["q_proj"], r=128)` saved by PEFT 0.21.2.

@@ -17,7 +17,7 @@ use super::config::VeraConfig;
 use super::prng;
 use crate::layer::base::linear_apply;
 use crate::layer::{
-    Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape,
+    Adapter, BaseKind, BaseLayer, CallCtx, NamedTensor, check_shape,
 };
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Device, Tensor, Var};
