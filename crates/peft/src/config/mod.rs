@@ -15,21 +15,11 @@ pub mod common;
 pub(crate) mod helpers;
 pub mod json;
 
-pub use crate::tuners::adalora::config::AdaLoraConfig;
-pub use crate::tuners::boft::config::BoftConfig;
-pub use crate::tuners::ia3::config::Ia3Config;
-pub use crate::tuners::loha::config::LoHaConfig;
-pub use crate::tuners::lokr::config::{LoKrConfig, LoKrInitWeights};
-pub use crate::tuners::lora::config::{
-    InitLoraWeights, LoraBias, LoraConfig, LoraOptionalFeatures,
-};
-pub use crate::tuners::oft::config::OftConfig;
-pub use crate::tuners::p_tuning::config::{
-    PromptEncoderConfig, PromptEncoderReparameterizationType,
-};
-pub use crate::tuners::prefix_tuning::config::PrefixTuningConfig;
-pub use crate::tuners::prompt_tuning::config::{PromptTuningConfig, PromptTuningInit};
-pub use crate::tuners::vera::config::VeraConfig;
+pub use crate::tuners::configs::*;
+pub use crate::tuners::lokr::config::LoKrInitWeights;
+pub use crate::tuners::lora::config::{InitLoraWeights, LoraBias, LoraOptionalFeatures};
+pub use crate::tuners::p_tuning::config::PromptEncoderReparameterizationType;
+pub use crate::tuners::prompt_tuning::config::PromptTuningInit;
 pub use common::{
     BiasMode, LayersToTransform, RankAlphaPatterns, StrOrList, TargetFields, TargetModules,
     TargetSpec,

@@ -3,7 +3,7 @@
 //! registers the method with `register_peft_method`).
 //!
 //! The method list in [`crate::tuners`] (one line per method) generates [`PeftType`], the
-//! [`PeftConfig`] enum, the conversions and the dispatch: [`PeftConfig::method`] gives the config as a
+//! [`PeftConfig`](crate::PeftConfig) enum, the conversions and the dispatch: [`PeftConfig::method`](crate::PeftConfig::method) gives the config as a
 //! `&dyn PeftMethod`, and everything else in the crate (injection in [`crate::PeftModel`], the
 //! [`crate::layer::registry`], [`crate::merge`], `peft inspect`) calls these hooks instead of matching on the
 //! method. Adding a method is one folder under `tuners/` and one line in that list.

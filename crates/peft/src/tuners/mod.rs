@@ -21,6 +21,11 @@ macro_rules! peft_methods {
     ($( $(#[doc = $doc:literal])* $variant:ident($name:literal) => $module:ident::$config:ident ),* $(,)?) => {
         $(pub mod $module;)*
 
+        /// Every method's config struct, re-exported as [`crate::config`]`::<Struct>`.
+        pub mod configs {
+            $(pub use super::$module::$config;)*
+        }
+
         /// The methods peft-rs reads, as named by `peft_type` in `adapter_config.json`.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub enum PeftType {

@@ -24,7 +24,7 @@
 //!
 //! The number of butterfly factors is `boft_R`'s first dimension: stock PEFT without its CUDA extension
 //! silently builds one factor whatever `boft_n_butterfly_factor` says, and saves the config unchanged. A fresh
-//! adapter ([`create`]) has the config's number of factors (≥ 2 works here, unlike stock CPU PEFT).
+//! adapter ([`PeftMethod::new_adapter`](crate::tuners::PeftMethod::new_adapter)) has the config's number of factors (≥ 2 works here, unlike stock CPU PEFT).
 //!
 //! `fan_in_fan_out` is ignored, as PEFT does for Linear layers (it warns and resets it; GPT-2 Conv1D layers are
 //! not BOFT targets). `bias` other than `"none"` is refused (not implemented).

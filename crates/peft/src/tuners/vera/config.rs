@@ -99,7 +99,6 @@ impl VeraConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tuners::MethodType;
     use crate::config::PeftConfig;
 
     /// `VeraConfig(target_modules=["q_proj"], r=128)` saved by PEFT 0.21.2.
