@@ -7,7 +7,7 @@
 //! - [`load_model`]: an HF directory or a GGUF file → model, tokenizer (if any), config;
 //! - [`peft::PeftModel::get_peft_model`] / [`peft::PeftModel::from_pretrained`]: any adapter, prompt learning
 //!   included ([`prompt_learning`]);
-//! - [`eval::evaluate`] and [`generate::generate`] for a model with
+//! - [`train::train`]: the whole training job; [`eval::evaluate`] and [`generate::generate`] for a model with
 //!   any adapter ([`causal_lm::CausalLm`]).
 
 pub mod causal_lm;
@@ -22,5 +22,6 @@ pub mod llama;
 pub mod load;
 pub mod prompt_learning;
 pub mod tokenizer;
+pub mod train;
 
 pub use load::{LoadedModel, load_model, with_adapters};
