@@ -1,12 +1,12 @@
 //! `peft generate`: text generation with a KV cache, greedy or sampled, streaming to stdout.
 
-use crate::model::load_model;
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::Device;
 use clap::Args;
-use peft::{ForwardCtx, PeftRng};
-use peft_models::llama::{ForwardInput, KvCache, LlamaForCausalLM};
-use peft_models::prompt_learning::PromptLearning;
-use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft::PeftRng;
+use peft_models::error::ModelError;
+use peft_models::generate::{Sampling, generate, prompt_ids};
+use peft_models::load::require_tokenizer;
+use peft_models::{LoadedModel, load_model, with_adapters};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -47,135 +47,37 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
-/// Picks the next token from last-position logits: argmax at temperature 0, else top-p sampling.
+impl From<&SamplingArgs> for Sampling {
+    fn from(s: &SamplingArgs) -> Self {
+        Sampling {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            seed: s.seed,
+        }
+    }
+}
+
+/// Picks the next token from last-position logits: argmax at temperature 0, else top-p sampling
+/// ([`peft_models::generate::sample`]).
 pub fn sample(logits: &[f32], s: &SamplingArgs, rng: &mut PeftRng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
-                if v > b.1 { (i, v) } else { b }
-            })
-            .0 as u32
-    };
-    if s.temperature <= 0.0 {
-        return argmax();
-    }
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i, ((l as f64 - max) / s.temperature).exp()))
-        .collect();
-    let z: f64 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= z);
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut keep = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        keep += 1;
-        mass += p.1;
-        if mass >= s.top_p {
-            break;
-        }
-    }
-    let probs = &probs[..keep];
-    let mut u = rng.uniform_f64() * mass;
-    for p in probs {
-        u -= p.1;
-        if u <= 0.0 {
-            return p.0 as u32;
-        }
-    }
-    probs[keep - 1].0 as u32
-}
-
-/// The prompt's token ids: plain text with the tokenizer's special tokens, or a chat user turn rendered
-/// with the model's template (and the assistant's generation prompt).
-pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
-    Ok(if chat {
-        let text = tok.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
-        tok.encode(&text, false)?
-    } else {
-        tok.encode(prompt, true)?
-    })
-}
-
-/// Generates from `ids`, calling `on_text` with each piece of decoded text; returns the whole completion.
-pub fn generate(
-    model: &LlamaForCausalLM,
-    tok: &Tokenizer,
-    ids: &[u32],
-    s: &SamplingArgs,
-    on_text: &mut dyn FnMut(&str) -> anyhow::Result<()>,
-) -> anyhow::Result<String> {
-    generate_with(model, None, tok, ids, s, on_text)
-}
-
-/// [`generate`] with an optional prompt-learning adapter: the first step runs its virtual tokens (or prefix)
-/// and the prompt into the cache, as PEFT's `generate`; later steps decode from the cache.
-pub fn generate_with(
-    model: &LlamaForCausalLM,
-    prompt: Option<&PromptLearning>,
-    tok: &Tokenizer,
-    ids: &[u32],
-    s: &SamplingArgs,
-    on_text: &mut dyn FnMut(&str) -> anyhow::Result<()>,
-) -> anyhow::Result<String> {
-    let device = model.device().clone();
-    let ctx = ForwardCtx::eval();
-    let mut cache = KvCache::new();
-    let mut rng = PeftRng::new(s.seed);
-    let mut decoder = tok.stream_decoder(true);
-    let mut text = String::new();
-    let mut input = Tensor::new(ids, &device)?.unsqueeze(0)?;
-    let eos = tok.eos_token_id();
-    for _ in 0..s.max_new_tokens {
-        let logits = match prompt {
-            Some(pl) if cache.is_empty() => {
-                pl.forward_with_cache(model, &input, None, Some(&mut cache), &ctx)?
-            }
-            _ => model.forward(ForwardInput::ids(&input).with_cache(&mut cache), &ctx)?,
-        };
-        let last = logits
-            .i((0, logits.dim(1)? - 1))?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        let next = sample(&last, s, &mut rng);
-        if Some(next) == eos {
-            break;
-        }
-        if let Some(piece) = decoder.step(next)? {
-            on_text(&piece)?;
-            text.push_str(&piece);
-        }
-        input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-    }
-    if let Some(piece) = decoder.finish()? {
-        on_text(&piece)?;
-        text.push_str(&piece);
-    }
-    Ok(text)
+    peft_models::generate::sample(logits, &s.into(), rng)
 }
 
 /// Runs `peft generate`, streaming the completion to `out`.
 pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let loaded = load_model(&args.model, &device)?;
-    let (pm, prompt) = crate::model::with_any_adapters(loaded.model, &args.adapter, &device)?;
-    let ids = prompt_ids(&loaded.tokenizer, &args.prompt, args.chat)?;
-    generate_with(
-        pm.model(),
-        prompt.as_ref(),
-        &loaded.tokenizer,
-        &ids,
-        &args.sampling,
-        &mut |t| {
-            out.write_all(t.as_bytes())?;
-            out.flush()?;
-            Ok(())
-        },
-    )?;
+    let LoadedModel {
+        model, tokenizer, ..
+    } = load_model(&args.model, &device)?;
+    let tok = require_tokenizer(tokenizer.as_ref(), "generation")?;
+    let pm = with_adapters(model, &args.adapter, &device)?;
+    let ids = prompt_ids(tok, &args.prompt, args.chat)?;
+    generate(&pm, tok, &ids, &(&args.sampling).into(), &mut |t| {
+        out.write_all(t.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| ModelError::io("<output>", e))
+    })?;
     writeln!(out)?;
     Ok(())
 }

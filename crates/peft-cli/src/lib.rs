@@ -15,9 +15,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
-pub mod model;
 pub mod train;
-pub mod train_prompt;
 
 #[cfg(test)]
 mod cli_tests;

@@ -257,13 +257,15 @@ pub struct Splits {
 }
 
 /// Loads the training data and its evaluation split: the whole of `eval` when given (then all of `train`
-/// trains), else the last [`EVAL_FRACTION`] of `train`'s examples (at least one).
-pub fn load_splits(
+/// trains), else the last [`EVAL_FRACTION`] of `train`'s examples (at least one). `tokenizer` may be `None`
+/// for pre-tokenized data (JSONL `input_ids`), as in [`load_dataset`].
+pub fn load_splits<'t>(
     train: impl AsRef<Path>,
     eval: Option<&Path>,
-    tokenizer: &Tokenizer,
+    tokenizer: impl Into<Option<&'t Tokenizer>>,
     config: &DataConfig,
 ) -> Result<Splits> {
+    let tokenizer = tokenizer.into();
     let train = load_dataset(train, tokenizer, config)?;
     match eval {
         Some(path) => {
@@ -288,21 +290,35 @@ fn empty_error(path: &Path) -> ModelError {
 }
 
 /// The id used to pad batches: the tokenizer's pad token, else its EOS (the usual choice for causal LMs
-/// without a pad token), else 0. Padded positions are masked out of the attention and the loss either way.
-pub fn pad_token_id(tokenizer: &Tokenizer) -> u32 {
+/// without a pad token), else 0 (also without a tokenizer). Padded positions are masked out of the attention
+/// and the loss either way.
+pub fn pad_token_id<'t>(tokenizer: impl Into<Option<&'t Tokenizer>>) -> u32 {
     tokenizer
-        .pad_token_id()
-        .or_else(|| tokenizer.eos_token_id())
+        .into()
+        .and_then(|t| t.pad_token_id().or_else(|| t.eos_token_id()))
         .unwrap_or(0)
+}
+
+/// The error for data that needs a tokenizer when the model has none.
+fn no_tokenizer(path: &Path, kind: &str) -> ModelError {
+    ModelError::Invalid(format!(
+        "{}: {kind} data needs a tokenizer, and the model has none (no tokenizer.json); without one, give \
+         pre-tokenized JSONL (`input_ids` rows)",
+        path.display()
+    ))
 }
 
 /// Reads, tokenizes and packs (or truncates) a data file or directory into examples of at most
 /// `config.seq_len` tokens. See the [module documentation](self) for the formats.
-pub fn load_dataset(
+///
+/// `tokenizer` may be `None` (a model directory without `tokenizer.json`): pre-tokenized JSONL (`input_ids`)
+/// loads as usual, every other kind is an error naming the missing `tokenizer.json`.
+pub fn load_dataset<'t>(
     path: impl AsRef<Path>,
-    tokenizer: &Tokenizer,
+    tokenizer: impl Into<Option<&'t Tokenizer>>,
     config: &DataConfig,
 ) -> Result<Dataset> {
+    let tokenizer = tokenizer.into();
     let path = path.as_ref();
     if config.seq_len < 2 {
         return Err(ModelError::Invalid(format!(
@@ -317,6 +333,7 @@ pub fn load_dataset(
     };
     match format {
         DataFormat::Text => {
+            let tokenizer = tokenizer.ok_or_else(|| no_tokenizer(path, "plain-text"))?;
             let files = if meta.is_dir() {
                 text_files_in(path)?
             } else {
@@ -494,7 +511,7 @@ fn type_name(v: &Value) -> &'static str {
 fn parse_jsonl(
     path: &Path,
     text: &str,
-    tokenizer: &Tokenizer,
+    tokenizer: Option<&Tokenizer>,
     config: &DataConfig,
 ) -> Result<Dataset> {
     let at = |line: usize, msg: String| {
@@ -537,6 +554,19 @@ fn parse_jsonl(
             }
             Some(_) => {}
         }
+        if k == ExampleKind::Tokens {
+            let mut example = tokens_example(&obj).map_err(|m| at(no, m))?;
+            example.truncate(config.seq_len);
+            if example.n_targets() == 0 {
+                skipped += 1;
+            } else {
+                examples.push(example);
+            }
+            continue;
+        }
+        let Some(tokenizer) = tokenizer else {
+            return Err(no_tokenizer(path, &format!("\"{}\"", k.name())));
+        };
         if matches!(k, ExampleKind::Text | ExampleKind::PromptCompletion) && eos.is_none() {
             eos = Some(eos_for_packing(tokenizer, path)?);
         }
@@ -563,7 +593,7 @@ fn parse_jsonl(
                 let messages = chat_messages(&obj).map_err(|m| at(no, m))?;
                 chat_example(tokenizer, &messages).map_err(|e| at(no, e))?
             }
-            ExampleKind::Tokens => tokens_example(&obj).map_err(|m| at(no, m))?,
+            ExampleKind::Tokens => unreachable!("handled above"),
         };
         let mut example = example;
         example.truncate(config.seq_len);

@@ -51,6 +51,15 @@ pub enum ModelError {
     /// Any other invalid request, described in words.
     #[error("{0}")]
     Invalid(String),
+    /// An error with what was being done when it happened (`loading the model directory …`); the cause is
+    /// its [`std::error::Error::source`].
+    #[error("{context}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: Box<ModelError>,
+    },
 }
 
 impl ModelError {
@@ -59,6 +68,14 @@ impl ModelError {
         ModelError::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Wraps `self` with what was being done when it happened ([`ModelError::Context`]).
+    pub fn context(self, context: impl std::fmt::Display) -> Self {
+        ModelError::Context {
+            context: context.to_string(),
+            source: Box::new(self),
         }
     }
 
@@ -91,6 +108,9 @@ impl From<ModelError> for peft::PeftError {
             ModelError::Candle(e) => peft::PeftError::Candle(e),
             ModelError::Io { path, source } => peft::PeftError::Io { path, source },
             ModelError::Json { context, message } => peft::PeftError::Json { context, message },
+            ModelError::Context { context, source } => {
+                peft::PeftError::Invalid(format!("{context}: {source}"))
+            }
             other => peft::PeftError::Invalid(other.to_string()),
         }
     }

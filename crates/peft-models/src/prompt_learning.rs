@@ -18,7 +18,9 @@
 
 use crate::llama::{ForwardInput, KvCache, LlamaForCausalLM, PrefixKv};
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use indexmap::IndexMap;
 use peft::config::PeftConfig;
+use peft::host::{PromptAdapter, PromptAdapterSource};
 use peft::tuners::p_tuning::config::PromptEncoderReparameterizationType;
 use peft::tuners::prompt_tuning::config::PromptTuningInit;
 use peft::{ForwardCtx, PeftError, PeftRng, Result};
@@ -448,19 +450,31 @@ impl PromptLearning {
     pub fn load(dir: impl AsRef<Path>, model: &LlamaForCausalLM) -> Result<Self> {
         let dir = dir.as_ref();
         let file = peft::io::load_adapter(dir, model.device())?;
-        let method = method_of(&file.config)?;
-        let mut config = file.config;
+        Self::from_tensors(&file.config, &file.tensors, dir, model)
+    }
+
+    /// [`load`](Self::load) from an adapter directory already read: its config and the tensors of its
+    /// `adapter_model.safetensors` (`dir` only names it in errors).
+    pub fn from_tensors(
+        config: &PeftConfig,
+        tensors: &IndexMap<String, Tensor>,
+        dir: &Path,
+        model: &LlamaForCausalLM,
+    ) -> Result<Self> {
+        let method = method_of(config)?;
+        let mut config = config.clone();
         prepare_config(&mut config, model)?;
-        let Some(t) = file.tensors.get(PROMPT_EMBEDDINGS_KEY) else {
+        let file_tensors = tensors;
+        let Some(t) = file_tensors.get(PROMPT_EMBEDDINGS_KEY) else {
             return Err(PeftError::Invalid(format!(
                 "{}: adapter_model.safetensors has no `{PROMPT_EMBEDDINGS_KEY}` (keys: {:?})",
                 dir.display(),
-                file.tensors.keys().collect::<Vec<_>>()
+                file_tensors.keys().collect::<Vec<_>>()
             )));
         };
-        if file.tensors.len() != 1 {
+        if file_tensors.len() != 1 {
             return Err(PeftError::UnexpectedKeys(
-                file.tensors
+                file_tensors
                     .keys()
                     .filter(|k| *k != PROMPT_EMBEDDINGS_KEY)
                     .cloned()
@@ -710,5 +724,111 @@ fn prompt_base(config: &PeftConfig) -> &peft::config::PromptLearningBase {
         PeftConfig::PTuning(x) => &x.prompt,
         PeftConfig::PrefixTuning(x) => &x.prompt,
         _ => unreachable!("prompt-learning configs only"),
+    }
+}
+
+impl PromptAdapter for PromptLearning {
+    fn config(&self) -> &PeftConfig {
+        &self.config
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        PromptLearning::named_vars(self)
+    }
+
+    fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let t = self.prompt_embeddings()?.detach().contiguous()?;
+        Ok(vec![(PROMPT_EMBEDDINGS_KEY.to_string(), t)])
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The Llama family's [`peft::host::AdapterHost::prompt_adapter`]: a [`PromptLearning`], new
+/// ([`PromptLearning::new`]) or from saved tensors ([`PromptLearning::from_tensors`]).
+pub(crate) fn host_prompt_adapter(
+    model: &LlamaForCausalLM,
+    config: &PeftConfig,
+    source: PromptAdapterSource<'_>,
+) -> Result<Box<dyn PromptAdapter>> {
+    Ok(Box::new(match source {
+        PromptAdapterSource::New { rng, init_text_ids } => {
+            PromptLearning::new(config, model, rng, init_text_ids)?
+        }
+        PromptAdapterSource::Saved { tensors, dir } => {
+            PromptLearning::from_tensors(config, tensors, dir, model)?
+        }
+    }))
+}
+
+/// The prompt-learning adapter of `model`, if it has one (a [`PromptLearning`] attached by
+/// [`peft::PeftModel::get_peft_model`], [`peft::PeftModel::from_pretrained`] or
+/// [`peft::PeftModel::load_adapter`]).
+///
+/// Prompt learning attaches like any other method; the forward of [`crate::causal_lm::CausalLm`] (and so
+/// [`crate::eval::evaluate`], [`crate::generate::generate`], [`crate::train::train`]) runs it:
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use peft::{ForwardCtx, PeftConfig, PeftModel};
+/// use peft_models::causal_lm::CausalLm;
+/// use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = LlamaConfig::from_value(&serde_json::json!({
+///     "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+///     "num_key_value_heads": 1, "vocab_size": 20,
+/// }))?;
+/// let tensors = LlamaForCausalLM::random_tensors(&config, 0, DType::F32, &Device::Cpu)?;
+/// let base = || LlamaForCausalLM::from_tensors(config.clone(), tensors.clone(), &Device::Cpu);
+/// let prefix = PeftConfig::from_json_value(serde_json::json!({
+///     "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3,
+/// }))?;
+/// let model = PeftModel::get_peft_model(base()?, prefix, "default", 0)?;
+/// let pl = peft_models::prompt_learning::prompt_learning_of(&model).expect("attached");
+/// assert_eq!(pl.num_virtual_tokens(), 3);
+/// let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu)?;
+/// let logits = model.token_logits(&ids, None, &ForwardCtx::eval())?;
+/// assert_eq!(logits.dims(), &[1, 4, 20]);
+///
+/// // Saved in PEFT's format (`prompt_embeddings`), loaded back through the same entry point.
+/// let dir = tempfile::tempdir()?;
+/// model.save_pretrained(dir.path())?;
+/// let back = PeftModel::from_pretrained(base()?, dir.path(), "default", &Device::Cpu)?;
+/// let again = back.token_logits(&ids, None, &ForwardCtx::eval())?;
+/// assert!((again - logits)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-5);
+/// # Ok(()) }
+/// ```
+pub fn prompt_learning_of(model: &peft::PeftModel<LlamaForCausalLM>) -> Option<&PromptLearning> {
+    model
+        .prompt_adapter()
+        .and_then(|p| p.as_any().downcast_ref::<PromptLearning>())
+}
+
+/// The token ids PEFT initialises a `TEXT` prompt-tuning adapter from: `prompt_tuning_init_text` encoded with
+/// special tokens (PEFT uses `tokenizer_name_or_path`; this uses the model's tokenizer). `None` for every
+/// other config; an error when the text is missing.
+pub fn init_text_ids(
+    config: &PeftConfig,
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
+) -> crate::error::Result<Option<Vec<u32>>> {
+    match config {
+        PeftConfig::PromptTuning(c) if c.prompt_tuning_init == PromptTuningInit::Text => {
+            let Some(text) = &c.prompt_tuning_init_text else {
+                return Err(crate::error::ModelError::Invalid(
+                    "prompt_tuning_init TEXT needs `prompt_tuning_init_text`".into(),
+                ));
+            };
+            let tok = tokenizer.ok_or_else(|| {
+                crate::error::ModelError::Invalid(
+                    "prompt_tuning_init TEXT needs a tokenizer, and the model has none (no tokenizer.json)"
+                        .into(),
+                )
+            })?;
+            Ok(Some(tok.encode(text, true)?))
+        }
+        _ => Ok(None),
     }
 }

@@ -873,115 +873,54 @@ fn py_float_repr(f: f64) -> String {
     }
 }
 
-/// `transformers`' `strftime_now(format)`: the current UTC time formatted like Python's `strftime`
-/// (`%Y %y %m %d %e %H %I %M %S %p %b %B %a %A %j %%`, and glibc's `%-d`-style unpadded forms).
+/// `transformers`' `strftime_now(format)`: `datetime.now().strftime(format)`, the current **local** time
+/// formatted like Python's `strftime` (chrono's specifiers are C's and glibc's: `%Y %m %d %e %H %I %M %S %p
+/// %b %B %a %A %j %y %%`, the unpadded `%-d`, …).
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    strftime(fmt, secs)
+    strftime_at(fmt, &chrono::Local::now())
 }
 
+/// `fmt` applied to a UTC instant given in seconds since the epoch (the formatting of [`strftime_now`]).
+#[cfg(test)]
 fn strftime(fmt: &str, unix: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
-    let days = unix.div_euclid(86400);
-    let sod = unix.rem_euclid(86400);
-    let (y, m, d) = civil_from_days(days);
-    let (hh, mm, ss) = (sod / 3600, (sod / 60) % 60, sod % 60);
-    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let yday = days - days_from_civil(y, 1, 1) + 1;
-    let h12 = if hh % 12 == 0 { 12 } else { hh % 12 };
+    let t = chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default();
+    strftime_at(fmt, &t)
+}
+
+/// Formats `t` with a `strftime` format. A directive chrono does not know is kept as written, as glibc's
+/// `strftime` (which Python calls) does.
+fn strftime_at<Tz: chrono::TimeZone>(fmt: &str, t: &chrono::DateTime<Tz>) -> String
+where
+    Tz::Offset: std::fmt::Display,
+{
+    use std::fmt::Write as _;
     let mut out = String::new();
-    let mut chars = fmt.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let unpadded = chars.peek() == Some(&'-');
-        if unpadded {
-            chars.next();
-        }
-        let num = |v: i64, w: usize| {
-            if unpadded {
-                v.to_string()
-            } else {
-                format!("{v:0w$}")
-            }
-        };
-        match chars.next() {
-            Some('Y') => out.push_str(&y.to_string()),
-            Some('y') => out.push_str(&num(y.rem_euclid(100), 2)),
-            Some('m') => out.push_str(&num(m, 2)),
-            Some('d') => out.push_str(&num(d, 2)),
-            Some('e') => out.push_str(&format!("{d:2}")),
-            Some('H') => out.push_str(&num(hh, 2)),
-            Some('I') => out.push_str(&num(h12, 2)),
-            Some('M') => out.push_str(&num(mm, 2)),
-            Some('S') => out.push_str(&num(ss, 2)),
-            Some('p') => out.push_str(if hh < 12 { "AM" } else { "PM" }),
-            Some('j') => out.push_str(&num(yday, 3)),
-            Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
-            Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
-            Some('A') => out.push_str(DAYS[weekday]),
-            Some('a') => out.push_str(&DAYS[weekday][..3]),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
+    if write!(out, "{}", t.format(fmt)).is_ok() {
+        return out;
     }
+    // Some directive is unknown: format directive by directive, keeping the unknown ones literally.
+    out.clear();
+    let mut rest = fmt;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        // `%`, optional flags / modifiers (`-`, `_`, `0`, `.`, `:`, `#`, digits), then the specifier.
+        let end = tail
+            .char_indices()
+            .skip(1)
+            .find(|(_, c)| !matches!(c, '-' | '_' | '0'..='9' | '.' | ':' | '#'))
+            .map_or(tail.len(), |(j, c)| j + c.len_utf8());
+        let directive = &tail[..end];
+        let mut piece = String::new();
+        if write!(piece, "{}", t.format(directive)).is_ok() {
+            out.push_str(&piece);
+        } else {
+            out.push_str(directive);
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
     out
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

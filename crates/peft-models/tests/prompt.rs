@@ -277,3 +277,49 @@ fn prompt_tuning_training_smoke() {
     let last = loss(&pl).to_scalar::<f32>().unwrap();
     assert!(last < first, "{first} -> {last}");
 }
+
+/// The one entry point: `PeftModel::from_pretrained` loads every prompt-learning case (through
+/// `AdapterHost::prompt_adapter`), its forward (`CausalLm::token_logits`) is `PromptLearning`'s, it saves the
+/// same file back, `get_peft_model` builds a fresh one, and a second adapter of any kind is refused.
+#[test]
+fn peft_model_attaches_prompt_learning_like_any_adapter() {
+    use peft::PeftModel;
+    use peft_models::causal_lm::CausalLm;
+    for case in CASES {
+        let dir = case_dir(case).join("adapter");
+        let base = model();
+        let want = PromptLearning::load(&dir, &base).unwrap();
+        let pm = PeftModel::from_pretrained(model(), &dir, "default", &Device::Cpu).unwrap();
+        assert!(pm.configs().is_empty(), "{case}: no layer adapter");
+        assert_eq!(pm.prompt_adapter_name(), Some("default"));
+        let io = load_st(case_dir(case).join("io.safetensors"));
+        let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+        let mask = io["attention_mask"].to_dtype(DType::U32).unwrap();
+        let ctx = ForwardCtx::eval();
+        let got = pm.token_logits(&ids, Some(&mask), &ctx).unwrap();
+        let exp = want.token_logits(&base, &ids, Some(&mask), &ctx).unwrap();
+        assert_eq!(max_diff(&got, &exp), 0.0, "{case}");
+        let n: usize = want.vars().iter().map(|v| v.elem_count()).sum();
+        assert_eq!(pm.trainable_parameters().trainable, n, "{case}");
+        let tmp = tempfile::tempdir().unwrap();
+        pm.save_pretrained(tmp.path()).unwrap();
+        let back = PromptLearning::load(tmp.path(), &base).unwrap();
+        assert_eq!(
+            max_diff(
+                &back.prompt_embeddings().unwrap(),
+                &want.prompt_embeddings().unwrap()
+            ),
+            0.0,
+            "{case}"
+        );
+        let mut pm = pm;
+        let e = pm
+            .load_adapter(&dir, "other", &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be combined"), "{case}: {e}");
+        let fresh =
+            PeftModel::get_peft_model(model(), want.config().clone(), "default", 3).unwrap();
+        assert!(peft_models::prompt_learning::prompt_learning_of(&fresh).is_some());
+    }
+}

@@ -5,10 +5,53 @@
 //! adapter slots by name; and its plain tensors by name (for `bias="all"`, `modules_to_save` and saved
 //! embeddings). Injection, `set_adapter`, merging and saving all go through this one trait.
 
-use crate::Result;
 use crate::layer::AdapterSlot;
 use crate::tuners::tuners_utils::ModuleInfo;
-use candle_core::Tensor;
+use crate::{PeftConfig, PeftError, PeftRng, Result};
+use candle_core::{Tensor, Var};
+use indexmap::IndexMap;
+use std::path::Path;
+
+/// A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning) held by a [`crate::PeftModel`].
+///
+/// Prompt learning injects no layer: it changes what the model is fed (virtual token embeddings, or prefix
+/// keys and values), so its forward belongs to the model crate. [`crate::PeftModel`] keeps one as a trait
+/// object built by [`AdapterHost::prompt_adapter`]; the model crate downcasts it ([`PromptAdapter::as_any`])
+/// to run its forward.
+pub trait PromptAdapter: Send + Sync + std::fmt::Debug {
+    /// The adapter's config (model dimensions filled in, as PEFT writes them).
+    fn config(&self) -> &PeftConfig;
+
+    /// The trainable variables by name (PEFT's names: `prompt_encoder.default.embedding.weight`, …).
+    fn named_vars(&self) -> Vec<(String, Var)>;
+
+    /// The tensors [`crate::PeftModel::save_pretrained`] writes to `adapter_model.safetensors`, by key
+    /// (PEFT's `get_prompt_embedding_to_save`: `prompt_embeddings`).
+    fn state_dict(&self) -> Result<Vec<(String, Tensor)>>;
+
+    /// The adapter as [`std::any::Any`], for the model crate to downcast to its own type.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Where [`AdapterHost::prompt_adapter`] builds a prompt-learning adapter from.
+#[derive(Debug)]
+pub enum PromptAdapterSource<'a> {
+    /// A freshly initialised adapter for training (PEFT's `get_peft_model`), drawing from `rng`;
+    /// `init_text_ids` is the tokenized `prompt_tuning_init_text` for prompt tuning's `TEXT` init.
+    New {
+        /// The generator of the initial values.
+        rng: &'a mut PeftRng,
+        /// The token ids of `prompt_tuning_init_text` (special tokens included as the tokenizer adds them).
+        init_text_ids: Option<&'a [u32]>,
+    },
+    /// The tensors of a saved adapter directory (PEFT's `from_pretrained`).
+    Saved {
+        /// `adapter_model.safetensors`, keys as on disk.
+        tensors: &'a IndexMap<String, Tensor>,
+        /// The directory they were read from (for error messages).
+        dir: &'a Path,
+    },
+}
 
 /// A model that holds adapter slots and exposes its module tree by HuggingFace dotted name.
 pub trait AdapterHost: Send + Sync {
@@ -58,5 +101,70 @@ pub trait AdapterHost: Send + Sync {
     /// modules when a config has none. The default: none (PEFT's `"custom"`).
     fn model_type(&self) -> Option<String> {
         None
+    }
+
+    /// Builds a prompt-learning adapter for this model (the one extension point of prompt tuning, P-tuning
+    /// and prefix tuning: their forward depends on the model). [`crate::PeftModel::get_peft_model`],
+    /// [`crate::PeftModel::from_pretrained`] and [`crate::PeftModel::load_adapter`] call it for
+    /// prompt-learning configs. The default: an error, this model does not support prompt learning.
+    fn prompt_adapter(
+        &self,
+        config: &PeftConfig,
+        source: PromptAdapterSource<'_>,
+    ) -> Result<Box<dyn PromptAdapter>> {
+        let _ = source;
+        Err(PeftError::Unsupported {
+            field: "peft_type".into(),
+            value: config.peft_type().as_str().into(),
+            reason: "this model does not support prompt learning".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host with no modules: it keeps the default prompt-learning hook.
+    #[derive(Debug)]
+    struct Empty;
+
+    impl AdapterHost for Empty {
+        fn module_infos(&self) -> Vec<ModuleInfo> {
+            Vec::new()
+        }
+        fn output_layer(&self) -> Option<String> {
+            None
+        }
+        fn input_embeddings(&self) -> Option<String> {
+            None
+        }
+        fn slots(&self) -> Vec<&AdapterSlot> {
+            Vec::new()
+        }
+        fn slots_mut(&mut self) -> Vec<&mut AdapterSlot> {
+            Vec::new()
+        }
+        fn named_tensors(&self) -> Vec<(String, Tensor)> {
+            Vec::new()
+        }
+        fn set_tensor(&mut self, name: &str, _: Tensor) -> Result<()> {
+            Err(PeftError::MissingModule {
+                module: name.to_string(),
+            })
+        }
+    }
+
+    #[test]
+    fn prompt_learning_on_a_host_without_the_hook_is_an_error() {
+        let config = PeftConfig::from_json_value(serde_json::json!({
+            "peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2,
+        }))
+        .unwrap();
+        let e = crate::PeftModel::get_peft_model(Empty, config, "default", 0).unwrap_err();
+        assert!(
+            e.to_string().contains("does not support prompt learning"),
+            "{e}"
+        );
     }
 }

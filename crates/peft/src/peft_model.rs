@@ -7,7 +7,7 @@
 //! `save_pretrained` behave like their PEFT namesakes.
 
 use crate::config::{LoraBias, PeftConfig, TargetModules};
-use crate::host::AdapterHost;
+use crate::host::{AdapterHost, PromptAdapter, PromptAdapterSource};
 use crate::io::{AdapterToSave, adapter_state_dict, load_adapter, save_adapters, split_keys};
 use crate::layer::modules_to_save::ModulesToSave;
 use crate::layer::registry;
@@ -103,6 +103,9 @@ pub struct PeftModel<M: AdapterHost> {
     /// Each adapter's model-level shared tensors ([`registry::shared_tensors`]: VeRA's projections), saved
     /// with the adapter when its method does ([`registry::saves_shared`]).
     shared: IndexMap<String, registry::SharedTensors>,
+    /// The prompt-learning adapter and its name, when the model has one ([`PeftModel::prompt_adapter`]). It
+    /// is never combined with other adapters, as in PEFT.
+    prompt: Option<(String, Box<dyn PromptAdapter>)>,
 }
 
 /// The trainable-parameter report of [`PeftModel::trainable_parameters`].
@@ -161,10 +164,13 @@ impl<M: AdapterHost> PeftModel<M> {
             tied_bases: IndexMap::new(),
             bias_vars: IndexMap::new(),
             shared: IndexMap::new(),
+            prompt: None,
         }
     }
 
-    /// PEFT's `get_peft_model`: injects a freshly initialised adapter named `adapter_name`.
+    /// PEFT's `get_peft_model`: injects a freshly initialised adapter named `adapter_name`. A prompt-learning
+    /// config (prompt tuning, P-tuning, prefix tuning) becomes the model's prompt adapter instead, built by
+    /// the model ([`AdapterHost::prompt_adapter`]); see [`PeftModel::add_prompt_adapter`].
     pub fn get_peft_model(
         model: M,
         config: PeftConfig,
@@ -177,7 +183,7 @@ impl<M: AdapterHost> PeftModel<M> {
     }
 
     /// PEFT's `PeftModel.from_pretrained`: loads the adapter directory `dir` as `adapter_name` and makes it
-    /// active.
+    /// active. Prompt-learning adapters load too, through [`AdapterHost::prompt_adapter`].
     pub fn from_pretrained(
         model: M,
         dir: impl AsRef<Path>,
@@ -251,7 +257,58 @@ impl<M: AdapterHost> PeftModel<M> {
         }
     }
 
+    /// The prompt-learning adapter (prompt tuning, P-tuning, prefix tuning), if the model has one: the model
+    /// crate runs its forward (downcasting [`PromptAdapter::as_any`] to its own type).
+    pub fn prompt_adapter(&self) -> Option<&dyn PromptAdapter> {
+        self.prompt.as_ref().map(|(_, p)| p.as_ref())
+    }
+
+    /// The name of the prompt-learning adapter, if any.
+    pub fn prompt_adapter_name(&self) -> Option<&str> {
+        self.prompt.as_ref().map(|(n, _)| n.as_str())
+    }
+
+    fn prompt_combine_error(&self, other: &str) -> PeftError {
+        let (p, what) = match &self.prompt {
+            Some((p, _)) => (p.as_str(), other),
+            None => (other, self.configs.keys().next().map_or("", |s| s.as_str())),
+        };
+        PeftError::Invalid(format!(
+            "a prompt-learning adapter (`{p}`) cannot be combined with other adapters (`{what}`)"
+        ))
+    }
+
+    /// Adds a freshly initialised prompt-learning adapter built by the model ([`AdapterHost::prompt_adapter`]);
+    /// `init_text_ids` is the tokenized `prompt_tuning_init_text` for prompt tuning's `TEXT` init (PEFT
+    /// tokenizes it with `tokenizer_name_or_path`). It becomes active. Refused when the model already has
+    /// adapters: prompt learning is not combined with others.
+    pub fn add_prompt_adapter(
+        &mut self,
+        name: &str,
+        config: PeftConfig,
+        init_text_ids: Option<&[u32]>,
+    ) -> Result<()> {
+        if self.prompt.is_some() || !self.configs.is_empty() {
+            return Err(self.prompt_combine_error(name));
+        }
+        config.validate()?;
+        let mut rng = PeftRng::new(self.seed).fork("prompt_learning");
+        let adapter = self.model.prompt_adapter(
+            &config,
+            PromptAdapterSource::New {
+                rng: &mut rng,
+                init_text_ids,
+            },
+        )?;
+        self.prompt = Some((name.to_string(), adapter));
+        self.active = vec![name.to_string()];
+        Ok(())
+    }
+
     fn check_new_name(&self, name: &str, config: &PeftConfig) -> Result<()> {
+        if self.prompt.is_some() {
+            return Err(self.prompt_combine_error(name));
+        }
         if self.configs.contains_key(name) {
             return Err(PeftError::DuplicateAdapter(name.to_string()));
         }
@@ -269,6 +326,9 @@ impl<M: AdapterHost> PeftModel<M> {
     /// Adds a freshly initialised adapter, injected by target matching (PEFT's `add_adapter`). The first
     /// adapter becomes active; later ones are added inactive, as in PEFT.
     pub fn add_adapter(&mut self, name: &str, mut config: PeftConfig) -> Result<()> {
+        if config.is_prompt_learning() {
+            return self.add_prompt_adapter(name, config, None);
+        }
         self.check_new_name(name, &config)?;
         let bias_mode = config.method().bias();
         let model_type = self.model.model_type();
@@ -423,6 +483,21 @@ impl<M: AdapterHost> PeftModel<M> {
         device: &Device,
     ) -> Result<()> {
         let file = load_adapter(dir.as_ref(), device)?;
+        if file.config.is_prompt_learning() {
+            if self.prompt.is_some() || !self.configs.is_empty() {
+                return Err(self.prompt_combine_error(name));
+            }
+            let adapter = self.model.prompt_adapter(
+                &file.config,
+                PromptAdapterSource::Saved {
+                    tensors: &file.tensors,
+                    dir: dir.as_ref(),
+                },
+            )?;
+            self.prompt = Some((name.to_string(), adapter));
+            self.active = vec![name.to_string()];
+            return Ok(());
+        }
         self.check_new_name(name, &file.config)?;
         let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
         let shared = {
@@ -502,7 +577,7 @@ impl<M: AdapterHost> PeftModel<M> {
     /// `base_model.set_adapter([...])`).
     pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
-            if !self.configs.contains_key(*n) {
+            if !self.configs.contains_key(*n) && self.prompt_adapter_name() != Some(*n) {
                 return Err(PeftError::UnknownAdapter(n.to_string()));
             }
         }
@@ -515,6 +590,11 @@ impl<M: AdapterHost> PeftModel<M> {
 
     /// Removes an adapter from every layer (PEFT's `delete_adapter`). Refused while it is merged.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.prompt_adapter_name() == Some(name) {
+            self.prompt = None;
+            self.active.retain(|n| n != name);
+            return Ok(());
+        }
         if !self.configs.contains_key(name) {
             return Err(PeftError::UnknownAdapter(name.to_string()));
         }
@@ -613,6 +693,15 @@ impl<M: AdapterHost> PeftModel<M> {
     /// parameter leaves them: what either slot merges lands in the matrix both slots see, so the slot merged
     /// second starts from a weight that already holds the first one's merge (a DoRA norm included).
     pub fn merge_adapter(&mut self, names: Option<&[&str]>) -> Result<()> {
+        if let Some((p, a)) = &self.prompt {
+            return Err(PeftError::Unsupported {
+                field: "peft_type".into(),
+                value: a.config().peft_type().as_str().into(),
+                reason: format!(
+                    "`{p}` is a prompt-learning adapter: there are no weights to merge"
+                ),
+            });
+        }
         let names: Vec<String> = match names {
             Some(n) => n.iter().map(|s| s.to_string()).collect(),
             None => self.active.clone(),
@@ -709,6 +798,9 @@ impl<M: AdapterHost> PeftModel<M> {
             }
         }
         out.extend(self.bias_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some((_, p)) = &self.prompt {
+            out.extend(p.named_vars());
+        }
         out
     }
 
@@ -735,6 +827,11 @@ impl<M: AdapterHost> PeftModel<M> {
         for (_, t) in self.model.named_tensors() {
             count(&t);
         }
+        if let Some((_, p)) = &self.prompt {
+            for (_, v) in p.named_vars() {
+                count(v.as_tensor());
+            }
+        }
         let trainable = self
             .trainable_vars()
             .iter()
@@ -745,6 +842,15 @@ impl<M: AdapterHost> PeftModel<M> {
 
     /// PEFT's `save_pretrained`: every adapter, `default` at `dir`, the others in `dir/<name>/`.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        if let Some((name, p)) = &self.prompt {
+            let dir = dir.as_ref();
+            let dir = if name == "default" {
+                dir.to_path_buf()
+            } else {
+                dir.join(name)
+            };
+            return crate::io::save_adapter(dir, p.config(), &p.state_dict()?);
+        }
         let input = self.model.input_embeddings();
         let output = self.model.output_layer();
         let modules = self.model.module_infos();

@@ -779,6 +779,15 @@ impl AdapterHost for LlamaForCausalLM {
         Some(self.config.family.model_type().to_string())
     }
 
+    /// Prompt tuning, P-tuning and prefix tuning as [`crate::prompt_learning::PromptLearning`].
+    fn prompt_adapter(
+        &self,
+        config: &peft::PeftConfig,
+        source: peft::host::PromptAdapterSource<'_>,
+    ) -> Result<Box<dyn peft::host::PromptAdapter>> {
+        crate::prompt_learning::host_prompt_adapter(self, config, source)
+    }
+
     fn slots(&self) -> Vec<&AdapterSlot> {
         let mut out = vec![&self.embed_tokens];
         for l in &self.layers {

@@ -2,8 +2,8 @@
 //!
 //! - [`MetricsLog`] appends one JSON object per line (`{"kind":"train","step":…,"loss":…}` or
 //!   `{"kind":"eval",…}`) and flushes each line, so a crashed run keeps every line it reported.
-//! - [`loss_curve_svg`] draws train and eval loss against the step as a standalone SVG (axes with ticks and
-//!   labels, a legend), with no plotting dependency.
+//! - [`loss_curve_svg`] draws train and eval loss against the step as a standalone SVG (grid, tick labels,
+//!   axis names, a legend) with plotters' SVG backend.
 //! - [`Progress`] is what the trainer hands its progress callback after every step and evaluation; the
 //!   library never prints, the CLI draws its bar from it.
 //!
@@ -21,7 +21,6 @@
 use crate::{PeftError, Result};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -233,14 +232,6 @@ fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, usize) {
     (ticks, decimals)
 }
 
-/// Escapes text for XML content and attribute values.
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// Averages consecutive points down to at most `max` points (a long run stays a small file).
 fn downsample(points: Vec<(f64, f64)>, max: usize) -> Vec<(f64, f64)> {
     if points.len() <= max {
@@ -259,16 +250,12 @@ fn downsample(points: Vec<(f64, f64)>, max: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Draws train loss and eval loss against the step as a standalone SVG document.
+/// Draws train loss and eval loss against the step as a standalone SVG document (plotters' SVG backend).
 ///
-/// Non-finite losses are left out. The y axis spans the finite losses with a margin; the x axis the steps.
+/// Non-finite losses are left out. The y axis spans the finite losses with a margin; the x axis the steps,
+/// from 0 (an evaluation before training sits at the starting step). The two curves are the only
+/// `<polyline>`s, train first; evaluations are also marked by `<circle>`s.
 pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
-    const W: f64 = 800.0;
-    const H: f64 = 480.0;
-    const LEFT: f64 = 72.0;
-    const RIGHT: f64 = 24.0;
-    const TOP: f64 = 44.0;
-    const BOTTOM: f64 = 56.0;
     let train: Vec<(f64, f64)> = records
         .iter()
         .filter_map(|r| match r {
@@ -284,6 +271,25 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
         })
         .collect();
     let train = downsample(train, 2000);
+    let mut svg = String::new();
+    // Drawing into a String cannot fail for I/O reasons; an error here would be a plotters bug, and the
+    // document drawn so far is still returned.
+    let _ = draw_loss_curve(&mut svg, &train, &eval, title);
+    svg
+}
+
+fn draw_loss_curve(
+    svg: &mut String,
+    train: &[(f64, f64)],
+    eval: &[(f64, f64)],
+    title: &str,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    const W: u32 = 800;
+    const H: u32 = 480;
+    const TRAIN_COLOR: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
+    const EVAL_COLOR: RGBColor = RGBColor(0xff, 0x7f, 0x0e);
     let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
     let (mut x0, mut x1) = all
         .iter()
@@ -303,173 +309,79 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
     if x1 - x0 < 1.0 {
         x1 = x0 + 1.0;
     }
-    if y1 - y0 < 1e-12 {
-        let pad = (y0.abs() * 0.05).max(1e-3);
-        y0 -= pad;
-        y1 += pad;
+    let pad = if y1 - y0 < 1e-12 {
+        (y0.abs() * 0.05).max(1e-3)
     } else {
-        let pad = (y1 - y0) * 0.05;
-        y0 -= pad;
-        y1 += pad;
-    }
-    let pw = W - LEFT - RIGHT;
-    let ph = H - TOP - BOTTOM;
-    let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-    let sy = |y: f64| TOP + (1.0 - (y - y0) / (y1 - y0)) * ph;
-
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-        W / 2.0,
-        xml_escape(title)
-    );
-    // Grid, ticks and labels.
-    let (xt, xd) = nice_ticks(x0, x1, 8);
-    for x in xt {
-        let px = sx(x);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{px:.2}" y1="{TOP}" x2="{px:.2}" y2="{:.2}" stroke="#e6e6e6"/>"##,
-            TOP + ph
-        );
-        let _ = writeln!(
-            s,
-            r#"<line x1="{px:.2}" y1="{:.2}" x2="{px:.2}" y2="{:.2}" stroke="black"/>"#,
-            TOP + ph,
-            TOP + ph + 5.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{px:.2}" y="{:.2}" text-anchor="middle">{x:.xd$}</text>"#,
-            TOP + ph + 19.0
-        );
-    }
-    let (yt, yd) = nice_ticks(y0, y1, 6);
-    for y in yt {
-        let py = sy(y);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{py:.2}" x2="{:.2}" y2="{py:.2}" stroke="#e6e6e6"/>"##,
-            LEFT + pw
-        );
-        let _ = writeln!(
-            s,
-            r#"<line x1="{:.2}" y1="{py:.2}" x2="{LEFT}" y2="{py:.2}" stroke="black"/>"#,
-            LEFT - 5.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.2}" y="{:.2}" text-anchor="end">{y:.yd$}</text>"#,
-            LEFT - 8.0,
-            py + 4.0
-        );
-    }
-    // Axes.
-    let _ = writeln!(
-        s,
-        r#"<line x1="{LEFT}" y1="{:.2}" x2="{:.2}" y2="{:.2}" stroke="black"/>"#,
-        TOP + ph,
-        LEFT + pw,
-        TOP + ph
-    );
-    let _ = writeln!(
-        s,
-        r#"<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{:.2}" stroke="black"/>"#,
-        TOP + ph
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.2}" y="{:.2}" text-anchor="middle">step</text>"#,
-        LEFT + pw / 2.0,
-        H - 12.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="18" y="{:.2}" text-anchor="middle" transform="rotate(-90 18 {:.2})">loss</text>"#,
-        TOP + ph / 2.0,
-        TOP + ph / 2.0
-    );
-    // Curves.
-    let points = |pts: &[(f64, f64)]| {
-        pts.iter()
-            .map(|&(x, y)| format!("{:.2},{:.2}", sx(x), sy(y)))
-            .collect::<Vec<_>>()
-            .join(" ")
+        (y1 - y0) * 0.05
     };
-    const TRAIN_COLOR: &str = "#1f77b4";
-    const EVAL_COLOR: &str = "#ff7f0e";
+    (y0, y1) = (y0 - pad, y1 + pad);
+    let (_, xd) = nice_ticks(x0, x1, 8);
+    let (_, yd) = nice_ticks(y0, y1, 6);
+
+    let root = SVGBackend::with_string(svg, (W, H)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    // Axis lines and ticks are drawn as paths (polylines) by plotters: leave them out (a frame is drawn
+    // below) so that the curves are the document's only polylines.
+    chart
+        .configure_mesh()
+        .x_labels(8)
+        .y_labels(6)
+        .x_desc("step")
+        .y_desc("loss")
+        .axis_style(TRANSPARENT)
+        .bold_line_style(RGBColor(0xe6, 0xe6, 0xe6))
+        .light_line_style(TRANSPARENT)
+        .x_label_formatter(&|x| format!("{x:.xd$}"))
+        .y_label_formatter(&|y| format!("{y:.yd$}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    chart
+        .plotting_area()
+        .draw(&Rectangle::new([(x0, y0), (x1, y1)], BLACK.stroke_width(1)))?;
+    let marker = |color: RGBColor| {
+        move |(x, y): (i32, i32)| Rectangle::new([(x, y - 2), (x + 20, y + 2)], color.filled())
+    };
     if !train.is_empty() {
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{TRAIN_COLOR}" stroke-width="1.5" points="{}"/>"#,
-            points(&train)
-        );
+        chart
+            .draw_series(LineSeries::new(
+                train.iter().copied(),
+                TRAIN_COLOR.stroke_width(2),
+            ))?
+            .label("train loss")
+            .legend(marker(TRAIN_COLOR));
     }
     if !eval.is_empty() {
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{EVAL_COLOR}" stroke-width="2" points="{}"/>"#,
-            points(&eval)
-        );
-        for &(x, y) in &eval {
-            let _ = writeln!(
-                s,
-                r#"<circle cx="{:.2}" cy="{:.2}" r="3" fill="{EVAL_COLOR}"/>"#,
-                sx(x),
-                sy(y)
-            );
-        }
+        chart
+            .draw_series(LineSeries::new(
+                eval.iter().copied(),
+                EVAL_COLOR.stroke_width(2),
+            ))?
+            .label("eval loss")
+            .legend(marker(EVAL_COLOR));
+        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, EVAL_COLOR.filled())))?;
     }
     if all.is_empty() {
-        let _ = writeln!(
-            s,
-            r##"<text x="{:.2}" y="{:.2}" text-anchor="middle" fill="#888888">no data</text>"##,
-            LEFT + pw / 2.0,
-            TOP + ph / 2.0
-        );
+        let style = TextStyle::from(("sans-serif", 16))
+            .color(&RGBColor(0x88, 0x88, 0x88))
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        root.draw_text("no data", &style, (W as i32 / 2, H as i32 / 2))?;
+    } else {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(0xcc, 0xcc, 0xcc))
+            .label_font(("sans-serif", 14))
+            .draw()?;
     }
-    // Legend, on a white box over the curves.
-    let lx = LEFT + pw - 110.0;
-    let _ = writeln!(
-        s,
-        r##"<rect x="{:.2}" y="{}" width="104" height="40" fill="white" fill-opacity="0.85" stroke="#cccccc"/>"##,
-        lx - 6.0,
-        TOP + 2.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<line x1="{lx:.2}" y1="{}" x2="{:.2}" y2="{}" stroke="{TRAIN_COLOR}" stroke-width="2"/>"#,
-        TOP + 12.0,
-        lx + 20.0,
-        TOP + 12.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.2}" y="{}">train loss</text>"#,
-        lx + 26.0,
-        TOP + 16.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<line x1="{lx:.2}" y1="{}" x2="{:.2}" y2="{}" stroke="{EVAL_COLOR}" stroke-width="2"/>"#,
-        TOP + 30.0,
-        lx + 20.0,
-        TOP + 30.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.2}" y="{}">eval loss</text>"#,
-        lx + 26.0,
-        TOP + 34.0
-    );
-    s.push_str("</svg>\n");
-    s
+    root.present()?;
+    Ok(())
 }
 
 /// Writes [`loss_curve_svg`] to `path` atomically.

@@ -1,0 +1,110 @@
+//! Loading a base model (an HF directory or a GGUF file) with its tokenizer, and attaching adapter
+//! directories to it.
+
+use crate::error::{ModelError, Result};
+use crate::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::tokenizer::Tokenizer;
+use candle_core::{DType, Device};
+use peft::PeftModel;
+use std::path::{Path, PathBuf};
+
+/// A base model with its tokenizer and HF config.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model (every projection an adapter slot).
+    pub model: LlamaForCausalLM,
+    /// Its tokenizer: `None` for a model directory without `tokenizer.json` (pre-tokenized data still
+    /// trains and evaluates; text data, prompts and generation need one).
+    pub tokenizer: Option<Tokenizer>,
+    /// Its HF `config.json` (for a GGUF file: the one built from its metadata).
+    pub config: serde_json::Value,
+}
+
+impl LoadedModel {
+    /// The tokenizer, or an error naming the missing `tokenizer.json` and what needed it.
+    pub fn require_tokenizer(&self, what: &str) -> Result<&Tokenizer> {
+        require_tokenizer(self.tokenizer.as_ref(), what)
+    }
+}
+
+/// `tokenizer`, or an error saying that `what` needs one and the model has no `tokenizer.json`.
+pub fn require_tokenizer<'t>(
+    tokenizer: Option<&'t Tokenizer>,
+    what: &str,
+) -> Result<&'t Tokenizer> {
+    tokenizer.ok_or_else(|| {
+        ModelError::Invalid(format!(
+            "{what} needs a tokenizer, and the model has none (no tokenizer.json in its directory)"
+        ))
+    })
+}
+
+/// Loads an HF model directory (`config.json`, safetensors, `tokenizer.json` when present) or a llama GGUF
+/// file (dequantized to f32, tensors renamed, tokenizer built from its metadata) into a
+/// [`LlamaForCausalLM`] on `device`.
+///
+/// ```no_run
+/// # fn main() -> peft_models::error::Result<()> {
+/// let loaded = peft_models::load_model("SmolLM2-135M-Instruct", &candle_core::Device::Cpu)?;
+/// println!("{} layers, tokenizer: {}", loaded.model.config().num_hidden_layers, loaded.tokenizer.is_some());
+/// # Ok(()) }
+/// ```
+pub fn load_model(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    let (config, tensors, tokenizer) = if path.is_dir() {
+        let m = crate::hf::load_hf_dir(path, DType::F32, device)
+            .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
+        (m.config, m.tensors, m.tokenizer)
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        let m = crate::gguf::load_gguf(path, device)
+            .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
+        (m.config, m.tensors, Some(m.tokenizer))
+    } else if !path.exists() {
+        return Err(ModelError::Invalid(format!(
+            "{}: no such model file or directory",
+            path.display()
+        )));
+    } else {
+        return Err(ModelError::Invalid(format!(
+            "{}: expected an HF model directory or a .gguf file",
+            path.display()
+        )));
+    };
+    let llama = LlamaConfig::from_value(&config)
+        .map_err(|e| ModelError::from(e).context("reading the model config"))?;
+    let model = LlamaForCausalLM::from_tensors(llama, tensors, device)
+        .map_err(|e| ModelError::from(e).context("building the model"))?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        config,
+    })
+}
+
+/// Wraps `model` in a [`PeftModel`] with the adapter directories loaded (`default`, then `adapter1`,
+/// `adapter2`, …) and all of them active together, in the order given. Any method loads, prompt learning
+/// included (one prompt-learning adapter alone: PEFT does not combine it with others either).
+pub fn with_adapters(
+    model: LlamaForCausalLM,
+    dirs: &[PathBuf],
+    device: &Device,
+) -> Result<PeftModel<LlamaForCausalLM>> {
+    let mut pm = PeftModel::new(model, 0);
+    let mut names = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let name = if i == 0 {
+            "default".to_string()
+        } else {
+            format!("adapter{i}")
+        };
+        pm.load_adapter(dir, &name, device).map_err(|e| {
+            ModelError::from(e).context(format!("loading the adapter {}", dir.display()))
+        })?;
+        names.push(name);
+    }
+    if !names.is_empty() {
+        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        pm.set_adapter(&refs)?;
+    }
+    Ok(pm)
+}
