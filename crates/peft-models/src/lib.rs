@@ -10,5 +10,6 @@ pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod ops;
 pub mod prompt_learning;
 pub mod tokenizer;
