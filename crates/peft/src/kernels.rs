@@ -258,15 +258,7 @@ mod tests {
                     Some(b) => want.broadcast_add(b).unwrap(),
                     None => want,
                 };
-                let d = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+                assert!(max_diff(&got, &want) < 1e-5);
             }
         }
         assert_eq!(
