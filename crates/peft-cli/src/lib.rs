@@ -121,31 +121,58 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Merge(_)));
-        for bad in [
-            vec!["peft"],
-            vec!["peft", "train"],
-            vec!["peft", "frobnicate"],
-            vec!["peft", "inspect"],
-            vec!["peft", "merge", "--base", "b", "--output", "o"],
-            vec!["peft", "merge", "--adapter", "a", "--output", "o"],
-            vec!["peft", "merge", "--base", "b", "--adapter", "a"],
-            vec![
-                "peft",
-                "merge",
-                "--base",
-                "b",
+        use clap::error::ErrorKind;
+        let missing = ErrorKind::MissingRequiredArgument;
+        for (bad, kind, names) in [
+            (
+                vec!["peft"],
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand,
+                "Usage",
+            ),
+            (vec!["peft", "train"], missing, "--model"),
+            (
+                vec!["peft", "frobnicate"],
+                ErrorKind::InvalidSubcommand,
+                "frobnicate",
+            ),
+            (vec!["peft", "inspect"], missing, "<ADAPTER_DIR>"),
+            (
+                vec!["peft", "merge", "--base", "b", "--output", "o"],
+                missing,
                 "--adapter",
-                "a",
+            ),
+            (
+                vec!["peft", "merge", "--adapter", "a", "--output", "o"],
+                missing,
+                "--base",
+            ),
+            (
+                vec!["peft", "merge", "--base", "b", "--adapter", "a"],
+                missing,
                 "--output",
-                "o",
+            ),
+            (
+                vec![
+                    "peft",
+                    "merge",
+                    "--base",
+                    "b",
+                    "--adapter",
+                    "a",
+                    "--output",
+                    "o",
+                    "--dtype",
+                    "f64",
+                ],
+                ErrorKind::InvalidValue,
                 "--dtype",
-                "f64",
-            ],
+            ),
         ] {
-            assert!(
-                Cli::try_parse_from(&bad).is_err(),
-                "{bad:?} should not parse"
-            );
+            let Err(e) = Cli::try_parse_from(&bad) else {
+                panic!("{bad:?} should not parse")
+            };
+            assert_eq!(e.kind(), kind, "{bad:?}: {e}");
+            assert!(e.to_string().contains(names), "{bad:?}: {e}");
         }
     }
 

@@ -372,8 +372,16 @@ mod tests {
         // A file in the way is an error.
         let file = tmp.path().join("file");
         std::fs::write(&file, "x").unwrap();
-        assert!(write_hf_dir(&file, &m.config, &m.tensors, None).is_err());
-        assert!(write_hf_dir(tmp.path().join("x"), &json!([1]), &m.tensors, None).is_err());
+        let e = write_hf_dir(&file, &m.config, &m.tensors, None).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Invalid(s) if s.ends_with("file: exists and is not a directory")),
+            "{e}"
+        );
+        let e = write_hf_dir(tmp.path().join("x"), &json!([1]), &m.tensors, None).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Json { context, message } if context == "config" && message.contains("not a JSON object")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -428,8 +436,16 @@ mod tests {
         assert!(err.to_string().contains("no shard holds: d"), "{err}");
         // A truncated shard.
         std::fs::write(dir.join("model-00001-of-00002.safetensors"), b"\x10\0\0").unwrap();
-        assert!(load_hf_dir(&dir, DType::F32, &dev).is_err());
-        assert!(load_hf_dir(tmp.path().join("absent"), DType::F32, &dev).is_err());
+        let e = load_hf_dir(&dir, DType::F32, &dev).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Peft(peft::PeftError::SafeTensors { path, .. }) if path.ends_with("model-00001-of-00002.safetensors")),
+            "{e}"
+        );
+        let e = load_hf_dir(tmp.path().join("absent"), DType::F32, &dev).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Invalid(s) if s.ends_with("absent: not a model directory")),
+            "{e}"
+        );
     }
 
     #[test]

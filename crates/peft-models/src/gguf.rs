@@ -587,6 +587,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::tokenizer::tests::tiny_tokenizer_metadata;
     use candle_core::quantized::{GgmlDType, QTensor};
+    use peft_test_support::max_diff;
     use std::path::PathBuf;
 
     pub(crate) const HIDDEN: usize = 64;
@@ -787,19 +788,6 @@ pub(crate) mod tests {
         (path, hf)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     #[test]
     fn synthetic_gguf_round_trip() {
         let dir = tempfile::tempdir().unwrap();
@@ -883,8 +871,13 @@ pub(crate) mod tests {
             .squeeze(1)
             .unwrap();
         assert_eq!(max_diff(&pb, &by_hand), 0.0);
-        assert!(unpermute_qk(&w, 5).is_err());
-        assert!(unpermute_qk(&w, 0).is_err());
+        for heads in [5, 0] {
+            let e = unpermute_qk(&w, heads).unwrap_err();
+            assert!(
+                matches!(&e, ModelError::Invalid(m) if m.contains(&format!("shape [24, 5] with {heads} heads"))),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -970,7 +963,11 @@ pub(crate) mod tests {
             *x = (i * 7 % 251) as u8;
         }
         std::fs::write(&cut, &b).unwrap();
-        assert!(load_gguf(&cut, &Device::Cpu).is_err());
+        let err = load_gguf(&cut, &Device::Cpu).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Gguf { message, .. } if message.contains("string length")),
+            "{err}"
+        );
         // Not a file at all.
         let err = load_gguf(dir.path().join("absent.gguf"), &Device::Cpu).unwrap_err();
         assert!(matches!(err, ModelError::Io { .. }), "{err}");
@@ -1057,28 +1054,27 @@ pub(crate) mod tests {
         );
     }
 
-    /// The real SmolLM2-135M-Instruct GGUF (`scripts/fetch_smollm2.sh`), or `None` with a note.
-    pub(crate) fn smollm2_path() -> Option<PathBuf> {
+    /// The real SmolLM2-135M-Instruct GGUF (`scripts/fetch_smollm2.sh`, or `PEFT_SMOLLM2_GGUF`); a panic naming
+    /// the path when it is absent, so that an opted-in test never passes without it.
+    pub(crate) fn smollm2_path() -> PathBuf {
         let p = std::env::var_os("PEFT_SMOLLM2_GGUF")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
                 Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("../../.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
             });
-        if p.is_file() {
-            Some(p)
-        } else {
-            eprintln!(
-                "note: skipping, {} is absent (run scripts/fetch_smollm2.sh)",
-                p.display()
-            );
-            None
-        }
+        assert!(
+            p.is_file(),
+            "{} is absent: run bash scripts/fetch_smollm2.sh (or set PEFT_SMOLLM2_GGUF)",
+            p.display()
+        );
+        p
     }
 
     #[test]
+    #[ignore = "needs the SmolLM2 GGUF: bash scripts/fetch_smollm2.sh"]
     fn smollm2_gguf_config_tensors_and_tokenizer() {
-        let Some(path) = smollm2_path() else { return };
+        let path = smollm2_path();
         let t0 = std::time::Instant::now();
         let m = load_gguf(&path, &Device::Cpu).unwrap();
         eprintln!(

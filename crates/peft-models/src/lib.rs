@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod hf;
 pub mod llama;
 pub mod load;
+pub mod ops;
 pub mod prompt_learning;
 pub mod tokenizer;
 pub mod train;

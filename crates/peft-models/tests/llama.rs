@@ -5,10 +5,11 @@ use indexmap::IndexMap;
 use peft::host::AdapterHost;
 use peft::tuners::lora::config::InitLoraWeights;
 use peft::tuners::lora::layer::{LoraAdapter, LoraOptions};
-use peft::{ForwardCtx, PeftRng};
+use peft::{ForwardCtx, PeftError, PeftRng};
 use peft_models::llama::{
     ForwardInput, KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM, PrefixKv, RopeScaling,
 };
+use peft_test_support::max_diff;
 use std::path::PathBuf;
 
 const CASES: [&str; 6] = [
@@ -314,17 +315,14 @@ fn inputs_embeds_equal_input_ids() {
                 &ctx,
             )
             .unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&a, &b);
         assert_eq!(d, 0.0, "{case}");
         // Neither or both: an error, as transformers.
-        assert!(model.forward(ForwardInput::default(), &ctx).is_err());
+        let e = model.forward(ForwardInput::default(), &ctx).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::Invalid(m) if m.contains("exactly one of input_ids or inputs_embeds")),
+            "{e}"
+        );
     }
 }
 
@@ -510,13 +508,15 @@ fn named_tensors_and_set_tensor() {
         .unwrap();
     let w = model.named_tensors().pop().unwrap().1;
     assert_eq!(w.to_vec1::<f32>().unwrap(), vec![2.0; h]);
+    let e = model
+        .set_tensor(
+            "model.norm.weight",
+            Tensor::zeros(h + 1, DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap_err();
     assert!(
-        model
-            .set_tensor(
-                "model.norm.weight",
-                Tensor::zeros(h + 1, DType::F32, &Device::Cpu).unwrap()
-            )
-            .is_err()
+        matches!(&e, PeftError::ShapeMismatch { name, expected, got } if name == "model.norm.weight" && expected == &[h] && got == &[h + 1]),
+        "{e}"
     );
     // Tied: one matrix under both names.
     let e = Tensor::ones((v, h), DType::F32, &Device::Cpu).unwrap();
@@ -542,21 +542,25 @@ fn named_tensors_and_set_tensor() {
             Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap(),
         )
         .unwrap();
+    let e = model
+        .set_tensor(
+            &format!("{q}.bias"),
+            Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap_err();
     assert!(
-        model
-            .set_tensor(
-                &format!("{q}.bias"),
-                Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap()
-            )
-            .is_err()
+        matches!(&e, PeftError::Invalid(m) if m == &format!("{q} has no bias to replace")),
+        "{e}"
     );
+    let e = model
+        .set_tensor(
+            "model.nothing.weight",
+            Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap_err();
     assert!(
-        model
-            .set_tensor(
-                "model.nothing.weight",
-                Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap()
-            )
-            .is_err()
+        matches!(&e, PeftError::MissingModule { module } if module == "model.nothing"),
+        "{e}"
     );
     // Qwen2's q_proj has a bias.
     let mut qwen = load_model("qwen2");
@@ -832,14 +836,7 @@ fn peft_lora_fixtures_on_llama_match_peft() {
         let want = load_st(dir.join("merged.safetensors"));
         for slot in pm.model().slots() {
             let key = format!("{}.weight", slot.name());
-            let diff = (slot.base().weight() - &want[&key])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(slot.base().weight(), &want[&key]);
             assert!(diff <= 1e-5, "{case}: merged {key}: max |diff| {diff}");
         }
         let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
@@ -853,14 +850,7 @@ fn peft_lora_fixtures_on_llama_match_peft() {
         // Unmerged: the base weights again (a tied matrix in both slots), and the adapted logits.
         pm.unmerge_adapter().unwrap();
         for (slot, (name, w)) in pm.model().slots().iter().zip(&base_weights) {
-            let diff = (slot.base().weight() - w)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(slot.base().weight(), w);
             assert!(diff <= 1e-5, "{case}: unmerged {name}: max |diff| {diff}");
             assert!(slot.merged().is_empty(), "{case}: {name} still merged");
         }
@@ -929,16 +919,6 @@ fn tied_pair_merged_in_steps_stays_one_matrix() {
     let w = |pm: &PeftModel<LlamaForCausalLM>, s: &str| {
         pm.model().slot(s).unwrap().base().weight().clone()
     };
-    let max_diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     let base = w(&pm, "lm_head");
     assert_eq!(max_diff(&base, &w(&pm, "model.embed_tokens")), 0.0);
     pm.merge_adapter(Some(&["extra"])).unwrap();
@@ -949,10 +929,13 @@ fn tied_pair_merged_in_steps_stays_one_matrix() {
     assert_eq!(e.id(), h.id(), "one matrix in both slots");
     assert!(max_diff(&h, &one) > 1e-3);
     // Still merged: replacing the base is refused.
+    let e = pm
+        .model_mut()
+        .set_tensor("lm_head.weight", base.clone())
+        .unwrap_err();
     assert!(
-        pm.model_mut()
-            .set_tensor("lm_head.weight", base.clone())
-            .is_err()
+        matches!(&e, PeftError::Invalid(m) if m.contains("cannot replace base tensors while adapters are merged")),
+        "{e}"
     );
     pm.unmerge_adapter().unwrap();
     for s in ["model.embed_tokens", "lm_head"] {
@@ -1008,14 +991,7 @@ fn peft_ia3_llama_fixture_and_default_targets() {
     let want = load_st(dir.join("merged.safetensors"));
     for slot in pm.model().slots() {
         let key = format!("{}.weight", slot.name());
-        let diff = (slot.base().weight() - &want[&key])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(slot.base().weight(), &want[&key]);
         assert!(diff <= 1e-5, "ia3: merged {key}: max |diff| {diff}");
     }
     let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
@@ -1136,14 +1112,7 @@ fn peft_loha_lokr_oft_boft_llama_fixtures() {
                 .unwrap_or_else(|e| panic!("{method}: {e}"));
         let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
         assert_close_rows(method, &got, &io["model_output"], None, 1e-4);
-        let effect = (&io["model_output"] - &io["model_output_disabled"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let effect = max_diff(&io["model_output"], &io["model_output_disabled"]);
         assert!(
             effect > 1e-3,
             "{method}: the adapter barely changes the logits ({effect})"
@@ -1158,14 +1127,7 @@ fn peft_loha_lokr_oft_boft_llama_fixtures() {
         let want = load_st(dir.join("merged.safetensors"));
         for slot in pm.model().slots() {
             let key = format!("{}.weight", slot.name());
-            let diff = (slot.base().weight() - &want[&key])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(slot.base().weight(), &want[&key]);
             assert!(diff <= 1e-5, "{method}: merged {key}: max |diff| {diff}");
         }
         let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
@@ -1230,13 +1192,7 @@ fn peft_mixed_batch_llama_fixture() {
         .forward(ForwardInput::ids(&ids), &ForwardCtx::eval())
         .unwrap();
     let row = |t: &Tensor, i: usize| t.i(i).unwrap();
-    let d = (row(&plain, 1) - row(&io["logits"], 1))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert!(d.to_scalar::<f32>().unwrap() > 1e-3);
+    assert!(max_diff(&row(&plain, 1), &row(&io["logits"], 1)) > 1e-3);
 
     let e = pm
         .check_adapter_names(&["default", "nope", "zzz", "nope"])

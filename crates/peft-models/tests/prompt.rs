@@ -4,9 +4,10 @@
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use indexmap::IndexMap;
 use peft::config::PeftConfig;
-use peft::{ForwardCtx, PeftRng};
+use peft::{ForwardCtx, PeftError, PeftRng};
 use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
 use peft_models::prompt_learning::{PromptLearning, PromptMethod};
+use peft_test_support::max_diff;
 use std::path::PathBuf;
 
 const CASES: [&str; 5] = [
@@ -39,22 +40,8 @@ fn model() -> LlamaForCausalLM {
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// max |got − want| over the positions where `keep` is 1.
-fn masked_max_diff(got: &Tensor, want: &Tensor, keep: &Tensor) -> f32 {
+fn masked_max_diff(got: &Tensor, want: &Tensor, keep: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims());
     let keep = keep
         .to_dtype(DType::F32)
@@ -237,7 +224,13 @@ fn prompt_tuning_inits() {
         let pl = PromptLearning::new(&text, &model, &mut PeftRng::new(1), Some(ids)).unwrap();
         assert_eq!(max_diff(&pl.prompt_embeddings().unwrap(), &emb(want)), 0.0);
     }
-    assert!(PromptLearning::new(&text, &model, &mut PeftRng::new(1), None).is_err());
+    let Err(e) = PromptLearning::new(&text, &model, &mut PeftRng::new(1), None) else {
+        panic!("TEXT init without token ids is accepted")
+    };
+    assert!(
+        matches!(&e, PeftError::InvalidConfig(m) if m.contains("TEXT needs the tokenized prompt_tuning_init_text")),
+        "{e}"
+    );
     let sample = cfg(r#", "prompt_tuning_init": "SAMPLE_VOCAB""#);
     let err = PromptLearning::new(&sample, &model, &mut PeftRng::new(1), None)
         .unwrap_err()

@@ -15,15 +15,18 @@
 //! - [`host`]: the [`host::AdapterHost`] trait a model implements so that injection, merging and saving can
 //!   walk it.
 //! - [`peft_model`]: [`PeftModel`], adapters injected by name and managed like PEFT's `PeftModel`.
-//! - [`ops`]: differentiable model building blocks (RMSNorm, softmax, RoPE, frozen linear) with gradients.
-//! - [`kernels`]: in-place CPU kernels for hot inference paths (the unmerged LoRA forward).
+//! - [`ops`]: differentiable building blocks the adapters need (frozen linear, batched inverse) with gradients,
+//!   and the helpers CPU custom ops are built on ([`ops::cpu`]); the model-only ops (RMSNorm, softmax, RoPE,
+//!   SwiGLU, cross-entropy) are in `peft_models::ops`.
+//! - `kernels` (crate-private): in-place CPU kernels behind the unmerged LoRA / AdaLoRA forward and
+//!   `BaseLayer`'s linear.
 //! - [`train`]: optimizers (PyTorch-exact AdamW, SGD), LR schedules, the trainer, checkpoints and metrics.
 
 pub mod config;
 pub mod error;
 pub mod host;
 pub mod io;
-pub mod kernels;
+pub(crate) mod kernels;
 pub mod layer;
 pub mod merge;
 pub mod ops;

@@ -4,14 +4,15 @@
 //! rank allocator against PEFT's training trajectory (`fixtures/adalora/train/`).
 
 use crate::common::*;
-use crate::lora_parity::load_case;
+use crate::lora_parity::{LoadedCase, load_case};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
-use peft::io::{adapter_subdir, load_adapter, peft_key};
+use peft::io::peft_key;
 use peft::layer::registry;
 use peft::merge::{MergeAdapter, merge_model};
 use peft::tuners::adalora::layer::{AdaLoraAdapter, AdaLoraOptions};
 use peft::{AdapterSlot, BaseLayer, ForwardCtx, PeftConfig, PeftError, PeftRng};
+use std::path::Path;
 
 const CASES: [&str; 4] = [
     "adalora_plain",
@@ -20,38 +21,13 @@ const CASES: [&str; 4] = [
     "adalora_conv",
 ];
 
-fn all() -> Vec<std::path::PathBuf> {
-    let v = cases("adalora");
-    let names: Vec<String> = v
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, {
-        let mut c = CASES.to_vec();
-        c.sort();
-        c
-    });
-    v
+fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
+    parity::for_each_case("adalora", parity::Expected::Names(&CASES), f);
 }
 
 #[test]
 fn adalora_forward_matches_peft_per_layer() {
-    for dir in all() {
-        let c = load_case(&dir);
-        let io = load(&dir.join("io.safetensors"));
-        for (m, slot) in &c.slots {
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
-            assert_close(
-                &format!("{}: output.{m}", dir.display()),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-5,
-                1e-4,
-            );
-        }
-    }
+    for_each_case(|dir, c| parity::assert_forward_matches(dir, c, None));
 }
 
 #[test]
@@ -77,39 +53,19 @@ fn adalora_dropout_applies_in_training_only() {
     let t1 = slot.forward(x, &ForwardCtx::train(7, 0)).unwrap();
     let t1b = slot.forward(x, &ForwardCtx::train(7, 0)).unwrap();
     let t2 = slot.forward(x, &ForwardCtx::train(7, 1)).unwrap();
-    assert!(
-        max_abs_diff(&eval, &t1) > 1e-4,
-        "dropout changes the output"
-    );
-    assert_eq!(max_abs_diff(&t1, &t1b), 0.0, "same step, same mask");
-    assert!(max_abs_diff(&t1, &t2) > 1e-4, "another step, another mask");
+    assert!(max_diff(&eval, &t1) > 1e-4, "dropout changes the output");
+    assert_eq!(max_diff(&t1, &t1b), 0.0, "same step, same mask");
+    assert!(max_diff(&t1, &t2) > 1e-4, "another step, another mask");
 }
 
 #[test]
 fn adalora_disabled_forward_is_the_base() {
-    for dir in all() {
-        let mut c = load_case(&dir);
-        let io = load(&dir.join("io.safetensors"));
-        for (m, slot) in c.slots.iter_mut() {
-            slot.set_disabled(true);
-            let y = slot
-                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{}: disabled {m}", dir.display()),
-                &y,
-                &io[&format!("output_disabled.{m}")],
-                1e-5,
-                1e-4,
-            );
-        }
-    }
+    for_each_case(parity::assert_disabled_forward_is_base);
 }
 
 #[test]
 fn adalora_loaded_ranks_scale_and_divisor_follow_peft() {
-    for dir in all() {
-        let c = load_case(&dir);
+    for_each_case(|dir, c| {
         for (m, slot) in &c.slots {
             let a = slot.adapter("default").unwrap();
             assert_eq!(a.peft_type(), "ADALORA");
@@ -139,17 +95,21 @@ fn adalora_loaded_ranks_scale_and_divisor_follow_peft() {
                 );
             }
         }
-    }
+    });
 }
 
 #[test]
 fn adalora_merge_matches_peft_and_unmerge_restores_the_base() {
-    for dir in all() {
-        let mut c = load_case(&dir);
+    let checks = parity::MergeChecks {
+        merge_order: false,
+        merged_weight: (1e-5, 1e-4),
+        merged_forward: (1e-4, 1e-3),
+        unmerged_vs_base: (1e-5, 1e-4),
+        ..Default::default()
+    };
+    for_each_case(|dir, c| {
         let merged = load(&dir.join("merged.safetensors"));
-        let io = load(&dir.join("io.safetensors"));
-        for (m, slot) in c.slots.iter_mut() {
-            let what = format!("{}: merged {m}", dir.display());
+        for (m, slot) in &c.slots {
             // delta_weight (weighted merges) is what merging adds
             let delta = slot
                 .adapter("default")
@@ -160,93 +120,38 @@ fn adalora_merge_matches_peft_and_unmerge_restores_the_base() {
             let key = format!("{m}.weight");
             let expected_delta = (&merged[&key] - &c.base[&key]).unwrap();
             assert_close(
-                &format!("{what} delta"),
+                &format!("{}: merged {m} delta", dir.display()),
                 &delta.0,
                 &expected_delta,
                 1e-5,
                 1e-4,
             );
             assert!(delta.1.is_none());
-            slot.merge(None).unwrap();
-            assert_close(&what, slot.base().weight(), &merged[&key], 1e-5, 1e-4);
-            if let Some(b) = slot.base().bias() {
-                assert_close(
-                    &format!("{what}.bias"),
-                    b,
-                    &merged[&format!("{m}.bias")],
-                    0.0,
-                    0.0,
-                );
-            }
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{what} forward"),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-4,
-                1e-3,
-            );
-            slot.unmerge().unwrap();
-            assert_close(
-                &format!("{what} unmerged"),
-                slot.base().weight(),
-                &c.base[&key],
-                1e-5,
-                1e-4,
-            );
         }
-    }
+        parity::assert_case_merge_unmerge(dir, c, &checks);
+    });
 }
 
 #[test]
 fn adalora_save_reload_gives_the_same_file_and_config() {
-    for dir in all() {
-        let c = load_case(&dir);
+    for_each_case(|dir, c| {
+        // shapes are compared too (zero-size ones included)
         let (name, config, _, original) = &c.adapters[0];
         let saved =
             peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        peft::io::save_adapter(tmp.path(), config, &saved).unwrap();
-        let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
-        let mut a: Vec<&String> = back.tensors.keys().collect();
-        let mut b: Vec<&String> = original.keys().collect();
-        a.sort();
-        b.sort();
-        assert_eq!(a, b, "{}: keys", dir.display());
-        for (k, t) in original {
-            let u = &back.tensors[k];
-            assert_eq!(u.dims(), t.dims(), "{k}: shape (zero-size ones included)");
-            assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
-            if t.elem_count() > 0 {
-                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
-            }
-        }
-        let mine: serde_json::Value = serde_json::from_str(&back.config.to_json_string()).unwrap();
-        let theirs: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        assert!(
-            peft::config::json_content_eq(&mine, &theirs),
-            "{}: config differs:\n{mine}\nvs\n{theirs}",
-            dir.display()
-        );
+        let (mine, theirs) =
+            parity::assert_reloads_as_peft(dir, name, config, &saved, original, &|_| true);
         let rp = &theirs["rank_pattern"];
         if dir.ends_with("adalora_pruned") {
             assert_eq!(rp["aux.lora_E"], serde_json::json!(vec![false; 6]));
             assert_eq!(mine["rank_pattern"], *rp);
         }
-    }
+    });
 }
 
 #[test]
 fn adalora_merge_files_matches_peft_merge_and_unload() {
-    for dir in all() {
+    for dir in cases("adalora") {
         let merged = load(&dir.join("merged.safetensors"));
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged.safetensors");
@@ -318,7 +223,7 @@ fn new_adalora_adapters_start_as_peft_does() {
     slot.add_adapter("default", a).unwrap();
     let x = Tensor::ones((2, 30), DType::F32, &Device::Cpu).unwrap();
     let y = slot.forward(&x, &ForwardCtx::eval()).unwrap();
-    assert_eq!(max_abs_diff(&y, &base.forward(&x).unwrap()), 0.0);
+    assert_eq!(max_diff(&y, &base.forward(&x).unwrap()), 0.0);
     // init_lora_weights=false: everything random, E included
     let cfg = parse_config(
         r#"{"peft_type": "ADALORA", "total_step": 10, "init_r": 5, "init_lora_weights": false}"#,
@@ -394,14 +299,14 @@ fn adalora_with_masks_in_memory_saves_the_kept_rows_like_peft() {
     slot.add_adapter("default", back).unwrap();
     let x = Tensor::ones((3, 5), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(
-        max_abs_diff(
+        max_diff(
             &slot.forward(&x, &ForwardCtx::eval()).unwrap(),
             &base.forward(&x).unwrap()
         ),
         0.0
     );
     slot.merge(None).unwrap();
-    assert_eq!(max_abs_diff(slot.base().weight(), base.weight()), 0.0);
+    assert_eq!(max_diff(slot.base().weight(), base.weight()), 0.0);
 }
 
 #[test]

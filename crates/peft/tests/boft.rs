@@ -23,16 +23,7 @@ const CASES: [&str; 7] = [
 ];
 
 fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    let found = cases("boft");
-    let names: Vec<String> = found
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, CASES, "BOFT fixture cases");
-    for dir in found {
-        let mut c = load_case(&dir);
-        f(&dir, &mut c);
-    }
+    parity::for_each_case("boft", parity::Expected::Names(&CASES), f);
 }
 
 fn usize_of(v: &serde_json::Value) -> usize {
@@ -78,57 +69,11 @@ fn boft_disabled_forward_is_the_base() {
 
 #[test]
 fn boft_merge_matches_peft_and_unmerge_restores() {
-    for_each_case(|dir, c| {
-        let merged = load(&dir.join("merged.safetensors"));
-        let unmerged = load(&dir.join("unmerged.safetensors"));
-        let io = load(&dir.join("io.safetensors"));
-        for (m, slot) in c.slots.iter_mut() {
-            let what = format!("{}: {m}", dir.display());
-            slot.merge(None).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let w = format!("{m}.weight");
-            let b = format!("{m}.bias");
-            assert_close(
-                &format!("{what} merged weight"),
-                slot.base().weight(),
-                &merged[&w],
-                1e-6,
-                1e-5,
-            );
-            match (slot.base().bias(), merged.get(&b)) {
-                (Some(got), Some(want)) => {
-                    assert_close(&format!("{what} merged bias"), got, want, 0.0, 0.0)
-                }
-                (None, None) => {}
-                other => panic!("{what}: bias presence differs: {other:?}"),
-            }
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{what} merged forward"),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-5,
-                1e-4,
-            );
-            slot.unmerge().unwrap();
-            assert!(slot.merged().is_empty());
-            assert_close(
-                &format!("{what} unmerged weight"),
-                slot.base().weight(),
-                &unmerged[&w],
-                1e-6,
-                1e-5,
-            );
-            assert_close(
-                &format!("{what} unmerged weight vs base"),
-                slot.base().weight(),
-                &c.base[&w],
-                1e-6,
-                1e-5,
-            );
-        }
-    });
+    let checks = parity::MergeChecks {
+        merge_order: false,
+        ..Default::default()
+    };
+    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
 }
 
 #[test]

@@ -21,16 +21,7 @@ const CASES: [&str; 5] = [
 ];
 
 fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    let found = cases("ia3");
-    let names: Vec<String> = found
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, CASES, "IA3 fixture cases");
-    for dir in found {
-        let mut c = load_case(&dir);
-        f(&dir, &mut c);
-    }
+    parity::for_each_case("ia3", parity::Expected::Names(&CASES), f);
 }
 
 #[test]
@@ -74,70 +65,15 @@ fn ia3_disabled_forward_is_the_base() {
 
 #[test]
 fn ia3_merge_matches_peft_and_unmerge_is_peft_lossy_division() {
-    for_each_case(|dir, c| {
-        let merged = load(&dir.join("merged.safetensors"));
-        let unmerged = load(&dir.join("unmerged.safetensors"));
-        let io = load(&dir.join("io.safetensors"));
-        let order = strings(&c.json, "merge_order");
-        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
-        for (m, slot) in c.slots.iter_mut() {
-            let what = format!("{}: {m}", dir.display());
-            slot.merge(Some(&order))
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let w = format!("{m}.weight");
-            let b = format!("{m}.bias");
-            assert_close(
-                &format!("{what} merged weight"),
-                slot.base().weight(),
-                &merged[&w],
-                1e-6,
-                1e-5,
-            );
-            match (slot.base().bias(), merged.get(&b)) {
-                (Some(got), Some(want)) => {
-                    assert_close(&format!("{what} merged bias"), got, want, 1e-6, 1e-5)
-                }
-                (None, None) => {}
-                other => panic!("{what}: bias presence differs: {other:?}"),
-            }
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{what} merged forward"),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-4,
-                1e-3,
-            );
-            slot.unmerge().unwrap();
-            assert!(slot.merged().is_empty());
-            // PEFT's unmerge divides by l + 1e-8: compare with what PEFT's own unmerge left, and with the base.
-            assert_close(
-                &format!("{what} unmerged weight"),
-                slot.base().weight(),
-                &unmerged[&w],
-                1e-6,
-                1e-5,
-            );
-            assert_close(
-                &format!("{what} unmerged weight vs base"),
-                slot.base().weight(),
-                &c.base[&w],
-                1e-5,
-                1e-4,
-            );
-            if let Some(got) = slot.base().bias() {
-                assert_close(
-                    &format!("{what} unmerged bias"),
-                    got,
-                    &unmerged[&b],
-                    1e-6,
-                    1e-5,
-                );
-            }
-        }
-    });
+    // PEFT's unmerge divides by l + 1e-8: compare with what PEFT's own unmerge left, and with the base.
+    let checks = parity::MergeChecks {
+        merged_bias: (1e-6, 1e-5),
+        merged_forward: (1e-4, 1e-3),
+        unmerged_bias: Some((1e-6, 1e-5)),
+        unmerged_vs_base: (1e-5, 1e-4),
+        ..Default::default()
+    };
+    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
 }
 
 #[test]

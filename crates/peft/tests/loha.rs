@@ -21,16 +21,7 @@ const CASES: [&str; 5] = [
 ];
 
 fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    let found = cases("loha");
-    let names: Vec<String> = found
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, CASES, "LoHa fixture cases");
-    for dir in found {
-        let mut c = load_case(&dir);
-        f(&dir, &mut c);
-    }
+    parity::for_each_case("loha", parity::Expected::Names(&CASES), f);
 }
 
 #[test]
@@ -76,75 +67,13 @@ fn loha_disabled_forward_is_the_base() {
 
 #[test]
 fn loha_merge_matches_peft_and_unmerge_restores() {
-    for_each_case(|dir, c| {
-        let merged = load(&dir.join("merged.safetensors"));
-        let unmerged = load(&dir.join("unmerged.safetensors"));
-        let io = load(&dir.join("io.safetensors"));
-        let order = strings(&c.json, "merge_order");
-        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
-        for (m, slot) in c.slots.iter_mut() {
-            let what = format!("{}: {m}", dir.display());
-            slot.merge(Some(&order))
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let w = format!("{m}.weight");
-            let b = format!("{m}.bias");
-            assert_close(
-                &format!("{what} merged weight"),
-                slot.base().weight(),
-                &merged[&w],
-                1e-6,
-                1e-5,
-            );
-            assert!(
-                max_abs_diff(&merged[&w], &c.base[&w]) > 1e-3,
-                "{what}: merge changes nothing"
-            );
-            match (slot.base().bias(), merged.get(&b)) {
-                (Some(got), Some(want)) => {
-                    assert_close(&format!("{what} merged bias"), got, want, 0.0, 0.0)
-                }
-                (None, None) => {}
-                other => panic!("{what}: bias presence differs: {other:?}"),
-            }
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{what} merged forward"),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-5,
-                1e-4,
-            );
-            slot.unmerge().unwrap();
-            assert!(slot.merged().is_empty());
-            assert_close(
-                &format!("{what} unmerged weight"),
-                slot.base().weight(),
-                &unmerged[&w],
-                1e-6,
-                1e-5,
-            );
-            assert_close(
-                &format!("{what} unmerged weight vs base"),
-                slot.base().weight(),
-                &c.base[&w],
-                1e-6,
-                1e-5,
-            );
-            // after unmerging, the adapter runs unmerged again
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            assert_close(
-                &format!("{what} forward after unmerge"),
-                &y,
-                &io[&format!("output.{m}")],
-                1e-5,
-                1e-4,
-            );
-        }
-    });
+    // after unmerging, the adapter runs unmerged again
+    let checks = parity::MergeChecks {
+        min_change: Some(1e-3),
+        forward_after_unmerge: true,
+        ..Default::default()
+    };
+    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
 }
 
 #[test]

@@ -122,16 +122,7 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
 }
 
 fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    let cases = cases("lora");
-    assert!(
-        cases.len() >= 20,
-        "expected the LoRA fixture cases, found {}",
-        cases.len()
-    );
-    for dir in cases {
-        let mut c = load_case(&dir);
-        f(&dir, &mut c);
-    }
+    parity::for_each_case("lora", parity::Expected::AtLeast(20), f);
 }
 
 #[test]
@@ -291,34 +282,8 @@ fn lora_save_reload_gives_the_same_file() {
                     saved.insert(k.clone(), t.clone());
                 }
             }
-            let tmp = tempfile::tempdir().unwrap();
             let list: Vec<(String, Tensor)> = saved.into_iter().collect();
-            peft::io::save_adapter(tmp.path(), config, &list).unwrap();
-            let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
-            let mut a: Vec<&String> = back.tensors.keys().collect();
-            let mut b: Vec<&String> = original.keys().collect();
-            a.sort();
-            b.sort();
-            assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
-            for (k, t) in original {
-                let u = &back.tensors[k];
-                assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
-                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
-            }
-            let mine: serde_json::Value =
-                serde_json::from_str(&back.config.to_json_string()).unwrap();
-            let theirs: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(
-                    adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
-                )
-                .unwrap(),
-            )
-            .unwrap();
-            assert!(
-                peft::config::json_content_eq(&mine, &theirs),
-                "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
-                dir.display()
-            );
+            parity::assert_reloads_as_peft(dir, name, config, &list, original, &|_| true);
         }
     });
 }

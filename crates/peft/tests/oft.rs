@@ -25,16 +25,7 @@ const CASES: [&str; 9] = [
 ];
 
 fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    let found = cases("oft");
-    let names: Vec<String> = found
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, CASES, "OFT fixture cases");
-    for dir in found {
-        let mut c = load_case(&dir);
-        f(&dir, &mut c);
-    }
+    parity::for_each_case("oft", parity::Expected::Names(&CASES), f);
 }
 
 /// The kernel size PEFT saw for a module (1 for a Linear).
@@ -83,89 +74,34 @@ fn oft_disabled_forward_is_the_base() {
 #[test]
 fn oft_merge_matches_peft_and_unmerge_inverts_it() {
     for_each_case(|dir, c| {
-        let merged = load(&dir.join("merged.safetensors"));
-        let unmerged = load(&dir.join("unmerged.safetensors"));
-        let io = load(&dir.join("io.safetensors"));
-        let order = strings(&c.json, "merge_order");
-        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
         let peft_gap = c.json["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap();
-        for (m, slot) in c.slots.iter_mut() {
-            let what = format!("{}: {m}", dir.display());
-            let y_unmerged = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            slot.merge(Some(&order))
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let w = format!("{m}.weight");
-            let b = format!("{m}.bias");
-            assert_close(
-                &format!("{what} merged weight"),
-                slot.base().weight(),
-                &merged[&w],
-                1e-6,
-                1e-5,
-            );
-            match (slot.base().bias(), merged.get(&b)) {
-                (Some(got), Some(want)) => {
-                    assert_close(&format!("{what} merged bias"), got, want, 0.0, 0.0)
-                }
-                (None, None) => {}
-                other => panic!("{what}: bias presence differs: {other:?}"),
-            }
-            let y = slot
-                .forward(&io[&format!("input.{m}")], &ForwardCtx::eval())
-                .unwrap();
-            if kernel_of(&c.json, m) == 1 {
-                // PEFT's merge equals its forward here: so must ours.
-                assert!(peft_gap < 1e-5, "{what}: PEFT gap {peft_gap}");
-                assert_close(
-                    &format!("{what} merged forward"),
-                    &y,
-                    &io[&format!("output.{m}")],
-                    1e-5,
-                    1e-4,
+        let json = c.json.clone();
+        let kxk = |m: &str| kernel_of(&json, m) != 1;
+        for m in c.slots.keys() {
+            if kxk(m) {
+                // PEFT's merged k×k conv computes something else than its unmerged forward; so must ours.
+                assert!(
+                    peft_gap > 1e-2,
+                    "{}: {m}: PEFT gap {peft_gap}",
+                    dir.display()
                 );
             } else {
-                // PEFT's merged k×k conv computes something else than its unmerged forward; so does ours.
-                assert!(peft_gap > 1e-2, "{what}: PEFT gap {peft_gap}");
-                let gap = (&y - &y_unmerged)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(gap > 1e-2, "{what}: merged forward gap {gap}");
-            }
-            slot.unmerge().unwrap();
-            assert!(slot.merged().is_empty());
-            assert_close(
-                &format!("{what} unmerged weight vs PEFT's unmerge"),
-                slot.base().weight(),
-                &unmerged[&w],
-                1e-5,
-                1e-4,
-            );
-            assert_close(
-                &format!("{what} unmerged weight vs base"),
-                slot.base().weight(),
-                &c.base[&w],
-                1e-5,
-                1e-4,
-            );
-            if let Some(got) = slot.base().bias() {
-                assert_close(
-                    &format!("{what} unmerged bias"),
-                    got,
-                    &unmerged[&b],
-                    0.0,
-                    0.0,
+                // PEFT's merge equals its forward here: so must ours.
+                assert!(
+                    peft_gap < 1e-5,
+                    "{}: {m}: PEFT gap {peft_gap}",
+                    dir.display()
                 );
             }
         }
+        let checks = parity::MergeChecks {
+            merged_forward_differs: Some(&kxk),
+            unmerged: (1e-5, 1e-4),
+            unmerged_bias: Some((0.0, 0.0)),
+            unmerged_vs_base: (1e-5, 1e-4),
+            ..Default::default()
+        };
+        parity::assert_case_merge_unmerge(dir, c, &checks);
     });
 }
 
@@ -339,16 +275,7 @@ fn oft_new_adapter_starts_at_the_identity() {
                 assert_close(&format!("{name}: {m}: identity"), &y, base_y, 1e-5, 1e-4);
             } else {
                 // PEFT's unfold/fold is not the identity even at the identity rotation (overlaps are summed).
-                let d = (&y - base_y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = max_diff(&y, base_y);
                 assert!(d > 1e-2, "{name}: {m}: {d}");
             }
         }

@@ -449,7 +449,11 @@ fn checkpoint_directory_is_replaced_atomically() {
     let foreign = tmp.path().join("mine");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
-    assert!(t.save_checkpoint(&foreign, &Value::Null).is_err());
+    let e = t.save_checkpoint(&foreign, &Value::Null).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::Invalid(m) if m.ends_with("mine: exists and is not a trainer checkpoint; refusing to replace it")),
+        "{e}"
+    );
     assert!(foreign.join("notes.txt").exists());
 }
 
@@ -847,5 +851,5 @@ fn loss_curve_svg_is_well_formed() {
         .unwrap();
     assert_eq!(train_points, 6);
     assert!(svg.contains("toy &lt;LoRA&gt; &amp; friends"));
-    assert!(check_xml("<a><b></a></b>").is_err());
+    assert_eq!(check_xml("<a><b></a></b>").unwrap_err(), "</a> closes <b>");
 }

@@ -56,7 +56,7 @@ pub fn causal_lm_sum_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
     }
     // One fused op over all rows (ignored rows give 0): no shifted copies of the `[B·L, V]` logits.
     let flat = logits.reshape((b * l, v))?.to_dtype(DType::F32)?;
-    let nll = peft::ops::cross_entropy_rows(&flat, &targets)?;
+    let nll = crate::ops::cross_entropy_rows(&flat, &targets)?;
     Ok((nll.sum_all()?, n))
 }
 

@@ -350,7 +350,11 @@ fn format_comes_from_the_extension_unless_given() {
     let cfg = DataConfig::new(64).with_format(DataFormat::Text);
     let ds = load_dataset(&p, &tok, &cfg).unwrap();
     assert_eq!(ds.kind, ExampleKind::Text);
-    assert!(DataFormat::from_str("csv").is_err());
+    let e = DataFormat::from_str("csv").unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Invalid(m) if m.contains("unknown data format \"csv\"")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -380,7 +384,11 @@ fn eval_split_is_the_last_five_percent() {
     assert_eq!((s.train.len(), s.eval.len()), (100, 10));
     // One example cannot be split.
     let p1 = write(dir.path(), "t1.jsonl", "{\"input_ids\": [3, 4]}\n");
-    assert!(load_splits(&p1, None, &tok, &cfg).is_err());
+    let e = load_splits(&p1, None, &tok, &cfg).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Invalid(m) if m.contains("t1.jsonl: 1 example(s) after tokenization: at least 2")),
+        "{e}"
+    );
 }
 
 fn toy_dataset(n: usize) -> Dataset {
@@ -438,11 +446,17 @@ fn batcher_is_deterministic_resumes_exactly_and_reshuffles_each_epoch() {
     }
     // A state for another dataset size is refused.
     let mut other = Batcher::new(n + 1, 4, 7, 0).unwrap();
-    assert!(other.restore(&a.state()).is_err());
+    let e = other.restore(&a.state()).unwrap_err();
     assert!(
-        other
-            .restore(&serde_json::json!({"n_examples": 24}))
-            .is_err()
+        matches!(&e, ModelError::Invalid(m) if m.contains("state is for 23 examples in batches of 4, this run has 24")),
+        "{e}"
+    );
+    let e = other
+        .restore(&serde_json::json!({"n_examples": 24}))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Json { context, message } if context == "batcher state" && message.contains("\"batch_size\"")),
+        "{e}"
     );
 
     // Without shuffling: file order; drop_last drops the short batch.
@@ -571,7 +585,11 @@ fn loss_matches_a_hand_computation_and_ignores_minus_100() {
     assert_eq!((z.to_scalar::<f32>().unwrap(), n), (0.0, 0));
     // Out-of-vocabulary labels are an error.
     let bad = Tensor::new(vec![vec![0i64, 4, 0], vec![0, 0, 0]], &dev).unwrap();
-    assert!(causal_lm_loss(&logits, &bad).is_err());
+    let e = causal_lm_loss(&logits, &bad).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Invalid(m) if m.contains("label 4 at row 0, position 1 is outside the vocabulary (0..4)")),
+        "{e}"
+    );
 
     let mut meter = NllMeter::new();
     let (s, n) = causal_lm_sum_nll(&logits, &labels).unwrap();
@@ -656,15 +674,9 @@ fn bundled_demo_data_loads() {
 /// with the real byte-level BPE tokenizer and ChatML template; every conversation's assistant spans must be
 /// stable. `cargo test -p peft-models --lib data::tests::bundled_data_with_smollm2 -- --ignored --nocapture`
 #[test]
-#[ignore]
+#[ignore = "needs the SmolLM2 GGUF: bash scripts/fetch_smollm2.sh"]
 fn bundled_data_with_smollm2_tokenizer() {
-    let path = std::env::var_os("PEFT_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_data("../.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if !path.exists() {
-        eprintln!("skipped: {} not found", path.display());
-        return;
-    }
+    let path = crate::gguf::tests::smollm2_path();
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let tok = Tokenizer::from_gguf_metadata(&content.metadata).unwrap();

@@ -6,7 +6,8 @@
 //! f32 from `inv_freq`, including Llama-3 scaling), GQA, and an additive mask that combines causality, the
 //! sliding window (mistral, qwen2 sliding layers) and padding. Masked scores get `f32::MIN` (transformers'
 //! `torch.finfo(dtype).min`), so a fully masked row (a left-padding query) gives a uniform softmax, not NaN.
-//! Differentiable through [`peft::ops`]; the base weights are plain tensors, never `Var`s.
+//! Differentiable through [`crate::ops`] (RMSNorm, RoPE, softmax, SwiGLU) and the adapter slots' frozen linear;
+//! the base weights are plain tensors, never `Var`s.
 
 use super::cache::{KvCache, PrefixKv};
 use super::config::LlamaConfig;
@@ -96,7 +97,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(peft::ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(crate::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
@@ -592,7 +593,7 @@ impl LlamaForCausalLM {
         // silu(gate) ⊙ up in one pass forward and one backward
         let y = m
             .down_proj
-            .forward(&peft::ops::silu_mul(&gate, &up)?, ctx)?;
+            .forward(&crate::ops::silu_mul(&gate, &up)?, ctx)?;
         Ok(((x + y)?, k, v))
     }
 
@@ -619,8 +620,8 @@ impl LlamaForCausalLM {
         let q = heads(attn.q_proj.forward(x, ctx)?, nh)?;
         let k = heads(attn.k_proj.forward(x, ctx)?, nkv)?;
         let v = heads(attn.v_proj.forward(x, ctx)?, nkv)?.contiguous()?;
-        let q = peft::ops::rope(&q, cos, sin)?.contiguous()?;
-        let k = peft::ops::rope(&k, cos, sin)?.contiguous()?;
+        let q = crate::ops::rope(&q, cos, sin)?.contiguous()?;
+        let k = crate::ops::rope(&k, cos, sin)?.contiguous()?;
         let (k, v) = match past {
             Some((pk, pv)) => {
                 let fit = |t: Tensor| -> Result<Tensor> {
@@ -655,7 +656,7 @@ impl LlamaForCausalLM {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = peft::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = crate::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let o = probs
             .reshape((b, nkv, rep * l, t))?
             .matmul(&v)?

@@ -1,6 +1,6 @@
 //! A Linear layer with frozen weight and bias: the backward computes the input gradient only.
 
-use super::{Real, contiguous_part, custom_supported};
+use super::cpu::{Real, contiguous_part, custom_supported};
 use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Storage, Tensor, bail};
 
 /// `x Wᵀ + b` for a frozen weight `w` `[out, in]` and bias `b` `[out]`, over any leading dimensions of `x`:

@@ -7,7 +7,7 @@
 //! matrix of infinities. The backward is `∂L/∂A = −A⁻ᵀ (∂L/∂A⁻¹) A⁻ᵀ`, written with candle matmuls (so it
 //! is itself differentiable).
 
-use super::{Real, contiguous_part, custom_supported, par_rows};
+use super::cpu::{Real, contiguous_part, custom_supported, par_rows};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 
 /// The inverse of every matrix in `a` (`[.., n, n]`), differentiable:

@@ -747,7 +747,11 @@ mod tests {
         other.load_state(&st).unwrap();
         assert_eq!(other.param_state("a").unwrap().0, 1);
         let mut sgd = Sgd::from_params(vec![("a".into(), a)], SgdConfig::default()).unwrap();
-        assert!(sgd.load_state(&st).is_err());
+        let e = sgd.load_state(&st).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::Invalid(m) if m.contains("state is for `adamw`, this optimizer is `sgd`")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -760,7 +764,13 @@ mod tests {
             ],
             AdamWConfig::default(),
         );
-        assert!(dup.is_err());
+        let Err(e) = dup else {
+            panic!("a duplicate parameter is accepted")
+        };
+        assert!(
+            matches!(&e, PeftError::Invalid(m) if m.contains("parameter `a2` is the same tensor")),
+            "{e}"
+        );
         let mut opt = Sgd::new(
             vec![
                 ParamGroup::new(vec![("a".into(), a)]),
@@ -777,15 +787,18 @@ mod tests {
         assert_eq!(opt.learning_rate(), 0.05);
         opt.set_learning_rate(0.2);
         assert_eq!(opt.learning_rate(), 0.2);
+        let Err(e) = Sgd::from_params(
+            vec![],
+            SgdConfig {
+                nesterov: true,
+                ..Default::default()
+            },
+        ) else {
+            panic!("Nesterov without momentum is accepted")
+        };
         assert!(
-            Sgd::from_params(
-                vec![],
-                SgdConfig {
-                    nesterov: true,
-                    ..Default::default()
-                }
-            )
-            .is_err()
+            matches!(&e, PeftError::Invalid(m) if m.contains("Nesterov momentum requires")),
+            "{e}"
         );
     }
 }

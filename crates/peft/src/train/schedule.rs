@@ -188,6 +188,10 @@ mod tests {
             Schedule::from_name("cosine", 1, 2).unwrap(),
             Schedule::cosine(1, 2)
         );
-        assert!(Schedule::from_name("polynomial", 1, 2).is_err());
+        let e = Schedule::from_name("polynomial", 1, 2).unwrap_err();
+        assert!(
+            matches!(&e, crate::PeftError::Invalid(m) if m.contains("unknown lr scheduler \"polynomial\"")),
+            "{e}"
+        );
     }
 }

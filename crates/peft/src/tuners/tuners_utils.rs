@@ -1036,14 +1036,22 @@ mod tests {
             layers_pattern: Some(&pattern),
             ..Default::default()
         };
-        assert!(check_target_module_exists(&spec, Q0).is_err());
+        let e = check_target_module_exists(&spec, Q0).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.starts_with("`layers_pattern`: invalid regular expression \"(layers\"")),
+            "{e}"
+        );
         let save = s(&["lm_head["]);
         let spec = TargetSpec {
             target_modules: Some(&target),
             modules_to_save: Some(&save),
             ..Default::default()
         };
-        assert!(check_target_module_exists(&spec, Q0).is_err());
+        let e = check_target_module_exists(&spec, Q0).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.starts_with("`modules_to_save`: invalid regular expression \"lm_head[\"")),
+            "{e}"
+        );
         // no target_modules: nothing is targeted (PEFT's target_parameters path)
         assert!(!check_target_module_exists(&TargetSpec::default(), Q0).unwrap());
     }
@@ -1105,7 +1113,11 @@ mod tests {
             get_pattern_key(map.keys().map(String::as_str), Q0).unwrap(),
             Some("q_proj")
         );
-        assert!(get_pattern_key(["(q_proj"], Q0).is_err());
+        let e = get_pattern_key(["(q_proj"], Q0).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.contains("invalid regular expression \"(q_proj\"")),
+            "{e}"
+        );
     }
 
     fn llama_linear_names(n: usize) -> Vec<String> {

@@ -1,8 +1,10 @@
-//! Fixture loading and tensor comparison shared by the integration tests.
+//! Fixture loading and the parity checks shared by the integration tests (tensor comparisons come from
+//! `peft_test_support`).
 
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 use peft::io::read_safetensors;
+pub use peft_test_support::{assert_close, max_diff};
 use std::path::{Path, PathBuf};
 
 /// `fixtures/` at the workspace root.
@@ -61,66 +63,228 @@ pub fn tolerances(dtype: DType) -> (f64, f64) {
     }
 }
 
-/// Asserts `|a - b| <= atol + rtol |b|` elementwise, naming the tensor and the worst element.
-pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let a: Vec<f32> = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let mut worst = (0usize, 0f64);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let excess = ((*x as f64) - (*y as f64)).abs() - (atol + rtol * (*y as f64).abs());
-        if excess > worst.1 || x.is_nan() != y.is_nan() {
-            worst = (i, excess.max(f64::MIN_POSITIVE));
-        }
-    }
-    assert!(
-        worst.1 <= 0.0,
-        "{what}: element {} differs: {} vs expected {} (atol {atol}, rtol {rtol})",
-        worst.0,
-        a[worst.0],
-        b[worst.0]
-    );
-}
-
-/// The largest absolute difference between two tensors.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// Checks shared by the per-method parity tests (IA3, LoHa, LoKr, OFT, BOFT) on a case loaded with
-/// [`crate::lora_parity::load_case`].
+/// Checks shared by the per-method parity tests (LoRA, IA3, AdaLoRA, VeRA, LoHa, LoKr, OFT, BOFT) on a case
+/// loaded with [`crate::lora_parity::load_case`].
 pub mod parity {
     use super::*;
-    use crate::lora_parity::LoadedCase;
-    use peft::ForwardCtx;
+    use crate::lora_parity::{LoadedCase, load_case};
     use peft::io::{adapter_subdir, load_adapter};
     use peft::merge::{MergeAdapter, merge_model};
+    use peft::{AdapterSlot, ForwardCtx, PeftConfig};
+
+    /// The case directories a group must hold.
+    pub enum Expected<'a> {
+        /// Exactly these names (in any order).
+        Names(&'a [&'a str]),
+        /// At least this many cases.
+        AtLeast(usize),
+    }
+
+    /// Loads every supported case of `fixtures/<group>/cases` (after checking them against `expected`) and
+    /// runs `f` on it.
+    pub fn for_each_case(group: &str, expected: Expected, f: impl Fn(&Path, &mut LoadedCase)) {
+        let found = cases(group);
+        match expected {
+            Expected::Names(want) => {
+                let names: Vec<String> = found
+                    .iter()
+                    .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                    .collect();
+                let mut want = want.to_vec();
+                want.sort();
+                assert_eq!(names, want, "{group} fixture cases");
+            }
+            Expected::AtLeast(n) => assert!(
+                found.len() >= n,
+                "expected the {group} fixture cases, found {}",
+                found.len()
+            ),
+        }
+        for dir in found {
+            let mut c = load_case(&dir);
+            f(&dir, &mut c);
+        }
+    }
+
+    /// Tolerances `(atol, rtol)` for [`assert_close`].
+    pub type Tol = (f64, f64);
+
+    /// What [`assert_merge_unmerge`] checks, and how closely. [`MergeChecks::default`] is the common case:
+    /// weights 1e-6 / 1e-5, the bias unchanged bit for bit, the merged forward 1e-5 / 1e-4.
+    pub struct MergeChecks<'a> {
+        /// Merge in the case's `merge_order` (otherwise every active adapter).
+        pub merge_order: bool,
+        /// The merged weight against PEFT's `merged.safetensors`.
+        pub merged_weight: Tol,
+        /// When set, the merge must move the weight by more than this (a merge that does nothing could pass).
+        pub min_change: Option<f64>,
+        /// The merged bias against PEFT's (both present or both absent).
+        pub merged_bias: Tol,
+        /// The merged layer's forward against PEFT's adapted output.
+        pub merged_forward: Tol,
+        /// Modules whose merged forward differs from their unmerged one (by more than 1e-2) instead: PEFT's
+        /// merge of a k×k OFT convolution computes something else than its forward.
+        pub merged_forward_differs: Option<&'a dyn Fn(&str) -> bool>,
+        /// The unmerged weight against PEFT's own unmerge (`unmerged.safetensors`), when the case has one.
+        pub unmerged: Tol,
+        /// The unmerged bias against PEFT's own unmerge, when set (and the layer has a bias).
+        pub unmerged_bias: Option<Tol>,
+        /// The unmerged weight against the base weight.
+        pub unmerged_vs_base: Tol,
+        /// After unmerging, the forward is PEFT's adapted output again (1e-5 / 1e-4).
+        pub forward_after_unmerge: bool,
+    }
+
+    impl Default for MergeChecks<'_> {
+        fn default() -> Self {
+            Self {
+                merge_order: true,
+                merged_weight: (1e-6, 1e-5),
+                min_change: None,
+                merged_bias: (0.0, 0.0),
+                merged_forward: (1e-5, 1e-4),
+                merged_forward_differs: None,
+                unmerged: (1e-6, 1e-5),
+                unmerged_bias: None,
+                unmerged_vs_base: (1e-6, 1e-5),
+                forward_after_unmerge: false,
+            }
+        }
+    }
+
+    /// What PEFT recorded for a case: `merged.safetensors`, `unmerged.safetensors` (when written) and
+    /// `io.safetensors`.
+    pub struct MergeFiles {
+        /// PEFT's merged state dict.
+        pub merged: IndexMap<String, Tensor>,
+        /// PEFT's state dict after its own unmerge, for the methods whose unmerge is not exact.
+        pub unmerged: Option<IndexMap<String, Tensor>>,
+        /// Per-module inputs and outputs.
+        pub io: IndexMap<String, Tensor>,
+    }
+
+    impl MergeFiles {
+        /// The files of the case in `dir`.
+        pub fn load(dir: &Path) -> Self {
+            let unmerged = dir.join("unmerged.safetensors");
+            Self {
+                merged: load(&dir.join("merged.safetensors")),
+                unmerged: unmerged.exists().then(|| load(&unmerged)),
+                io: load(&dir.join("io.safetensors")),
+            }
+        }
+    }
+
+    /// [`assert_merge_unmerge`] for every slot of a loaded case, against its base.
+    pub fn assert_case_merge_unmerge(dir: &Path, c: &mut LoadedCase, checks: &MergeChecks) {
+        let files = MergeFiles::load(dir);
+        let order = strings(&c.json, "merge_order");
+        let order: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
+        let order = checks.merge_order.then_some(order.as_slice());
+        for (m, slot) in c.slots.iter_mut() {
+            let what = format!("{}: {m}", dir.display());
+            assert_merge_unmerge(&what, m, slot, order, &files, &c.base, checks);
+        }
+    }
+
+    /// Merges the adapters of `slot` (module `m`) in `order` and checks the merged weight, bias and forward
+    /// against PEFT's; unmerges and checks the weight against PEFT's unmerge and the base (`base`, by tensor
+    /// name), as `checks` says.
+    pub fn assert_merge_unmerge(
+        what: &str,
+        m: &str,
+        slot: &mut AdapterSlot,
+        order: Option<&[&str]>,
+        files: &MergeFiles,
+        base: &IndexMap<String, Tensor>,
+        checks: &MergeChecks,
+    ) {
+        let (w, b) = (format!("{m}.weight"), format!("{m}.bias"));
+        let (x, want) = (
+            &files.io[&format!("input.{m}")],
+            &files.io[&format!("output.{m}")],
+        );
+        let differs = checks.merged_forward_differs.is_some_and(|f| f(m));
+        let before = differs.then(|| slot.forward(x, &ForwardCtx::eval()).unwrap());
+        slot.merge(order).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (atol, rtol) = checks.merged_weight;
+        let merged_w = &files.merged[&w];
+        assert_close(
+            &format!("{what} merged weight"),
+            slot.base().weight(),
+            merged_w,
+            atol,
+            rtol,
+        );
+        if let Some(min) = checks.min_change {
+            assert!(
+                max_diff(merged_w, &base[&w]) > min,
+                "{what}: merge changes nothing"
+            );
+        }
+        match (slot.base().bias(), files.merged.get(&b)) {
+            (Some(got), Some(expected)) => {
+                let (atol, rtol) = checks.merged_bias;
+                assert_close(&format!("{what} merged bias"), got, expected, atol, rtol)
+            }
+            (None, None) => {}
+            other => panic!("{what}: bias presence differs: {other:?}"),
+        }
+        let y = slot.forward(x, &ForwardCtx::eval()).unwrap();
+        if let Some(before) = before {
+            let gap = max_diff(&y, &before);
+            assert!(gap > 1e-2, "{what}: merged forward gap {gap}");
+        } else {
+            let (atol, rtol) = checks.merged_forward;
+            assert_close(&format!("{what} merged forward"), &y, want, atol, rtol);
+        }
+        slot.unmerge().unwrap();
+        assert!(slot.merged().is_empty(), "{what}: still merged");
+        if let Some(unmerged) = &files.unmerged {
+            let (atol, rtol) = checks.unmerged;
+            let got = slot.base().weight();
+            assert_close(
+                &format!("{what} unmerged weight"),
+                got,
+                &unmerged[&w],
+                atol,
+                rtol,
+            );
+            if let (Some((atol, rtol)), Some(got)) = (checks.unmerged_bias, slot.base().bias()) {
+                assert_close(
+                    &format!("{what} unmerged bias"),
+                    got,
+                    &unmerged[&b],
+                    atol,
+                    rtol,
+                );
+            }
+        }
+        let (atol, rtol) = checks.unmerged_vs_base;
+        let got = slot.base().weight();
+        assert_close(
+            &format!("{what} unmerged weight vs base"),
+            got,
+            &base[&w],
+            atol,
+            rtol,
+        );
+        if checks.forward_after_unmerge {
+            let y = slot.forward(x, &ForwardCtx::eval()).unwrap();
+            assert_close(
+                &format!("{what} forward after unmerge"),
+                &y,
+                want,
+                1e-5,
+                1e-4,
+            );
+        }
+    }
 
     /// Every slot's forward on PEFT's recorded input equals PEFT's output (f32: 1e-5 / 1e-4); with
     /// `min_effect`, the adapter must also move the layer's output by more than that (a wrong update could
     /// otherwise pass).
-    pub fn assert_forward_matches(dir: &Path, c: &LoadedCase, min_effect: Option<f32>) {
+    pub fn assert_forward_matches(dir: &Path, c: &LoadedCase, min_effect: Option<f64>) {
         let io = load(&dir.join("io.safetensors"));
         for (m, slot) in &c.slots {
             let y = slot
@@ -135,7 +299,7 @@ pub mod parity {
                 1e-4,
             );
             if let Some(min) = min_effect {
-                let moved = max_abs_diff(want, &io[&format!("output_disabled.{m}")]);
+                let moved = max_diff(want, &io[&format!("output_disabled.{m}")]);
                 assert!(
                     moved > min,
                     "{}: {m}: adapter has no effect ({moved})",
@@ -170,35 +334,49 @@ pub mod parity {
         for (name, config, _, original) in &c.adapters {
             let saved =
                 peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
-            let tmp = tempfile::tempdir().unwrap();
-            peft::io::save_adapter(tmp.path(), config, &saved).unwrap();
-            let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
-            let mut a: Vec<&String> = back.tensors.keys().collect();
-            let mut b: Vec<&String> = original.keys().collect();
-            a.sort();
-            b.sort();
-            assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
-            for (k, t) in original {
-                assert!(key_ok(k), "{k}");
-                let u = &back.tensors[k];
-                assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
-                assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
-            }
-            let mine: serde_json::Value =
-                serde_json::from_str(&back.config.to_json_string()).unwrap();
-            let theirs: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(
-                    adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
-                )
-                .unwrap(),
-            )
-            .unwrap();
-            assert!(
-                peft::config::json_content_eq(&mine, &theirs),
-                "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
-                dir.display()
-            );
+            assert_reloads_as_peft(dir, name, config, &saved, original, &key_ok);
         }
+    }
+
+    /// Saves `saved` as adapter `name` with `config`, reads it back and checks it against PEFT's file of the
+    /// case in `dir` (`original`): the same keys (each accepted by `key_ok`), shapes, dtypes and values bit
+    /// for bit, and a config with the same content. Returns the two configs as JSON (ours, PEFT's).
+    pub fn assert_reloads_as_peft(
+        dir: &Path,
+        name: &str,
+        config: &PeftConfig,
+        saved: &[(String, Tensor)],
+        original: &IndexMap<String, Tensor>,
+        key_ok: &dyn Fn(&str) -> bool,
+    ) -> (serde_json::Value, serde_json::Value) {
+        let tmp = tempfile::tempdir().unwrap();
+        peft::io::save_adapter(tmp.path(), config, saved).unwrap();
+        let back = load_adapter(tmp.path(), &Device::Cpu).unwrap();
+        let mut a: Vec<&String> = back.tensors.keys().collect();
+        let mut b: Vec<&String> = original.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{}: {name}: keys differ", dir.display());
+        for (k, t) in original {
+            assert!(key_ok(k), "{k}");
+            let u = &back.tensors[k];
+            assert_eq!(u.dtype(), t.dtype(), "{k}: dtype");
+            assert_close(&format!("{}: {k}", dir.display()), u, t, 0.0, 0.0);
+        }
+        let mine: serde_json::Value = serde_json::from_str(&back.config.to_json_string()).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                adapter_subdir(&dir.join("adapter"), name).join("adapter_config.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            peft::config::json_content_eq(&mine, &theirs),
+            "{}: {name}: config differs:\n{mine}\nvs\n{theirs}",
+            dir.display()
+        );
+        (mine, theirs)
     }
 
     /// `peft merge` without a model ([`merge_model`]) of the case's adapters, in merge order, into its base

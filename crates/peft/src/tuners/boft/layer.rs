@@ -791,7 +791,12 @@ mod tests {
                 "{n} {b} {r} {f}"
             );
         }
-        assert!(block_butterfly_perm(16, 8, 2, 1).is_err()); // b·r·2 > n
+        // b·r·2 > n
+        let e = block_butterfly_perm(16, 8, 2, 1).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.contains("Invalid number of blocks! (n=16, b=8, r=2)")),
+            "{e}"
+        );
     }
 
     #[test]

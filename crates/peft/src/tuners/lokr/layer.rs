@@ -910,7 +910,13 @@ mod tests {
             init_weights: LoKrInitWeights::Method("pissa".into()),
             ..cfg()
         };
-        assert!(LoKrAdapter::new(&bad, "m", &base, &mut rng).is_err());
+        let Err(e) = LoKrAdapter::new(&bad, "m", &base, &mut rng) else {
+            panic!("init_weights \"pissa\" is accepted")
+        };
+        assert!(
+            matches!(&e, PeftError::InvalidConfig(m) if m.contains("`init_weights`") && m.contains("\"pissa\"")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -927,7 +933,11 @@ mod tests {
         };
         let x = randn(&mut rng, &[1, 16], DType::F32);
         let y = other.forward(&x).unwrap();
-        assert!(a.transform_output(&other, &x, y, &call).is_err());
+        let e = a.transform_output(&other, &x, y, &call).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::Invalid(m) if m.contains("shape [16, 24] used on one of shape [24, 16]")),
+            "{e}"
+        );
         let w = other.weight().clone();
         let input = MergeInput {
             kind: other.kind(),
@@ -935,6 +945,10 @@ mod tests {
             bias: None,
             unmerged_weight: &w,
         };
-        assert!(a.merge(input).is_err());
+        let e = a.merge(input).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::Invalid(m) if m.contains("shape [16, 24] merged into one of shape [24, 16]")),
+            "{e}"
+        );
     }
 }

@@ -704,8 +704,13 @@ mod tests {
         assert_eq!(block_size_for(24, 5, 0).unwrap(), 6);
         assert_eq!(block_size_for(16, 0, 32).unwrap(), 16);
         assert_eq!(block_size_for(36, 0, 6).unwrap(), 6);
-        assert!(block_size_for(16, 0, 0).is_err());
-        assert!(block_size_for(16, 2, 8).is_err());
+        for (r, bs) in [(0, 0), (2, 8)] {
+            let e = block_size_for(16, r, bs).unwrap_err();
+            assert!(
+                matches!(&e, PeftError::InvalidConfig(m) if m.contains(&format!("exactly one of r ({r}) and oft_block_size ({bs})"))),
+                "{e}"
+            );
+        }
         for n in 1..40 {
             assert_eq!(block_size_of_packed(n * (n - 1) / 2), Some(n));
         }
@@ -838,27 +843,27 @@ mod tests {
         let mid: Vec<f32> = got.i((0, 1, 1)).unwrap().to_vec1().unwrap();
         assert_eq!(mid, vec![2., 4., 6., 4., 2.]);
         // Bad inputs are errors, not panics.
-        assert!(
-            a.rotate_input(
-                &Tensor::ones((2, 4, 5), DType::F32, &cpu()).unwrap(),
-                &a.rotation().unwrap()
-            )
-            .is_err()
-        );
-        assert!(
-            a.rotate_input(
-                &Tensor::ones((1, 3, 4, 5), DType::F32, &cpu()).unwrap(),
-                &a.rotation().unwrap()
-            )
-            .is_err()
-        );
-        assert!(
-            a.rotate_input(
-                &Tensor::ones((1, 2, 2, 5), DType::F32, &cpu()).unwrap(),
-                &a.rotation().unwrap()
-            )
-            .is_err()
-        );
+        for (shape, says) in [
+            (
+                &[2, 4, 5][..],
+                "expects a [batch, channels, height, width] input, got [2, 4, 5]",
+            ),
+            (
+                &[1, 3, 4, 5],
+                "3x3 kernel got an input of shape [1, 3, 4, 5]",
+            ),
+            (
+                &[1, 2, 2, 5],
+                "3x3 kernel got an input of shape [1, 2, 2, 5]",
+            ),
+        ] {
+            let x = Tensor::ones(shape, DType::F32, &cpu()).unwrap();
+            let e = a.rotate_input(&x, &a.rotation().unwrap()).unwrap_err();
+            assert!(
+                matches!(&e, PeftError::Invalid(m) if m.contains(says)),
+                "{shape:?}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -911,9 +916,12 @@ mod tests {
         // Wrong input width.
         let a = OftAdapter::new(&base, &cfg(4), &mut rng).unwrap();
         let r = a.rotation().unwrap();
+        let e = a
+            .rotate_input(&Tensor::ones((2, 6), DType::F32, &cpu()).unwrap(), &r)
+            .unwrap_err();
         assert!(
-            a.rotate_input(&Tensor::ones((2, 6), DType::F32, &cpu()).unwrap(), &r)
-                .is_err()
+            matches!(&e, PeftError::Invalid(m) if m.contains("8 input features got an input of shape [2, 6]")),
+            "{e}"
         );
     }
 
@@ -944,7 +952,11 @@ mod tests {
         let mut share = cfg(8);
         share.block_share = true;
         assert!(OftAdapter::from_tensors(&base, &share, &mk(&[1, 28])).is_ok());
-        assert!(OftAdapter::from_tensors(&base, &share, &mk(&[3, 28])).is_err());
+        let e = OftAdapter::from_tensors(&base, &share, &mk(&[3, 28])).unwrap_err();
+        assert!(
+            matches!(&e, PeftError::ShapeMismatch { name, expected, got } if name == OFT_R && expected == &[1, 28] && got == &[3, 28]),
+            "{e}"
+        );
         let e = OftAdapter::from_tensors(&base, &cfg(8), &IndexMap::new()).unwrap_err();
         assert!(matches!(&e, PeftError::MissingKey(k) if k == OFT_R));
         let mut extra = mk(&[3, 28]);

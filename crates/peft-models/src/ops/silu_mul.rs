@@ -4,8 +4,8 @@
 //! `silu`'s sigmoid chain (negate, exp, add, reciprocal, …), each a pass over an `[B, L, intermediate]`
 //! tensor. The custom op makes one pass forward and one backward, which writes both gradients.
 
-use super::{Real, custom_supported};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use peft::ops::cpu::{Real, custom_supported};
 
 /// `silu(gate) · up` element-wise (`silu(x) = x · σ(x)`), for tensors of one shape.
 ///
@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 /// # fn main() -> candle_core::Result<()> {
 /// let gate = Tensor::new(&[0f32, 2.0], &Device::Cpu)?;
 /// let up = Tensor::new(&[3f32, 0.5], &Device::Cpu)?;
-/// let y = peft::ops::silu_mul(&gate, &up)?.to_vec1::<f32>()?;
+/// let y = peft_models::ops::silu_mul(&gate, &up)?.to_vec1::<f32>()?;
 /// assert_eq!(y[0], 0.0);
 /// assert!((y[1] - 0.5 * 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
 /// # Ok(()) }
@@ -231,8 +231,8 @@ impl<T> SendPtr<T> {
 mod tests {
     use super::super::testutil::{fd_check, grads_of, max_diff, randn, vars};
     use super::*;
-    use crate::PeftRng;
     use candle_core::DType;
+    use peft::PeftRng;
 
     #[test]
     fn forward_matches_reference() {

@@ -1,7 +1,7 @@
-//! The causal-LM loss over SmolLM2's vocabulary: `cargo bench -p peft --bench cross_entropy` measures the
+//! The causal-LM loss over SmolLM2's vocabulary: `cargo bench -p peft-models --bench cross_entropy` measures the
 //! loss and its gradient for `[256, 49152]` f32 logits (a 4×64 batch) with the fused custom op
-//! [`peft::ops::cross_entropy_rows`] and with the same computation in candle primitives
-//! ([`peft::ops::cross_entropy_rows_reference`]: max, shift, exp, sum, log, gather and their backward).
+//! [`peft_models::ops::cross_entropy_rows`] and with the same computation in candle primitives
+//! ([`peft_models::ops::cross_entropy_rows_reference`]: max, shift, exp, sum, log, gather and their backward).
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, black_box};
@@ -21,8 +21,8 @@ fn main() {
         .configure_from_args();
     let mut g = c.benchmark_group("cross_entropy_256x49152");
     let cases: [(&str, Loss); 2] = [
-        ("fused", peft::ops::cross_entropy_rows),
-        ("candle_ops", peft::ops::cross_entropy_rows_reference),
+        ("fused", peft_models::ops::cross_entropy_rows),
+        ("candle_ops", peft_models::ops::cross_entropy_rows_reference),
     ];
     for (name, f) in cases {
         g.bench_function(format!("{name}/forward+backward"), |b| {

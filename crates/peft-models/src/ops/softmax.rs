@@ -1,7 +1,8 @@
 //! Softmax over the last dimension with an analytic backward.
 
-use super::{Real, custom_supported, dot, par_rows, row_offsets, rows_readable};
+use super::{dot, row_offsets, rows_readable};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
+use peft::ops::cpu::{Real, custom_supported, par_rows};
 
 /// Softmax over the last dimension (numerically stable: the row maximum is subtracted first).
 ///
@@ -126,8 +127,8 @@ fn bwd<T: Real>(y: &[T], ly: &Layout, g: &[T], lg: &Layout) -> Result<(CpuStorag
 mod tests {
     use super::super::testutil::{fd_check, gapped, grads_of, max_diff, randn, strided, vars};
     use super::*;
-    use crate::PeftRng;
     use candle_core::DType;
+    use peft::PeftRng;
 
     /// Vectors, matrices, 3-D and 4-D inputs (the last one of attention-score shape).
     const SHAPES: [&[usize]; 5] = [&[9], &[4, 17], &[2, 3, 40], &[2, 3, 8, 64], &[2, 3, 77, 64]];

@@ -6,8 +6,9 @@
 //! 4×64 batch that is ~50 MB each. The custom op reads the logits twice forward (max, then `Σ exp`) and once
 //! backward, and writes one `N × V` gradient: `g_i · (softmax(x_i) − onehot(t_i))`.
 
-use super::{Real, custom_supported, par_rows, row_offsets, rows_readable};
+use super::{row_offsets, rows_readable};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
+use peft::ops::cpu::{Real, contiguous_part, custom_supported, par_rows};
 use std::sync::Arc;
 
 /// The target of an ignored row.
@@ -24,7 +25,7 @@ const IGNORED: u32 = u32::MAX;
 /// use candle_core::{Device, Tensor};
 /// # fn main() -> candle_core::Result<()> {
 /// let logits = Tensor::new(&[[0f32, 0.0], [2.0, 0.0]], &Device::Cpu)?;
-/// let nll = peft::ops::cross_entropy_rows(&logits, &[Some(1), None])?;
+/// let nll = peft_models::ops::cross_entropy_rows(&logits, &[Some(1), None])?;
 /// let v = nll.to_vec1::<f32>()?;
 /// assert!((v[0] - 2f32.ln()).abs() < 1e-6 && v[1] == 0.0);
 /// # Ok(()) }
@@ -210,8 +211,8 @@ fn bwd<T: Real>(
     targets: &[u32],
 ) -> Result<(CpuStorage, Shape)> {
     let (rows, d) = row_offsets(lx)?;
-    let nll = super::contiguous_part(nll, ln)?;
-    let g = super::contiguous_part(g, lg)?;
+    let nll = contiguous_part(nll, ln)?;
+    let g = contiguous_part(g, lg)?;
     if nll.len() != rows.len() || g.len() != rows.len() || targets.len() != rows.len() {
         bail!(
             "peft-cross-entropy-rows-bwd: {} rows but {} / {} / {} values",
@@ -248,8 +249,8 @@ fn bwd<T: Real>(
 mod tests {
     use super::super::testutil::{fd_check, gapped, grads_of, max_diff, randn, vars};
     use super::*;
-    use crate::PeftRng;
     use candle_core::{DType, Device};
+    use peft::PeftRng;
 
     fn targets(n: usize, v: usize, rng: &mut PeftRng) -> Vec<Option<u32>> {
         (0..n)
@@ -327,7 +328,13 @@ mod tests {
     #[test]
     fn bad_targets_are_errors() {
         let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(cross_entropy_rows(&x, &[Some(3), None]).is_err());
-        assert!(cross_entropy_rows(&x, &[Some(0)]).is_err());
+        let e = cross_entropy_rows(&x, &[Some(3), None]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("target 3 of row 0 is outside the vocabulary (0..3)"),
+            "{e}"
+        );
+        let e = cross_entropy_rows(&x, &[Some(0)]).unwrap_err();
+        assert!(e.to_string().contains("1 targets for 2 rows"), "{e}");
     }
 }

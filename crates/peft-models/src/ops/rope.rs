@@ -1,7 +1,8 @@
 //! Rotary position embedding (HF rotate-half) with an analytic backward for the input.
 
-use super::{Real, contiguous_part, custom_supported, par_rows, row_offsets, rows_readable};
+use super::{row_offsets, rows_readable};
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
+use peft::ops::cpu::{Real, contiguous_part, custom_supported, par_rows};
 
 /// Rotary position embedding, HF's rotate-half form: `x·cos + rotate_half(x)·sin`, for `x` `[B, H, L, D]`
 /// and `cos` / `sin` `[L, D/2]` (shared positions) or `[B, L, D/2]` (per-row positions).
@@ -176,8 +177,8 @@ fn fwd<T: Real>(
 mod tests {
     use super::super::testutil::{fd_check, grads_of, max_diff, randn, vars};
     use super::*;
-    use crate::PeftRng;
     use candle_core::DType;
+    use peft::PeftRng;
 
     /// `cos`/`sin` tables of real angles, `[L, D/2]` or `[B, L, D/2]`.
     fn tables(rng: &mut PeftRng, lead: &[usize], half: usize, dtype: DType) -> (Tensor, Tensor) {

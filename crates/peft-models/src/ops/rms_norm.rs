@@ -1,9 +1,10 @@
 //! RMSNorm (HF `LlamaRMSNorm`) with an analytic backward for the input and the weight.
 
-use super::{Real, contiguous_part, custom_supported, dot, par_rows, row_offsets, rows_readable};
+use super::{dot, row_offsets, rows_readable};
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, bail,
 };
+use peft::ops::cpu::{Real, contiguous_part, custom_supported, par_rows};
 
 /// RMSNorm over the last dimension, as HF's `LlamaRMSNorm`: computed in f32,
 /// `weight * (x / sqrt(mean(x²) + eps)).to(x.dtype)` (f64 inputs are computed in f64).
@@ -240,7 +241,7 @@ fn bwd<T: Real>(
 mod tests {
     use super::super::testutil::{fd_check, gapped, grads_of, max_diff, randn, strided, vars};
     use super::*;
-    use crate::PeftRng;
+    use peft::PeftRng;
 
     /// Vectors, matrices, 3-D and 4-D inputs, and rows long enough for the vectorised loops and their tails.
     const SHAPES: [&[usize]; 5] = [&[7], &[3, 16], &[2, 5, 33], &[2, 3, 4, 64], &[131, 512]];
