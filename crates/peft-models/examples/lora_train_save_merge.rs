@@ -49,11 +49,14 @@ fn main() -> Result<(), Error> {
     let lora = PeftConfig::Lora(LoraConfig {
         r: 8,
         lora_alpha: 16.0,
-        targets: peft::config::TargetFields { target_modules: Some(TargetModules::List(
-            ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec(),
-        )), ..Default::default() },
+        targets: peft::config::TargetFields {
+            target_modules: Some(TargetModules::List(
+                ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    .map(String::from)
+                    .to_vec(),
+            )),
+            ..Default::default()
+        },
         ..Default::default()
     });
     let model = PeftModel::get_peft_model(base()?, lora, "default", 0)?;

@@ -111,8 +111,6 @@ impl Default for AdaLoraConfig {
 }
 
 impl AdaLoraConfig {
-
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): LoRA's layer-selection and `lora_bias` checks, no DoRA, no
     /// LoftQ, `total_step > 0`, `orth_reg_weight >= 0`, a budgeting phase (`tinit < total_step - tfinal`), a
     /// positive `init_r`. Refused ([`PeftError::Unsupported`]): a named `init_lora_weights` and every LoRA

@@ -58,8 +58,6 @@ impl Default for BoftConfig {
 }
 
 impl BoftConfig {
-
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): exactly one of `boft_block_size` and `boft_block_num`
     /// non-zero, at least one butterfly factor, `layers_pattern` only with `layers_to_transform`. Nothing of BOFT
     /// is refused.

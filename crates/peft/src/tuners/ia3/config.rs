@@ -60,7 +60,6 @@ impl Ia3Config {
         }
     }
 
-
     /// PEFT's check: when both are lists, `feedforward_modules` must be a subset of `target_modules`
     /// ([`PeftError::InvalidConfig`]). Nothing of IA3 is refused.
     pub fn validate(&self) -> Result<()> {

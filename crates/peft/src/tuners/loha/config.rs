@@ -87,8 +87,6 @@ impl LoHaConfig {
         self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
     }
 
-
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
     /// `layers_pattern` only with `layers_to_transform`. Nothing of LoHa is refused.
     pub fn validate(&self) -> Result<()> {

@@ -89,8 +89,6 @@ impl LoKrConfig {
         self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
     }
 
-
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
     /// `layers_pattern` only with `layers_to_transform` and `init_weights` a bool or `"lycoris"`. Nothing
     /// of LoKr is refused (any `decompose_factor` is valid: PEFT's `factorization` handles every value).

@@ -366,8 +366,6 @@ impl LoraConfig {
         self.patterns.rank_and_alpha_for(module_name, self.r, self.lora_alpha)
     }
 
-
-
     /// PEFT's checks, then a refusal of every unimplemented feature set to a non-default value.
     ///
     /// Implemented: `r`, `lora_alpha`, `lora_dropout`, `fan_in_fan_out`, `bias` (all three), `use_rslora`,

@@ -70,8 +70,6 @@ impl Default for OftConfig {
 }
 
 impl OftConfig {
-
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): exactly one of `r` and `oft_block_size` non-zero,
     /// `layers_pattern` only with `layers_to_transform`. Nothing of OFT is refused (COFT, block sharing and both
     /// Cayley forms are part of the method).

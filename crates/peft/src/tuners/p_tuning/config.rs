@@ -55,7 +55,6 @@ impl Default for PromptEncoderConfig {
 }
 
 impl PromptEncoderConfig {
-
     /// PEFT's checks ([`crate::PeftError::InvalidConfig`]): `num_virtual_tokens` set. Nothing of P-tuning is
     /// refused (MLP and LSTM encoders are both part of the method).
     pub fn validate(&self) -> Result<()> {

@@ -29,7 +29,6 @@ pub struct PrefixTuningConfig {
 }
 
 impl PrefixTuningConfig {
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `num_virtual_tokens` set, `init_weights` `null` or
     /// `"zero"`. Nothing of prefix tuning is refused.
     pub fn validate(&self) -> Result<()> {

@@ -43,7 +43,6 @@ pub struct PromptTuningConfig {
 }
 
 impl PromptTuningConfig {
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `num_virtual_tokens` set; `"TEXT"` init needs
     /// `tokenizer_name_or_path` and `prompt_tuning_init_text`; `tokenizer_kwargs` only with `"TEXT"` init.
     /// Nothing of prompt tuning is refused.

@@ -78,7 +78,6 @@ impl VeraConfig {
         }
     }
 
-
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0`, `vera_dropout` at most 1, `layers_pattern` only
     /// with `layers_to_transform`. Nothing of VeRA is refused (`save_projection: false` included).
     pub fn validate(&self) -> Result<()> {
