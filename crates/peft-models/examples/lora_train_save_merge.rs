@@ -10,7 +10,7 @@
 //! `cargo run --release --example lora_train_save_merge` (exits 0 when every check holds).
 
 use candle_core::{DType, Device, Tensor};
-use peft::config::{LoraConfig, PeftConfig, TargetModules};
+use peft::config::{LoraConfig, PeftConfig, TargetFields};
 use peft::train::optim::{AdamW, AdamWConfig};
 use peft::train::schedule::Schedule;
 use peft::train::trainer::{Trainer, TrainerSettings};
@@ -49,14 +49,7 @@ fn main() -> Result<(), Error> {
     let lora = PeftConfig::Lora(LoraConfig {
         r: 8,
         lora_alpha: 16.0,
-        targets: peft::config::TargetFields {
-            target_modules: Some(TargetModules::List(
-                ["q_proj", "k_proj", "v_proj", "o_proj"]
-                    .map(String::from)
-                    .to_vec(),
-            )),
-            ..Default::default()
-        },
+        targets: TargetFields::modules(["q_proj", "k_proj", "v_proj", "o_proj"]),
         ..Default::default()
     });
     let model = PeftModel::get_peft_model(base()?, lora, "default", 0)?;

@@ -15,7 +15,7 @@
 //! ```
 //! use candle_core::{DType, Device};
 //! use peft::PeftModel;
-//! use peft::config::{LoraConfig, PeftConfig, TargetModules};
+//! use peft::config::{LoraConfig, PeftConfig, TargetFields};
 //! use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
 //! use peft_models::train::{TrainOptions, train};
 //!
@@ -29,7 +29,7 @@
 //! let lora = PeftConfig::Lora(LoraConfig {
 //!     r: 4,
 //!     lora_alpha: 8.0,
-//!     target_modules: Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into()])),
+//!     targets: TargetFields::modules(["q_proj", "v_proj"]),
 //!     ..Default::default()
 //! });
 //! let mut model = PeftModel::get_peft_model(model, lora, "default", 0)?;

@@ -145,7 +145,14 @@ fn apply_delta<A: Adapter + ?Sized>(
             adapter.peft_type()
         ))
     })?;
-    check_shape("weight", input.weight, delta.dims())?;
+    if input.weight.dims() != delta.dims() {
+        return Err(PeftError::Invalid(format!(
+            "{} adapter for a weight of shape {:?} merged into one of shape {:?}",
+            adapter.peft_type(),
+            delta.dims(),
+            input.weight.dims()
+        )));
+    }
     let weight = if sign > 0.0 {
         (input.weight + delta)?
     } else {
