@@ -312,14 +312,6 @@ impl<M: AdapterHost> PeftModel<M> {
         if self.configs.contains_key(name) {
             return Err(PeftError::DuplicateAdapter(name.to_string()));
         }
-        if config.is_prompt_learning() {
-            return Err(PeftError::Unsupported {
-                field: "peft_type".into(),
-                value: config.peft_type().as_str().into(),
-                reason: "prompt learning injects no layers: see peft_models::prompt_learning"
-                    .into(),
-            });
-        }
         config.validate()
     }
 
