@@ -162,17 +162,20 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<PeftConfig> {
         .parse()
         .map_err(|_| anyhow::anyhow!("unknown --bias {:?} (none, all or lora_only)", args.bias))?;
     let mut c = PeftConfig::Lora(LoraConfig {
-        bias,
-        r: args.r,
-        lora_alpha: args.alpha.unwrap_or(2.0 * args.r as f64),
-        lora_dropout: args.dropout,
+        lora: peft::config::LoraFields {
+            bias,
+            r: args.r,
+            lora_alpha: args.alpha.unwrap_or(2.0 * args.r as f64),
+            lora_dropout: args.dropout,
+            use_dora: args.use_dora,
+            use_rslora: args.use_rslora,
+            init_lora_weights: InitLoraWeights::Bool(true),
+            ..Default::default()
+        },
         targets: peft::config::TargetFields {
             target_modules: Some(targets),
             ..Default::default()
         },
-        use_dora: args.use_dora,
-        use_rslora: args.use_rslora,
-        init_lora_weights: InitLoraWeights::Bool(true),
         ..Default::default()
     });
     c.base_mut().task_type = Some(peft::config::TaskType::CausalLm);

@@ -47,8 +47,11 @@ fn main() -> Result<(), Error> {
 
     // 2. LoRA r=8 on the attention projections.
     let lora = PeftConfig::Lora(LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
+        lora: peft::config::LoraFields {
+            r: 8,
+            lora_alpha: 16.0,
+            ..Default::default()
+        },
         targets: TargetFields::modules(["q_proj", "k_proj", "v_proj", "o_proj"]),
         ..Default::default()
     });

@@ -15,7 +15,7 @@
 //! ```
 //! use candle_core::{DType, Device};
 //! use peft::PeftModel;
-//! use peft::config::{LoraConfig, PeftConfig, TargetFields};
+//! use peft::config::{LoraConfig, LoraFields, PeftConfig, TargetFields};
 //! use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
 //! use peft_models::train::{TrainOptions, train};
 //!
@@ -27,8 +27,7 @@
 //! let tensors = LlamaForCausalLM::random_tensors(&config, 0, DType::F32, &Device::Cpu)?;
 //! let model = LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu)?;
 //! let lora = PeftConfig::Lora(LoraConfig {
-//!     r: 4,
-//!     lora_alpha: 8.0,
+//!     lora: LoraFields { r: 4, lora_alpha: 8.0, ..Default::default() },
 //!     targets: TargetFields::modules(["q_proj", "v_proj"]),
 //!     ..Default::default()
 //! });

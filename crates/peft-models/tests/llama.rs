@@ -903,9 +903,13 @@ fn tied_pair_merged_in_steps_stays_one_matrix() {
     let mut pm =
         PeftModel::from_pretrained(model, dir.join("adapter"), "default", &Device::Cpu).unwrap();
     let extra = peft::PeftConfig::Lora(LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        init_lora_weights: InitLoraWeights::Bool(false),
+        lora: peft::config::LoraFields {
+            r: 2,
+            lora_alpha: 4.0,
+            init_lora_weights: InitLoraWeights::Bool(false),
+            ..Default::default()
+        },
+
         targets: peft::config::TargetFields {
             target_modules: Some(TargetModules::List(vec![
                 "embed_tokens".into(),

@@ -29,7 +29,7 @@ const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use peft::config::{LoraConfig, TargetFields};
+/// use peft::config::{LoraConfig, LoraFields, TargetFields};
 /// use peft::host::AdapterHost;
 /// use peft::tuners::tuners_utils::{ModuleInfo, ModuleKind};
 /// use peft::{AdapterSlot, BaseLayer, ForwardCtx, PeftModel};
@@ -65,8 +65,11 @@ const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
 ///
 /// # fn main() -> peft::Result<()> {
 /// let config = LoraConfig {
-///     r: 2,
-///     init_lora_weights: peft::config::InitLoraWeights::Bool(false), // random B: a visible delta
+///     lora: LoraFields {
+///         r: 2,
+///         init_lora_weights: peft::config::InitLoraWeights::Bool(false), // random B: a visible delta
+///         ..Default::default()
+///     },
 ///     targets: TargetFields::modules(["fc1"]),
 ///     ..Default::default()
 /// };

@@ -173,7 +173,10 @@ fn loha_missing_unexpected_and_misshapen_tensors_are_named() {
         panic!("not LoHa")
     };
     let flat = PeftConfig::LoHa(peft::tuners::loha::LoHaConfig {
-        use_effective_conv2d: false,
+        lycoris: peft::config::LycorisFields {
+            use_effective_conv2d: false,
+            ..cfg.clone().lycoris
+        },
         ..cfg.clone()
     });
     let e = registry::build_adapter(&flat, "conv2", base, params).unwrap_err();

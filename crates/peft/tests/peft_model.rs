@@ -252,8 +252,11 @@ fn merge_and_unload_gives_peft_weights_and_a_plain_model() {
 
 fn lora(targets: &[&str], r: usize) -> PeftConfig {
     PeftConfig::Lora(LoraConfig {
-        r,
-        lora_alpha: 2.0 * r as f64,
+        lora: peft::config::LoraFields {
+            r,
+            lora_alpha: 2.0 * r as f64,
+            ..Default::default()
+        },
         targets: peft::config::TargetFields {
             target_modules: Some(TargetModules::List(
                 targets.iter().map(|s| s.to_string()).collect(),
@@ -306,7 +309,7 @@ fn get_peft_model_injects_by_name_and_counts_parameters_like_peft() {
     let saved = tempfile::tempdir().unwrap();
     pm.save_pretrained(saved.path()).unwrap();
     let cfg = PeftConfig::from_dir(&saved.path().join("second")).unwrap();
-    assert!(matches!(cfg, PeftConfig::Lora(c) if c.r == 2));
+    assert!(matches!(cfg, PeftConfig::Lora(c) if c.lora.r == 2));
 }
 
 #[test]
@@ -339,15 +342,18 @@ fn bias_all_and_lora_only_train_biases_in_place_and_save_them_like_peft() {
         (LoraBias::LoraOnly, vec!["lin0.bias"]),
     ] {
         let mut cfg = LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
+            lora: peft::config::LoraFields {
+                r: 4,
+                lora_alpha: 8.0,
+                ..Default::default()
+            },
             targets: peft::config::TargetFields {
                 target_modules: Some(TargetModules::List(vec!["lin0".into()])),
                 ..Default::default()
             },
             ..Default::default()
         };
-        cfg.bias = mode;
+        cfg.lora.bias = mode;
         let pm = PeftModel::get_peft_model(
             MlpHost::from_base(&dir.join("base.safetensors")),
             PeftConfig::Lora(cfg),

@@ -105,7 +105,7 @@ pub struct TargetSpec<'a> {
 ///
 /// ```
 /// use peft::config::{LoraConfig, TargetFields, TargetModules};
-/// let c = LoraConfig { r: 4, targets: TargetFields::modules(["q_proj", "v_proj"]), ..Default::default() };
+/// let c = LoraConfig { targets: TargetFields::modules(["q_proj", "v_proj"]), ..Default::default() };
 /// assert_eq!(c.targets.target_modules, Some(TargetModules::from(["q_proj", "v_proj"])));
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -136,6 +136,22 @@ fn pattern_is_set(p: Option<&StrOrList>) -> bool {
 }
 
 /// PEFT's common check: a (truthy) `layers_pattern` needs `layers_to_transform`.
+/// OFT's and BOFT's block-size rule: exactly one of two sizes is non-zero, since their product is
+/// `in_features` (PEFT's wording).
+pub(crate) fn check_exactly_one_size(a: (&str, usize), b: (&str, usize)) -> Result<()> {
+    match (a.1, b.1) {
+        (0, 0) => Err(PeftError::InvalidConfig(format!(
+            "either `{}` or `{}` must be non-zero; both are 0",
+            a.0, b.0
+        ))),
+        (x, y) if x != 0 && y != 0 => Err(PeftError::InvalidConfig(format!(
+            "you can only specify either {} ({x}) or {} ({y}), but not both, because {} × {} == in_features",
+            a.0, b.0, a.0, b.0
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn check_layers_pattern(
     layers_to_transform: Option<&LayersToTransform>,
     layers_pattern: Option<&StrOrList>,

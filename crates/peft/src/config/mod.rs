@@ -17,7 +17,10 @@ pub mod json;
 
 pub use crate::tuners::configs::*;
 pub use crate::tuners::lokr::config::LoKrInitWeights;
-pub use crate::tuners::lora::config::{InitLoraWeights, LoraBias, LoraOptionalFeatures};
+pub use crate::tuners::lora::config::{
+    InitLoraWeights, LoraBias, LoraFields, LoraOptionalFeatures,
+};
+pub use crate::tuners::lycoris_utils::LycorisFields;
 pub use crate::tuners::p_tuning::config::PromptEncoderReparameterizationType;
 pub use crate::tuners::prompt_tuning::config::PromptTuningInit;
 pub use common::{
@@ -611,8 +614,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sub = dir.path().join("nested").join("adapter");
         let cfg = PeftConfig::from(LoraConfig {
-            r: 16,
-            lora_alpha: 32.0,
+            lora: crate::config::LoraFields {
+                r: 16,
+                lora_alpha: 32.0,
+                ..Default::default()
+            },
+
             ..Default::default()
         });
         cfg.save(&sub).expect("saved");
@@ -636,7 +643,10 @@ mod tests {
     #[test]
     fn serde_form_is_the_tagged_object() {
         let cfg = PeftConfig::from(LoHaConfig {
-            r: 2,
+            lycoris: crate::config::LycorisFields {
+                r: 2,
+                ..Default::default()
+            },
             ..Default::default()
         });
         let value = serde_json::to_value(&cfg).expect("serializes");

@@ -6,9 +6,48 @@
 //! y = base(x) + op(x, ΔW · rank_mask)      (skipped entirely with probability module_dropout in training)
 //! ```
 
+use crate::config::helpers::int_if_integral;
 use crate::layer::{BaseKind, BaseLayer, CallCtx};
 use crate::{PeftError, Result};
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// The fields LoHa and LoKr share, flattened into [`LoHaConfig`](crate::config::LoHaConfig) and
+/// [`LoKrConfig`](crate::config::LoKrConfig) as `lycoris`.
+///
+/// ```
+/// use peft::config::{LoHaConfig, LycorisFields};
+/// let c = LoHaConfig { lycoris: LycorisFields { r: 4, alpha: 8.0, ..Default::default() }, ..Default::default() };
+/// assert_eq!(serde_json::to_value(&c)?["alpha"].as_u64(), Some(8));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LycorisFields {
+    /// `r`: the rank (default 8).
+    pub r: usize,
+    /// `alpha` (default 8; an `int` in PEFT, written as an integer when integral). The scale is `alpha / r`.
+    #[serde(serialize_with = "int_if_integral")]
+    pub alpha: f64,
+    /// `rank_dropout`: dropout on rank rows during training (default 0.0).
+    pub rank_dropout: f64,
+    /// `module_dropout`: probability of skipping the adapter during training (default 0.0).
+    pub module_dropout: f64,
+    /// `use_effective_conv2d`: CP-decomposed Conv2d weights for kernels larger than 1×1 (default `false`).
+    pub use_effective_conv2d: bool,
+}
+
+impl Default for LycorisFields {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 8.0,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            use_effective_conv2d: false,
+        }
+    }
+}
 
 /// Refuses the layer kinds LyCORIS methods cannot wrap here: PEFT wraps `nn.Linear`, `nn.Conv1d` and
 /// `nn.Conv2d`; peft-rs models have no `nn.Conv1d`, and an Embedding or GPT-2 `Conv1D` is PEFT's

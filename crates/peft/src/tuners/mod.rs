@@ -61,7 +61,7 @@ macro_rules! peft_methods {
         /// ```
         /// use peft::PeftConfig;
         /// use peft::config::{LoraConfig, PeftType};
-        /// let config = PeftConfig::from(LoraConfig { r: 4, ..Default::default() });
+        /// let config = PeftConfig::from(LoraConfig::default());
         /// assert_eq!(config.peft_type(), PeftType::Lora);
         /// let text = config.to_json_string();
         /// assert!(text.contains("\"peft_type\": \"LORA\""));

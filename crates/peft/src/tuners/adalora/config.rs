@@ -2,9 +2,9 @@
 
 use crate::config::PeftConfigBase;
 use crate::config::common::TargetFields;
-use crate::config::helpers::{self, int_if_integral, map_int_if_integral, null_as_default};
+use crate::config::helpers::{self, map_int_if_integral, null_as_default};
 use crate::tuners::lora::config::{
-    InitLoraWeights, LoraBias, LoraOptionalFeatures, check_adalora_init, check_lora_common,
+    LoraFields, LoraOptionalFeatures, check_adalora_init, check_lora_common,
 };
 use crate::{PeftError, Result};
 use indexmap::IndexMap;
@@ -24,21 +24,11 @@ pub struct AdaLoraConfig {
     /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
     #[serde(flatten)]
     pub targets: TargetFields,
-    /// `r` (default 8): inherited from LoRA and ignored by AdaLoRA (`init_r` is the rank).
-    pub r: usize,
-    /// `lora_alpha` (default 8; written as an integer when integral).
-    #[serde(serialize_with = "int_if_integral")]
-    pub lora_alpha: f64,
-    /// `lora_dropout` (default 0.0).
-    pub lora_dropout: f64,
-    /// `fan_in_fan_out` (default `false`).
-    pub fan_in_fan_out: bool,
-    /// `bias` (default `"none"`).
-    pub bias: LoraBias,
-    /// `use_rslora` (default `false`; PEFT's AdaLoRA layers ignore it).
-    pub use_rslora: bool,
-    /// `init_lora_weights` (default `true`; AdaLoRA only distinguishes true from false).
-    pub init_lora_weights: InitLoraWeights,
+    /// `r`, `lora_alpha`, `lora_dropout`, `fan_in_fan_out`, `bias`, `use_rslora`, `init_lora_weights`,
+    /// `use_dora`, `lora_bias`, inherited from LoRA. AdaLoRA ignores `r` (`init_r` is the rank) and
+    /// `use_rslora`, distinguishes only true from false in `init_lora_weights`, and refuses `use_dora`.
+    #[serde(flatten)]
+    pub lora: LoraFields,
     /// `rank_pattern` (default `null`): the rank allocation found in training, one boolean mask per `lora_E`
     /// parameter name (`true` = singular value kept), used to resize the layers when loading.
     pub rank_pattern: Option<IndexMap<String, Vec<bool>>>,
@@ -48,10 +38,6 @@ pub struct AdaLoraConfig {
         serialize_with = "map_int_if_integral"
     )]
     pub alpha_pattern: IndexMap<String, f64>,
-    /// `use_dora` (default `false`; PEFT refuses DoRA with AdaLoRA).
-    pub use_dora: bool,
-    /// `lora_bias` (default `false`).
-    pub lora_bias: bool,
     /// The LoRA fields of features peft-rs does not implement (each a top-level key).
     #[serde(flatten)]
     pub features: LoraOptionalFeatures,
@@ -84,17 +70,9 @@ impl Default for AdaLoraConfig {
         Self {
             base: PeftConfigBase::default(),
             targets: TargetFields::default(),
-            r: 8,
-            lora_alpha: 8.0,
-            lora_dropout: 0.0,
-            fan_in_fan_out: false,
-            bias: LoraBias::None,
-            use_rslora: false,
-            init_lora_weights: InitLoraWeights::Bool(true),
+            lora: LoraFields::default(),
             rank_pattern: None,
             alpha_pattern: IndexMap::new(),
-            use_dora: false,
-            lora_bias: false,
             features: LoraOptionalFeatures::default(),
             target_r: 8,
             init_r: 12,
@@ -116,7 +94,7 @@ impl AdaLoraConfig {
     /// positive `init_r`. Refused ([`PeftError::Unsupported`]): a named `init_lora_weights` and every LoRA
     /// feature of [`LoraOptionalFeatures`] that is set.
     pub fn validate(&self) -> Result<()> {
-        if self.use_dora {
+        if self.lora.use_dora {
             return Err(PeftError::InvalidConfig(
                 "ADALORA does not support DoRA".into(),
             ));
@@ -130,10 +108,10 @@ impl AdaLoraConfig {
             self.targets.target_modules.as_ref(),
             self.targets.layers_to_transform.as_ref(),
             self.targets.layers_pattern.as_ref(),
-            &self.init_lora_weights,
-            self.lora_bias,
-            self.use_dora,
-            self.lora_dropout,
+            &self.lora.init_lora_weights,
+            self.lora.lora_bias,
+            self.lora.use_dora,
+            self.lora.lora_dropout,
         )?;
         let total_step = match self.total_step {
             Some(t) if t > 0 => t,
@@ -166,7 +144,7 @@ impl AdaLoraConfig {
                 "`deltaT` should be a positive integer, got 0".into(),
             ));
         }
-        check_adalora_init(&self.init_lora_weights)?;
+        check_adalora_init(&self.lora.init_lora_weights)?;
         self.features.validate()?;
         helpers::refuse_unknown_keys(&self.extra, "AdaLoraConfig")
     }

@@ -48,21 +48,21 @@ impl AdaLoraOptions {
     /// The options for `module_name` under `config`. The mask is `rank_pattern["<module>.lora_E"]` (or the
     /// same key with the adapter name appended, as PEFT's in-memory patterns have it).
     pub fn from_config(config: &AdaLoraConfig, module_name: &str) -> Result<Self> {
-        if config.bias != LoraBias::None {
+        if config.lora.bias != LoraBias::None {
             return Err(PeftError::Unsupported {
                 field: "bias".into(),
-                value: format!("{:?}", config.bias),
+                value: format!("{:?}", config.lora.bias),
                 reason: "AdaLoRA with trained base biases is not implemented".into(),
             });
         }
-        if config.lora_bias {
+        if config.lora.lora_bias {
             return Err(PeftError::Unsupported {
                 field: "lora_bias".into(),
                 value: "true".into(),
                 reason: "PEFT's AdaLoRA layers have no lora_B bias".into(),
             });
         }
-        let init = match &config.init_lora_weights {
+        let init = match &config.lora.init_lora_weights {
             InitLoraWeights::Bool(b) => *b,
             InitLoraWeights::Method(m) => {
                 return Err(PeftError::Unsupported {
@@ -97,8 +97,8 @@ impl AdaLoraOptions {
         }
         Ok(Self {
             init_r: config.init_r,
-            alpha: config.lora_alpha,
-            dropout: config.lora_dropout,
+            alpha: config.lora.lora_alpha,
+            dropout: config.lora.lora_dropout,
             init_lora_weights: init,
             mask,
         })

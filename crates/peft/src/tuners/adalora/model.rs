@@ -31,7 +31,7 @@ impl PeftMethod for AdaLoraConfig {
     }
 
     fn fan_in_fan_out(&self) -> bool {
-        self.fan_in_fan_out
+        self.lora.fan_in_fan_out
     }
 
     fn param_prefixes(&self) -> Result<&'static [&'static str]> {

@@ -66,18 +66,7 @@ impl BoftConfig {
             self.targets.layers_to_transform.as_ref(),
             self.targets.layers_pattern.as_ref(),
         )?;
-        if self.boft_block_size == 0 && self.boft_block_num == 0 {
-            return Err(PeftError::InvalidConfig(
-                "either `boft_block_size` or `boft_block_num` must be non-zero; both are 0".into(),
-            ));
-        }
-        if self.boft_block_size != 0 && self.boft_block_num != 0 {
-            return Err(PeftError::InvalidConfig(format!(
-                "you can only specify either boft_block_size ({}) or boft_block_num ({}), but not both, because \
-                 boft_block_size × boft_block_num == in_features",
-                self.boft_block_size, self.boft_block_num
-            )));
-        }
+        helpers::check_exactly_one_size(("boft_block_size", self.boft_block_size), ("boft_block_num", self.boft_block_num))?;
         if self.boft_n_butterfly_factor == 0 {
             return Err(PeftError::InvalidConfig(
                 "`boft_n_butterfly_factor` must be at least 1, got 0".into(),

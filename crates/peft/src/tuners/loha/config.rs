@@ -1,8 +1,9 @@
 //! `LoHaConfig`, field for field with PEFT 0.21.2's `tuners/loha/config.py`.
 
 use crate::config::PeftConfigBase;
+use crate::tuners::lycoris_utils::LycorisFields;
 use crate::config::common::{RankAlphaPatterns, TargetFields, LayersToTransform, StrOrList};
-use crate::config::helpers::{self, int_if_integral};
+use crate::config::helpers::{self};
 use crate::{PeftError, Result};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -21,17 +22,9 @@ pub struct LoHaConfig {
     /// `rank_pattern`, `alpha_pattern`.
     #[serde(flatten)]
     pub patterns: RankAlphaPatterns,
-    /// `r`: the rank (default 8).
-    pub r: usize,
-    /// `alpha` (default 8; an `int` in PEFT, written as an integer when integral). The scale is `alpha / r`.
-    #[serde(serialize_with = "int_if_integral")]
-    pub alpha: f64,
-    /// `rank_dropout`: dropout on rank rows during training (default 0.0).
-    pub rank_dropout: f64,
-    /// `module_dropout`: probability of skipping the adapter during training (default 0.0).
-    pub module_dropout: f64,
-    /// `use_effective_conv2d`: CP-decomposed Conv2d weights for kernels larger than 1×1 (default `false`).
-    pub use_effective_conv2d: bool,
+    /// `r`, `alpha`, `rank_dropout`, `module_dropout`, `use_effective_conv2d`.
+    #[serde(flatten)]
+    pub lycoris: LycorisFields,
     /// `init_weights`: `hada_w2_b` starts at zero, so the adapter starts as the identity (default `true`).
     pub init_weights: bool,
     /// Keys PEFT 0.21.2's `LoHaConfig` does not have, kept as read and written back.
@@ -45,11 +38,7 @@ impl Default for LoHaConfig {
             base: PeftConfigBase::default(),
             targets: TargetFields::default(),
             patterns: RankAlphaPatterns::default(),
-            r: 8,
-            alpha: 8.0,
-            rank_dropout: 0.0,
-            module_dropout: 0.0,
-            use_effective_conv2d: false,
+            lycoris: LycorisFields::default(),
             init_weights: true,
             extra: Map::new(),
         }
@@ -84,14 +73,14 @@ impl LoHaConfig {
     /// The rank and alpha of the module named `module_name`: from the first matching key of `rank_pattern` /
     /// `alpha_pattern` (as PEFT's `get_pattern_key`), else `r` / `alpha`.
     pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
-        self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
+        self.patterns.rank_and_alpha_for(module_name, self.lycoris.r, self.lycoris.alpha)
     }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
     /// `layers_pattern` only with `layers_to_transform`. Nothing of LoHa is refused.
     pub fn validate(&self) -> Result<()> {
         check_lycoris(
-            self.r,
+            self.lycoris.r,
             &self.patterns.rank_pattern,
             &self.patterns.alpha_pattern,
             self.targets.layers_to_transform.as_ref(),
@@ -140,7 +129,7 @@ mod tests {
         let PeftConfig::LoHa(c) = &cfg else {
             panic!("not LoHa")
         };
-        assert_eq!((c.r, c.alpha), (4, 8.0));
+        assert_eq!((c.lycoris.r, c.lycoris.alpha), (4, 8.0));
     }
 
     #[test]
@@ -150,7 +139,7 @@ mod tests {
         )
         .expect("parses");
         let PeftConfig::LoHa(c) = &cfg else { panic!() };
-        assert_eq!((c.r, c.alpha, c.init_weights), (8, 8.0, true));
+        assert_eq!((c.lycoris.r, c.lycoris.alpha, c.init_weights), (8, 8.0, true));
         assert_eq!(c.rank_and_alpha_for("model.mlp.fc1"), (2, 3.0));
         assert_eq!(c.rank_and_alpha_for("model.attn.fc1"), (2, 8.0));
         assert_eq!(c.rank_and_alpha_for("model.mlp.xfc1"), (8, 8.0));

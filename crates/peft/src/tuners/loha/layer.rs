@@ -72,9 +72,9 @@ impl LoHaOptions {
         Self {
             r,
             alpha,
-            rank_dropout: config.rank_dropout,
-            module_dropout: config.module_dropout,
-            use_effective_conv2d: config.use_effective_conv2d,
+            rank_dropout: config.lycoris.rank_dropout,
+            module_dropout: config.lycoris.module_dropout,
+            use_effective_conv2d: config.lycoris.use_effective_conv2d,
             init_weights: config.init_weights,
         }
     }

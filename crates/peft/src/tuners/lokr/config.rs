@@ -1,8 +1,9 @@
 //! `LoKrConfig`, field for field with PEFT 0.21.2's `tuners/lokr/config.py`.
 
 use crate::config::PeftConfigBase;
+use crate::tuners::lycoris_utils::LycorisFields;
 use crate::config::common::{RankAlphaPatterns, TargetFields};
-use crate::config::helpers::{self, int_if_integral};
+use crate::config::helpers::{self};
 use crate::tuners::loha::config::check_lycoris;
 use crate::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -38,17 +39,9 @@ pub struct LoKrConfig {
     /// `rank_pattern`, `alpha_pattern`.
     #[serde(flatten)]
     pub patterns: RankAlphaPatterns,
-    /// `r`: the rank (default 8).
-    pub r: usize,
-    /// `alpha` (default 8; an `int` in PEFT, written as an integer when integral). The scale is `alpha / r`.
-    #[serde(serialize_with = "int_if_integral")]
-    pub alpha: f64,
-    /// `rank_dropout` (default 0.0).
-    pub rank_dropout: f64,
-    /// `module_dropout` (default 0.0).
-    pub module_dropout: f64,
-    /// `use_effective_conv2d`: CP-decomposed w2 for Conv2d kernels larger than 1×1 (default `false`).
-    pub use_effective_conv2d: bool,
+    /// `r`, `alpha`, `rank_dropout`, `module_dropout`, `use_effective_conv2d`.
+    #[serde(flatten)]
+    pub lycoris: LycorisFields,
     /// `decompose_both`: also factor w1 into low-rank matrices (default `false`).
     pub decompose_both: bool,
     /// `decompose_factor`: the Kronecker factorisation factor, -1 for the most balanced split (default -1).
@@ -68,11 +61,7 @@ impl Default for LoKrConfig {
             base: PeftConfigBase::default(),
             targets: TargetFields::default(),
             patterns: RankAlphaPatterns::default(),
-            r: 8,
-            alpha: 8.0,
-            rank_dropout: 0.0,
-            module_dropout: 0.0,
-            use_effective_conv2d: false,
+            lycoris: LycorisFields::default(),
             decompose_both: false,
             decompose_factor: -1,
             rank_dropout_scale: false,
@@ -86,7 +75,7 @@ impl LoKrConfig {
     /// The rank and alpha of the module named `module_name`: from the first matching key of `rank_pattern` /
     /// `alpha_pattern` (as PEFT's `get_pattern_key`), else `r` / `alpha`.
     pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
-        self.patterns.rank_and_alpha_for(module_name, self.r, self.alpha)
+        self.patterns.rank_and_alpha_for(module_name, self.lycoris.r, self.lycoris.alpha)
     }
 
     /// PEFT's checks ([`PeftError::InvalidConfig`]): `r > 0` (also in `rank_pattern`), valid pattern keys,
@@ -94,7 +83,7 @@ impl LoKrConfig {
     /// of LoKr is refused (any `decompose_factor` is valid: PEFT's `factorization` handles every value).
     pub fn validate(&self) -> Result<()> {
         check_lycoris(
-            self.r,
+            self.lycoris.r,
             &self.patterns.rank_pattern,
             &self.patterns.alpha_pattern,
             self.targets.layers_to_transform.as_ref(),
@@ -154,7 +143,7 @@ mod tests {
         let PeftConfig::LoKr(c) = &cfg else {
             panic!("not LoKr")
         };
-        assert_eq!((c.r, c.alpha, c.decompose_factor), (4, 8.0, -1));
+        assert_eq!((c.lycoris.r, c.lycoris.alpha, c.decompose_factor), (4, 8.0, -1));
     }
 
     #[test]

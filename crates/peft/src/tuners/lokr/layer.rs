@@ -121,7 +121,7 @@ impl LoKrLayout {
         let (kernel, cp) = match base.kind() {
             BaseKind::Conv2d(_) => {
                 let k = (dims[2], dims[3]);
-                (Some(k), config.use_effective_conv2d && k != (1, 1))
+                (Some(k), config.lycoris.use_effective_conv2d && k != (1, 1))
             }
             _ => (None, false),
         };
@@ -282,8 +282,8 @@ impl LoKrAdapter {
             alpha,
             w1,
             w2,
-            rank_dropout: config.rank_dropout,
-            module_dropout: config.module_dropout,
+            rank_dropout: config.lycoris.rank_dropout,
+            module_dropout: config.lycoris.module_dropout,
             rank_dropout_scale: config.rank_dropout_scale,
             saved_dtype,
         })
@@ -555,8 +555,8 @@ mod tests {
 
     fn cfg() -> LoKrConfig {
         LoKrConfig {
-            r: 2,
-            alpha: 3.0,
+            lycoris: crate::config::LycorisFields { r: 2, alpha: 3.0, ..Default::default() },
+            
             ..Default::default()
         }
     }
@@ -604,7 +604,7 @@ mod tests {
         assert!(LoKrLayout::new(&both, &base, 4).unwrap().full_w1);
         assert!(LoKrLayout::new(&both, &base, 4).unwrap().full_w2);
         let eff = LoKrConfig {
-            use_effective_conv2d: true,
+            lycoris: crate::config::LycorisFields { use_effective_conv2d: true, ..cfg().lycoris },
             ..cfg()
         };
         let c3 = conv(&mut rng, 32, 8, 3, DType::F32);
@@ -750,7 +750,7 @@ mod tests {
         let mut rng = PeftRng::new(3);
         let base = conv(&mut rng, 32, 8, 3, DType::F64);
         let config = LoKrConfig {
-            use_effective_conv2d: true,
+            lycoris: crate::config::LycorisFields { use_effective_conv2d: true, ..cfg().lycoris },
             ..cfg()
         };
         assert!(LoKrLayout::new(&config, &base, 2).unwrap().cp);
@@ -762,7 +762,7 @@ mod tests {
     fn gradients_match_finite_differences_full_conv2d() {
         let mut rng = PeftRng::new(4);
         let base = conv(&mut rng, 6, 8, 3, DType::F64);
-        let config = LoKrConfig { r: 4, ..cfg() };
+        let config = LoKrConfig { lycoris: crate::config::LycorisFields { r: 4, ..cfg().lycoris }, ..cfg() };
         assert!(LoKrLayout::new(&config, &base, 4).unwrap().full_w2);
         let x = randn(&mut rng, &[1, 8, 5, 5], DType::F64);
         check_gradients(&config, &base, &x, &mut rng);
@@ -783,7 +783,7 @@ mod tests {
             ),
             (
                 LoKrConfig {
-                    use_effective_conv2d: true,
+                    lycoris: crate::config::LycorisFields { use_effective_conv2d: true, ..cfg().lycoris },
                     init_weights: LoKrInitWeights::Bool(false),
                     ..cfg()
                 },
@@ -827,7 +827,7 @@ mod tests {
         };
         let full = run(&random, &ForwardCtx::eval());
         let md = LoKrConfig {
-            module_dropout: 1.0,
+            lycoris: crate::config::LycorisFields { module_dropout: 1.0, ..random.clone().lycoris },
             ..random.clone()
         };
         assert_eq!(max_diff(&run(&md, &ForwardCtx::train(1, 0)), &y_base), 0.0);
@@ -836,7 +836,7 @@ mod tests {
         let d_full = (&full - &y_base).unwrap().to_vec2::<f32>().unwrap();
         for scale in [false, true] {
             let rd = LoKrConfig {
-                rank_dropout: 0.5,
+                lycoris: crate::config::LycorisFields { rank_dropout: 0.5, ..random.clone().lycoris },
                 rank_dropout_scale: scale,
                 ..random.clone()
             };

@@ -252,21 +252,23 @@ fn check_init(init: &InitLoraWeights) -> Result<()> {
     }
 }
 
-/// An adapter's LoRA settings (`peft_type: "LORA"`).
+/// The LoRA fields AdaLoRA inherits from `LoraConfig` (PEFT's `AdaLoraConfig` subclasses it), flattened into
+/// [`LoraConfig`] and [`AdaLoraConfig`](crate::config::AdaLoraConfig) as `lora`.
 ///
-/// Absent keys take PEFT 0.21.2's defaults ([`LoraConfig::default`]); unknown keys are kept in `extra`.
+/// ```
+/// use peft::config::{LoraConfig, LoraFields, TargetFields};
+/// let c = LoraConfig {
+///     lora: LoraFields { r: 16, lora_alpha: 32.0, ..Default::default() },
+///     targets: TargetFields::modules(["q_proj", "v_proj"]),
+///     ..Default::default()
+/// };
+/// let json = serde_json::to_value(&c)?;
+/// assert_eq!((json["r"].as_u64(), json["lora_alpha"].as_u64()), (Some(16), Some(32)));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct LoraConfig {
-    /// The fields every PEFT config has.
-    #[serde(flatten)]
-    pub base: PeftConfigBase,
-    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
-    #[serde(flatten)]
-    pub targets: TargetFields,
-    /// `rank_pattern`, `alpha_pattern`.
-    #[serde(flatten)]
-    pub patterns: RankAlphaPatterns,
+pub struct LoraFields {
     /// `r`: the rank (default 8).
     pub r: usize,
     /// `lora_alpha` (default 8; an `int` in PEFT, written as an integer when integral).
@@ -286,6 +288,43 @@ pub struct LoraConfig {
     pub use_dora: bool,
     /// `lora_bias`: a trainable bias in `lora_B` (default `false`).
     pub lora_bias: bool,
+}
+
+impl Default for LoraFields {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            fan_in_fan_out: false,
+            bias: LoraBias::None,
+            use_rslora: false,
+            init_lora_weights: InitLoraWeights::Bool(true),
+            use_dora: false,
+            lora_bias: false,
+        }
+    }
+}
+
+/// An adapter's LoRA settings (`peft_type: "LORA"`).
+///
+/// Absent keys take PEFT 0.21.2's defaults ([`LoraConfig::default`]); unknown keys are kept in `extra`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// The fields every PEFT config has.
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `layers_pattern`, `modules_to_save`.
+    #[serde(flatten)]
+    pub targets: TargetFields,
+    /// `rank_pattern`, `alpha_pattern`.
+    #[serde(flatten)]
+    pub patterns: RankAlphaPatterns,
+    /// `r`, `lora_alpha`, `lora_dropout`, `fan_in_fan_out`, `bias`, `use_rslora`, `init_lora_weights`,
+    /// `use_dora`, `lora_bias`.
+    #[serde(flatten)]
+    pub lora: LoraFields,
     /// The fields of LoRA features peft-rs does not implement (each a top-level key).
     #[serde(flatten)]
     pub features: LoraOptionalFeatures,
@@ -300,15 +339,7 @@ impl Default for LoraConfig {
             base: PeftConfigBase::default(),
             targets: TargetFields::default(),
             patterns: RankAlphaPatterns::default(),
-            r: 8,
-            lora_alpha: 8.0,
-            lora_dropout: 0.0,
-            fan_in_fan_out: false,
-            bias: LoraBias::None,
-            use_rslora: false,
-            init_lora_weights: InitLoraWeights::Bool(true),
-            use_dora: false,
-            lora_bias: false,
+            lora: LoraFields::default(),
             features: LoraOptionalFeatures::default(),
             extra: Map::new(),
         }
@@ -356,14 +387,14 @@ impl LoraConfig {
     /// The scaling of a LoRA layer with rank `r` and alpha `alpha`: `alpha / r`, or `alpha / √r` with
     /// `use_rslora`.
     pub fn scaling_for(&self, r: usize, alpha: f64) -> f64 {
-        lora_scaling(self.use_rslora, r, alpha)
+        lora_scaling(self.lora.use_rslora, r, alpha)
     }
 
     /// The rank and alpha of the module named `module_name` (dotted, as PEFT's `current_key`): from the first
     /// key of `rank_pattern` / `alpha_pattern` (in map order) that matches as `re.match(rf"(.*\.)?({key})$",
     /// module_name)`, else the top-level `r` / `lora_alpha`.
     pub fn rank_and_alpha_for(&self, module_name: &str) -> (usize, f64) {
-        self.patterns.rank_and_alpha_for(module_name, self.r, self.lora_alpha)
+        self.patterns.rank_and_alpha_for(module_name, self.lora.r, self.lora.lora_alpha)
     }
 
     /// PEFT's checks, then a refusal of every unimplemented feature set to a non-default value.
@@ -374,7 +405,7 @@ impl LoraConfig {
     /// `exclude_modules`. Refused ([`PeftError::Unsupported`]): any other `init_lora_weights` (PiSSA, OLoRA,
     /// CorDA, LoftQ, LoRA-GA, EVA, orthogonal, MiCA, …) and every field of [`LoraOptionalFeatures`] when set.
     pub fn validate(&self) -> Result<()> {
-        if self.r == 0 {
+        if self.lora.r == 0 {
             return Err(PeftError::InvalidConfig(
                 "`r` should be a positive integer value but the value passed is 0".into(),
             ));
@@ -390,12 +421,12 @@ impl LoraConfig {
             self.targets.target_modules.as_ref(),
             self.targets.layers_to_transform.as_ref(),
             self.targets.layers_pattern.as_ref(),
-            &self.init_lora_weights,
-            self.lora_bias,
-            self.use_dora,
-            self.lora_dropout,
+            &self.lora.init_lora_weights,
+            self.lora.lora_bias,
+            self.lora.use_dora,
+            self.lora.lora_dropout,
         )?;
-        check_init(&self.init_lora_weights)?;
+        check_init(&self.lora.init_lora_weights)?;
         self.features.validate()?;
         helpers::refuse_unknown_keys(&self.extra, "LoraConfig")
     }
@@ -560,12 +591,12 @@ mod tests {
         cfg.validate().expect("supported");
         assert_eq!(cfg.to_json_string(), EXACT_JSON);
         let PeftConfig::Lora(c) = &cfg else { panic!() };
-        assert_eq!(c.r, 4);
-        assert_eq!(c.lora_alpha, 16.0);
-        assert_eq!(c.lora_dropout, 1e-5);
-        assert_eq!(c.bias, LoraBias::LoraOnly);
+        assert_eq!(c.lora.r, 4);
+        assert_eq!(c.lora.lora_alpha, 16.0);
+        assert_eq!(c.lora.lora_dropout, 1e-5);
+        assert_eq!(c.lora.bias, LoraBias::LoraOnly);
         assert_eq!(
-            c.init_lora_weights,
+            c.lora.init_lora_weights,
             InitLoraWeights::Method("gaussian".into())
         );
         assert_eq!(
@@ -590,11 +621,11 @@ mod tests {
     #[test]
     fn absent_keys_take_peft_defaults() {
         let c = lora(r#"{"peft_type": "LORA", "r": 16, "target_modules": ["q_proj", "v_proj"]}"#);
-        assert_eq!(c.r, 16);
-        assert_eq!(c.lora_alpha, 8.0);
-        assert_eq!(c.lora_dropout, 0.0);
-        assert_eq!(c.bias, LoraBias::None);
-        assert_eq!(c.init_lora_weights, InitLoraWeights::Bool(true));
+        assert_eq!(c.lora.r, 16);
+        assert_eq!(c.lora.lora_alpha, 8.0);
+        assert_eq!(c.lora.lora_dropout, 0.0);
+        assert_eq!(c.lora.bias, LoraBias::None);
+        assert_eq!(c.lora.init_lora_weights, InitLoraWeights::Bool(true));
         assert!(c.patterns.rank_pattern.is_empty() && c.patterns.alpha_pattern.is_empty());
         assert_eq!(c.base.peft_version.as_deref(), Some("0.21.2"));
         assert!(!c.base.inference_mode);
@@ -689,20 +720,20 @@ mod tests {
     fn scaling_plain_and_rslora() {
         let mut c = LoraConfig::default();
         assert_eq!(c.scaling_for(8, 16.0), 2.0);
-        c.use_rslora = true;
+        c.lora.use_rslora = true;
         assert_eq!(c.scaling_for(16, 16.0), 4.0);
     }
 
     #[test]
     fn float_alpha_is_written_as_float_integral_as_int() {
         let c = LoraConfig {
-            lora_alpha: 12.5,
+            lora: crate::config::LoraFields { lora_alpha: 12.5, ..LoraConfig::default().lora },
             ..LoraConfig::default()
         };
         let v = PeftConfig::Lora(c).to_json_value();
         assert_eq!(v["lora_alpha"].to_string(), "12.5");
         let v = PeftConfig::Lora(LoraConfig {
-            lora_alpha: 32.0,
+            lora: crate::config::LoraFields { lora_alpha: 32.0, ..LoraConfig::default().lora },
             ..LoraConfig::default()
         })
         .to_json_value();

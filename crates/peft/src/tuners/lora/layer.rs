@@ -46,11 +46,11 @@ impl LoraOptions {
         Self {
             r,
             alpha,
-            use_rslora: config.use_rslora,
-            use_dora: config.use_dora,
-            lora_bias: config.lora_bias,
-            dropout: config.lora_dropout,
-            init: config.init_lora_weights.clone(),
+            use_rslora: config.lora.use_rslora,
+            use_dora: config.lora.use_dora,
+            lora_bias: config.lora.lora_bias,
+            dropout: config.lora.lora_dropout,
+            init: config.lora.init_lora_weights.clone(),
         }
     }
 

@@ -33,11 +33,11 @@ impl PeftMethod for LoraConfig {
     }
 
     fn bias(&self) -> LoraBias {
-        self.bias
+        self.lora.bias
     }
 
     fn fan_in_fan_out(&self) -> bool {
-        self.fan_in_fan_out
+        self.lora.fan_in_fan_out
     }
 
     fn param_prefixes(&self) -> Result<&'static [&'static str]> {
@@ -45,11 +45,11 @@ impl PeftMethod for LoraConfig {
     }
 
     fn is_additive(&self) -> bool {
-        !self.use_dora
+        !self.lora.use_dora
     }
 
     fn merge_name(&self) -> String {
-        if self.use_dora { "LORA with DoRA" } else { "LORA" }.to_string()
+        if self.lora.use_dora { "LORA with DoRA" } else { "LORA" }.to_string()
     }
 
     fn build_adapter(
@@ -79,17 +79,17 @@ impl PeftMethod for LoraConfig {
     fn summarize_module(&self, module: &str, tensors: &[TensorInfo<'_>]) -> ModuleSummary {
         let (r, alpha) = self.rank_and_alpha_for(module);
         let mut flags = Vec::new();
-        if self.use_rslora {
+        if self.lora.use_rslora {
             flags.push("rslora".into());
         }
-        if self.use_dora
+        if self.lora.use_dora
             || tensors
                 .iter()
                 .any(|t| t.name.starts_with("lora_magnitude_vector"))
         {
             flags.push("dora".into());
         }
-        if self.lora_bias || tensors.iter().any(|t| t.name == "lora_B.bias") {
+        if self.lora.lora_bias || tensors.iter().any(|t| t.name == "lora_B.bias") {
             flags.push("lora_bias".into());
         }
         let file_rank = tensors.iter().find_map(|t| match t.name {

@@ -3,7 +3,7 @@
 use crate::config::PeftConfigBase;
 use crate::config::common::{TargetFields, BiasMode};
 use crate::config::helpers;
-use crate::{PeftError, Result};
+use crate::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -70,7 +70,7 @@ impl Default for OftConfig {
 }
 
 impl OftConfig {
-    /// PEFT's checks ([`PeftError::InvalidConfig`]): exactly one of `r` and `oft_block_size` non-zero,
+    /// PEFT's checks ([`PeftError::InvalidConfig`](crate::PeftError::InvalidConfig)): exactly one of `r` and `oft_block_size` non-zero,
     /// `layers_pattern` only with `layers_to_transform`. Nothing of OFT is refused (COFT, block sharing and both
     /// Cayley forms are part of the method).
     pub fn validate(&self) -> Result<()> {
@@ -78,18 +78,7 @@ impl OftConfig {
             self.targets.layers_to_transform.as_ref(),
             self.targets.layers_pattern.as_ref(),
         )?;
-        if self.r == 0 && self.oft_block_size == 0 {
-            return Err(PeftError::InvalidConfig(
-                "either `r` or `oft_block_size` must be non-zero; both are 0".into(),
-            ));
-        }
-        if self.r != 0 && self.oft_block_size != 0 {
-            return Err(PeftError::InvalidConfig(format!(
-                "you can only specify either r ({}) or oft_block_size ({}), but not both, because \
-                 r × oft_block_size == in_features",
-                self.r, self.oft_block_size
-            )));
-        }
+        helpers::check_exactly_one_size(("r", self.r), ("oft_block_size", self.oft_block_size))?;
         helpers::refuse_unknown_keys(&self.extra, "OFTConfig")
     }
 }
@@ -97,6 +86,7 @@ impl OftConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PeftError;
     use crate::config::PeftConfig;
 
     /// `OFTConfig(target_modules=["q_proj"], oft_block_size=8)` saved by PEFT 0.21.2.
