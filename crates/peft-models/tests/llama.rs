@@ -443,7 +443,7 @@ fn lora_training_smoke() {
         let mut n = 0;
         for slot in model.slots() {
             assert!(
-                !slot.base().weight().is_variable(),
+                !slot.base().weight().unwrap().is_variable(),
                 "{}: base weight is a Var",
                 slot.name()
             );
@@ -481,7 +481,7 @@ fn lora_training_smoke() {
 fn named_tensors_and_set_tensor() {
     let mut model = load_model("smollm2_tied");
     // Tied: lm_head's base weight is the embedding tensor itself (same storage, no copy).
-    let id = |m: &LlamaForCausalLM, s: &str| m.slot(s).unwrap().base().weight().id();
+    let id = |m: &LlamaForCausalLM, s: &str| m.slot(s).unwrap().base().weight().unwrap().id();
     assert_eq!(id(&model, "lm_head"), id(&model, "model.embed_tokens"));
     assert_ne!(
         id(&load_model("llama"), "lm_head"),
@@ -528,6 +528,7 @@ fn named_tensors_and_set_tensor() {
             .unwrap()
             .base()
             .weight()
+            .unwrap()
             .sum_all()
             .unwrap()
             .to_scalar::<f32>()
@@ -535,7 +536,7 @@ fn named_tensors_and_set_tensor() {
         assert_eq!(w, (v * h) as f32, "{s}");
     }
     let q = "model.layers.1.self_attn.q_proj";
-    let shape = model.slot(q).unwrap().base().weight().dims().to_vec();
+    let shape = model.slot(q).unwrap().base().weight_dims().to_vec();
     model
         .set_tensor(
             &format!("{q}.weight"),
@@ -815,7 +816,7 @@ fn peft_lora_fixtures_on_llama_match_peft() {
             .model()
             .slots()
             .iter()
-            .map(|s| (s.name().to_string(), s.base().weight().clone()))
+            .map(|s| (s.name().to_string(), s.base().weight().unwrap().clone()))
             .collect();
         let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
         let d = assert_close_rows(&case, &got, &io["model_output"], None, 1e-4);
@@ -836,7 +837,7 @@ fn peft_lora_fixtures_on_llama_match_peft() {
         let want = load_st(dir.join("merged.safetensors"));
         for slot in pm.model().slots() {
             let key = format!("{}.weight", slot.name());
-            let diff = max_diff(slot.base().weight(), &want[&key]);
+            let diff = max_diff(&slot.base().weight().unwrap(), &want[&key]);
             assert!(diff <= 1e-5, "{case}: merged {key}: max |diff| {diff}");
         }
         let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
@@ -850,7 +851,7 @@ fn peft_lora_fixtures_on_llama_match_peft() {
         // Unmerged: the base weights again (a tied matrix in both slots), and the adapted logits.
         pm.unmerge_adapter().unwrap();
         for (slot, (name, w)) in pm.model().slots().iter().zip(&base_weights) {
-            let diff = max_diff(slot.base().weight(), w);
+            let diff = max_diff(&slot.base().weight().unwrap(), w);
             assert!(diff <= 1e-5, "{case}: unmerged {name}: max |diff| {diff}");
             assert!(slot.merged().is_empty(), "{case}: {name} still merged");
         }
@@ -873,7 +874,7 @@ fn peft_lora_fixtures_on_llama_match_peft() {
         );
         if tied {
             // Still one matrix, as PEFT's merged model stays tied.
-            let id = |s: &str| merged.slot(s).unwrap().base().weight().id();
+            let id = |s: &str| merged.slot(s).unwrap().base().weight().unwrap().id();
             assert_eq!(id("lm_head"), id("model.embed_tokens"), "{case}: untied");
             tied_cases += 1;
         }
@@ -921,7 +922,7 @@ fn tied_pair_merged_in_steps_stays_one_matrix() {
     });
     pm.add_adapter("extra", extra).unwrap();
     let w = |pm: &PeftModel<LlamaForCausalLM>, s: &str| {
-        pm.model().slot(s).unwrap().base().weight().clone()
+        pm.model().slot(s).unwrap().base().weight().unwrap().clone()
     };
     let base = w(&pm, "lm_head");
     assert_eq!(max_diff(&base, &w(&pm, "model.embed_tokens")), 0.0);
@@ -995,7 +996,7 @@ fn peft_ia3_llama_fixture_and_default_targets() {
     let want = load_st(dir.join("merged.safetensors"));
     for slot in pm.model().slots() {
         let key = format!("{}.weight", slot.name());
-        let diff = max_diff(slot.base().weight(), &want[&key]);
+        let diff = max_diff(&slot.base().weight().unwrap(), &want[&key]);
         assert!(diff <= 1e-5, "ia3: merged {key}: max |diff| {diff}");
     }
     let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
@@ -1131,7 +1132,7 @@ fn peft_loha_lokr_oft_boft_llama_fixtures() {
         let want = load_st(dir.join("merged.safetensors"));
         for slot in pm.model().slots() {
             let key = format!("{}.weight", slot.name());
-            let diff = max_diff(slot.base().weight(), &want[&key]);
+            let diff = max_diff(&slot.base().weight().unwrap(), &want[&key]);
             assert!(diff <= 1e-5, "{method}: merged {key}: max |diff| {diff}");
         }
         let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();

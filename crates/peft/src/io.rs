@@ -356,10 +356,7 @@ pub fn adapter_state_dict<'a>(
             out.push((peft_key(m, "base_layer.bias"), b.clone()));
         }
         if save_embedding_base(m) {
-            out.push((
-                peft_key(m, "base_layer.weight"),
-                slot.base().weight().clone(),
-            ));
+            out.push((peft_key(m, "base_layer.weight"), slot.base().weight()?));
         }
     }
     Ok(out)

@@ -31,6 +31,7 @@ pub mod layer;
 pub mod merge;
 pub mod ops;
 pub mod peft_model;
+pub mod quant;
 pub mod rng;
 pub mod train;
 pub mod tuners;

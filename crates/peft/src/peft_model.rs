@@ -362,7 +362,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 .collect();
             let device = targets
                 .first()
-                .map(|s| s.base().weight().device().clone())
+                .map(|s| s.base().device().clone())
                 .unwrap_or(Device::Cpu);
             let bases: Vec<_> = targets.iter().map(|s| s.base()).collect();
             config.method_mut().note_targets(&bases);
@@ -644,11 +644,11 @@ impl<M: AdapterHost> PeftModel<M> {
                     })
             };
             let (sa, sb) = (find(a)?, find(b)?);
-            if a == b || sa.base().weight().dims() != sb.base().weight().dims() {
+            if a == b || sa.base().weight_dims() != sb.base().weight_dims() {
                 return Err(PeftError::Invalid(format!(
                     "tied weights `{a}` {:?} and `{b}` {:?} are not one matrix",
-                    sa.base().weight().dims(),
-                    sb.base().weight().dims()
+                    sa.base().weight_dims(),
+                    sb.base().weight_dims()
                 )));
             }
         }
@@ -676,7 +676,7 @@ impl<M: AdapterHost> PeftModel<M> {
             .ok_or_else(|| PeftError::MissingModule {
                 module: partner.clone(),
             })?;
-        let w = slots[i].base().weight().contiguous()?;
+        let w = slots[i].base().weight()?.contiguous()?;
         slots[i].set_tied_weight(w.clone())?;
         slots[j].set_tied_weight(w)
     }
@@ -714,7 +714,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 let key = (a.clone(), b.clone());
                 if !self.tied_bases.contains_key(&key) && !merged_in(a) && !merged_in(b) {
                     let w = slots.iter().find(|s| s.name() == a).expect("checked");
-                    self.tied_bases.insert(key, w.base().weight().clone());
+                    self.tied_bases.insert(key, w.base().weight()?);
                 }
             }
         }
@@ -808,8 +808,13 @@ impl<M: AdapterHost> PeftModel<M> {
                 all += t.elem_count();
             }
         };
+        let mut quantized = 0usize;
         for slot in self.model.slots() {
-            count(slot.base().weight());
+            match slot.base().dense_weight() {
+                Some(w) => count(w),
+                // PEFT counts a 4-bit parameter's original elements, not its packed bytes.
+                None => quantized += slot.base().weight_dims().iter().product::<usize>(),
+            }
             if let Some(b) = slot.base().bias() {
                 count(b);
             }
@@ -832,7 +837,10 @@ impl<M: AdapterHost> PeftModel<M> {
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum();
-        ParameterCount { trainable, all }
+        ParameterCount {
+            trainable,
+            all: all + quantized,
+        }
     }
 
     /// PEFT's `save_pretrained`: every adapter, `default` at `dir`, the others in `dir/<name>/`.

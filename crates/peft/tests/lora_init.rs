@@ -132,7 +132,15 @@ fn dora_magnitude_starts_at_the_weight_norm() {
     let mut o = opts(4, InitLoraWeights::Bool(true));
     o.use_dora = true;
     let a = LoraAdapter::new(&base, o, &mut PeftRng::new(5)).unwrap();
-    let norms = base.weight().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+    let norms = base
+        .weight()
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .sqrt()
+        .unwrap();
     assert_close("magnitude", a.magnitude().unwrap(), &norms, 1e-6, 1e-6);
     // ... so that a fresh DoRA adapter is the identity
     let mut slot = AdapterSlot::new("l", base.clone());

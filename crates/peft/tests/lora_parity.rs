@@ -197,7 +197,7 @@ fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
             // Both halves of a tied pair merge into one matrix: checked below, chained.
             let in_tied = tied.is_some_and(|(a, b)| m == a || m == b);
             if let (Some(expected), false) = (merged.get(&key), in_tied) {
-                assert_close(&what, slot.base().weight(), expected, atol, rtol);
+                assert_close(&what, &slot.base().weight().unwrap(), expected, atol, rtol);
             }
             if let (Some(b), Some(expected)) =
                 (slot.base().bias(), merged.get(&format!("{m}.bias")))
@@ -225,7 +225,7 @@ fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
             slot.unmerge().unwrap();
             assert_close(
                 &format!("{what} unmerged"),
-                slot.base().weight(),
+                &slot.base().weight().unwrap(),
                 &c.base[&key],
                 atol * 10.0,
                 rtol,
@@ -239,12 +239,12 @@ fn lora_merge_matches_peft_and_unmerge_restores_the_base() {
             let mut emb = c.slots.shift_remove(e).unwrap();
             let mut head = c.slots.shift_remove(h).unwrap();
             emb.merge(Some(&order)).unwrap();
-            head.set_tied_weight(emb.base().weight().clone()).unwrap();
+            head.set_tied_weight(emb.base().weight().unwrap()).unwrap();
             head.merge(Some(&order)).unwrap();
             for name in [e, h] {
                 assert_close(
                     &format!("{}: tied merged {name}", dir.display()),
-                    head.base().weight(),
+                    &head.base().weight().unwrap(),
                     &merged[&format!("{name}.weight")],
                     atol,
                     rtol,

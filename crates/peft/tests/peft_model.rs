@@ -232,7 +232,7 @@ fn merge_and_unload_gives_peft_weights_and_a_plain_model() {
             );
             assert_close(
                 &format!("{name}: {m}"),
-                slot.base().weight(),
+                &slot.base().weight().unwrap(),
                 &merged[&format!("{m}.weight")],
                 1e-5,
                 1e-4,

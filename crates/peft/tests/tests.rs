@@ -11,6 +11,7 @@ mod lora_parity;
 mod merge_files;
 mod oft;
 mod peft_model;
+mod quant;
 mod train;
 mod varbuilder;
 mod vera;

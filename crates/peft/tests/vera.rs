@@ -207,7 +207,7 @@ fn vera_merge_matches_peft_and_unmerge_restores_the_base() {
             let a = slot.adapter("default").unwrap();
             let (dw, db) = a.delta_weight(slot.base().kind()).unwrap().unwrap();
             assert!(db.is_none());
-            assert_eq!(dw.dims(), slot.base().weight().dims());
+            assert_eq!(dw.dims(), slot.base().weight_dims());
             let what = format!("{name}: {m}");
             parity::assert_merge_unmerge(&what, m, slot, None, &files, &base, &checks);
         }
@@ -326,7 +326,7 @@ fn vera_peft_model_loads_saves_and_reloads_peft_files() {
             assert!(slot.adapters().next().is_none());
             assert_close(
                 &format!("{name}: merge_and_unload {m}"),
-                slot.base().weight(),
+                &slot.base().weight().unwrap(),
                 &merged[&format!("{m}.weight")],
                 1e-6,
                 1e-5,

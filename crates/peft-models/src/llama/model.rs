@@ -347,7 +347,7 @@ impl LlamaForCausalLM {
 
     /// The dtype of the activations (the embedding matrix's dtype).
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.base().weight().dtype()
+        self.embed_tokens.base().dtype()
     }
 
     /// Model-level tensors shared by every adapter slot, by name: e.g. VeRA's `vera_A` / `vera_B` projections,
@@ -855,16 +855,17 @@ impl AdapterHost for LlamaForCausalLM {
                 module: t.to_string(),
             })?;
             let cur = match what {
-                "weight" => slot.base().weight(),
+                "weight" => slot.base().weight_dims(),
                 _ => slot
                     .base()
                     .bias()
-                    .ok_or_else(|| PeftError::Invalid(format!("{t} has no bias to replace")))?,
+                    .ok_or_else(|| PeftError::Invalid(format!("{t} has no bias to replace")))?
+                    .dims(),
             };
-            if cur.dims() != value.dims() {
+            if cur != value.dims() {
                 return Err(PeftError::ShapeMismatch {
                     name: name.to_string(),
-                    expected: cur.dims().to_vec(),
+                    expected: cur.to_vec(),
                     got: value.dims().to_vec(),
                 });
             }
@@ -876,7 +877,7 @@ impl AdapterHost for LlamaForCausalLM {
         }
         for t in targets {
             let slot = self.slot_mut(t).expect("checked above");
-            let dtype = slot.base().weight().dtype();
+            let dtype = slot.base().dtype();
             let v = value.to_dtype(dtype)?.to_device(&device)?;
             if tied {
                 // One row-major matrix in both slots, storage shared, as `from_tensors` ties them.

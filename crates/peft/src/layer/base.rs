@@ -1,7 +1,9 @@
 //! The frozen base layers an adapter slot wraps.
 
+use crate::quant::QuantizedWeight;
 use crate::{PeftError, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// Geometry of a 2-D convolution. candle supports equal padding, stride and dilation on both axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,11 +42,13 @@ pub enum BaseKind {
     Conv1D,
 }
 
-/// A frozen base layer: its kind, weight and optional bias.
+/// A frozen base layer: its kind, weight (dense, or quantized for a Linear) and optional bias.
 #[derive(Clone, Debug)]
 pub struct BaseLayer {
     kind: BaseKind,
     weight: Tensor,
+    /// A quantized Linear's weight; `weight` is then an empty placeholder on the layer's device.
+    quant: Option<Arc<QuantizedWeight>>,
     bias: Option<Tensor>,
 }
 
@@ -52,7 +56,12 @@ impl BaseLayer {
     /// A base of any kind, with its shapes checked.
     pub fn new(kind: BaseKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = Self::store(kind, weight)?;
-        let l = Self { kind, weight, bias };
+        let l = Self {
+            kind,
+            weight,
+            quant: None,
+            bias,
+        };
         let want_rank = match kind {
             BaseKind::Linear | BaseKind::Embedding | BaseKind::Conv1D => 2,
             BaseKind::Conv2d(_) => 4,
@@ -86,6 +95,7 @@ impl BaseLayer {
         let l = Self {
             kind: BaseKind::Linear,
             weight: l.weight,
+            quant: None,
             bias: None,
         };
         match bias {
@@ -101,6 +111,38 @@ impl BaseLayer {
     /// A `Linear` base (weight `[out, in]`).
     pub fn linear(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Self::new(BaseKind::Linear, weight, bias)
+    }
+
+    /// A `Linear` base whose frozen weight `[out, in]` stays quantized: the forward dequantizes it band by
+    /// band into an f32 matmul ([`crate::quant::quant_linear`]), [`BaseLayer::weight`] dequantizes it whole,
+    /// and a merge re-quantizes it with the same settings (as PEFT's bitsandbytes layers do). The bias, if any,
+    /// is dense, on `device`.
+    pub fn quantized_linear(
+        weight: QuantizedWeight,
+        bias: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let &[out, _] = weight.shape() else {
+            return Err(PeftError::Invalid(format!(
+                "a quantized Linear weight must have 2 dimensions, got shape {:?}",
+                weight.shape()
+            )));
+        };
+        if let Some(b) = &bias
+            && b.dims() != [out]
+        {
+            return Err(PeftError::ShapeMismatch {
+                name: "bias".into(),
+                expected: vec![out],
+                got: b.dims().to_vec(),
+            });
+        }
+        Ok(Self {
+            kind: BaseKind::Linear,
+            weight: Tensor::zeros(0, weight.dtype(), device)?,
+            quant: Some(Arc::new(weight)),
+            bias,
+        })
     }
 
     /// An `Embedding` base (weight `[num_embeddings, dim]`).
@@ -123,9 +165,43 @@ impl BaseLayer {
         &self.kind
     }
 
-    /// The weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight, dequantized (whole, in its original dtype) for a quantized layer.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => q.dequantize(self.weight.device()),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// The dense weight, or `None` for a quantized layer.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match self.quant {
+            Some(_) => None,
+            None => Some(&self.weight),
+        }
+    }
+
+    /// The quantized weight, for a quantized layer.
+    pub fn quantized(&self) -> Option<&Arc<QuantizedWeight>> {
+        self.quant.as_ref()
+    }
+
+    /// The weight's shape (without dequantizing).
+    pub fn weight_dims(&self) -> &[usize] {
+        match &self.quant {
+            Some(q) => q.shape(),
+            None => self.weight.dims(),
+        }
+    }
+
+    /// The device the layer computes on.
+    pub fn device(&self) -> &Device {
+        self.weight.device()
+    }
+
+    /// The weight's dtype (a quantized weight's dtype before quantization).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
     }
 
     /// The bias.
@@ -135,7 +211,7 @@ impl BaseLayer {
 
     /// Input width (`in_features`, `in_channels`, or `num_embeddings` for an embedding, as PEFT counts it).
     pub fn in_features(&self) -> usize {
-        let d = self.weight.dims();
+        let d = self.weight_dims();
         match self.kind {
             BaseKind::Linear => d[1],
             BaseKind::Embedding | BaseKind::Conv1D => d[0],
@@ -145,7 +221,7 @@ impl BaseLayer {
 
     /// Output width (`out_features`, `out_channels`, or the embedding dimension).
     pub fn out_features(&self) -> usize {
-        let d = self.weight.dims();
+        let d = self.weight_dims();
         match self.kind {
             BaseKind::Linear | BaseKind::Conv2d(_) => d[0],
             BaseKind::Embedding | BaseKind::Conv1D => d[1],
@@ -163,13 +239,18 @@ impl BaseLayer {
         })
     }
 
+    /// Replaces the weight; a quantized layer re-quantizes `w` with its settings.
     pub(crate) fn replace_weight(&mut self, w: Tensor) -> Result<()> {
-        if w.dims() != self.weight.dims() {
+        if w.dims() != self.weight_dims() {
             return Err(PeftError::ShapeMismatch {
                 name: "weight".into(),
-                expected: self.weight.dims().to_vec(),
+                expected: self.weight_dims().to_vec(),
                 got: w.dims().to_vec(),
             });
+        }
+        if let Some(q) = &self.quant {
+            self.quant = Some(Arc::new(q.requantize(&w)?));
+            return Ok(());
         }
         self.weight = Self::store(self.kind, w)?;
         Ok(())
@@ -178,6 +259,11 @@ impl BaseLayer {
     /// Replaces the weight keeping its storage exactly as given (no transposed copy for a `Linear`), as
     /// [`BaseLayer::linear_shared`] does: for a weight shared with another layer.
     pub(crate) fn replace_weight_shared(&mut self, w: Tensor) -> Result<()> {
+        if self.quant.is_some() {
+            return Err(PeftError::Invalid(
+                "a quantized weight cannot share another layer's storage".into(),
+            ));
+        }
         if w.dims() != self.weight.dims() {
             return Err(PeftError::ShapeMismatch {
                 name: "weight".into(),
@@ -203,6 +289,13 @@ impl BaseLayer {
 
     /// The base op with this layer's own weights.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quant {
+            let x = match x.dtype() {
+                DType::F32 | DType::F64 => x.clone(),
+                _ => x.to_dtype(DType::F32)?,
+            };
+            return Ok(crate::quant::quant_linear(&x, q, self.bias.as_ref())?);
+        }
         self.forward_with(x, &self.weight, self.bias.as_ref())
     }
 

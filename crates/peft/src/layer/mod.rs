@@ -330,7 +330,7 @@ impl AdapterSlot {
     /// merged into (or unmerged from) the one shared matrix. The adapters merged here stay recorded as merged,
     /// with their undo state, and the bias is left alone. The shape must be the current one.
     pub fn set_tied_weight(&mut self, weight: Tensor) -> Result<()> {
-        let dtype = self.base.weight().dtype();
+        let dtype = self.base.dtype();
         self.base.replace_weight_shared(weight.to_dtype(dtype)?)
     }
 
@@ -561,7 +561,7 @@ impl AdapterSlot {
 
     /// The base weight with every merged adapter taken out, f32.
     fn unmerged_weights(&self) -> Result<(Tensor, Option<Tensor>)> {
-        let mut w = self.base.weight().to_dtype(DType::F32)?;
+        let mut w = self.base.weight()?.to_dtype(DType::F32)?;
         let mut b = self
             .base
             .bias()
@@ -593,8 +593,8 @@ impl AdapterSlot {
             let Some(adapter) = self.adapters.get(name.as_str()) else {
                 continue; // PEFT skips adapters that do not target this layer
             };
-            let dtype = self.base.weight().dtype();
-            let w = self.base.weight().to_dtype(DType::F32)?;
+            let dtype = self.base.dtype();
+            let w = self.base.weight()?.to_dtype(DType::F32)?;
             let b = self
                 .base
                 .bias()
@@ -631,8 +631,8 @@ impl AdapterSlot {
     /// Unmerges every merged adapter, in reverse order.
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some((name, cache)) = self.merged.pop() {
-            let dtype = self.base.weight().dtype();
-            let w = self.base.weight().to_dtype(DType::F32)?;
+            let dtype = self.base.dtype();
+            let w = self.base.weight()?.to_dtype(DType::F32)?;
             let b = self
                 .base
                 .bias()

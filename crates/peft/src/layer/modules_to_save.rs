@@ -22,18 +22,18 @@ impl ModulesToSave {
     /// A copy initialised from the base layer (as PEFT does when it wraps a module).
     pub fn from_base(base: &BaseLayer) -> Result<Self> {
         Ok(Self {
-            weight: Var::from_tensor(&base.weight().to_dtype(DType::F32)?)?,
+            weight: Var::from_tensor(&base.weight()?.to_dtype(DType::F32)?)?,
             bias: base
                 .bias()
                 .map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?))
                 .transpose()?,
-            saved_dtype: base.weight().dtype(),
+            saved_dtype: base.dtype(),
         })
     }
 
     /// A copy from saved tensors (`weight`, and `bias` when the base has one), shapes checked against `base`.
     pub fn from_tensors(base: &BaseLayer, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        check_shape("weight", weight, base.weight().dims())?;
+        check_shape("weight", weight, base.weight_dims())?;
         match (base.bias(), bias) {
             (Some(b), Some(t)) => check_shape("bias", t, b.dims())?,
             (None, Some(_)) => return Err(PeftError::UnexpectedKeys(vec!["bias".into()])),

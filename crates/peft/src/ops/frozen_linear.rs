@@ -325,7 +325,7 @@ mod tests {
             let y = base.forward(xv.as_tensor()).unwrap();
             let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             assert!(max_diff(grads.get(&xv).unwrap(), want) < 1e-5);
-            assert!(grads.get(base.weight()).is_none());
+            assert!(grads.get(&base.weight().unwrap()).is_none());
         }
         // A trained weight (a modules_to_save copy) keeps its gradient.
         let base = crate::BaseLayer::linear(w.clone(), None).unwrap();

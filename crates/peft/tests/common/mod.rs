@@ -211,7 +211,7 @@ pub mod parity {
         let merged_w = &files.merged[&w];
         assert_close(
             &format!("{what} merged weight"),
-            slot.base().weight(),
+            &slot.base().weight().unwrap(),
             merged_w,
             atol,
             rtol,
@@ -242,7 +242,7 @@ pub mod parity {
         assert!(slot.merged().is_empty(), "{what}: still merged");
         if let Some(unmerged) = &files.unmerged {
             let (atol, rtol) = checks.unmerged;
-            let got = slot.base().weight();
+            let got = &slot.base().weight().unwrap();
             assert_close(
                 &format!("{what} unmerged weight"),
                 got,
@@ -261,7 +261,7 @@ pub mod parity {
             }
         }
         let (atol, rtol) = checks.unmerged_vs_base;
-        let got = slot.base().weight();
+        let got = &slot.base().weight().unwrap();
         assert_close(
             &format!("{what} unmerged weight vs base"),
             got,

@@ -155,7 +155,7 @@ impl AdaLoraAdapter {
     fn dims(base: &BaseLayer) -> (usize, usize) {
         let k = match base.kind() {
             BaseKind::Conv2d(_) => {
-                let w = base.weight().dims();
+                let w = base.weight_dims();
                 w[2] * w[3]
             }
             _ => 1,
@@ -175,7 +175,7 @@ impl AdaLoraAdapter {
     /// only applies when loading, and truncates the saved tensors).
     pub fn new(base: &BaseLayer, opts: AdaLoraOptions, rng: &mut PeftRng) -> Result<Self> {
         Self::check_base(base)?;
-        let dev = base.weight().device().clone();
+        let dev = base.device().clone();
         let (i, o) = Self::dims(base);
         let r = opts.init_r;
         let (a, e, b) = if opts.init_lora_weights {
@@ -193,7 +193,7 @@ impl AdaLoraAdapter {
         };
         Ok(Self {
             kind: *base.kind(),
-            wshape: base.weight().dims().to_vec(),
+            wshape: base.weight_dims().to_vec(),
             r,
             scale: Self::scale_for(&opts, r),
             ranknum: r as f32,
@@ -237,7 +237,7 @@ impl AdaLoraAdapter {
             |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?) };
         Ok(Self {
             kind: *base.kind(),
-            wshape: base.weight().dims().to_vec(),
+            wshape: base.weight_dims().to_vec(),
             r,
             scale: Self::scale_for(&opts, r),
             // PEFT copies the old ranknum (init_r) back only when the kept rank is positive.
@@ -378,7 +378,7 @@ impl Adapter for AdaLoraAdapter {
         let factor = self.factor();
         match self.kind {
             BaseKind::Conv2d(spec) => {
-                let delta = self.delta(base.weight().dims())?;
+                let delta = self.delta(base.weight_dims())?;
                 let h = xd.conv2d(
                     &delta,
                     spec.padding,

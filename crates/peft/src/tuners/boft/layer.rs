@@ -197,7 +197,7 @@ fn rotation_dim(config: &BoftConfig, base: &BaseLayer) -> Result<(usize, &'stati
     match base.kind() {
         BaseKind::Linear => Ok((base.in_features(), "in_features")),
         BaseKind::Conv2d(spec) => {
-            let d = base.weight().dims();
+            let d = base.weight_dims();
             if spec.groups != 1 {
                 return Err(PeftError::Unsupported {
                     field: "groups".into(),
@@ -316,7 +316,7 @@ impl BoftAdapter {
         dropout: f64,
         saved_dtype: DType,
     ) -> Result<Self> {
-        let dev = base.weight().device();
+        let dev = base.device();
         let perms = geom
             .perms()?
             .iter()
@@ -338,7 +338,7 @@ impl BoftAdapter {
     /// of butterfly factors is the config's.
     pub fn new(config: &BoftConfig, base: &BaseLayer, rng: &mut PeftRng) -> Result<Self> {
         let geom = BoftGeometry::new(config, base, config.boft_n_butterfly_factor)?;
-        let dev = base.weight().device();
+        let dev = base.device();
         let rs = geom.r_shape();
         let ss = geom.s_shape(base.kind());
         let (r, s) = if config.init_weights {
@@ -593,7 +593,7 @@ impl Adapter for BoftAdapter {
         match self.kind {
             BaseKind::Conv2d(_) => {
                 // PEFT: conv2d(x, (W Mᵀ)·s, b, padding, stride); the base's own output is not used.
-                let w = self.rotated_weight(base.weight(), &self.blocks(Some(ctx))?)?;
+                let w = self.rotated_weight(&base.weight()?, &self.blocks(Some(ctx))?)?;
                 let b = base.bias().map(|b| b.to_dtype(self.dtype())).transpose()?;
                 base.forward_with(&x.to_dtype(self.dtype())?, &w, b.as_ref())
             }
@@ -945,7 +945,7 @@ mod tests {
             let m = dense_rotation(&a).to_dtype(DType::F32).unwrap();
             let xm = x.reshape((6, 16)).unwrap().matmul(&m).unwrap();
             let mut want = xm
-                .matmul(&base.weight().t().unwrap())
+                .matmul(&base.weight().unwrap().t().unwrap())
                 .unwrap()
                 .broadcast_mul(&a.boft_s().flatten_all().unwrap())
                 .unwrap();
@@ -960,7 +960,7 @@ mod tests {
             slot.merge(None).unwrap();
             assert!(max_diff(&slot_forward(&slot, &x), &want) < 1e-5);
             slot.unmerge().unwrap();
-            assert!(max_diff(slot.base().weight(), base.weight()) < 1e-5);
+            assert!(max_diff(&slot.base().weight().unwrap(), &base.weight().unwrap()) < 1e-5);
             slot.set_disabled(true);
             assert!(max_diff(&slot_forward(&slot, &x), &base.forward(&x).unwrap()) < 1e-4);
         }
@@ -988,13 +988,13 @@ mod tests {
         assert!(e.contains("active adapters") && e.contains("\"a\""), "{e}");
         slot.merge(None).unwrap();
         // merging a then b: W ← (W Maᵀ Mbᵀ)·s_a·s_b, from the dense rotations
-        let w = base.weight().to_dtype(DType::F64).unwrap();
+        let w = base.weight().unwrap().to_dtype(DType::F64).unwrap();
         let want = w
             .matmul(&ma.t().unwrap())
             .unwrap()
             .matmul(&mb.t().unwrap())
             .unwrap();
-        let got = slot.base().weight().to_dtype(DType::F64).unwrap();
+        let got = slot.base().weight().unwrap().to_dtype(DType::F64).unwrap();
         let sa = slot.adapter("a").unwrap().tensors();
         let sb = slot.adapter("b").unwrap().tensors();
         let s = |t: &Vec<NamedTensor>| {
@@ -1012,7 +1012,7 @@ mod tests {
             .unwrap();
         assert!(max_diff(&got, &want) < 1e-5);
         slot.unmerge().unwrap();
-        assert!(max_diff(slot.base().weight(), base.weight()) < 1e-5);
+        assert!(max_diff(&slot.base().weight().unwrap(), &base.weight().unwrap()) < 1e-5);
         slot.set_active(&["b"]);
         assert!(slot.forward(&x, &ForwardCtx::eval()).is_ok());
     }
@@ -1046,10 +1046,10 @@ mod tests {
         slot.add_adapter("default", Box::new(a)).unwrap();
         assert!(max_diff(&slot_forward(&slot, &x), &want) < 1e-5);
         slot.merge(None).unwrap();
-        assert!(max_diff(slot.base().weight(), &rot) < 1e-6);
+        assert!(max_diff(&slot.base().weight().unwrap(), &rot) < 1e-6);
         assert!(max_diff(&slot_forward(&slot, &x), &want) < 1e-5);
         slot.unmerge().unwrap();
-        assert!(max_diff(slot.base().weight(), &w) < 1e-5);
+        assert!(max_diff(&slot.base().weight().unwrap(), &w) < 1e-5);
         assert_eq!(max_diff(slot.base().bias().unwrap(), &b), 0.0);
     }
 

@@ -97,7 +97,7 @@ impl Ia3Adapter {
     /// A freshly initialised adapter for `base`: ones (`init_ia3_weights`), else standard normal draws.
     pub fn new(base: &BaseLayer, opts: Ia3Options, rng: &mut PeftRng) -> Result<Self> {
         let shape = Self::shape(base, opts.feedforward)?;
-        let dev = base.weight().device();
+        let dev = base.device();
         let l = if opts.init_ia3_weights {
             Tensor::ones(shape.as_slice(), DType::F32, dev)?
         } else {

@@ -72,7 +72,7 @@ pub(crate) fn forward(
 ) -> Result<Tensor> {
     let kind = base.kind();
     let s = ad.scaling();
-    let w = base.weight().to_dtype(candle_core::DType::F32)?;
+    let w = base.weight()?.to_dtype(candle_core::DType::F32)?;
     let with_bias = matches!(kind, BaseKind::Linear | BaseKind::Conv1D);
     let norm = weight_norm(kind, &w, &ad.lora_weight(with_bias)?, s)?.detach();
     let m = magnitude(ad)?;

@@ -108,7 +108,7 @@ impl LoraAdapter {
                         reason: "PEFT's own LoRA forward fails on dilated convolutions".into(),
                     });
                 }
-                let w = base.weight().dims();
+                let w = base.weight_dims();
                 (vec![r, i, w[2], w[3]], vec![o, r, 1, 1], vec![1, o, 1, 1])
             }
         })
@@ -143,7 +143,7 @@ impl LoraAdapter {
     /// are the other way round). DoRA's magnitude starts at the norm of the adapted weight.
     pub fn new(base: &BaseLayer, opts: LoraOptions, rng: &mut PeftRng) -> Result<Self> {
         Self::check_opts(base, &opts)?;
-        let dev = base.weight().device().clone();
+        let dev = base.device().clone();
         let (sa, sb, _) = Self::shapes(base, opts.r)?;
         let fan_in_a: usize = sa[1..].iter().product();
         let kaiming = |rng: &mut PeftRng, shape: &[usize], fan_in: usize| {
@@ -211,7 +211,7 @@ impl LoraAdapter {
             saved_dtype: DType::F32,
         };
         if me.opts.use_dora {
-            let w = base.weight().to_dtype(DType::F32)?;
+            let w = base.weight()?.to_dtype(DType::F32)?;
             let (_, _, sm) = Self::shapes(base, me.opts.r)?;
             let m = dora::weight_norm(&me.kind, &w, &me.lora_weight(false)?, me.scaling)?
                 .reshape(sm)?;

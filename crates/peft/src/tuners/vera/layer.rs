@@ -231,7 +231,7 @@ impl VeraAdapter {
         rng: &mut PeftRng,
     ) -> Result<Self> {
         Self::check_base(base, config, proj)?;
-        let dev = base.weight().device();
+        let dev = base.device();
         let o = base.out_features();
         let (lb, ld) = if config.init_weights {
             (

@@ -1,0 +1,113 @@
+//! Quantized frozen base weights (QLoRA): the formats, their dequantization, and the Linear op that computes
+//! `x · dequant(W)ᵀ` block by block without holding the dequantized weight.
+//!
+//! A quantized Linear is a [`crate::BaseLayer`] built with [`crate::BaseLayer::quantized_linear`]; every
+//! adapter method that wraps a Linear wraps it too, computing in f32 on top of it (PEFT's numbers: an f32
+//! matmul with the dequantized weight, never quantized activations). Its backward gives the input gradient
+//! only (`g · dequant(W)`), dequantizing again instead of keeping the f32 weight alive between forward and
+//! backward.
+//!
+//! | format | module | as written by |
+//! |---|---|---|
+//! | bitsandbytes NF4 / FP4, ± double quantization | [`bnb4`] | bitsandbytes 0.50.2 through transformers' `save_pretrained` |
+
+pub mod bnb4;
+mod linear;
+
+pub use linear::quant_linear;
+
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// A frozen weight held quantized, in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuantizedWeight {
+    /// bitsandbytes 4-bit (NF4 / FP4).
+    Bnb4(bnb4::Bnb4Weight),
+}
+
+impl QuantizedWeight {
+    /// The weight's shape (`[out, in]` for a Linear).
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            QuantizedWeight::Bnb4(w) => &w.shape,
+        }
+    }
+
+    /// The dtype dequantization returns (the weight's dtype before quantization).
+    pub fn dtype(&self) -> DType {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.dtype,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.nbytes(),
+        }
+    }
+
+    /// A short description: `bnb nf4 (blocksize 64, double quant)`.
+    pub fn describe(&self) -> String {
+        match self {
+            QuantizedWeight::Bnb4(w) => format!(
+                "bnb {} (blocksize {}{})",
+                w.quant_type.as_str(),
+                w.blocksize,
+                if w.double_quant() {
+                    ", double quant"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    /// Dequantizes the row-major elements `[start, start + out.len())` into `out` in f32.
+    pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.dequantize_into(start, out),
+        }
+    }
+
+    /// The whole weight dequantized, in its original dtype (PEFT's `dequantize_bnb_weight`).
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.dequantize(device),
+        }
+    }
+
+    /// `w` quantized with this weight's settings (what PEFT's bnb merge does after adding the delta).
+    pub fn requantize(&self, w: &Tensor) -> Result<Self> {
+        // Rounded to the original dtype first, as bnb quantizes a weight of that dtype.
+        let values = w
+            .to_dtype(self.dtype())?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        match self {
+            QuantizedWeight::Bnb4(q) => {
+                let opts = bnb4::Bnb4Options {
+                    quant_type: q.quant_type,
+                    blocksize: q.blocksize,
+                    double_quant: q.double_quant(),
+                    ..Default::default()
+                };
+                Ok(QuantizedWeight::Bnb4(bnb4::Bnb4Weight::quantize(
+                    &values,
+                    w.dims(),
+                    q.dtype,
+                    opts,
+                )?))
+            }
+        }
+    }
+
+    /// The tensors a checkpoint stores for this weight under `prefix` (the weight's own key).
+    pub fn state_dict(&self, prefix: &str, device: &Device) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.state_dict(prefix, device),
+        }
+    }
+}
