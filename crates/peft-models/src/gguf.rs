@@ -35,6 +35,16 @@ pub struct GgufModel {
 
 /// Reads a llama-architecture GGUF file: HF config, f32 tensors under HF names, tokenizer.
 pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<GgufModel> {
+    load_gguf_with(path, device, None)
+}
+
+/// [`load_gguf`], quantizing the decoder-layer projections as they are read when `quantize` is given
+/// ([`crate::quantize::Quantize::apply`]): each tensor is dequantized to f32, then re-quantized, one at a time.
+pub fn load_gguf_with(
+    path: impl AsRef<Path>,
+    device: &Device,
+    quantize: Option<&crate::quantize::Quantize>,
+) -> Result<GgufModel> {
     let path = path.as_ref();
     let bad = |message: String| ModelError::Gguf {
         path: path.to_path_buf(),
@@ -116,7 +126,16 @@ pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<GgufModel> {
         } else if hf_name.contains("self_attn.k_proj.") {
             t = unpermute_qk(&t, cfg.kv_heads)?;
         }
-        tensors.insert(hf_name, t);
+        match quantize {
+            Some(q) => {
+                for (n, t) in q.apply(&hf_name, t)? {
+                    tensors.insert(n, t);
+                }
+            }
+            None => {
+                tensors.insert(hf_name, t);
+            }
+        }
     }
     Ok(GgufModel {
         config,

@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`, and the tokenizer files when present.
 
 use crate::error::{ModelError, Result};
+use crate::quantize::Quantize;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
@@ -25,6 +26,18 @@ pub struct HfModel {
 /// `dir/model.safetensors.index.json`) converted to `dtype` on `device`, and the tokenizer
 /// ([`load_hf_tokenizer`]).
 pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<HfModel> {
+    load_hf_dir_with(dir, dtype, device, None)
+}
+
+/// [`load_hf_dir`], quantizing the decoder-layer projections as they are read when `quantize` is given
+/// ([`Quantize::apply`]). The tensors of a checkpoint saved quantized (bitsandbytes 4-bit: the packed weight
+/// and its quant state) are kept as stored, whatever `dtype`.
+pub fn load_hf_dir_with(
+    dir: impl AsRef<Path>,
+    dtype: DType,
+    device: &Device,
+    quantize: Option<&Quantize>,
+) -> Result<HfModel> {
     let dir = dir.as_ref();
     if !dir.is_dir() {
         return Err(ModelError::Invalid(format!(
@@ -47,16 +60,39 @@ pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Resu
             "config.json is not an object",
         ));
     }
+    let stored_quantized = crate::quantize::checkpoint_quantization(&config)?;
+    if let (Some(q), Some(stored)) = (quantize, &stored_quantized) {
+        return Err(ModelError::Invalid(format!(
+            "{}: the checkpoint is already quantized ({stored}); drop --quantize {}",
+            dir.display(),
+            q.describe()
+        )));
+    }
+    let all_names: std::collections::HashSet<String> =
+        model.shards.iter().flat_map(|(_, s)| s.names()).collect();
     let mut tensors = IndexMap::new();
     for (_, shard) in &model.shards {
         for name in shard.names() {
             let t = shard.load(&name, device)?;
-            let t = if t.dtype() == dtype || !t.dtype().is_float() {
+            // A packed quantized weight (any storage dtype) and its quant state stay as stored.
+            let packed = all_names.contains(&format!("{name}.quant_state.bitsandbytes__nf4"))
+                || all_names.contains(&format!("{name}.quant_state.bitsandbytes__fp4"));
+            let keep = packed || name.contains(".weight.") && stored_quantized.is_some();
+            let t = if keep || t.dtype() == dtype || !t.dtype().is_float() {
                 t
             } else {
                 t.to_dtype(dtype)?
             };
-            tensors.insert(name, t);
+            match quantize {
+                Some(q) => {
+                    for (n, t) in q.apply(&name, t)? {
+                        tensors.insert(n, t);
+                    }
+                }
+                None => {
+                    tensors.insert(name, t);
+                }
+            }
         }
     }
     tensors.sort_by(|a, _, b, _| natural_cmp(a, b));

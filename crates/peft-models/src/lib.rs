@@ -22,7 +22,8 @@ pub mod llama;
 pub mod load;
 pub mod ops;
 pub mod prompt_learning;
+pub mod quantize;
 pub mod tokenizer;
 pub mod train;
 
-pub use load::{LoadedModel, load_model, with_adapters};
+pub use load::{LoadOptions, LoadedModel, load_model, load_model_with, with_adapters};

@@ -3,6 +3,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::quantize::Quantize;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
 use peft::PeftModel;
@@ -50,13 +51,40 @@ pub fn require_tokenizer<'t>(
 /// # Ok(()) }
 /// ```
 pub fn load_model(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+    load_model_with(path, device, &LoadOptions::default())
+}
+
+/// How [`load_model_with`] loads a model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Quantize the decoder-layer projections while loading (QLoRA on a full-precision model).
+    pub quantize: Option<Quantize>,
+}
+
+/// [`load_model`] with options: `quantize` keeps the decoder-layer projections quantized (bitsandbytes NF4 /
+/// FP4), each weight quantized as it is read. A checkpoint that transformers saved quantized (bitsandbytes
+/// 4-bit `quantization_config`) loads quantized without options.
+///
+/// ```no_run
+/// use peft_models::{LoadOptions, load_model_with, quantize::Quantize};
+/// # fn main() -> peft_models::error::Result<()> {
+/// let options = LoadOptions { quantize: Some(Quantize::parse("nf4", true)?) };
+/// let loaded = load_model_with("SmolLM2-135M-Instruct", &candle_core::Device::Cpu, &options)?;
+/// # Ok(()) }
+/// ```
+pub fn load_model_with(
+    path: impl AsRef<Path>,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel> {
     let path = path.as_ref();
+    let quantize = options.quantize.as_ref();
     let (config, tensors, tokenizer) = if path.is_dir() {
-        let m = crate::hf::load_hf_dir(path, DType::F32, device)
+        let m = crate::hf::load_hf_dir_with(path, DType::F32, device, quantize)
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
         (m.config, m.tensors, m.tokenizer)
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        let m = crate::gguf::load_gguf(path, device)
+        let m = crate::gguf::load_gguf_with(path, device, quantize)
             .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
         (m.config, m.tensors, Some(m.tokenizer))
     } else if !path.exists() {

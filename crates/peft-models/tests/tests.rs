@@ -2,3 +2,4 @@
 
 mod llama;
 mod prompt;
+mod quant;

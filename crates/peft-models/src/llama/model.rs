@@ -14,6 +14,8 @@ use super::config::LlamaConfig;
 use candle_core::{D, DType, Device, Tensor};
 use indexmap::IndexMap;
 use peft::host::AdapterHost;
+use peft::quant::QuantizedWeight;
+use peft::quant::bnb4::Bnb4Weight;
 use peft::tuners::tuners_utils::{ModuleInfo, ModuleKind};
 use peft::{AdapterSlot, BaseKind, BaseLayer, ForwardCtx, PeftError, PeftRng, Result};
 
@@ -161,6 +163,31 @@ fn take(
     Ok(t.to_device(device)?)
 }
 
+/// A quantized Linear base from the bitsandbytes 4-bit tensors stored under `key` (`…q_proj.weight` and its
+/// `.absmax`, `.quant_map`, `.quant_state.bitsandbytes__nf4`, …), which are removed from `tensors`.
+fn quantized_base(
+    tensors: &mut IndexMap<String, Tensor>,
+    key: &str,
+    out: usize,
+    inp: usize,
+    bias: Option<Tensor>,
+    device: &Device,
+) -> Result<BaseLayer> {
+    let w = Bnb4Weight::from_state_dict(key, tensors)?;
+    if w.shape != [out, inp] {
+        return Err(PeftError::ShapeMismatch {
+            name: format!("{key} (quant_state shape)"),
+            expected: vec![out, inp],
+            got: w.shape.clone(),
+        });
+    }
+    for s in peft::quant::bnb4::STATE_SUFFIXES {
+        tensors.shift_remove(&format!("{key}.{s}"));
+    }
+    tensors.shift_remove(key);
+    BaseLayer::quantized_linear(QuantizedWeight::Bnb4(w), bias, device)
+}
+
 impl LlamaForCausalLM {
     /// Builds the model from tensors in HF names (`model.layers.0.self_attn.q_proj.weight`, …) as the loaders
     /// produce them. Every tensor the config needs must be present with its shape; a tensor the model does not
@@ -194,12 +221,19 @@ impl LlamaForCausalLM {
             let p = format!("model.layers.{i}");
             let mut linear =
                 |name: String, out: usize, inp: usize, bias: bool| -> Result<AdapterSlot> {
-                    let w = take(&mut tensors, &format!("{name}.weight"), &[out, inp], device)?;
                     let b = if bias {
                         Some(take(&mut tensors, &format!("{name}.bias"), &[out], device)?)
                     } else {
                         None
                     };
+                    let key = format!("{name}.weight");
+                    if Bnb4Weight::is_stored(&key, &tensors) {
+                        return Ok(AdapterSlot::new(
+                            name,
+                            quantized_base(&mut tensors, &key, out, inp, b, device)?,
+                        ));
+                    }
+                    let w = take(&mut tensors, &key, &[out, inp], device)?;
                     Ok(AdapterSlot::new(name, BaseLayer::linear(w, b)?))
                 };
             let self_attn = Attention {

@@ -1,0 +1,198 @@
+//! Quantizing a full-precision model's Linear weights while it loads (`peft train --quantize nf4`), and
+//! reading the `quantization_config` of checkpoints that transformers saved quantized.
+//!
+//! Which weights: every projection of the decoder layers (`model.layers.N.self_attn.{q,k,v,o}_proj.weight`,
+//! `model.layers.N.mlp.{gate,up,down}_proj.weight`), as transformers' bitsandbytes integration converts every
+//! `nn.Linear` but the output layer; embeddings, norms and `lm_head` keep their dtype. Each weight is
+//! quantized as soon as it is read, so the full-precision model is never in memory at once; in memory it
+//! is held as the tensors a bitsandbytes checkpoint stores (`…weight` packed u8, `…weight.absmax`, …), which
+//! [`crate::llama::LlamaForCausalLM::from_tensors`] turns into quantized base layers.
+
+use crate::error::{ModelError, Result};
+use candle_core::{DType, Tensor};
+use peft::quant::bnb4::{Bnb4Options, Bnb4Type, Bnb4Weight};
+use serde_json::Value;
+
+/// How to quantize a full-precision model while loading it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Quantize {
+    /// bitsandbytes 4-bit (NF4 or FP4, optionally double-quantized), blocksize 64 as transformers uses.
+    Bnb4(Bnb4Options),
+}
+
+impl Quantize {
+    /// From the CLI's `--quantize nf4|fp4` and `--double-quant`.
+    ///
+    /// ```
+    /// use peft_models::quantize::Quantize;
+    /// let q = Quantize::parse("nf4", true)?;
+    /// assert_eq!(q.describe(), "bnb nf4, double quant");
+    /// assert!(Quantize::parse("int3", false).is_err());
+    /// # Ok::<(), peft_models::error::ModelError>(())
+    /// ```
+    pub fn parse(kind: &str, double_quant: bool) -> Result<Self> {
+        let quant_type = match kind {
+            "nf4" => Bnb4Type::Nf4,
+            "fp4" => Bnb4Type::Fp4,
+            "int8" => {
+                return Err(ModelError::Unsupported(
+                    "--quantize int8 (bitsandbytes LLM.int8) is not implemented yet; use nf4 or fp4".into(),
+                ));
+            }
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "unknown --quantize {other:?} (nf4 or fp4)"
+                )));
+            }
+        };
+        Ok(Quantize::Bnb4(Bnb4Options {
+            quant_type,
+            double_quant,
+            ..Default::default()
+        }))
+    }
+
+    /// `bnb nf4` / `bnb fp4, double quant`.
+    pub fn describe(&self) -> String {
+        match self {
+            Quantize::Bnb4(o) => format!(
+                "bnb {}{}",
+                o.quant_type.as_str(),
+                if o.double_quant { ", double quant" } else { "" }
+            ),
+        }
+    }
+
+    /// The tensors to keep for `name`: the weight quantized (bitsandbytes' state-dict tensors) when it is a
+    /// decoder-layer projection, else the tensor itself.
+    pub fn apply(&self, name: &str, t: Tensor) -> Result<Vec<(String, Tensor)>> {
+        if !is_quantized_linear(name) || t.rank() != 2 {
+            return Ok(vec![(name.to_string(), t)]);
+        }
+        match self {
+            Quantize::Bnb4(opts) => {
+                let dtype = match t.dtype() {
+                    d @ (DType::F32 | DType::F16 | DType::BF16) => d,
+                    _ => DType::F32,
+                };
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let q = Bnb4Weight::quantize(&values, t.dims(), dtype, *opts)?;
+                Ok(q.state_dict(name, t.device())?)
+            }
+        }
+    }
+}
+
+/// Whether `name` is a weight transformers' bitsandbytes integration quantizes in a Llama-family model.
+pub fn is_quantized_linear(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((layer, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    layer.parse::<usize>().is_ok()
+        && matches!(
+            rest,
+            "self_attn.q_proj.weight"
+                | "self_attn.k_proj.weight"
+                | "self_attn.v_proj.weight"
+                | "self_attn.o_proj.weight"
+                | "mlp.gate_proj.weight"
+                | "mlp.up_proj.weight"
+                | "mlp.down_proj.weight"
+        )
+}
+
+/// What a checkpoint's `config.json` says of its quantization: `None` for a full-precision model,
+/// `Some(description)` for a bitsandbytes 4-bit one (`bnb nf4, double quant`), and an error naming the method
+/// for the quantizations not supported yet (bitsandbytes 8-bit, GPTQ, AWQ, …).
+pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
+    let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else {
+        return Ok(None);
+    };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    let flag = |k: &str| q.get(k).and_then(Value::as_bool).unwrap_or(false);
+    match method {
+        "bitsandbytes" if flag("load_in_4bit") || flag("_load_in_4bit") => {
+            let qt = q
+                .get("bnb_4bit_quant_type")
+                .and_then(Value::as_str)
+                .unwrap_or("fp4");
+            let dq = flag("bnb_4bit_use_double_quant");
+            Ok(Some(format!(
+                "bnb {qt}{}",
+                if dq { ", double quant" } else { "" }
+            )))
+        }
+        "bitsandbytes" if flag("load_in_8bit") || flag("_load_in_8bit") => Err(ModelError::Unsupported(
+            "config.json: quantization_config is bitsandbytes 8-bit (LLM.int8), not supported yet; 4-bit \
+             (nf4/fp4) checkpoints load"
+                .into(),
+        )),
+        other => Err(ModelError::Unsupported(format!(
+            "config.json: quantization_config.quant_method {other:?} is not supported yet (bitsandbytes 4-bit \
+             checkpoints load; full-precision models can be quantized with --quantize nf4|fp4)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn only_decoder_projections_are_quantized() {
+        assert!(is_quantized_linear(
+            "model.layers.3.self_attn.q_proj.weight"
+        ));
+        assert!(is_quantized_linear("model.layers.10.mlp.down_proj.weight"));
+        assert!(!is_quantized_linear("model.layers.3.self_attn.q_proj.bias"));
+        assert!(!is_quantized_linear("lm_head.weight"));
+        assert!(!is_quantized_linear("model.embed_tokens.weight"));
+        assert!(!is_quantized_linear("model.layers.x.mlp.up_proj.weight"));
+        let q = Quantize::parse("fp4", false).unwrap();
+        let w = Tensor::ones((4, 64), DType::F32, &Device::Cpu).unwrap();
+        let kept = q.apply("model.norm.weight", w.clone()).unwrap();
+        assert_eq!(kept.len(), 1);
+        let names: Vec<String> = q
+            .apply("model.layers.0.mlp.up_proj.weight", w)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.mlp.up_proj.weight.absmax",
+                "model.layers.0.mlp.up_proj.weight.quant_map",
+                "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__fp4"
+            ]
+        );
+    }
+
+    #[test]
+    fn checkpoint_quantization_names_the_unsupported_method() {
+        let v = |q: Value| serde_json::json!({ "quantization_config": q });
+        assert_eq!(
+            checkpoint_quantization(&serde_json::json!({})).unwrap(),
+            None
+        );
+        let bnb = v(
+            serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": true}),
+        );
+        assert_eq!(
+            checkpoint_quantization(&bnb).unwrap().as_deref(),
+            Some("bnb nf4, double quant")
+        );
+        let gptq = v(serde_json::json!({"quant_method": "gptq", "bits": 4}));
+        let e = checkpoint_quantization(&gptq).unwrap_err().to_string();
+        assert!(e.contains("\"gptq\" is not supported yet"), "{e}");
+        let int8 = v(serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}));
+        let e = checkpoint_quantization(&int8).unwrap_err().to_string();
+        assert!(e.contains("8-bit"), "{e}");
+    }
+}

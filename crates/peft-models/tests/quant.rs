@@ -1,0 +1,236 @@
+//! Tiny Llamas quantized by transformers + bitsandbytes 0.50.2 (4-bit NF4 / FP4, ± double quant), with and
+//! without a PEFT LoRA adapter (fixtures/quant, written by gen_quant.py).
+
+use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+use peft::config::{LoraConfig, LoraFields, PeftConfig, TargetFields};
+use peft::quant::bnb4::Bnb4Weight;
+use peft::{ForwardCtx, PeftModel};
+use peft_models::llama::{ForwardInput, LlamaConfig, LlamaForCausalLM};
+use peft_models::quantize::Quantize;
+use peft_models::{LoadOptions, load_model, load_model_with, with_adapters};
+use peft_test_support::{assert_close, max_diff};
+use std::path::PathBuf;
+
+const CASES: [&str; 3] = ["bnb4_llama_nf4", "bnb4_llama_nf4_dq", "bnb4_llama_fp4"];
+
+fn case_dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/quant/cases")
+        .join(case)
+}
+
+fn io(case: &str) -> IndexMap<String, Tensor> {
+    candle_core::safetensors::load(case_dir(case).join("io.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
+    model
+        .forward(ForwardInput::ids(ids), &ForwardCtx::eval())
+        .unwrap()
+}
+
+const PROJ: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+#[test]
+fn bnb4_checkpoints_give_transformers_logits_with_and_without_lora() {
+    for case in CASES {
+        let io = io(case);
+        let ids = &io["input_ids"];
+        let loaded = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap();
+        let m = &loaded.model;
+        for p in PROJ {
+            let slot = m.slot(&format!("model.layers.1.{p}")).unwrap();
+            assert!(
+                slot.base().quantized().is_some(),
+                "{case}: {p} is not quantized"
+            );
+        }
+        assert!(m.slot("lm_head").unwrap().base().quantized().is_none());
+        assert_close(
+            &format!("{case} base logits"),
+            &logits(m, ids),
+            &io["base_logits"],
+            1e-4,
+            1e-4,
+        );
+        let pm = with_adapters(
+            loaded.model,
+            &[case_dir(case).join("adapter")],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_close(
+            &format!("{case} LoRA logits"),
+            &logits(pm.model(), ids),
+            &io["lora_logits"],
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn quantize_while_loading_matches_transformers_quantized_checkpoint() {
+    for (case, kind, dq) in [
+        ("bnb4_llama_nf4_dq", "nf4", true),
+        ("bnb4_llama_fp4", "fp4", false),
+    ] {
+        let options = LoadOptions {
+            quantize: Some(Quantize::parse(kind, dq).unwrap()),
+        };
+        let ours = load_model_with(case_dir(case).join("full"), &Device::Cpu, &options).unwrap();
+        let theirs = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap();
+        for l in 0..2 {
+            for p in PROJ {
+                let name = format!("model.layers.{l}.{p}");
+                let a = ours
+                    .model
+                    .slot(&name)
+                    .unwrap()
+                    .base()
+                    .quantized()
+                    .unwrap()
+                    .clone();
+                let b = theirs
+                    .model
+                    .slot(&name)
+                    .unwrap()
+                    .base()
+                    .quantized()
+                    .unwrap()
+                    .clone();
+                let (peft::quant::QuantizedWeight::Bnb4(a), peft::quant::QuantizedWeight::Bnb4(b)) =
+                    (&*a, &*b);
+                assert_eq!(a.packed, b.packed, "{case}: {name} packed codes");
+                if !dq {
+                    assert_eq!(a, b, "{case}: {name}");
+                } else {
+                    // The double-quant offset is a float32 mean; its last bit depends on the summation order.
+                    let da = a.dequantize_f32();
+                    let db = b.dequantize_f32();
+                    let worst = da
+                        .iter()
+                        .zip(&db)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-6, "{case}: {name} dequantized differ by {worst}");
+                }
+            }
+        }
+        let io = io(case);
+        assert_close(
+            &format!("{case} base logits"),
+            &logits(&ours.model, &io["input_ids"]),
+            &io["base_logits"],
+            1e-4,
+            1e-4,
+        );
+        let e = load_model_with(case_dir(case).join("base"), &Device::Cpu, &options).unwrap_err();
+        let e = chain(&e);
+        assert!(
+            e.contains("base: the checkpoint is already quantized (bnb"),
+            "{e}"
+        );
+    }
+}
+
+/// An error with its causes, `: `-joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The dense twin of a quantized checkpoint: every packed weight replaced by its dequantized f32 tensor.
+fn dequantized_twin(case: &str) -> LlamaForCausalLM {
+    let dir = case_dir(case).join("base");
+    let m = peft_models::hf::load_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let mut dense = IndexMap::new();
+    for (k, t) in &m.tensors {
+        if Bnb4Weight::is_stored(k, &m.tensors) {
+            let w = Bnb4Weight::from_state_dict(k, &m.tensors).unwrap();
+            dense.insert(k.clone(), w.dequantize(&Device::Cpu).unwrap());
+        } else if !k.contains(".weight.") {
+            dense.insert(k.clone(), t.clone());
+        }
+    }
+    let mut config = m.config.clone();
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_config");
+    LlamaForCausalLM::from_tensors(
+        LlamaConfig::from_value(&config).unwrap(),
+        dense,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn lora_gradients_over_a_quantized_base_equal_those_over_its_dequantized_twin() {
+    let case = "bnb4_llama_nf4_dq";
+    let ids = io(case)["input_ids"].clone();
+    let config = || {
+        PeftConfig::Lora(LoraConfig {
+            lora: LoraFields {
+                r: 2,
+                init_lora_weights: peft::config::InitLoraWeights::Bool(false),
+                ..Default::default()
+            },
+            targets: TargetFields::modules(["q_proj", "v_proj", "down_proj"]),
+            ..Default::default()
+        })
+    };
+    let quant = load_model(case_dir(case).join("base"), &Device::Cpu)
+        .unwrap()
+        .model;
+    let q = PeftModel::get_peft_model(quant, config(), "default", 3).unwrap();
+    let d = PeftModel::get_peft_model(dequantized_twin(case), config(), "default", 3).unwrap();
+    let mut grads = Vec::new();
+    for pm in [&q, &d] {
+        let y = pm
+            .model()
+            .forward(ForwardInput::ids(&ids), &ForwardCtx::train(1, 0))
+            .unwrap();
+        let loss = y.sqr().unwrap().mean_all().unwrap();
+        let g = loss.backward().unwrap();
+        let vars = pm.trainable_vars();
+        assert_eq!(vars.len(), 12);
+        grads.push(
+            vars.iter()
+                .map(|(n, v)| (n.clone(), g.get(v).unwrap().clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    for ((n, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
+        assert!(
+            a.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{n}: zero gradient"
+        );
+        assert!(max_diff(a, b) < 1e-5, "{n}: {}", max_diff(a, b));
+    }
+}
