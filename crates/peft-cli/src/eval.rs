@@ -4,7 +4,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use peft_models::data::{DataConfig, load_dataset, pad_token_id};
-use peft_models::{LoadedModel, load_model, with_adapters};
+use peft_models::{LoadedModel, load_model_with, with_adapters};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -14,6 +14,9 @@ pub struct EvalArgs {
     /// The base model: an HF directory or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
+    /// Quantization of the base model.
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
     /// Adapter directories to load; all are active together, in the order given.
     #[arg(long)]
     pub adapter: Vec<PathBuf>,
@@ -45,7 +48,7 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalResult> {
     let device = Device::Cpu;
     let LoadedModel {
         model, tokenizer, ..
-    } = load_model(&args.model, &device)?;
+    } = load_model_with(&args.model, &device, &args.quant.load_options()?)?;
     let pm = with_adapters(model, &args.adapter, &device)?;
     let mut data = load_dataset(
         &args.data,

@@ -6,7 +6,7 @@ use peft::PeftRng;
 use peft_models::error::ModelError;
 use peft_models::generate::{Sampling, generate, prompt_ids};
 use peft_models::load::require_tokenizer;
-use peft_models::{LoadedModel, load_model, with_adapters};
+use peft_models::{LoadedModel, load_model_with, with_adapters};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -16,6 +16,9 @@ pub struct GenerateArgs {
     /// The base model: an HF directory or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
+    /// Quantization of the base model.
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
     /// Adapter directories to load (all active together, in order).
     #[arg(long)]
     pub adapter: Vec<PathBuf>,
@@ -69,7 +72,7 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let LoadedModel {
         model, tokenizer, ..
-    } = load_model(&args.model, &device)?;
+    } = load_model_with(&args.model, &device, &args.quant.load_options()?)?;
     let tok = require_tokenizer(tokenizer.as_ref(), "generation")?;
     let pm = with_adapters(model, &args.adapter, &device)?;
     let ids = prompt_ids(tok, &args.prompt, args.chat)?;

@@ -15,6 +15,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod quant;
 pub mod train;
 
 #[cfg(test)]

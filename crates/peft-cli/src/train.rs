@@ -9,7 +9,7 @@ use peft::config::{InitLoraWeights, LoraConfig, TargetModules};
 use peft::{PeftConfig, PeftModel};
 use peft_models::error::ModelError;
 use peft_models::train::{SamplePrompt, TrainEvent, TrainOptions, train};
-use peft_models::{LoadedModel, load_model};
+use peft_models::{LoadedModel, load_model_with};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,6 +20,9 @@ pub struct TrainArgs {
     /// The base model: an HF directory or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
+    /// Quantization of the base model (QLoRA).
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
     /// Training data: plain text (.txt/.md or a directory), or JSONL with `text`, `prompt`/`completion`,
     /// chat `messages`, or `input_ids`.
     #[arg(long)]
@@ -318,13 +321,16 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
         model,
         tokenizer,
         config: hf_config,
-    } = load_model(&args.model, &device)?;
+    } = load_model_with(&args.model, &device, &args.quant.load_options()?)?;
     writeln!(
         out,
         "loaded {} in {:.1} s",
         args.model.display(),
         t0.elapsed().as_secs_f64()
     )?;
+    if let Some(q) = peft_models::quantize::summary(&model) {
+        writeln!(out, "base: {q}")?;
+    }
     let mut config = adapter_config(args)?;
     if let Some(name) = hf_config.get("_name_or_path").and_then(|v| v.as_str()) {
         config.base_mut().base_model_name_or_path = Some(name.to_string());

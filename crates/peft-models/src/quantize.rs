@@ -137,6 +137,32 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
     }
 }
 
+/// What is quantized in `model` and the memory its quantized weights take, or `None` when nothing is:
+/// `14 of 15 Linear layers quantized (bnb nf4 (blocksize 64, double quant)): 0.25 MiB instead of 1.75 MiB in f32`.
+pub fn summary(model: &crate::llama::LlamaForCausalLM) -> Option<String> {
+    use peft::host::AdapterHost;
+    let slots = model.slots();
+    let linears = slots
+        .iter()
+        .filter(|s| matches!(s.base().kind(), peft::BaseKind::Linear))
+        .count();
+    let quantized: Vec<_> = slots.iter().filter_map(|s| s.base().quantized()).collect();
+    let first = quantized.first()?;
+    let bytes: usize = quantized.iter().map(|q| q.nbytes()).sum();
+    let f32_bytes: usize = quantized
+        .iter()
+        .map(|q| 4 * q.shape().iter().product::<usize>())
+        .sum();
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    Some(format!(
+        "{} of {linears} Linear layers quantized ({}): {:.2} MiB instead of {:.2} MiB in f32",
+        quantized.len(),
+        first.describe(),
+        mib(bytes),
+        mib(f32_bytes)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

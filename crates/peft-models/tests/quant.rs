@@ -234,3 +234,27 @@ fn lora_gradients_over_a_quantized_base_equal_those_over_its_dequantized_twin() 
         assert!(max_diff(a, b) < 1e-5, "{n}: {}", max_diff(a, b));
     }
 }
+
+#[test]
+fn merging_into_a_bnb4_checkpoint_writes_a_dense_model_with_the_adapters_logits() {
+    let case = "bnb4_llama_nf4_dq";
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let adapter = peft::merge::MergeAdapter::load(case_dir(case).join("adapter"), None, &Device::Cpu).unwrap();
+    let report =
+        peft::merge::merge_model(&case_dir(case).join("base"), vec![adapter], &out, None, &mut |_, _, _| {}).unwrap();
+    assert_eq!(report.modules.len(), 14);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+    let merged = peft::io::read_safetensors(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(merged.keys().all(|k| !k.contains(".weight.")), "quant-state tensors left");
+    let w = &merged["model.layers.0.self_attn.q_proj.weight"];
+    assert_eq!((w.dims(), w.dtype()), (&[64usize, 64][..], DType::F32));
+    let loaded = load_model(&out, &Device::Cpu).unwrap();
+    assert!(peft_models::quantize::summary(&loaded.model).is_none());
+    let io = io(case);
+    // The dense merge is exact (dequantized W + ΔW): the logits are the unmerged adapter's. PEFT's own bnb
+    // merge re-quantizes and moves them by ~0.4.
+    assert_close(&format!("{case} merged logits"), &logits(&loaded.model, &io["input_ids"]), &io["lora_logits"], 1e-4, 1e-4);
+}

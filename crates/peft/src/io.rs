@@ -462,11 +462,29 @@ impl BaseModel {
         })
     }
 
-    /// The shape of a tensor in any shard.
+    /// The shape of a tensor in any shard; for a bitsandbytes 4-bit weight, the unpacked shape its quant state
+    /// records.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.shards
-            .iter()
-            .find_map(|(_, f)| f.info(name).map(|(s, _)| s))
+        self.shards.iter().find_map(|(_, f)| {
+            let (shape, _) = f.info(name)?;
+            for t in ["nf4", "fp4"] {
+                let key = format!("{name}.quant_state.bitsandbytes__{t}");
+                if f.contains(&key) {
+                    let bytes = f.load(&key, &Device::Cpu).ok()?.to_vec1::<u8>().ok()?;
+                    return crate::quant::bnb4::quant_state_shape(&bytes);
+                }
+            }
+            Some(shape)
+        })
+    }
+
+    /// Whether any weight is stored quantized (bitsandbytes 4-bit).
+    pub fn is_quantized(&self) -> bool {
+        self.shards.iter().any(|(_, f)| {
+            f.names()
+                .iter()
+                .any(|n| n.contains(".quant_state.bitsandbytes__"))
+        })
     }
 
     /// Tied-embedding aliases: when the output layer's weight is absent and the config ties it (or says

@@ -21,7 +21,7 @@ use crate::layer::{BaseLayer, MergeInput};
 use crate::{PeftError, Result};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -401,6 +401,47 @@ fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
         .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
 }
 
+/// Whether `name` is a quant-state tensor of a bitsandbytes 4-bit weight (`…weight.absmax`, …).
+fn is_bnb4_state(name: &str) -> bool {
+    crate::quant::bnb4::STATE_SUFFIXES
+        .iter()
+        .any(|s| name.ends_with(&format!(".weight.{s}")))
+}
+
+/// The bitsandbytes 4-bit weights stored in a shard: weight name → the names of its quant-state tensors
+/// (`absmax`, `quant_map`, …), which a merge drops from the output (the merged model is dense).
+fn bnb4_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
+    let names = f.names();
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for n in &names {
+        for t in ["nf4", "fp4"] {
+            if let Some(w) = n.strip_suffix(&format!(".quant_state.bitsandbytes__{t}"))
+                && f.contains(w)
+            {
+                let keys = crate::quant::bnb4::STATE_SUFFIXES
+                    .iter()
+                    .map(|s| format!("{w}.{s}"))
+                    .filter(|k| f.contains(k))
+                    .collect();
+                out.insert(w.to_string(), keys);
+            }
+        }
+    }
+    out
+}
+
+/// The bitsandbytes 4-bit weight `name` of `f`, read with its quant state.
+fn load_bnb4(f: &SafetensorsFile, name: &str, keys: &[String]) -> Result<crate::quant::bnb4::Bnb4Weight> {
+    let dev = Device::Cpu;
+    let mut tensors = indexmap::IndexMap::new();
+    tensors.insert(name.to_string(), f.load(name, &dev)?);
+    for k in keys {
+        tensors.insert(k.clone(), f.load(k, &dev)?);
+    }
+    crate::quant::bnb4::Bnb4Weight::from_state_dict(name, &tensors)
+        .map_err(|e| PeftError::Invalid(format!("{}: {e}", f.path().display())))
+}
+
 /// Progress of a merge: bytes written so far, total bytes, and the tensor just written.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
@@ -415,14 +456,25 @@ pub fn merge_safetensors(
     progress: Progress<'_>,
 ) -> Result<u64> {
     let names = base.names();
+    // bitsandbytes 4-bit weights are written dequantized (their original dtype, or `dtype`), without their
+    // quant-state tensors.
+    let quantized = bnb4_weights(base);
+    let state_keys: HashSet<&String> = quantized.values().flatten().collect();
+    let mut dequantized: HashMap<String, crate::quant::bnb4::Bnb4Weight> = HashMap::new();
+    for (w, keys) in &quantized {
+        dequantized.insert(w.clone(), load_bnb4(base, w, keys)?);
+    }
     // Plan the header: every output tensor keeps its name and shape; the dtype changes with `dtype` for floats.
     let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let mut plan = Vec::with_capacity(names.len());
     let mut offset = 0usize;
-    for n in &names {
-        let (shape, sdt) = base
-            .info(n)
-            .ok_or_else(|| PeftError::MissingKey(n.clone()))?;
+    for n in names.iter().filter(|n| !state_keys.contains(n)) {
+        let (shape, sdt) = match dequantized.get(n) {
+            Some(q) => (q.shape.clone(), st_dtype(q.dtype)?),
+            None => base
+                .info(n)
+                .ok_or_else(|| PeftError::MissingKey(n.clone()))?,
+        };
         let out_dt = match (dtype, candle_dtype(sdt)) {
             (Some(d), Some(_)) => st_dtype(d)?,
             _ => sdt,
@@ -459,7 +511,10 @@ pub fn merge_safetensors(
     }
     let total = offset as u64;
     let dev = Device::Cpu;
-    let load = |n: &str| base.load(n, &dev);
+    let load = |n: &str| match dequantized.get(n) {
+        Some(q) => q.dequantize(&dev),
+        None => base.load(n, &dev),
+    };
     atomic_write_try(output, |w| {
         let io = |e| PeftError::io(output, e);
         w.write_all(&(hbytes.len() as u64).to_le_bytes())
@@ -470,14 +525,9 @@ pub fn merge_safetensors(
             let merged = merger.merged_tensor(n, &load)?;
             let bytes: Vec<u8> = match merged {
                 Some(t) => tensor_bytes(&t.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?)?,
-                None if sdt == out_dt => {
-                    let t = base.load(n, &dev)?;
-                    tensor_bytes(&t)?
-                }
+                None if sdt == out_dt => tensor_bytes(&load(n)?)?,
                 None => tensor_bytes(
-                    &base
-                        .load(n, &dev)?
-                        .to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?,
+                    &load(n)?.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?,
                 )?,
             };
             if bytes.len() != *nbytes {
@@ -610,6 +660,9 @@ pub fn merge_model(
                 }
                 if let Some(index) = &model.index {
                     let mut index = index.clone();
+                    if let Some(m) = index.get_mut("weight_map").and_then(|m| m.as_object_mut()) {
+                        m.retain(|k, _| !is_bnb4_state(k));
+                    }
                     if let Some(m) = index.get_mut("metadata").and_then(|m| m.as_object_mut()) {
                         m.insert("total_size".into(), serde_json::json!(report.bytes));
                     }
@@ -621,6 +674,17 @@ pub fn merge_model(
                         .push(output.join("model.safetensors.index.json"));
                 }
                 copy_side_files(dir, &tmp, &mut report)?;
+                if model.is_quantized()
+                    && let Some(config) = &model.config
+                {
+                    // The merged weights are dense: the config no longer describes a quantized checkpoint.
+                    let mut config = config.clone();
+                    if let Some(c) = config.as_object_mut() {
+                        c.remove("quantization_config");
+                    }
+                    let text = crate::config::python_dumps(&config) + "\n";
+                    atomic_write(&tmp.join("config.json"), text.as_bytes())?;
+                }
                 std::fs::rename(&tmp, output).map_err(|e| PeftError::io(output, e))
             })();
             if let Err(e) = res {

@@ -451,18 +451,33 @@ impl Bnb4Weight {
         if self.quant_type == Bnb4Type::Fp4 && kernel && table[8] == 0.0 {
             table[8] = -0.0;
         }
-        let mut b_cur = usize::MAX;
-        let mut scale = 0f32;
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = start + j;
+        let end = start + out.len();
+        let mut i = start;
+        let mut o = 0;
+        while i < end {
             let b = i / self.blocksize;
-            if b != b_cur {
-                b_cur = b;
-                scale = self.block_scale(b);
+            let block_end = ((b + 1) * self.blocksize).min(end);
+            // One f32 multiply per element, as bnb: code value × block scale (the products tabled per block).
+            let scale = self.block_scale(b);
+            let t = table.map(|v| v * scale);
+            if i % 2 == 1 {
+                out[o] = t[(self.packed[i / 2] & 0xF) as usize];
+                i += 1;
+                o += 1;
             }
-            let byte = self.packed[i / 2];
-            let nib = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-            *o = table[nib as usize] * scale;
+            let pairs = (block_end - i) / 2;
+            let bytes = &self.packed[i / 2..i / 2 + pairs];
+            for (dst, &byte) in out[o..o + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
+                dst[0] = t[(byte >> 4) as usize];
+                dst[1] = t[(byte & 0xF) as usize];
+            }
+            i += 2 * pairs;
+            o += 2 * pairs;
+            if i < block_end {
+                out[o] = t[(self.packed[i / 2] >> 4) as usize];
+                i += 1;
+                o += 1;
+            }
         }
     }
 
@@ -733,6 +748,16 @@ impl Bnb4Weight {
             absmax,
         })
     }
+}
+
+/// The `shape` a quant state's JSON bytes record, if they parse.
+pub fn quant_state_shape(json: &[u8]) -> Option<Vec<usize>> {
+    let v: serde_json::Value = serde_json::from_slice(json).ok()?;
+    v.get("shape")?
+        .as_array()?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize))
+        .collect()
 }
 
 /// The suffixes transformers stores beside a bnb 4-bit weight (`…weight.<suffix>`).

@@ -60,17 +60,33 @@ fn band_rows(out: usize, inp: usize) -> usize {
     (BAND_ELEMS / inp.max(1)).clamp(1, out)
 }
 
-/// Dequantizes rows `[r0, r0 + rows)` of `w` into `buf` (row-major, `rows · inp` elements) as `T`.
+/// Dequantizes rows `[r0, r0 + rows)` of `w` into `buf` as `T`: row-major `[rows, inp]`, or transposed
+/// `[inp, rows]` (the row-major right-hand side `gemm` multiplies fastest in the forward).
 fn dequant_band<T: Real>(
     w: &QuantizedWeight,
     r0: usize,
     inp: usize,
     f32buf: &mut [f32],
     buf: &mut [T],
+    transposed: bool,
 ) {
     w.dequantize_into(r0 * inp, f32buf);
-    for (o, &v) in buf.iter_mut().zip(f32buf.iter()) {
-        *o = T::from_f64(v as f64);
+    if !transposed {
+        for (o, &v) in buf.iter_mut().zip(f32buf.iter()) {
+            *o = T::from_f64(v as f64);
+        }
+        return;
+    }
+    let rows = f32buf.len() / inp;
+    const TILE: usize = 32;
+    for j0 in (0..rows).step_by(TILE) {
+        for k0 in (0..inp).step_by(TILE) {
+            for j in j0..(j0 + TILE).min(rows) {
+                for kk in k0..(k0 + TILE).min(inp) {
+                    buf[kk * rows + j] = T::from_f64(f32buf[j * inp + kk] as f64);
+                }
+            }
+        }
     }
 }
 
@@ -146,10 +162,9 @@ fn fwd<T: Real>(
     let mut r0 = 0;
     while r0 < n {
         let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k]);
-        // SAFETY: `x` holds m·k elements, `buf` r·k (row-major band of W), `out` m·n; the destination is the
-        // column block [r0, r0 + r) of `out` (row stride n). out[:, r0..r0+r] (+)= x · bandᵀ, where bandᵀ [k, r]
-        // is read through swapped strides: bandᵀ[kk, j] = buf[j·k + kk].
+        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], true);
+        // SAFETY: `x` holds m·k elements, `buf` r·k (the band of W transposed, row-major [k, r]), `out` m·n; the
+        // destination is the column block [r0, r0 + r) of `out` (row stride n). out[:, r0..r0+r] (+)= x · bandᵀ.
         unsafe {
             gemm::gemm(
                 m,
@@ -163,8 +178,8 @@ fn fwd<T: Real>(
                 1,
                 k as isize,
                 buf.as_ptr(),
-                k as isize,
                 1,
+                r as isize,
                 T::one(),
                 T::one(),
                 false,
@@ -217,7 +232,7 @@ fn bwd<T: Real>(w: &QuantizedWeight, g: &[T], lg: &Layout) -> Result<(CpuStorage
     let mut r0 = 0;
     while r0 < n {
         let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k]);
+        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], false);
         // SAFETY: `g` holds m·n elements (row stride n; the block starts at column r0), `buf` r·k, `out` m·k.
         // out (+)= g[:, r0..r0+r] · band.
         unsafe {

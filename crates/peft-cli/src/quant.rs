@@ -1,0 +1,30 @@
+//! The `--quantize` / `--double-quant` flags shared by `peft train`, `peft eval` and `peft generate`.
+
+use clap::Args;
+use peft_models::LoadOptions;
+use peft_models::quantize::Quantize;
+
+/// How to load the base model.
+#[derive(Clone, Debug, Default, Args)]
+pub struct QuantArgs {
+    /// Keep the decoder layers' projections quantized (QLoRA): `nf4` or `fp4` (bitsandbytes 4-bit, blocksize
+    /// 64, bytes as bitsandbytes writes them), each weight quantized as it is read. Checkpoints saved quantized
+    /// by transformers (bitsandbytes 4-bit) load quantized without this flag.
+    #[arg(long, value_name = "nf4|fp4")]
+    pub quantize: Option<String>,
+    /// With `--quantize`: also quantize the per-block scales (bitsandbytes' double quantization).
+    #[arg(long, requires = "quantize")]
+    pub double_quant: bool,
+}
+
+impl QuantArgs {
+    /// The library's load options.
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        Ok(LoadOptions {
+            quantize: match &self.quantize {
+                Some(kind) => Some(Quantize::parse(kind, self.double_quant)?),
+                None => None,
+            },
+        })
+    }
+}
