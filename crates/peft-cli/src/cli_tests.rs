@@ -984,3 +984,112 @@ fn text_data_without_a_tokenizer_is_an_error_naming_tokenizer_json() {
     ]));
     assert!(e.contains("tokenizer.json"), "{e}");
 }
+
+/// `fixtures/quant/cases/<case>`: tiny Llamas that transformers saved bitsandbytes-4-bit quantized, with a
+/// PEFT LoRA adapter and the logits of both (gen_quant.py).
+fn quant_case(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/quant/cases")
+        .join(case)
+}
+
+#[test]
+fn eval_on_a_bnb4_checkpoint_reproduces_peft_logits_and_nll() {
+    let case = quant_case("bnb4_llama_nf4_dq");
+    let io = candle_core::safetensors::load(case.join("io.safetensors"), &Device::Cpu).unwrap();
+    let ids = io["input_ids"].to_vec2::<i64>().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ids.jsonl");
+    let rows: Vec<String> = ids
+        .iter()
+        .map(|r| json!({ "input_ids": r }).to_string())
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    for (adapter, want) in [(false, "base_logits"), (true, "lora_logits")] {
+        let saved = tmp.path().join(format!("{want}.safetensors"));
+        let mut a = args![
+            "eval",
+            "--model",
+            case.join("base"),
+            "--data",
+            data,
+            "--seq-len",
+            "7",
+            "--batch-size",
+            "2",
+            "--json",
+            "--save-logits",
+            saved
+        ];
+        if adapter {
+            a.extend(args!["--adapter", case.join("adapter")]);
+        }
+        let out = peft(&a).unwrap();
+        let got = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
+        let d = peft_test_support::max_diff(&got["logits"], &io[want]);
+        assert!(d < 1e-4, "{want}: {d}");
+        // The mean next-token NLL of PEFT's logits.
+        let logits = io[want].to_dtype(DType::F64).unwrap();
+        let lse = logits.exp().unwrap().sum_keepdim(2).unwrap().log().unwrap();
+        let logp = logits
+            .broadcast_sub(&lse)
+            .unwrap()
+            .to_vec3::<f64>()
+            .unwrap();
+        let (mut sum, mut n) = (0.0, 0.0);
+        for (b, row) in ids.iter().enumerate() {
+            for t in 0..row.len() - 1 {
+                sum -= logp[b][t][row[t + 1] as usize];
+                n += 1.0;
+            }
+        }
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        let nll = v["mean_nll"].as_f64().unwrap();
+        assert!(
+            (nll - sum / n).abs() < 1e-4,
+            "{want}: NLL {nll} vs PEFT's {}",
+            sum / n
+        );
+    }
+}
+
+#[test]
+fn train_with_quantize_nf4_lowers_the_loss_and_eval_reloads_the_adapter() {
+    let f = fixture();
+    let out = f.path("qlora");
+    let report = train(&f, &out, 8, &args!["--quantize", "nf4", "--double-quant"]).unwrap();
+    assert!(
+        report.contains(
+            "base: 14 of 15 Linear layers quantized (bnb nf4 (blocksize 64, double quant))"
+        ),
+        "{report}"
+    );
+    let summary = read_json(&out.join("summary.json"));
+    let (before, after) = (
+        summary["eval_loss_before"].as_f64().unwrap(),
+        summary["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before - 0.05, "{before} → {after}");
+    let adapter = out.join("adapter").to_str().unwrap().to_string();
+    let quantized = eval_nll(
+        &f,
+        &args!["--adapter", adapter, "--quantize", "nf4", "--double-quant"],
+    );
+    let dense = eval_nll(&f, &args!["--adapter", adapter]);
+    let base = eval_nll(&f, &args!["--quantize", "nf4", "--double-quant"]);
+    assert!(
+        quantized < base,
+        "the adapter helps the quantized base: {quantized} vs {base}"
+    );
+    assert!(
+        (quantized - dense).abs() > 1e-6,
+        "the quantized base is used"
+    );
+    let e = err_text(train(&f, &f.path("bad"), 1, &args!["--quantize", "int3"]));
+    assert!(
+        e.contains("unknown --quantize \"int3\" (nf4 or fp4)"),
+        "{e}"
+    );
+    let e = err_text(train(&f, &f.path("bad2"), 1, &args!["--double-quant"]));
+    assert!(e.contains("--quantize"), "{e}");
+}

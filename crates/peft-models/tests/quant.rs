@@ -240,15 +240,26 @@ fn merging_into_a_bnb4_checkpoint_writes_a_dense_model_with_the_adapters_logits(
     let case = "bnb4_llama_nf4_dq";
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    let adapter = peft::merge::MergeAdapter::load(case_dir(case).join("adapter"), None, &Device::Cpu).unwrap();
-    let report =
-        peft::merge::merge_model(&case_dir(case).join("base"), vec![adapter], &out, None, &mut |_, _, _| {}).unwrap();
+    let adapter =
+        peft::merge::MergeAdapter::load(case_dir(case).join("adapter"), None, &Device::Cpu)
+            .unwrap();
+    let report = peft::merge::merge_model(
+        &case_dir(case).join("base"),
+        vec![adapter],
+        &out,
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     assert_eq!(report.modules.len(), 14);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert!(config.get("quantization_config").is_none());
     let merged = peft::io::read_safetensors(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    assert!(merged.keys().all(|k| !k.contains(".weight.")), "quant-state tensors left");
+    assert!(
+        merged.keys().all(|k| !k.contains(".weight.")),
+        "quant-state tensors left"
+    );
     let w = &merged["model.layers.0.self_attn.q_proj.weight"];
     assert_eq!((w.dims(), w.dtype()), (&[64usize, 64][..], DType::F32));
     let loaded = load_model(&out, &Device::Cpu).unwrap();
@@ -256,5 +267,46 @@ fn merging_into_a_bnb4_checkpoint_writes_a_dense_model_with_the_adapters_logits(
     let io = io(case);
     // The dense merge is exact (dequantized W + ΔW): the logits are the unmerged adapter's. PEFT's own bnb
     // merge re-quantizes and moves them by ~0.4.
-    assert_close(&format!("{case} merged logits"), &logits(&loaded.model, &io["input_ids"]), &io["lora_logits"], 1e-4, 1e-4);
+    assert_close(
+        &format!("{case} merged logits"),
+        &logits(&loaded.model, &io["input_ids"]),
+        &io["lora_logits"],
+        1e-4,
+        1e-4,
+    );
+}
+
+#[test]
+fn merge_and_unload_over_bnb4_requantizes_like_peft() {
+    for case in CASES {
+        let io = io(case);
+        let loaded = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap();
+        let pm = PeftModel::from_pretrained(
+            loaded.model,
+            case_dir(case).join("adapter"),
+            "default",
+            &Device::Cpu,
+        )
+        .unwrap();
+        let merged = pm.merge_and_unload(None).unwrap();
+        let slot = merged.slot("model.layers.0.mlp.down_proj").unwrap();
+        assert!(
+            slot.base().quantized().is_some(),
+            "{case}: the merged layer stays quantized, as PEFT's"
+        );
+        let got = logits(&merged, &io["input_ids"]);
+        // PEFT's merge re-quantizes W + ΔW; so does ours, with bitsandbytes' bytes. ΔW's own rounding can move
+        // an element across a code boundary, so compare against PEFT's merged logits loosely and against the
+        // exact (unmerged) logits to show the re-quantization loss is PEFT's.
+        let d_peft = max_diff(&got, &io["merged_logits"]);
+        let d_exact = max_diff(&got, &io["lora_logits"]);
+        let d_peft_exact = max_diff(&io["merged_logits"], &io["lora_logits"]);
+        eprintln!(
+            "{case}: ours vs PEFT merged {d_peft:.2e}; PEFT merged vs unmerged {d_peft_exact:.3}; ours vs unmerged {d_exact:.3}"
+        );
+        assert!(
+            d_peft < 1e-4,
+            "{case}: merged logits differ from PEFT's by {d_peft} (PEFT's loss {d_peft_exact}, ours {d_exact})"
+        );
+    }
 }

@@ -431,7 +431,11 @@ fn bnb4_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
 }
 
 /// The bitsandbytes 4-bit weight `name` of `f`, read with its quant state.
-fn load_bnb4(f: &SafetensorsFile, name: &str, keys: &[String]) -> Result<crate::quant::bnb4::Bnb4Weight> {
+fn load_bnb4(
+    f: &SafetensorsFile,
+    name: &str,
+    keys: &[String],
+) -> Result<crate::quant::bnb4::Bnb4Weight> {
     let dev = Device::Cpu;
     let mut tensors = indexmap::IndexMap::new();
     tensors.insert(name.to_string(), f.load(name, &dev)?);
@@ -526,9 +530,9 @@ pub fn merge_safetensors(
             let bytes: Vec<u8> = match merged {
                 Some(t) => tensor_bytes(&t.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?)?,
                 None if sdt == out_dt => tensor_bytes(&load(n)?)?,
-                None => tensor_bytes(
-                    &load(n)?.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?,
-                )?,
+                None => {
+                    tensor_bytes(&load(n)?.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?)?
+                }
             };
             if bytes.len() != *nbytes {
                 return Err(PeftError::Invalid(format!(
