@@ -310,3 +310,51 @@ fn merge_and_unload_over_bnb4_requantizes_like_peft() {
         );
     }
 }
+
+/// Every method that wraps a Linear, over a bitsandbytes 4-bit base and over its dequantized twin: the same
+/// initialisation (same seed), so the same logits and gradients; merging and unmerging work on the quantized
+/// base (re-quantizing, as PEFT's bnb layers do).
+#[test]
+fn every_linear_method_trains_over_a_quantized_base_as_over_its_dequantized_twin() {
+    let case = "bnb4_llama_fp4";
+    let ids = io(case)["input_ids"].clone();
+    let configs = [
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "down_proj"], "init_lora_weights": false}"#,
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj", "up_proj"], "init_lora_weights": false, "use_dora": true}"#,
+        r#"{"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"], "init_ia3_weights": false}"#,
+        r#"{"peft_type": "VERA", "r": 4, "target_modules": ["q_proj", "o_proj"], "init_weights": false}"#,
+        r#"{"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "total_step": 10, "target_modules": ["q_proj"], "init_lora_weights": false}"#,
+        r#"{"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["q_proj", "up_proj"], "init_weights": false}"#,
+        r#"{"peft_type": "LOKR", "r": 2, "alpha": 4, "target_modules": ["v_proj"], "init_weights": false}"#,
+        r#"{"peft_type": "OFT", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj"], "init_weights": false}"#,
+        r#"{"peft_type": "BOFT", "boft_block_size": 8, "target_modules": ["q_proj", "gate_proj"], "init_weights": false}"#,
+    ];
+    for json in configs {
+        let cfg = PeftConfig::from_json_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        let what = format!("{:?}", cfg.peft_type());
+        let quant = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap().model;
+        let mut q = PeftModel::get_peft_model(quant, cfg.clone(), "default", 11).unwrap();
+        let d = PeftModel::get_peft_model(dequantized_twin(case), cfg, "default", 11).unwrap();
+        let base = logits(&load_model(case_dir(case).join("base"), &Device::Cpu).unwrap().model, &ids);
+        let yq = logits(q.model(), &ids);
+        let yd = logits(d.model(), &ids);
+        assert!(max_diff(&yq, &base) > 1e-3, "{what}: the adapter changes nothing");
+        assert!(max_diff(&yq, &yd) < 1e-4, "{what}: logits {}", max_diff(&yq, &yd));
+        let mut grads = Vec::new();
+        for pm in [&q, &d] {
+            let y = pm.model().forward(ForwardInput::ids(&ids), &ForwardCtx::train(1, 0)).unwrap();
+            let g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            grads.push(pm.trainable_vars().iter().map(|(n, v)| (n.clone(), g.get(v).unwrap().clone())).collect::<Vec<_>>());
+        }
+        assert!(!grads[0].is_empty(), "{what}");
+        for ((n, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
+            let scale = (b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64).max(1e-3);
+            assert!(max_diff(a, b) / scale < 1e-4, "{what}: {n}: {} (scale {scale})", max_diff(a, b));
+        }
+        q.merge_adapter(None).unwrap_or_else(|e| panic!("{what}: merge: {e}"));
+        let merged = logits(q.model(), &ids);
+        q.unmerge_adapter().unwrap_or_else(|e| panic!("{what}: unmerge: {e}"));
+        assert!(q.model().slot("model.layers.0.self_attn.q_proj").unwrap().base().quantized().is_some());
+        assert!(merged.to_vec3::<f32>().unwrap().iter().flatten().flatten().all(|v| v.is_finite()), "{what}");
+    }
+}
