@@ -15,6 +15,11 @@ pub struct QuantArgs {
     /// With `--quantize`: also quantize the per-block scales (bitsandbytes' double quantization).
     #[arg(long, requires = "quantize")]
     pub double_quant: bool,
+    /// Dequantize a GGUF model's block-quantized weights (Q4_1, Q6_K, …) to f32 when loading; by default the
+    /// decoder layers' projections stay in their blocks and are dequantized band by band in each forward (the
+    /// same numbers, a fraction of the memory).
+    #[arg(long)]
+    pub dequantize_gguf: bool,
 }
 
 impl QuantArgs {
@@ -25,6 +30,7 @@ impl QuantArgs {
                 Some(kind) => Some(Quantize::parse(kind, self.double_quant)?),
                 None => None,
             },
+            dequantize_gguf: self.dequantize_gguf,
         })
     }
 }

@@ -12,9 +12,12 @@
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
+use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{self, Value as GgufValue};
 use candle_core::{Device, Tensor};
 use indexmap::IndexMap;
+use peft::quant::QuantizedWeight;
+use peft::quant::gguf::GgufWeight;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufReader, Seek};
@@ -25,8 +28,12 @@ use std::path::Path;
 pub struct GgufModel {
     /// The HuggingFace `config.json` of a `LlamaForCausalLM` built from the `llama.*` metadata.
     pub config: Value,
-    /// Every tensor, dequantized to f32, under its HuggingFace name, in the order of `model.state_dict()`.
+    /// Every tensor, dequantized to f32, under its HuggingFace name, in the order of `model.state_dict()`;
+    /// without those kept in [`GgufModel::quantized`].
     pub tensors: IndexMap<String, Tensor>,
+    /// The decoder-layer projections kept in their ggml block format (with [`load_gguf_with`]'s
+    /// `keep_quantized`), under their HuggingFace names; empty otherwise.
+    pub quantized: IndexMap<String, QuantizedWeight>,
     /// The tokenizer built from the `tokenizer.ggml.*` metadata.
     pub tokenizer: Tokenizer,
     /// The raw GGUF metadata, for anything the config does not carry.
@@ -35,15 +42,18 @@ pub struct GgufModel {
 
 /// Reads a llama-architecture GGUF file: HF config, f32 tensors under HF names, tokenizer.
 pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<GgufModel> {
-    load_gguf_with(path, device, None)
+    load_gguf_with(path, device, None, false)
 }
 
-/// [`load_gguf`], quantizing the decoder-layer projections as they are read when `quantize` is given
-/// ([`crate::quantize::Quantize::apply`]): each tensor is dequantized to f32, then re-quantized, one at a time.
+/// [`load_gguf`] with the decoder-layer projections either quantized as they are read when `quantize` is
+/// given ([`crate::quantize::Quantize::apply`]: each tensor dequantized to f32, then re-quantized, one at a
+/// time), or, with `keep_quantized`, kept in their ggml block format ([`GgufModel::quantized`]; tensors
+/// stored as F32 / F16 / BF16 are dequantized as usual).
 pub fn load_gguf_with(
     path: impl AsRef<Path>,
     device: &Device,
     quantize: Option<&crate::quantize::Quantize>,
+    keep_quantized: bool,
 ) -> Result<GgufModel> {
     let path = path.as_ref();
     let bad = |message: String| ModelError::Gguf {
@@ -111,6 +121,7 @@ pub fn load_gguf_with(
     let config = cfg.to_hf_config(&meta, has_output, &content.tensor_infos)?;
 
     let mut tensors = IndexMap::with_capacity(names.len());
+    let mut quantized = IndexMap::new();
     for (gguf_name, hf_name) in names {
         let info = &content.tensor_infos[&gguf_name];
         check_tensor_extent(&gguf_name, info, content.tensor_data_offset, file_size)
@@ -118,6 +129,39 @@ pub fn load_gguf_with(
         let q = info
             .read(&mut reader, content.tensor_data_offset, device)
             .map_err(|e| bad(format!("tensor {gguf_name}: {e}")))?;
+        let block_quantized =
+            !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if keep_quantized
+            && quantize.is_none()
+            && block_quantized
+            && crate::quantize::is_quantized_linear(&hf_name)
+            && q.shape().rank() == 2
+        {
+            let shape = q.shape().dims().to_vec();
+            let perm = if hf_name.contains("self_attn.q_proj.") {
+                Some(cfg.heads)
+            } else if hf_name.contains("self_attn.k_proj.") {
+                Some(cfg.kv_heads)
+            } else {
+                None
+            }
+            .map(|h| {
+                peft::quant::gguf::llama_qk_row_perm(shape[0], h).ok_or_else(|| {
+                    bad(format!(
+                        "tensor {gguf_name}: {shape:?} rows do not split into {h} heads"
+                    ))
+                })
+            })
+            .transpose()?;
+            let data = q
+                .data()
+                .map_err(|e| bad(format!("tensor {gguf_name}: {e}")))?
+                .into_owned();
+            let w = GgufWeight::new(q.dtype(), data, shape, perm)
+                .map_err(|e| bad(format!("tensor {gguf_name}: {e}")))?;
+            quantized.insert(hf_name, QuantizedWeight::Gguf(w));
+            continue;
+        }
         let mut t = q
             .dequantize(device)
             .map_err(|e| bad(format!("tensor {gguf_name}: {e}")))?;
@@ -140,6 +184,7 @@ pub fn load_gguf_with(
     Ok(GgufModel {
         config,
         tensors,
+        quantized,
         tokenizer,
         metadata: content.metadata,
     })
@@ -805,6 +850,76 @@ pub(crate) mod tests {
         let path = dir.join("tiny.gguf");
         write_gguf(&path, &tiny_metadata(), &tiny_gguf_tensors(&hf));
         (path, hf)
+    }
+
+    #[test]
+    fn gguf_projections_stay_quantized_with_the_dequantized_models_logits() {
+        use crate::llama::ForwardInput;
+        use crate::{LoadOptions, load_model_with};
+        let dir = tempfile::tempdir().unwrap();
+        let hf = tiny_hf_tensors(false);
+        // q (permuted, Q4_1), k (permuted, Q8_0), layer 1's up (Q4_0; FFN 96 = 3 blocks of 32); the rest f32.
+        let tensors: Vec<(String, QTensor)> = tiny_gguf_tensors(&hf)
+            .into_iter()
+            .map(|(g, q)| {
+                let dt = match g.as_str() {
+                    "blk.0.attn_q.weight" | "blk.1.attn_q.weight" => GgmlDType::Q4_1,
+                    "blk.0.attn_k.weight" | "blk.1.attn_k.weight" => GgmlDType::Q8_0,
+                    "blk.1.ffn_up.weight" => GgmlDType::Q4_0,
+                    _ => return (g, q),
+                };
+                let t = q.dequantize(&Device::Cpu).unwrap();
+                (g, QTensor::quantize(&t, dt).unwrap())
+            })
+            .collect();
+        let path = dir.path().join("q.gguf");
+        write_gguf(&path, &tiny_metadata(), &tensors);
+        let kept = load_model_with(&path, &Device::Cpu, &LoadOptions::default()).unwrap();
+        let dense = load_model_with(
+            &path,
+            &Device::Cpu,
+            &LoadOptions {
+                dequantize_gguf: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let quantized: Vec<&str> = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.k_proj",
+            "model.layers.1.mlp.up_proj",
+        ]
+        .into_iter()
+        .filter(|s| kept.model.slot(s).unwrap().base().quantized().is_some())
+        .collect();
+        assert_eq!(quantized.len(), 3, "{quantized:?}");
+        assert!(
+            kept.model
+                .slot("model.layers.0.mlp.up_proj")
+                .unwrap()
+                .base()
+                .quantized()
+                .is_none()
+        );
+        assert!(
+            dense
+                .model
+                .slot("model.layers.0.self_attn.q_proj")
+                .unwrap()
+                .base()
+                .quantized()
+                .is_none()
+        );
+        let summary = crate::quantize::summary(&kept.model).unwrap();
+        assert!(
+            summary.starts_with("5 of 15 Linear layers quantized (gguf Q4_1)"),
+            "{summary}"
+        );
+        let ids = Tensor::new(&[[1u32, 5, 9, 3, 12, 7]], &Device::Cpu).unwrap();
+        let ctx = peft::ForwardCtx::eval();
+        let a = kept.model.forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        let b = dense.model.forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
     }
 
     #[test]

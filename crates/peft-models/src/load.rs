@@ -6,6 +6,7 @@ use crate::llama::{LlamaConfig, LlamaForCausalLM};
 use crate::quantize::Quantize;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
+use indexmap::IndexMap;
 use peft::PeftModel;
 use std::path::{Path, PathBuf};
 
@@ -59,6 +60,10 @@ pub fn load_model(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel
 pub struct LoadOptions {
     /// Quantize the decoder-layer projections while loading (QLoRA on a full-precision model).
     pub quantize: Option<Quantize>,
+    /// Dequantize a GGUF model's block-quantized projections to f32 when loading (by default they stay in
+    /// their ggml blocks and each forward dequantizes them band by band: the same numbers, a fraction of the
+    /// memory).
+    pub dequantize_gguf: bool,
 }
 
 /// [`load_model`] with options: `quantize` keeps the decoder-layer projections quantized (bitsandbytes NF4 /
@@ -68,7 +73,7 @@ pub struct LoadOptions {
 /// ```no_run
 /// use peft_models::{LoadOptions, load_model_with, quantize::Quantize};
 /// # fn main() -> peft_models::error::Result<()> {
-/// let options = LoadOptions { quantize: Some(Quantize::parse("nf4", true)?) };
+/// let options = LoadOptions { quantize: Some(Quantize::parse("nf4", true)?), ..Default::default() };
 /// let loaded = load_model_with("SmolLM2-135M-Instruct", &candle_core::Device::Cpu, &options)?;
 /// # Ok(()) }
 /// ```
@@ -79,14 +84,14 @@ pub fn load_model_with(
 ) -> Result<LoadedModel> {
     let path = path.as_ref();
     let quantize = options.quantize.as_ref();
-    let (config, tensors, tokenizer) = if path.is_dir() {
+    let (config, tensors, quantized, tokenizer) = if path.is_dir() {
         let m = crate::hf::load_hf_dir_with(path, DType::F32, device, quantize)
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
-        (m.config, m.tensors, m.tokenizer)
+        (m.config, m.tensors, IndexMap::new(), m.tokenizer)
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        let m = crate::gguf::load_gguf_with(path, device, quantize)
+        let m = crate::gguf::load_gguf_with(path, device, quantize, !options.dequantize_gguf)
             .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
-        (m.config, m.tensors, Some(m.tokenizer))
+        (m.config, m.tensors, m.quantized, Some(m.tokenizer))
     } else if !path.exists() {
         return Err(ModelError::Invalid(format!(
             "{}: no such model file or directory",
@@ -100,7 +105,7 @@ pub fn load_model_with(
     };
     let llama = LlamaConfig::from_value(&config)
         .map_err(|e| ModelError::from(e).context("reading the model config"))?;
-    let model = LlamaForCausalLM::from_tensors(llama, tensors, device)
+    let model = LlamaForCausalLM::from_parts(llama, tensors, quantized, device)
         .map_err(|e| ModelError::from(e).context("building the model"))?;
     Ok(LoadedModel {
         model,

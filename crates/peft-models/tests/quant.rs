@@ -89,6 +89,7 @@ fn quantize_while_loading_matches_transformers_quantized_checkpoint() {
     ] {
         let options = LoadOptions {
             quantize: Some(Quantize::parse(kind, dq).unwrap()),
+            ..Default::default()
         };
         let ours = load_model_with(case_dir(case).join("full"), &Device::Cpu, &options).unwrap();
         let theirs = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap();
@@ -112,7 +113,10 @@ fn quantize_while_loading_matches_transformers_quantized_checkpoint() {
                     .unwrap()
                     .clone();
                 let (peft::quant::QuantizedWeight::Bnb4(a), peft::quant::QuantizedWeight::Bnb4(b)) =
-                    (&*a, &*b);
+                    (&*a, &*b)
+                else {
+                    panic!("{case}: {name} is not bitsandbytes 4-bit");
+                };
                 assert_eq!(a.packed, b.packed, "{case}: {name} packed codes");
                 if !dq {
                     assert_eq!(a, b, "{case}: {name}");
@@ -332,29 +336,80 @@ fn every_linear_method_trains_over_a_quantized_base_as_over_its_dequantized_twin
     for json in configs {
         let cfg = PeftConfig::from_json_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
         let what = format!("{:?}", cfg.peft_type());
-        let quant = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap().model;
+        let quant = load_model(case_dir(case).join("base"), &Device::Cpu)
+            .unwrap()
+            .model;
         let mut q = PeftModel::get_peft_model(quant, cfg.clone(), "default", 11).unwrap();
         let d = PeftModel::get_peft_model(dequantized_twin(case), cfg, "default", 11).unwrap();
-        let base = logits(&load_model(case_dir(case).join("base"), &Device::Cpu).unwrap().model, &ids);
+        let base = logits(
+            &load_model(case_dir(case).join("base"), &Device::Cpu)
+                .unwrap()
+                .model,
+            &ids,
+        );
         let yq = logits(q.model(), &ids);
         let yd = logits(d.model(), &ids);
-        assert!(max_diff(&yq, &base) > 1e-3, "{what}: the adapter changes nothing");
-        assert!(max_diff(&yq, &yd) < 1e-4, "{what}: logits {}", max_diff(&yq, &yd));
+        assert!(
+            max_diff(&yq, &base) > 1e-3,
+            "{what}: the adapter changes nothing"
+        );
+        assert!(
+            max_diff(&yq, &yd) < 1e-4,
+            "{what}: logits {}",
+            max_diff(&yq, &yd)
+        );
         let mut grads = Vec::new();
         for pm in [&q, &d] {
-            let y = pm.model().forward(ForwardInput::ids(&ids), &ForwardCtx::train(1, 0)).unwrap();
+            let y = pm
+                .model()
+                .forward(ForwardInput::ids(&ids), &ForwardCtx::train(1, 0))
+                .unwrap();
             let g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-            grads.push(pm.trainable_vars().iter().map(|(n, v)| (n.clone(), g.get(v).unwrap().clone())).collect::<Vec<_>>());
+            grads.push(
+                pm.trainable_vars()
+                    .iter()
+                    .map(|(n, v)| (n.clone(), g.get(v).unwrap().clone()))
+                    .collect::<Vec<_>>(),
+            );
         }
         assert!(!grads[0].is_empty(), "{what}");
         for ((n, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
-            let scale = (b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64).max(1e-3);
-            assert!(max_diff(a, b) / scale < 1e-4, "{what}: {n}: {} (scale {scale})", max_diff(a, b));
+            let scale = (b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64)
+                .max(1e-3);
+            assert!(
+                max_diff(a, b) / scale < 1e-4,
+                "{what}: {n}: {} (scale {scale})",
+                max_diff(a, b)
+            );
         }
-        q.merge_adapter(None).unwrap_or_else(|e| panic!("{what}: merge: {e}"));
+        q.merge_adapter(None)
+            .unwrap_or_else(|e| panic!("{what}: merge: {e}"));
         let merged = logits(q.model(), &ids);
-        q.unmerge_adapter().unwrap_or_else(|e| panic!("{what}: unmerge: {e}"));
-        assert!(q.model().slot("model.layers.0.self_attn.q_proj").unwrap().base().quantized().is_some());
-        assert!(merged.to_vec3::<f32>().unwrap().iter().flatten().flatten().all(|v| v.is_finite()), "{what}");
+        q.unmerge_adapter()
+            .unwrap_or_else(|e| panic!("{what}: unmerge: {e}"));
+        assert!(
+            q.model()
+                .slot("model.layers.0.self_attn.q_proj")
+                .unwrap()
+                .base()
+                .quantized()
+                .is_some()
+        );
+        assert!(
+            merged
+                .to_vec3::<f32>()
+                .unwrap()
+                .iter()
+                .flatten()
+                .flatten()
+                .all(|v| v.is_finite()),
+            "{what}"
+        );
     }
 }

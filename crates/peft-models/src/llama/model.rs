@@ -201,7 +201,19 @@ impl LlamaForCausalLM {
     /// through a slot directly ([`AdapterSlot::merge`]) gives that slot its own matrix.
     pub fn from_tensors(
         config: LlamaConfig,
+        tensors: IndexMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_parts(config, tensors, IndexMap::new(), device)
+    }
+
+    /// [`LlamaForCausalLM::from_tensors`] with some projections' weights already quantized (a GGUF's blocks kept
+    /// as stored), under their HF weight names (`model.layers.0.self_attn.q_proj.weight`). A projection's weight
+    /// comes from `quantized`, else from bitsandbytes 4-bit tensors in `tensors`, else from a dense tensor.
+    pub fn from_parts(
+        config: LlamaConfig,
         mut tensors: IndexMap<String, Tensor>,
+        mut quantized: IndexMap<String, QuantizedWeight>,
         device: &Device,
     ) -> Result<Self> {
         let c = &config;
@@ -227,6 +239,19 @@ impl LlamaForCausalLM {
                         None
                     };
                     let key = format!("{name}.weight");
+                    if let Some(q) = quantized.shift_remove(&key) {
+                        if q.shape() != [out, inp] {
+                            return Err(PeftError::ShapeMismatch {
+                                name: key,
+                                expected: vec![out, inp],
+                                got: q.shape().to_vec(),
+                            });
+                        }
+                        return Ok(AdapterSlot::new(
+                            name,
+                            BaseLayer::quantized_linear(q, b, device)?,
+                        ));
+                    }
                     if Bnb4Weight::is_stored(&key, &tensors) {
                         return Ok(AdapterSlot::new(
                             name,
@@ -281,6 +306,7 @@ impl LlamaForCausalLM {
         let extra: Vec<String> = tensors
             .keys()
             .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .chain(quantized.keys())
             .cloned()
             .collect();
         if !extra.is_empty() {

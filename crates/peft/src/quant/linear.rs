@@ -69,13 +69,14 @@ fn dequant_band<T: Real>(
     f32buf: &mut [f32],
     buf: &mut [T],
     transposed: bool,
-) {
-    w.dequantize_into(r0 * inp, f32buf);
+) -> Result<()> {
+    w.dequantize_into(r0 * inp, f32buf)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     if !transposed {
         for (o, &v) in buf.iter_mut().zip(f32buf.iter()) {
             *o = T::from_f64(v as f64);
         }
-        return;
+        return Ok(());
     }
     let rows = f32buf.len() / inp;
     const TILE: usize = 32;
@@ -88,6 +89,7 @@ fn dequant_band<T: Real>(
             }
         }
     }
+    Ok(())
 }
 
 struct QuantLinear {
@@ -162,7 +164,7 @@ fn fwd<T: Real>(
     let mut r0 = 0;
     while r0 < n {
         let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], true);
+        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], true)?;
         // SAFETY: `x` holds m·k elements, `buf` r·k (the band of W transposed, row-major [k, r]), `out` m·n; the
         // destination is the column block [r0, r0 + r) of `out` (row stride n). out[:, r0..r0+r] (+)= x · bandᵀ.
         unsafe {
@@ -232,7 +234,7 @@ fn bwd<T: Real>(w: &QuantizedWeight, g: &[T], lg: &Layout) -> Result<(CpuStorage
     let mut r0 = 0;
     while r0 < n {
         let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], false);
+        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], false)?;
         // SAFETY: `g` holds m·n elements (row stride n; the block starts at column r0), `buf` r·k, `out` m·k.
         // out (+)= g[:, r0..r0+r] · band.
         unsafe {

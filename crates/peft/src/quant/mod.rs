@@ -10,8 +10,10 @@
 //! | format | module | as written by |
 //! |---|---|---|
 //! | bitsandbytes NF4 / FP4, ± double quantization | [`bnb4`] | bitsandbytes 0.50.2 through transformers' `save_pretrained` |
+//! | GGUF Q4_0 … Q8_0, Q2_K … Q6_K | [`gguf`] | llama.cpp (read by candle) |
 
 pub mod bnb4;
+pub mod gguf;
 mod linear;
 
 pub use linear::quant_linear;
@@ -24,6 +26,8 @@ use candle_core::{DType, Device, Tensor};
 pub enum QuantizedWeight {
     /// bitsandbytes 4-bit (NF4 / FP4).
     Bnb4(bnb4::Bnb4Weight),
+    /// A GGUF block-quantized tensor.
+    Gguf(gguf::GgufWeight),
 }
 
 impl QuantizedWeight {
@@ -31,6 +35,7 @@ impl QuantizedWeight {
     pub fn shape(&self) -> &[usize] {
         match self {
             QuantizedWeight::Bnb4(w) => &w.shape,
+            QuantizedWeight::Gguf(w) => &w.shape,
         }
     }
 
@@ -38,6 +43,7 @@ impl QuantizedWeight {
     pub fn dtype(&self) -> DType {
         match self {
             QuantizedWeight::Bnb4(w) => w.dtype,
+            QuantizedWeight::Gguf(w) => w.dtype(),
         }
     }
 
@@ -45,6 +51,7 @@ impl QuantizedWeight {
     pub fn nbytes(&self) -> usize {
         match self {
             QuantizedWeight::Bnb4(w) => w.nbytes(),
+            QuantizedWeight::Gguf(w) => w.nbytes(),
         }
     }
 
@@ -61,13 +68,18 @@ impl QuantizedWeight {
                     ""
                 }
             ),
+            QuantizedWeight::Gguf(w) => format!("gguf {:?}", w.ggml_dtype),
         }
     }
 
     /// Dequantizes the row-major elements `[start, start + out.len())` into `out` in f32.
-    pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
+    pub fn dequantize_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            QuantizedWeight::Bnb4(w) => w.dequantize_into(start, out),
+            QuantizedWeight::Bnb4(w) => {
+                w.dequantize_into(start, out);
+                Ok(())
+            }
+            QuantizedWeight::Gguf(w) => w.dequantize_into(start, out),
         }
     }
 
@@ -75,19 +87,21 @@ impl QuantizedWeight {
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
         match self {
             QuantizedWeight::Bnb4(w) => w.dequantize(device),
+            QuantizedWeight::Gguf(w) => w.dequantize(device),
         }
     }
 
     /// `w` quantized with this weight's settings (what PEFT's bnb merge does after adding the delta).
     pub fn requantize(&self, w: &Tensor) -> Result<Self> {
-        // Rounded to the original dtype first, as bnb quantizes a weight of that dtype.
-        let values = w
-            .to_dtype(self.dtype())?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
         match self {
+            QuantizedWeight::Gguf(q) => Ok(QuantizedWeight::Gguf(q.requantize(w)?)),
             QuantizedWeight::Bnb4(q) => {
+                // Rounded to the original dtype first, as bnb quantizes a weight of that dtype.
+                let values = w
+                    .to_dtype(q.dtype)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let opts = bnb4::Bnb4Options {
                     quant_type: q.quant_type,
                     blocksize: q.blocksize,
@@ -104,10 +118,12 @@ impl QuantizedWeight {
         }
     }
 
-    /// The tensors a checkpoint stores for this weight under `prefix` (the weight's own key).
+    /// The tensors a safetensors checkpoint stores for this weight under `prefix` (the weight's own key): the
+    /// bitsandbytes tensors, or a GGUF weight dequantized (safetensors has no ggml block types).
     pub fn state_dict(&self, prefix: &str, device: &Device) -> Result<Vec<(String, Tensor)>> {
         match self {
             QuantizedWeight::Bnb4(w) => w.state_dict(prefix, device),
+            QuantizedWeight::Gguf(w) => Ok(vec![(prefix.to_string(), w.dequantize(device)?)]),
         }
     }
 }
