@@ -76,36 +76,29 @@ impl GgufWeight {
         self.data.len() + self.row_perm.as_ref().map_or(0, |p| 4 * p.len())
     }
 
-    /// Dequantizes stored rows `[lo, hi)` into f32.
-    fn stored_rows(&self, lo: usize, hi: usize) -> Result<Vec<f32>> {
-        let rb = self.row_bytes();
-        let q = self
-            .ggml_dtype
-            .from_data(Cow::Borrowed(&self.data[lo * rb..hi * rb]));
-        match q.dequantize((hi - lo) * self.shape[1])? {
-            candle_core::CpuStorage::F32(v) => Ok(v),
-            _ => Err(PeftError::Invalid(
-                "GGUF dequantization did not give f32".into(),
-            )),
-        }
-    }
-
     /// Dequantizes the row-major elements `[start, start + out.len())` of the logical weight into `out`.
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
         let k = self.shape[1];
-        let (r0, r1) = (start / k, (start + out.len()).div_ceil(k));
-        let rows: Vec<usize> = (r0..r1)
-            .map(|r| self.row_perm.as_ref().map_or(r, |p| p[r] as usize))
-            .collect();
-        let lo = *rows.iter().min().expect("at least one row");
-        let hi = rows.iter().max().expect("at least one row") + 1;
-        let deq = self.stored_rows(lo, hi)?;
-        // Logical element e of row r (r0 ≤ r < r1) is stored row rows[r − r0], column e % k.
-        for (j, o) in out.iter_mut().enumerate() {
-            let e = start + j;
-            let stored = rows[e / k - r0] - lo;
-            *o = deq[stored * k + e % k];
+        if start.is_multiple_of(k) && out.len().is_multiple_of(k) {
+            // Whole rows (what the quantized Linear asks for): each stored row's blocks decoded straight into
+            // its logical place.
+            let rb = self.row_bytes();
+            for (j, dst) in out.chunks_exact_mut(k).enumerate() {
+                let r = start / k + j;
+                let stored = self.row_perm.as_ref().map_or(r, |p| p[r] as usize);
+                decode_row(
+                    self.ggml_dtype,
+                    &self.data[stored * rb..(stored + 1) * rb],
+                    dst,
+                )?;
+            }
+            return Ok(());
         }
+        let (r0, r1) = (start / k, (start + out.len()).div_ceil(k));
+        let mut rows = vec![0f32; (r1 - r0) * k];
+        self.dequantize_into(r0 * k, &mut rows)?;
+        let off = start - r0 * k;
+        out.copy_from_slice(&rows[off..off + out.len()]);
         Ok(())
     }
 
@@ -144,6 +137,60 @@ impl GgufWeight {
             self.shape.clone(),
             self.row_perm.clone(),
         )
+    }
+}
+
+/// Decodes one row of ggml blocks into `dst` with candle's block decoders, reading the blocks in place when the
+/// bytes are aligned for the block type (else through a copy).
+fn decode_row(dtype: GgmlDType, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
+    use candle_core::quantized::k_quants::*;
+    fn run<T: GgmlType>(bytes: &[u8], dst: &mut [f32]) -> Result<()> {
+        let n = bytes.len() / std::mem::size_of::<T>();
+        if n * std::mem::size_of::<T>() != bytes.len() || n * T::BLCK_SIZE != dst.len() {
+            return Err(PeftError::Invalid(format!(
+                "GGUF {:?} row: {} bytes for {} values",
+                T::DTYPE,
+                bytes.len(),
+                dst.len()
+            )));
+        }
+        if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+            // SAFETY: `bytes` holds exactly `n` blocks of `T` (checked above) at an address aligned for `T`;
+            // ggml blocks are plain-old-data (integers and f16/f32 fields), valid for any bit pattern, as
+            // candle itself reads them from file bytes.
+            let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) };
+            T::to_float(blocks, dst);
+        } else {
+            let q = T::DTYPE.from_data(Cow::Borrowed(bytes));
+            match q.dequantize(dst.len())? {
+                candle_core::CpuStorage::F32(v) => dst.copy_from_slice(&v),
+                _ => {
+                    return Err(PeftError::Invalid(
+                        "GGUF dequantization did not give f32".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+    match dtype {
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(bytes, dst),
+        GgmlDType::Q4_1 => run::<BlockQ4_1>(bytes, dst),
+        GgmlDType::Q5_0 => run::<BlockQ5_0>(bytes, dst),
+        GgmlDType::Q5_1 => run::<BlockQ5_1>(bytes, dst),
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(bytes, dst),
+        GgmlDType::Q8_1 => run::<BlockQ8_1>(bytes, dst),
+        GgmlDType::Q2K => run::<BlockQ2K>(bytes, dst),
+        GgmlDType::Q3K => run::<BlockQ3K>(bytes, dst),
+        GgmlDType::Q4K => run::<BlockQ4K>(bytes, dst),
+        GgmlDType::Q5K => run::<BlockQ5K>(bytes, dst),
+        GgmlDType::Q6K => run::<BlockQ6K>(bytes, dst),
+        GgmlDType::Q8K => run::<BlockQ8K>(bytes, dst),
+        other => Err(PeftError::Unsupported {
+            field: "tensor type".into(),
+            value: format!("{other:?}"),
+            reason: "only block-quantized GGUF weights are kept quantized".into(),
+        }),
     }
 }
 
