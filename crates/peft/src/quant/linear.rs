@@ -92,6 +92,26 @@ fn dequant_band<T: Real>(
     Ok(())
 }
 
+/// Calls `f(r0, rows, band)` for consecutive bands of rows of `w` dequantized as `T` ([`dequant_band`]).
+fn for_each_band<T: Real>(
+    w: &QuantizedWeight,
+    transposed: bool,
+    mut f: impl FnMut(usize, usize, &[T]),
+) -> Result<()> {
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let rows = band_rows(n, k);
+    let mut f32buf = vec![0f32; rows * k];
+    let mut buf = vec![T::zero(); rows * k];
+    let mut r0 = 0;
+    while r0 < n {
+        let r = rows.min(n - r0);
+        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], transposed)?;
+        f(r0, r, &buf[..r * k]);
+        r0 += r;
+    }
+    Ok(())
+}
+
 struct QuantLinear {
     w: Arc<QuantizedWeight>,
     bias: Option<Tensor>,
@@ -158,13 +178,7 @@ fn fwd<T: Real>(
         Some(b) => b.repeat(m),
         None => vec![T::zero(); m * n],
     };
-    let rows = band_rows(n, k);
-    let mut f32buf = vec![0f32; rows * k];
-    let mut buf = vec![T::zero(); rows * k];
-    let mut r0 = 0;
-    while r0 < n {
-        let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], true)?;
+    for_each_band(w, true, |r0, r, buf: &[T]| {
         // SAFETY: `x` holds m·k elements, `buf` r·k (the band of W transposed, row-major [k, r]), `out` m·n; the
         // destination is the column block [r0, r0 + r) of `out` (row stride n). out[:, r0..r0+r] (+)= x · bandᵀ.
         unsafe {
@@ -190,8 +204,7 @@ fn fwd<T: Real>(
                 parallelism(),
             );
         }
-        r0 += r;
-    }
+    })?;
     let mut dims = lx.dims().to_vec();
     *dims.last_mut().expect("rank > 0") = n;
     Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
@@ -228,13 +241,7 @@ fn bwd<T: Real>(w: &QuantizedWeight, g: &[T], lg: &Layout) -> Result<(CpuStorage
     }
     let m = g.len() / n;
     let mut out = vec![T::zero(); m * k];
-    let rows = band_rows(n, k);
-    let mut f32buf = vec![0f32; rows * k];
-    let mut buf = vec![T::zero(); rows * k];
-    let mut r0 = 0;
-    while r0 < n {
-        let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], false)?;
+    for_each_band(w, false, |r0, r, buf: &[T]| {
         // SAFETY: `g` holds m·n elements (row stride n; the block starts at column r0), `buf` r·k, `out` m·k.
         // out (+)= g[:, r0..r0+r] · band.
         unsafe {
@@ -260,8 +267,7 @@ fn bwd<T: Real>(w: &QuantizedWeight, g: &[T], lg: &Layout) -> Result<(CpuStorage
                 parallelism(),
             );
         }
-        r0 += r;
-    }
+    })?;
     let mut dims = lg.dims().to_vec();
     *dims.last_mut().expect("rank > 0") = k;
     Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
