@@ -105,7 +105,14 @@ fn for_each_band<T: Real>(
     let mut r0 = 0;
     while r0 < n {
         let r = rows.min(n - r0);
-        dequant_band(w, r0, k, &mut f32buf[..r * k], &mut buf[..r * k], transposed)?;
+        dequant_band(
+            w,
+            r0,
+            k,
+            &mut f32buf[..r * k],
+            &mut buf[..r * k],
+            transposed,
+        )?;
         f(r0, r, &buf[..r * k]);
         r0 += r;
     }
