@@ -1087,7 +1087,7 @@ fn train_with_quantize_nf4_lowers_the_loss_and_eval_reloads_the_adapter() {
     );
     let e = err_text(train(&f, &f.path("bad"), 1, &args!["--quantize", "int3"]));
     assert!(
-        e.contains("unknown --quantize \"int3\" (nf4 or fp4)"),
+        e.contains("unknown --quantize \"int3\" (nf4, fp4 or int8)"),
         "{e}"
     );
     let e = err_text(train(&f, &f.path("bad2"), 1, &args!["--double-quant"]));

@@ -8,9 +8,10 @@ use peft_models::quantize::Quantize;
 #[derive(Clone, Debug, Default, Args)]
 pub struct QuantArgs {
     /// Keep the decoder layers' projections quantized (QLoRA): `nf4` or `fp4` (bitsandbytes 4-bit, blocksize
-    /// 64, bytes as bitsandbytes writes them), each weight quantized as it is read. Checkpoints saved quantized
-    /// by transformers (bitsandbytes 4-bit) load quantized without this flag.
-    #[arg(long, value_name = "nf4|fp4")]
+    /// 64) or `int8` (bitsandbytes 8-bit, computed on the dequantized weight), bytes as bitsandbytes writes
+    /// them, each weight quantized as it is read. Checkpoints saved quantized by transformers (bitsandbytes
+    /// 4-bit and 8-bit) load quantized without this flag.
+    #[arg(long, value_name = "nf4|fp4|int8")]
     pub quantize: Option<String>,
     /// With `--quantize`: also quantize the per-block scales (bitsandbytes' double quantization).
     #[arg(long, requires = "quantize")]

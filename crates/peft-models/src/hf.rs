@@ -77,7 +77,11 @@ pub fn load_hf_dir_with(
             // A packed quantized weight (any storage dtype) and its quant state stay as stored.
             let packed = all_names.contains(&format!("{name}.quant_state.bitsandbytes__nf4"))
                 || all_names.contains(&format!("{name}.quant_state.bitsandbytes__fp4"));
-            let keep = packed || name.contains(".weight.") && stored_quantized.is_some();
+            // … and so do an 8-bit weight (int8, read as its u8 bytes) and its scales.
+            let int8 = name
+                .strip_suffix(".weight")
+                .is_some_and(|m| all_names.contains(&format!("{m}.SCB")));
+            let keep = packed || int8 || name.contains(".weight.") && stored_quantized.is_some();
             let t = if keep || t.dtype() == dtype || !t.dtype().is_float() {
                 t
             } else {

@@ -11,6 +11,7 @@
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Tensor};
 use peft::quant::bnb4::{Bnb4Options, Bnb4Type, Bnb4Weight};
+use peft::quant::bnb8::Bnb8Weight;
 use serde_json::Value;
 
 /// How to quantize a full-precision model while loading it.
@@ -18,6 +19,8 @@ use serde_json::Value;
 pub enum Quantize {
     /// bitsandbytes 4-bit (NF4 or FP4, optionally double-quantized), blocksize 64 as transformers uses.
     Bnb4(Bnb4Options),
+    /// bitsandbytes 8-bit (row-wise int8, LLM.int8's weights), computed on the dequantized weight.
+    Bnb8,
 }
 
 impl Quantize {
@@ -34,14 +37,15 @@ impl Quantize {
         let quant_type = match kind {
             "nf4" => Bnb4Type::Nf4,
             "fp4" => Bnb4Type::Fp4,
-            "int8" => {
-                return Err(ModelError::Unsupported(
-                    "--quantize int8 (bitsandbytes LLM.int8) is not implemented yet; use nf4 or fp4".into(),
+            "int8" if double_quant => {
+                return Err(ModelError::Invalid(
+                    "--double-quant applies to nf4 and fp4, not int8".into(),
                 ));
             }
+            "int8" => return Ok(Quantize::Bnb8),
             other => {
                 return Err(ModelError::Invalid(format!(
-                    "unknown --quantize {other:?} (nf4 or fp4)"
+                    "unknown --quantize {other:?} (nf4, fp4 or int8)"
                 )));
             }
         };
@@ -60,6 +64,7 @@ impl Quantize {
                 o.quant_type.as_str(),
                 if o.double_quant { ", double quant" } else { "" }
             ),
+            Quantize::Bnb8 => "bnb int8".into(),
         }
     }
 
@@ -78,6 +83,12 @@ impl Quantize {
                 let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let q = Bnb4Weight::quantize(&values, t.dims(), dtype, *opts)?;
                 Ok(q.state_dict(name, t.device())?)
+            }
+            Quantize::Bnb8 => {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let q = Bnb8Weight::quantize(&values, t.dims())?;
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                Ok(q.state_dict(module, t.device())?)
             }
         }
     }
@@ -105,8 +116,8 @@ pub fn is_quantized_linear(name: &str) -> bool {
 }
 
 /// What a checkpoint's `config.json` says of its quantization: `None` for a full-precision model,
-/// `Some(description)` for a bitsandbytes 4-bit one (`bnb nf4, double quant`), and an error naming the method
-/// for the quantizations not supported yet (bitsandbytes 8-bit, GPTQ, AWQ, …).
+/// `Some(description)` for a bitsandbytes 4-bit or 8-bit one (`bnb nf4, double quant`, `bnb int8`), and an error
+/// naming the method for the quantizations not supported yet (GPTQ, AWQ, …).
 pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
     let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else {
         return Ok(None);
@@ -125,11 +136,9 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
                 if dq { ", double quant" } else { "" }
             )))
         }
-        "bitsandbytes" if flag("load_in_8bit") || flag("_load_in_8bit") => Err(ModelError::Unsupported(
-            "config.json: quantization_config is bitsandbytes 8-bit (LLM.int8), not supported yet; 4-bit \
-             (nf4/fp4) checkpoints load"
-                .into(),
-        )),
+        "bitsandbytes" if flag("load_in_8bit") || flag("_load_in_8bit") => {
+            Ok(Some("bnb int8".into()))
+        }
         other => Err(ModelError::Unsupported(format!(
             "config.json: quantization_config.quant_method {other:?} is not supported yet (bitsandbytes 4-bit \
              checkpoints load; full-precision models can be quantized with --quantize nf4|fp4)"
@@ -218,7 +227,11 @@ mod tests {
         let e = checkpoint_quantization(&gptq).unwrap_err().to_string();
         assert!(e.contains("\"gptq\" is not supported yet"), "{e}");
         let int8 = v(serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}));
-        let e = checkpoint_quantization(&int8).unwrap_err().to_string();
-        assert!(e.contains("8-bit"), "{e}");
+        assert_eq!(
+            checkpoint_quantization(&int8).unwrap().as_deref(),
+            Some("bnb int8")
+        );
+        let e = Quantize::parse("int8", true).unwrap_err().to_string();
+        assert!(e.contains("not int8"), "{e}");
     }
 }

@@ -12,7 +12,12 @@ use peft_models::{LoadOptions, load_model, load_model_with, with_adapters};
 use peft_test_support::{assert_close, max_diff};
 use std::path::PathBuf;
 
-const CASES: [&str; 3] = ["bnb4_llama_nf4", "bnb4_llama_nf4_dq", "bnb4_llama_fp4"];
+const CASES: [&str; 4] = [
+    "bnb4_llama_nf4",
+    "bnb4_llama_nf4_dq",
+    "bnb4_llama_fp4",
+    "bnb8_llama",
+];
 
 fn case_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -112,6 +117,14 @@ fn quantize_while_loading_matches_transformers_quantized_checkpoint() {
                     .quantized()
                     .unwrap()
                     .clone();
+                if let (
+                    peft::quant::QuantizedWeight::Bnb8(a),
+                    peft::quant::QuantizedWeight::Bnb8(b),
+                ) = (&*a, &*b)
+                {
+                    assert_eq!(a, b, "{case}: {name}");
+                    continue;
+                }
                 let (peft::quant::QuantizedWeight::Bnb4(a), peft::quant::QuantizedWeight::Bnb4(b)) =
                     (&*a, &*b)
                 else {
@@ -240,44 +253,47 @@ fn lora_gradients_over_a_quantized_base_equal_those_over_its_dequantized_twin() 
 }
 
 #[test]
-fn merging_into_a_bnb4_checkpoint_writes_a_dense_model_with_the_adapters_logits() {
-    let case = "bnb4_llama_nf4_dq";
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("merged");
-    let adapter =
-        peft::merge::MergeAdapter::load(case_dir(case).join("adapter"), None, &Device::Cpu)
-            .unwrap();
-    let report = peft::merge::merge_model(
-        &case_dir(case).join("base"),
-        vec![adapter],
-        &out,
-        None,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    assert_eq!(report.modules.len(), 14);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert!(config.get("quantization_config").is_none());
-    let merged = peft::io::read_safetensors(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    assert!(
-        merged.keys().all(|k| !k.contains(".weight.")),
-        "quant-state tensors left"
-    );
-    let w = &merged["model.layers.0.self_attn.q_proj.weight"];
-    assert_eq!((w.dims(), w.dtype()), (&[64usize, 64][..], DType::F32));
-    let loaded = load_model(&out, &Device::Cpu).unwrap();
-    assert!(peft_models::quantize::summary(&loaded.model).is_none());
-    let io = io(case);
-    // The dense merge is exact (dequantized W + ΔW): the logits are the unmerged adapter's. PEFT's own bnb
-    // merge re-quantizes and moves them by ~0.4.
-    assert_close(
-        &format!("{case} merged logits"),
-        &logits(&loaded.model, &io["input_ids"]),
-        &io["lora_logits"],
-        1e-4,
-        1e-4,
-    );
+fn merging_into_a_bnb_checkpoint_writes_a_dense_model_with_the_adapters_logits() {
+    for case in ["bnb4_llama_nf4_dq", "bnb8_llama"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let adapter =
+            peft::merge::MergeAdapter::load(case_dir(case).join("adapter"), None, &Device::Cpu)
+                .unwrap();
+        let report = peft::merge::merge_model(
+            &case_dir(case).join("base"),
+            vec![adapter],
+            &out,
+            None,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(report.modules.len(), 14);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert!(config.get("quantization_config").is_none());
+        let merged =
+            peft::io::read_safetensors(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(
+            merged.keys().all(|k| !k.contains(".weight.")),
+            "quant-state tensors left"
+        );
+        let w = &merged["model.layers.0.self_attn.q_proj.weight"];
+        assert_eq!((w.dims(), w.dtype()), (&[64usize, 64][..], DType::F32));
+        let loaded = load_model(&out, &Device::Cpu).unwrap();
+        assert!(peft_models::quantize::summary(&loaded.model).is_none());
+        let io = io(case);
+        // The dense merge is exact (dequantized W + ΔW): the logits are the unmerged adapter's. PEFT's own bnb
+        // merge re-quantizes and moves them by ~0.4.
+        assert_close(
+            &format!("{case} merged logits"),
+            &logits(&loaded.model, &io["input_ids"]),
+            &io["lora_logits"],
+            1e-4,
+            1e-4,
+        );
+    }
 }
 
 #[test]

@@ -133,7 +133,8 @@ impl SafetensorsFile {
         self.metadata.info(name).map(|i| (i.shape.clone(), i.dtype))
     }
 
-    /// Loads one tensor.
+    /// Loads one tensor. candle has no int8 dtype: an int8 tensor (bitsandbytes 8-bit weights) loads as u8
+    /// holding the same bytes.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self
             .metadata
@@ -141,6 +142,15 @@ impl SafetensorsFile {
             .ok_or_else(|| PeftError::MissingKey(name.to_string()))?;
         let (s, e) = info.data_offsets;
         let data = &self.mmap[self.header_len + s..self.header_len + e];
+        if info.dtype == safetensors::Dtype::I8 {
+            if data.len() != info.shape.iter().product::<usize>() {
+                return Err(PeftError::SafeTensors {
+                    path: self.path.clone(),
+                    message: format!("{name}: {} bytes for shape {:?}", data.len(), info.shape),
+                });
+            }
+            return Ok(Tensor::from_slice(data, info.shape.as_slice(), device)?);
+        }
         let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), data)
             .map_err(|e| PeftError::SafeTensors {
                 path: self.path.clone(),
@@ -478,12 +488,12 @@ impl BaseModel {
         })
     }
 
-    /// Whether any weight is stored quantized (bitsandbytes 4-bit).
+    /// Whether any weight is stored quantized (bitsandbytes 4-bit or 8-bit).
     pub fn is_quantized(&self) -> bool {
         self.shards.iter().any(|(_, f)| {
             f.names()
                 .iter()
-                .any(|n| n.contains(".quant_state.bitsandbytes__"))
+                .any(|n| n.contains(".quant_state.bitsandbytes__") || n.ends_with(".SCB"))
         })
     }
 

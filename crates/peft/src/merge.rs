@@ -401,16 +401,20 @@ fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
         .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
 }
 
-/// Whether `name` is a quant-state tensor of a bitsandbytes 4-bit weight (`…weight.absmax`, …).
-fn is_bnb4_state(name: &str) -> bool {
+/// Whether `name` is a state tensor of a bitsandbytes weight (`…weight.absmax`, …, `….SCB`,
+/// `….weight_format`).
+fn is_bnb_state(name: &str) -> bool {
     crate::quant::bnb4::STATE_SUFFIXES
         .iter()
         .any(|s| name.ends_with(&format!(".weight.{s}")))
+        || name.ends_with(".SCB")
+        || name.ends_with(".weight_format")
 }
 
-/// The bitsandbytes 4-bit weights stored in a shard: weight name → the names of its quant-state tensors
-/// (`absmax`, `quant_map`, …), which a merge drops from the output (the merged model is dense).
-fn bnb4_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
+/// The bitsandbytes weights stored in a shard (4-bit: `…weight.quant_state.bitsandbytes__*`; 8-bit:
+/// `<module>.SCB`): weight name → the names of its state tensors, which a merge drops from the output (the
+/// merged model is dense).
+fn bnb_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
     let names = f.names();
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
     for n in &names {
@@ -426,24 +430,49 @@ fn bnb4_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
                 out.insert(w.to_string(), keys);
             }
         }
+        if let Some(m) = n.strip_suffix(".SCB")
+            && f.contains(&format!("{m}.weight"))
+        {
+            let keys = crate::quant::bnb8::Bnb8Weight::STATE_SUFFIXES
+                .iter()
+                .map(|s| format!("{m}.{s}"))
+                .filter(|k| f.contains(k))
+                .collect();
+            out.insert(format!("{m}.weight"), keys);
+        }
     }
     out
 }
 
-/// The bitsandbytes 4-bit weight `name` of `f`, read with its quant state.
-fn load_bnb4(
+/// The bitsandbytes weight `name` of `f` (4-bit or 8-bit), read with its state tensors.
+fn load_bnb(
     f: &SafetensorsFile,
     name: &str,
     keys: &[String],
-) -> Result<crate::quant::bnb4::Bnb4Weight> {
+) -> Result<crate::quant::QuantizedWeight> {
+    use crate::quant::{QuantizedWeight, bnb4::Bnb4Weight, bnb8::Bnb8Weight};
     let dev = Device::Cpu;
     let mut tensors = indexmap::IndexMap::new();
     tensors.insert(name.to_string(), f.load(name, &dev)?);
     for k in keys {
         tensors.insert(k.clone(), f.load(k, &dev)?);
     }
-    crate::quant::bnb4::Bnb4Weight::from_state_dict(name, &tensors)
-        .map_err(|e| PeftError::Invalid(format!("{}: {e}", f.path().display())))
+    let context = |e: PeftError| PeftError::Invalid(format!("{}: {e}", f.path().display()));
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    if Bnb8Weight::is_stored(module, &tensors) {
+        let dims = tensors[name].dims().to_vec();
+        let &[out, inp] = dims.as_slice() else {
+            return Err(PeftError::Invalid(format!(
+                "{name}: an 8-bit weight of shape {dims:?}"
+            )));
+        };
+        return Ok(QuantizedWeight::Bnb8(
+            Bnb8Weight::from_state_dict(module, &tensors, out, inp).map_err(context)?,
+        ));
+    }
+    Ok(QuantizedWeight::Bnb4(
+        Bnb4Weight::from_state_dict(name, &tensors).map_err(context)?,
+    ))
 }
 
 /// Progress of a merge: bytes written so far, total bytes, and the tensor just written.
@@ -460,13 +489,13 @@ pub fn merge_safetensors(
     progress: Progress<'_>,
 ) -> Result<u64> {
     let names = base.names();
-    // bitsandbytes 4-bit weights are written dequantized (their original dtype, or `dtype`), without their
-    // quant-state tensors.
-    let quantized = bnb4_weights(base);
+    // bitsandbytes weights are written dequantized (their original dtype, or `dtype`), without their state
+    // tensors.
+    let quantized = bnb_weights(base);
     let state_keys: HashSet<&String> = quantized.values().flatten().collect();
-    let mut dequantized: HashMap<String, crate::quant::bnb4::Bnb4Weight> = HashMap::new();
+    let mut dequantized: HashMap<String, crate::quant::QuantizedWeight> = HashMap::new();
     for (w, keys) in &quantized {
-        dequantized.insert(w.clone(), load_bnb4(base, w, keys)?);
+        dequantized.insert(w.clone(), load_bnb(base, w, keys)?);
     }
     // Plan the header: every output tensor keeps its name and shape; the dtype changes with `dtype` for floats.
     let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
@@ -474,7 +503,7 @@ pub fn merge_safetensors(
     let mut offset = 0usize;
     for n in names.iter().filter(|n| !state_keys.contains(n)) {
         let (shape, sdt) = match dequantized.get(n) {
-            Some(q) => (q.shape.clone(), st_dtype(q.dtype)?),
+            Some(q) => (q.shape().to_vec(), st_dtype(q.dtype())?),
             None => base
                 .info(n)
                 .ok_or_else(|| PeftError::MissingKey(n.clone()))?,
@@ -665,7 +694,7 @@ pub fn merge_model(
                 if let Some(index) = &model.index {
                     let mut index = index.clone();
                     if let Some(m) = index.get_mut("weight_map").and_then(|m| m.as_object_mut()) {
-                        m.retain(|k, _| !is_bnb4_state(k));
+                        m.retain(|k, _| !is_bnb_state(k));
                     }
                     if let Some(m) = index.get_mut("metadata").and_then(|m| m.as_object_mut()) {
                         m.insert("total_size".into(), serde_json::json!(report.bytes));

@@ -161,3 +161,47 @@ fn bnb4_dynamic_map_is_the_stored_nested_quant_map() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn bnb8_quantize_and_dequantize_are_bit_exact_with_bitsandbytes() {
+    use peft::quant::bnb8::Bnb8Weight;
+    let path = fixtures_dir().join("quant/cases/codec_bnb8.safetensors");
+    // candle has no int8: peft's loader reads the stored CB as u8 with the same bytes.
+    let file = peft::io::SafetensorsFile::open(&path).unwrap();
+    let t = file.load_all(&Device::Cpu).unwrap();
+    let cases: Vec<String> = file.metadata().unwrap()["cases"]
+        .split(',')
+        .map(String::from)
+        .collect();
+    assert_eq!(cases.len(), 3);
+    for c in &cases {
+        let input = &t[&format!("{c}.input")];
+        let q = Bnb8Weight::quantize(&f32s(input), input.dims()).unwrap();
+        let cb: Vec<i8> = file
+            .load(&format!("{c}.CB"), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap()
+            .into_iter()
+            .map(|b| b as i8)
+            .collect();
+        assert_eq!(q.codes, cb, "{c}: codes");
+        let scb = f32s(&t[&format!("{c}.SCB")]);
+        assert_eq!(
+            q.scb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            scb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{c}: SCB"
+        );
+        let mut d = vec![0f32; q.codes.len()];
+        q.dequantize_into(0, &mut d);
+        let want = f32s(&t[&format!("{c}.dequantized")]);
+        let bad = d
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(bad, 0, "{c}: {bad} dequantized values differ");
+    }
+}

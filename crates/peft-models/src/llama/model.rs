@@ -16,6 +16,7 @@ use indexmap::IndexMap;
 use peft::host::AdapterHost;
 use peft::quant::QuantizedWeight;
 use peft::quant::bnb4::Bnb4Weight;
+use peft::quant::bnb8::Bnb8Weight;
 use peft::tuners::tuners_utils::{ModuleInfo, ModuleKind};
 use peft::{AdapterSlot, BaseKind, BaseLayer, ForwardCtx, PeftError, PeftRng, Result};
 
@@ -247,6 +248,18 @@ impl LlamaForCausalLM {
                                 got: q.shape().to_vec(),
                             });
                         }
+                        return Ok(AdapterSlot::new(
+                            name,
+                            BaseLayer::quantized_linear(q, b, device)?,
+                        ));
+                    }
+                    if Bnb8Weight::is_stored(&name, &tensors) {
+                        let w = Bnb8Weight::from_state_dict(&name, &tensors, out, inp)?;
+                        tensors.shift_remove(&key);
+                        for s in Bnb8Weight::STATE_SUFFIXES {
+                            tensors.shift_remove(&format!("{name}.{s}"));
+                        }
+                        let q = QuantizedWeight::Bnb8(w);
                         return Ok(AdapterSlot::new(
                             name,
                             BaseLayer::quantized_linear(q, b, device)?,

@@ -10,9 +10,11 @@
 //! | format | module | as written by |
 //! |---|---|---|
 //! | bitsandbytes NF4 / FP4, ± double quantization | [`bnb4`] | bitsandbytes 0.50.2 through transformers' `save_pretrained` |
+//! | bitsandbytes 8-bit (LLM.int8 weights, `SCB`) | [`bnb8`] | bitsandbytes 0.50.2 through transformers' `save_pretrained` |
 //! | GGUF Q4_0 … Q8_0, Q2_K … Q6_K | [`gguf`] | llama.cpp (read by candle) |
 
 pub mod bnb4;
+pub mod bnb8;
 pub mod gguf;
 mod linear;
 
@@ -26,6 +28,8 @@ use candle_core::{DType, Device, Tensor};
 pub enum QuantizedWeight {
     /// bitsandbytes 4-bit (NF4 / FP4).
     Bnb4(bnb4::Bnb4Weight),
+    /// bitsandbytes 8-bit (row-wise int8).
+    Bnb8(bnb8::Bnb8Weight),
     /// A GGUF block-quantized tensor.
     Gguf(gguf::GgufWeight),
 }
@@ -35,6 +39,7 @@ impl QuantizedWeight {
     pub fn shape(&self) -> &[usize] {
         match self {
             QuantizedWeight::Bnb4(w) => &w.shape,
+            QuantizedWeight::Bnb8(w) => &w.shape,
             QuantizedWeight::Gguf(w) => &w.shape,
         }
     }
@@ -43,6 +48,7 @@ impl QuantizedWeight {
     pub fn dtype(&self) -> DType {
         match self {
             QuantizedWeight::Bnb4(w) => w.dtype,
+            QuantizedWeight::Bnb8(_) => DType::F32,
             QuantizedWeight::Gguf(w) => w.dtype(),
         }
     }
@@ -51,6 +57,7 @@ impl QuantizedWeight {
     pub fn nbytes(&self) -> usize {
         match self {
             QuantizedWeight::Bnb4(w) => w.nbytes(),
+            QuantizedWeight::Bnb8(w) => w.nbytes(),
             QuantizedWeight::Gguf(w) => w.nbytes(),
         }
     }
@@ -68,6 +75,7 @@ impl QuantizedWeight {
                     ""
                 }
             ),
+            QuantizedWeight::Bnb8(_) => "bnb int8".to_string(),
             QuantizedWeight::Gguf(w) => format!("gguf {:?}", w.ggml_dtype),
         }
     }
@@ -79,6 +87,10 @@ impl QuantizedWeight {
                 w.dequantize_into(start, out);
                 Ok(())
             }
+            QuantizedWeight::Bnb8(w) => {
+                w.dequantize_into(start, out);
+                Ok(())
+            }
             QuantizedWeight::Gguf(w) => w.dequantize_into(start, out),
         }
     }
@@ -87,6 +99,7 @@ impl QuantizedWeight {
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
         match self {
             QuantizedWeight::Bnb4(w) => w.dequantize(device),
+            QuantizedWeight::Bnb8(w) => w.dequantize(device),
             QuantizedWeight::Gguf(w) => w.dequantize(device),
         }
     }
@@ -95,6 +108,13 @@ impl QuantizedWeight {
     pub fn requantize(&self, w: &Tensor) -> Result<Self> {
         match self {
             QuantizedWeight::Gguf(q) => Ok(QuantizedWeight::Gguf(q.requantize(w)?)),
+            QuantizedWeight::Bnb8(_) => {
+                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(QuantizedWeight::Bnb8(bnb8::Bnb8Weight::quantize(
+                    &values,
+                    w.dims(),
+                )?))
+            }
             QuantizedWeight::Bnb4(q) => {
                 // Rounded to the original dtype first, as bnb quantizes a weight of that dtype.
                 let values = w
@@ -123,6 +143,9 @@ impl QuantizedWeight {
     pub fn state_dict(&self, prefix: &str, device: &Device) -> Result<Vec<(String, Tensor)>> {
         match self {
             QuantizedWeight::Bnb4(w) => w.state_dict(prefix, device),
+            QuantizedWeight::Bnb8(w) => {
+                w.state_dict(prefix.strip_suffix(".weight").unwrap_or(prefix), device)
+            }
             QuantizedWeight::Gguf(w) => Ok(vec![(prefix.to_string(), w.dequantize(device)?)]),
         }
     }
