@@ -9,8 +9,10 @@ import sys
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from check_trained_adapter import compare  # noqa: E402
 
 
 def main() -> int:
@@ -27,23 +29,8 @@ def main() -> int:
             m.support_avx512bf16_for_cpu = False
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    rust = load_file(rust_path)
-    ids, mask = rust["input_ids"].long(), rust["attention_mask"].long()
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    ours = rust["logits"].float()
-    keep = mask.bool()
-    diff = (logits - ours).abs()[keep]
-    scale = logits.abs()[keep].max()
-    rel = (diff.max() / scale).item()
-    print(f"{n4} bnb Linear4bit layers; adapter {adapter_dir}")
-    print(f"logits {tuple(ours.shape)}: max |python - rust| = {diff.max().item():.3e}, max |logit| = {scale.item():.2f}, "
-          f"relative = {rel:.3e}")
-    agree = (logits.argmax(-1) == ours.argmax(-1))[keep].float().mean().item()
-    print(f"argmax agreement on {int(keep.sum())} positions: {agree * 100:.2f}%")
-    ok = rel <= 1e-3
-    print("PASS (relative 1e-3)" if ok else "FAIL (relative 1e-3)")
-    return 0 if ok else 1
+    print(f"{n4} bnb Linear4bit layers")
+    return 0 if compare(model, adapter_dir, rust_path) else 1
 
 
 if __name__ == "__main__":

@@ -16,12 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 
-def main() -> int:
-    hf_dir, adapter_dir, rust_path = sys.argv[1:4]
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    model.eval()
+def compare(model, adapter_dir, rust_path) -> bool:
+    """Python PEFT's logits on the inputs `peft eval --save-logits` wrote, against Rust's; prints the report."""
     rust = load_file(rust_path)
     ids = rust["input_ids"].long()
     mask = rust["attention_mask"].long()
@@ -40,7 +36,16 @@ def main() -> int:
     print(f"argmax agreement on {int(keep.sum())} positions: {argmax_agree * 100:.2f}%")
     ok = rel <= 1e-3
     print("PASS (relative 1e-3)" if ok else "FAIL (relative 1e-3)")
-    return 0 if ok else 1
+    return ok
+
+
+def main() -> int:
+    hf_dir, adapter_dir, rust_path = sys.argv[1:4]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return 0 if compare(model, adapter_dir, rust_path) else 1
 
 
 if __name__ == "__main__":

@@ -101,22 +101,16 @@ fn quantize_while_loading_matches_transformers_quantized_checkpoint() {
         for l in 0..2 {
             for p in PROJ {
                 let name = format!("model.layers.{l}.{p}");
-                let a = ours
-                    .model
-                    .slot(&name)
-                    .unwrap()
-                    .base()
-                    .quantized()
-                    .unwrap()
-                    .clone();
-                let b = theirs
-                    .model
-                    .slot(&name)
-                    .unwrap()
-                    .base()
-                    .quantized()
-                    .unwrap()
-                    .clone();
+                let weight = |m: &peft_models::LoadedModel| {
+                    m.model
+                        .slot(&name)
+                        .unwrap()
+                        .base()
+                        .quantized()
+                        .unwrap()
+                        .clone()
+                };
+                let (a, b) = (weight(&ours), weight(&theirs));
                 if let (
                     peft::quant::QuantizedWeight::Bnb8(a),
                     peft::quant::QuantizedWeight::Bnb8(b),
