@@ -41,9 +41,11 @@ pub fn require_tokenizer<'t>(
     })
 }
 
-/// Loads an HF model directory (`config.json`, safetensors, `tokenizer.json` when present) or a llama GGUF
-/// file (dequantized to f32, tensors renamed, tokenizer built from its metadata) into a
-/// [`LlamaForCausalLM`] on `device`.
+/// Loads an HF model directory (`config.json`, safetensors, `tokenizer.json` when present; bitsandbytes 4-bit
+/// and 8-bit checkpoints stay quantized) or a llama GGUF file (the decoder projections kept in their ggml
+/// blocks, everything else dequantized to f32, tensors renamed, tokenizer built from its metadata) into a
+/// [`LlamaForCausalLM`] on `device`. [`load_model_with`] takes options (quantize while loading, or the GGUF
+/// fully dequantized).
 ///
 /// ```no_run
 /// # fn main() -> peft_models::error::Result<()> {
