@@ -70,18 +70,19 @@ pub fn load_hf_dir_with(
     }
     let all_names: std::collections::HashSet<String> =
         model.shards.iter().flat_map(|(_, s)| s.names()).collect();
+    let quantized_keys: std::collections::HashSet<String> = all_names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".weight"))
+        .filter_map(|m| peft::quant::bnb_stored_keys(m, |k| all_names.contains(k)))
+        .flatten()
+        .collect();
     let mut tensors = IndexMap::new();
     for (_, shard) in &model.shards {
         for name in shard.names() {
             let t = shard.load(&name, device)?;
-            // A packed quantized weight (any storage dtype) and its quant state stay as stored.
-            let packed = all_names.contains(&format!("{name}.quant_state.bitsandbytes__nf4"))
-                || all_names.contains(&format!("{name}.quant_state.bitsandbytes__fp4"));
-            // … and so do an 8-bit weight (int8, read as its u8 bytes) and its scales.
-            let int8 = name
-                .strip_suffix(".weight")
-                .is_some_and(|m| all_names.contains(&format!("{m}.SCB")));
-            let keep = packed || int8 || name.contains(".weight.") && stored_quantized.is_some();
+            // A bitsandbytes weight (packed 4-bit in any storage dtype, or int8 read as its u8 bytes) and its
+            // state tensors stay as stored.
+            let keep = quantized_keys.contains(&name);
             let t = if keep || t.dtype() == dtype || !t.dtype().is_float() {
                 t
             } else {

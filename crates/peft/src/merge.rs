@@ -411,37 +411,17 @@ fn is_bnb_state(name: &str) -> bool {
         || name.ends_with(".weight_format")
 }
 
-/// The bitsandbytes weights stored in a shard (4-bit: `…weight.quant_state.bitsandbytes__*`; 8-bit:
-/// `<module>.SCB`): weight name → the names of its state tensors, which a merge drops from the output (the
-/// merged model is dense).
+/// The bitsandbytes weights stored in a shard ([`crate::quant::bnb_stored_keys`]): weight name → the names of
+/// its state tensors, which a merge drops from the output (the merged model is dense).
 fn bnb_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
-    let names = f.names();
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for n in &names {
-        for t in ["nf4", "fp4"] {
-            if let Some(w) = n.strip_suffix(&format!(".quant_state.bitsandbytes__{t}"))
-                && f.contains(w)
-            {
-                let keys = crate::quant::bnb4::STATE_SUFFIXES
-                    .iter()
-                    .map(|s| format!("{w}.{s}"))
-                    .filter(|k| f.contains(k))
-                    .collect();
-                out.insert(w.to_string(), keys);
-            }
-        }
-        if let Some(m) = n.strip_suffix(".SCB")
-            && f.contains(&format!("{m}.weight"))
-        {
-            let keys = crate::quant::bnb8::Bnb8Weight::STATE_SUFFIXES
-                .iter()
-                .map(|s| format!("{m}.{s}"))
-                .filter(|k| f.contains(k))
-                .collect();
-            out.insert(format!("{m}.weight"), keys);
-        }
-    }
-    out
+    f.names()
+        .iter()
+        .filter_map(|n| {
+            let module = n.strip_suffix(".weight")?;
+            let keys = crate::quant::bnb_stored_keys(module, |k| f.contains(k))?;
+            Some((n.clone(), keys[1..].to_vec()))
+        })
+        .collect()
 }
 
 /// The bitsandbytes weight `name` of `f` (4-bit or 8-bit), read with its state tensors.
@@ -450,29 +430,19 @@ fn load_bnb(
     name: &str,
     keys: &[String],
 ) -> Result<crate::quant::QuantizedWeight> {
-    use crate::quant::{QuantizedWeight, bnb4::Bnb4Weight, bnb8::Bnb8Weight};
     let dev = Device::Cpu;
     let mut tensors = indexmap::IndexMap::new();
     tensors.insert(name.to_string(), f.load(name, &dev)?);
     for k in keys {
         tensors.insert(k.clone(), f.load(k, &dev)?);
     }
-    let context = |e: PeftError| PeftError::Invalid(format!("{}: {e}", f.path().display()));
     let module = name.strip_suffix(".weight").unwrap_or(name);
-    if Bnb8Weight::is_stored(module, &tensors) {
-        let dims = tensors[name].dims().to_vec();
-        let &[out, inp] = dims.as_slice() else {
-            return Err(PeftError::Invalid(format!(
-                "{name}: an 8-bit weight of shape {dims:?}"
-            )));
-        };
-        return Ok(QuantizedWeight::Bnb8(
-            Bnb8Weight::from_state_dict(module, &tensors, out, inp).map_err(context)?,
-        ));
-    }
-    Ok(QuantizedWeight::Bnb4(
-        Bnb4Weight::from_state_dict(name, &tensors).map_err(context)?,
-    ))
+    crate::quant::bnb_from_state_dict(module, &tensors)
+        .and_then(|q| {
+            q.map(|(q, _)| q)
+                .ok_or_else(|| PeftError::MissingKey(format!("{name} (quant state)")))
+        })
+        .map_err(|e| PeftError::Invalid(format!("{}: {e}", f.path().display())))
 }
 
 /// Progress of a merge: bytes written so far, total bytes, and the tensor just written.

@@ -15,8 +15,6 @@ use candle_core::{D, DType, Device, Tensor};
 use indexmap::IndexMap;
 use peft::host::AdapterHost;
 use peft::quant::QuantizedWeight;
-use peft::quant::bnb4::Bnb4Weight;
-use peft::quant::bnb8::Bnb8Weight;
 use peft::tuners::tuners_utils::{ModuleInfo, ModuleKind};
 use peft::{AdapterSlot, BaseKind, BaseLayer, ForwardCtx, PeftError, PeftRng, Result};
 
@@ -164,31 +162,6 @@ fn take(
     Ok(t.to_device(device)?)
 }
 
-/// A quantized Linear base from the bitsandbytes 4-bit tensors stored under `key` (`…q_proj.weight` and its
-/// `.absmax`, `.quant_map`, `.quant_state.bitsandbytes__nf4`, …), which are removed from `tensors`.
-fn quantized_base(
-    tensors: &mut IndexMap<String, Tensor>,
-    key: &str,
-    out: usize,
-    inp: usize,
-    bias: Option<Tensor>,
-    device: &Device,
-) -> Result<BaseLayer> {
-    let w = Bnb4Weight::from_state_dict(key, tensors)?;
-    if w.shape != [out, inp] {
-        return Err(PeftError::ShapeMismatch {
-            name: format!("{key} (quant_state shape)"),
-            expected: vec![out, inp],
-            got: w.shape.clone(),
-        });
-    }
-    for s in peft::quant::bnb4::STATE_SUFFIXES {
-        tensors.shift_remove(&format!("{key}.{s}"));
-    }
-    tensors.shift_remove(key);
-    BaseLayer::quantized_linear(QuantizedWeight::Bnb4(w), bias, device)
-}
-
 impl LlamaForCausalLM {
     /// Builds the model from tensors in HF names (`model.layers.0.self_attn.q_proj.weight`, …) as the loaders
     /// produce them. Every tensor the config needs must be present with its shape; a tensor the model does not
@@ -253,22 +226,20 @@ impl LlamaForCausalLM {
                             BaseLayer::quantized_linear(q, b, device)?,
                         ));
                     }
-                    if Bnb8Weight::is_stored(&name, &tensors) {
-                        let w = Bnb8Weight::from_state_dict(&name, &tensors, out, inp)?;
-                        tensors.shift_remove(&key);
-                        for s in Bnb8Weight::STATE_SUFFIXES {
-                            tensors.shift_remove(&format!("{name}.{s}"));
+                    if let Some((q, keys)) = peft::quant::bnb_from_state_dict(&name, &tensors)? {
+                        if q.shape() != [out, inp] {
+                            return Err(PeftError::ShapeMismatch {
+                                name: format!("{key} (quantized shape)"),
+                                expected: vec![out, inp],
+                                got: q.shape().to_vec(),
+                            });
                         }
-                        let q = QuantizedWeight::Bnb8(w);
+                        for k in &keys {
+                            tensors.shift_remove(k);
+                        }
                         return Ok(AdapterSlot::new(
                             name,
                             BaseLayer::quantized_linear(q, b, device)?,
-                        ));
-                    }
-                    if Bnb4Weight::is_stored(&key, &tensors) {
-                        return Ok(AdapterSlot::new(
-                            name,
-                            quantized_base(&mut tensors, &key, out, inp, b, device)?,
                         ));
                     }
                     let w = take(&mut tensors, &key, &[out, inp], device)?;

@@ -20,8 +20,66 @@ mod linear;
 
 pub use linear::quant_linear;
 
-use crate::Result;
+use crate::{PeftError, Result};
 use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+
+/// The names of the tensors transformers stores for a bitsandbytes-quantized Linear `module` (its `.weight`
+/// first, then its state tensors), or `None` when `has` (which names exist) shows the module is not stored so:
+/// 8-bit by `<module>.SCB`, 4-bit by `<module>.weight.quant_state.bitsandbytes__nf4|fp4`.
+pub fn bnb_stored_keys(module: &str, has: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+    let weight = format!("{module}.weight");
+    if !has(&weight) {
+        return None;
+    }
+    let state: Vec<String> = if has(&format!("{module}.SCB")) {
+        bnb8::Bnb8Weight::STATE_SUFFIXES
+            .iter()
+            .map(|s| format!("{module}.{s}"))
+            .collect()
+    } else if ["nf4", "fp4"]
+        .iter()
+        .any(|t| has(&format!("{weight}.quant_state.bitsandbytes__{t}")))
+    {
+        bnb4::STATE_SUFFIXES
+            .iter()
+            .map(|s| format!("{weight}.{s}"))
+            .collect()
+    } else {
+        return None;
+    };
+    Some(
+        std::iter::once(weight)
+            .chain(state.into_iter().filter(|k| has(k)))
+            .collect(),
+    )
+}
+
+/// The bitsandbytes weight of Linear `module` from transformers' tensors (4-bit or 8-bit; `None` when `tensors`
+/// hold it unquantized), with the names of the tensors it was read from. Errors name the tensor.
+pub fn bnb_from_state_dict(
+    module: &str,
+    tensors: &IndexMap<String, Tensor>,
+) -> Result<Option<(QuantizedWeight, Vec<String>)>> {
+    let Some(keys) = bnb_stored_keys(module, |k| tensors.contains_key(k)) else {
+        return Ok(None);
+    };
+    let weight = &keys[0];
+    let q = if bnb8::Bnb8Weight::is_stored(module, tensors) {
+        let dims = tensors[weight].dims().to_vec();
+        let &[out, inp] = dims.as_slice() else {
+            return Err(PeftError::Invalid(format!(
+                "{weight}: a bitsandbytes 8-bit weight has 2 dimensions, got {dims:?}"
+            )));
+        };
+        QuantizedWeight::Bnb8(bnb8::Bnb8Weight::from_state_dict(
+            module, tensors, out, inp,
+        )?)
+    } else {
+        QuantizedWeight::Bnb4(bnb4::Bnb4Weight::from_state_dict(weight, tensors)?)
+    };
+    Ok(Some((q, keys)))
+}
 
 /// A frozen weight held quantized, in host memory.
 #[derive(Clone, Debug, PartialEq)]
