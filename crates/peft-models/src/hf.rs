@@ -72,8 +72,8 @@ pub fn load_hf_dir_with(
         model.shards.iter().flat_map(|(_, s)| s.names()).collect();
     let quantized_keys: std::collections::HashSet<String> = all_names
         .iter()
-        .filter_map(|n| n.strip_suffix(".weight"))
-        .filter_map(|m| peft::quant::bnb_stored_keys(m, |k| all_names.contains(k)))
+        .filter_map(|n| peft::quant::stored_module(n))
+        .filter_map(|m| peft::quant::stored_keys(m, |k| all_names.contains(k)))
         .flatten()
         .collect();
     let mut tensors = IndexMap::new();

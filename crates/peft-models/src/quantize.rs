@@ -116,14 +116,31 @@ pub fn is_quantized_linear(name: &str) -> bool {
 }
 
 /// What a checkpoint's `config.json` says of its quantization: `None` for a full-precision model,
-/// `Some(description)` for a bitsandbytes 4-bit or 8-bit one (`bnb nf4, double quant`, `bnb int8`), and an error
-/// naming the method for the quantizations not supported yet (GPTQ, AWQ, …).
+/// `Some(description)` for the quantizations whose checkpoints load (`bnb nf4, double quant`, `bnb int8`,
+/// `gptq 4-bit, group size 128, desc_act`, `awq 4-bit gemm, group size 128`), and an error naming the field
+/// for every other method or setting:
+///
+/// - bitsandbytes 4-bit and 8-bit;
+/// - GPTQ with `checkpoint_format` (or `format`) `"gptq"` (the default) and `bits` 2, 3, 4 or 8. `gptq_v2`
+///   checkpoints are refused: their zero points are stored without the v1 offset and the loader reads the
+///   packed tensors alone (the codec, [`peft::quant::gptq::GptqFormat::V2`], reads them);
+/// - AWQ with `version` (or `format`) `"gemm"`, `bits` 4 and `zero_point` true.
 pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
     let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else {
         return Ok(None);
     };
     let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
     let flag = |k: &str| q.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let unsupported = |field: &str, value: &Value, why: &str| {
+        Err(ModelError::Unsupported(format!(
+            "config.json: quantization_config.{field} {value} is not supported ({why})"
+        )))
+    };
+    let group = |q: &Value| match q.get("group_size").and_then(Value::as_i64) {
+        Some(-1) => "one group".to_string(),
+        Some(g) => format!("group size {g}"),
+        None => "group size unknown".to_string(),
+    };
     match method {
         "bitsandbytes" if flag("load_in_4bit") || flag("_load_in_4bit") => {
             let qt = q
@@ -139,9 +156,61 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
         "bitsandbytes" if flag("load_in_8bit") || flag("_load_in_8bit") => {
             Ok(Some("bnb int8".into()))
         }
+        "gptq" => {
+            let (field, format) = match (q.get("checkpoint_format"), q.get("format")) {
+                (Some(v), _) if !v.is_null() => ("checkpoint_format", v.clone()),
+                (_, Some(v)) if !v.is_null() => ("format", v.clone()),
+                _ => ("checkpoint_format", Value::from("gptq")),
+            };
+            match format.as_str().map(str::to_ascii_lowercase).as_deref() {
+                Some("gptq") => {}
+                Some("gptq_v2") => {
+                    return unsupported(
+                        field,
+                        &format,
+                        "gptq_v2 zero points are not read by the checkpoint loader yet; the `gptq` (v1) format \
+                         transformers and optimum save loads",
+                    );
+                }
+                _ => return unsupported(field, &format, "only \"gptq\" (v1) loads"),
+            }
+            let bits = q.get("bits").cloned().unwrap_or(Value::Null);
+            if !bits
+                .as_u64()
+                .is_some_and(|b| peft::quant::gptq::GPTQ_BITS.contains(&(b as u32)))
+            {
+                return unsupported("bits", &bits, "GPTQ loads 2, 3, 4 or 8 bits");
+            }
+            Ok(Some(format!(
+                "gptq {bits}-bit, {}{}",
+                group(q),
+                if flag("desc_act") { ", desc_act" } else { "" }
+            )))
+        }
+        "awq" => {
+            let (field, version) = match (q.get("version"), q.get("format")) {
+                (Some(v), _) if !v.is_null() => ("version", v.clone()),
+                (_, Some(v)) if !v.is_null() => ("format", v.clone()),
+                _ => ("version", Value::from("gemm")),
+            };
+            if version.as_str().map(str::to_ascii_lowercase).as_deref() != Some("gemm") {
+                return unsupported(field, &version, "only the \"gemm\" layout loads");
+            }
+            let bits = q.get("bits").cloned().unwrap_or(Value::Null);
+            if bits.as_u64() != Some(4) {
+                return unsupported("bits", &bits, "AWQ gemm is 4-bit");
+            }
+            if let Some(z) = q.get("zero_point")
+                && z.as_bool() != Some(true)
+            {
+                return unsupported("zero_point", z, "AWQ gemm loads with zero points");
+            }
+            Ok(Some(format!("awq 4-bit gemm, {}", group(q))))
+        }
         other => Err(ModelError::Unsupported(format!(
-            "config.json: quantization_config.quant_method {other:?} is not supported yet (bitsandbytes 4-bit \
-             checkpoints load; full-precision models can be quantized with --quantize nf4|fp4)"
+            "config.json: quantization_config.quant_method {other:?} is not supported yet (bitsandbytes 4-bit and \
+             8-bit, GPTQ and AWQ gemm checkpoints load; full-precision models can be quantized with --quantize \
+             nf4|fp4|int8)"
         ))),
     }
 }
@@ -223,9 +292,41 @@ mod tests {
             checkpoint_quantization(&bnb).unwrap().as_deref(),
             Some("bnb nf4, double quant")
         );
-        let gptq = v(serde_json::json!({"quant_method": "gptq", "bits": 4}));
-        let e = checkpoint_quantization(&gptq).unwrap_err().to_string();
-        assert!(e.contains("\"gptq\" is not supported yet"), "{e}");
+        let gptq = v(
+            serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": true}),
+        );
+        assert_eq!(
+            checkpoint_quantization(&gptq).unwrap().as_deref(),
+            Some("gptq 4-bit, group size 32, desc_act")
+        );
+        let err = |q: Value| checkpoint_quantization(&v(q)).unwrap_err().to_string();
+        let e = err(serde_json::json!({"quant_method": "gptq", "bits": 5}));
+        assert!(
+            e.contains("quantization_config.bits 5 is not supported"),
+            "{e}"
+        );
+        let e = err(
+            serde_json::json!({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}),
+        );
+        assert!(
+            e.contains("quantization_config.checkpoint_format \"gptq_v2\""),
+            "{e}"
+        );
+        let e = err(serde_json::json!({"quant_method": "gptq", "bits": 4, "format": "marlin"}));
+        assert!(e.contains("quantization_config.format \"marlin\""), "{e}");
+        let awq = v(
+            serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": true}),
+        );
+        assert_eq!(
+            checkpoint_quantization(&awq).unwrap().as_deref(),
+            Some("awq 4-bit gemm, group size 64")
+        );
+        let e = err(serde_json::json!({"quant_method": "awq", "bits": 4, "version": "gemv"}));
+        assert!(e.contains("quantization_config.version \"gemv\""), "{e}");
+        let e = err(serde_json::json!({"quant_method": "awq", "bits": 8, "version": "gemm"}));
+        assert!(e.contains("quantization_config.bits 8"), "{e}");
+        let e = err(serde_json::json!({"quant_method": "hqq"}));
+        assert!(e.contains("\"hqq\" is not supported yet"), "{e}");
         let int8 = v(serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}));
         assert_eq!(
             checkpoint_quantization(&int8).unwrap().as_deref(),

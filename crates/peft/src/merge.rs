@@ -411,14 +411,14 @@ fn is_bnb_state(name: &str) -> bool {
         || name.ends_with(".weight_format")
 }
 
-/// The bitsandbytes weights stored in a shard ([`crate::quant::bnb_stored_keys`]): weight name → the names of
+/// The bitsandbytes weights stored in a shard ([`crate::quant::stored_keys`]): weight name → the names of
 /// its state tensors, which a merge drops from the output (the merged model is dense).
 fn bnb_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
     f.names()
         .iter()
         .filter_map(|n| {
             let module = n.strip_suffix(".weight")?;
-            let keys = crate::quant::bnb_stored_keys(module, |k| f.contains(k))?;
+            let keys = crate::quant::stored_keys(module, |k| f.contains(k))?;
             Some((n.clone(), keys[1..].to_vec()))
         })
         .collect()
@@ -437,7 +437,7 @@ fn load_bnb(
         tensors.insert(k.clone(), f.load(k, &dev)?);
     }
     let module = name.strip_suffix(".weight").unwrap_or(name);
-    crate::quant::bnb_from_state_dict(module, &tensors)
+    crate::quant::from_state_dict(module, &tensors)
         .and_then(|q| {
             q.map(|(q, _)| q)
                 .ok_or_else(|| PeftError::MissingKey(format!("{name} (quant state)")))

@@ -226,7 +226,7 @@ impl LlamaForCausalLM {
                             BaseLayer::quantized_linear(q, b, device)?,
                         ));
                     }
-                    if let Some((q, keys)) = peft::quant::bnb_from_state_dict(&name, &tensors)? {
+                    if let Some((q, keys)) = peft::quant::from_state_dict(&name, &tensors)? {
                         if q.shape() != [out, inp] {
                             return Err(PeftError::ShapeMismatch {
                                 name: format!("{key} (quantized shape)"),

@@ -12,10 +12,14 @@
 //! | bitsandbytes NF4 / FP4, ± double quantization | [`bnb4`] | bitsandbytes 0.50.2 through transformers' `save_pretrained` |
 //! | bitsandbytes 8-bit (LLM.int8 weights, `SCB`) | [`bnb8`] | bitsandbytes 0.50.2 through transformers' `save_pretrained` |
 //! | GGUF Q4_0 … Q8_0, Q2_K … Q6_K | [`gguf`] | llama.cpp (read by candle) |
+//! | GPTQ 2/3/4/8-bit (`gptq` v1 and `gptq_v2` zero points, act-order `g_idx`) | [`gptq`] | gptqmodel 7.7.0 / optimum through transformers' `save_pretrained` |
+//! | AWQ 4-bit, `gemm` layout | [`awq`] | AutoAWQ / gptqmodel 7.7.0 through transformers' `save_pretrained` |
 
+pub mod awq;
 pub mod bnb4;
 pub mod bnb8;
 pub mod gguf;
+pub mod gptq;
 mod linear;
 
 pub use linear::quant_linear;
@@ -24,10 +28,38 @@ use crate::{PeftError, Result};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 
-/// The names of the tensors transformers stores for a bitsandbytes-quantized Linear `module` (its `.weight`
-/// first, then its state tensors), or `None` when `has` (which names exist) shows the module is not stored so:
-/// 8-bit by `<module>.SCB`, 4-bit by `<module>.weight.quant_state.bitsandbytes__nf4|fp4`.
-pub fn bnb_stored_keys(module: &str, has: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+/// The module a stored tensor name belongs to when it can be a quantized Linear's first tensor:
+/// `<module>.weight` (dense or bitsandbytes) or `<module>.qweight` (GPTQ, AWQ).
+///
+/// ```
+/// assert_eq!(peft::quant::stored_module("a.q_proj.qweight"), Some("a.q_proj"));
+/// assert_eq!(peft::quant::stored_module("a.q_proj.scales"), None);
+/// ```
+pub fn stored_module(name: &str) -> Option<&str> {
+    name.strip_suffix(".weight")
+        .or_else(|| name.strip_suffix(".qweight"))
+}
+
+/// The names of the tensors transformers stores for a quantized Linear `module` (its packed weight first,
+/// then its state tensors; not its bias), or `None` when `has` (which names exist) shows the module is not
+/// stored quantized:
+///
+/// - bitsandbytes 8-bit: `<module>.weight` and `<module>.SCB` (`weight_format` when present);
+/// - bitsandbytes 4-bit: `<module>.weight` and `<module>.weight.quant_state.bitsandbytes__nf4|fp4` (with
+///   `absmax`, `quant_map`, `nested_*` as present);
+/// - GPTQ: `<module>.qweight`, `qzeros`, `scales`, `g_idx`;
+/// - AWQ: `<module>.qweight`, `qzeros`, `scales` and no `g_idx`.
+pub fn stored_keys(module: &str, has: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+    let qweight = format!("{module}.qweight");
+    if has(&qweight) {
+        let suffixes: &[&str] = if has(&format!("{module}.g_idx")) {
+            &gptq::STATE_SUFFIXES
+        } else {
+            &awq::STATE_SUFFIXES
+        };
+        // Every key, present or not: from_state_dict names the missing one.
+        return Some(suffixes.iter().map(|s| format!("{module}.{s}")).collect());
+    }
     let weight = format!("{module}.weight");
     if !has(&weight) {
         return None;
@@ -55,15 +87,29 @@ pub fn bnb_stored_keys(module: &str, has: impl Fn(&str) -> bool) -> Option<Vec<S
     )
 }
 
-/// The bitsandbytes weight of Linear `module` from transformers' tensors (4-bit or 8-bit; `None` when `tensors`
-/// hold it unquantized), with the names of the tensors it was read from. Errors name the tensor.
-pub fn bnb_from_state_dict(
+/// The quantized weight of Linear `module` from transformers' tensors (bitsandbytes 4-bit or 8-bit, GPTQ in
+/// the default `gptq` (v1) checkpoint format, AWQ `gemm`; `None` when `tensors` hold it unquantized), with the
+/// names of the tensors it was read from ([`stored_keys`]). A GPTQ or AWQ module has no `weight` tensor: its
+/// shape comes from the packed tensors. Errors name the tensor.
+pub fn from_state_dict(
     module: &str,
     tensors: &IndexMap<String, Tensor>,
 ) -> Result<Option<(QuantizedWeight, Vec<String>)>> {
-    let Some(keys) = bnb_stored_keys(module, |k| tensors.contains_key(k)) else {
+    let Some(keys) = stored_keys(module, |k| tensors.contains_key(k)) else {
         return Ok(None);
     };
+    if keys[0].ends_with(".qweight") {
+        let q = if keys.len() == gptq::STATE_SUFFIXES.len() {
+            QuantizedWeight::Gptq(gptq::GptqWeight::from_state_dict(
+                module,
+                tensors,
+                gptq::GptqFormat::V1,
+            )?)
+        } else {
+            QuantizedWeight::Awq(awq::AwqWeight::from_state_dict(module, tensors)?)
+        };
+        return Ok(Some((q, keys)));
+    }
     let weight = &keys[0];
     let q = if bnb8::Bnb8Weight::is_stored(module, tensors) {
         let dims = tensors[weight].dims().to_vec();
@@ -90,6 +136,10 @@ pub enum QuantizedWeight {
     Bnb8(bnb8::Bnb8Weight),
     /// A GGUF block-quantized tensor.
     Gguf(gguf::GgufWeight),
+    /// GPTQ (2/3/4/8-bit codes, per-group zero points and float16 scales, `g_idx`).
+    Gptq(gptq::GptqWeight),
+    /// AWQ `gemm` (4-bit codes interleaved along the output, per-group zero points and float16 scales).
+    Awq(awq::AwqWeight),
 }
 
 impl QuantizedWeight {
@@ -99,15 +149,19 @@ impl QuantizedWeight {
             QuantizedWeight::Bnb4(w) => &w.shape,
             QuantizedWeight::Bnb8(w) => &w.shape,
             QuantizedWeight::Gguf(w) => &w.shape,
+            QuantizedWeight::Gptq(w) => &w.shape,
+            QuantizedWeight::Awq(w) => &w.shape,
         }
     }
 
-    /// The dtype dequantization returns (the weight's dtype before quantization).
+    /// The dtype dequantization returns (the weight's dtype before quantization; float16 for GPTQ and AWQ, which
+    /// the libraries dequantize in float16).
     pub fn dtype(&self) -> DType {
         match self {
             QuantizedWeight::Bnb4(w) => w.dtype,
             QuantizedWeight::Bnb8(_) => DType::F32,
             QuantizedWeight::Gguf(w) => w.dtype(),
+            QuantizedWeight::Gptq(_) | QuantizedWeight::Awq(_) => DType::F16,
         }
     }
 
@@ -117,6 +171,8 @@ impl QuantizedWeight {
             QuantizedWeight::Bnb4(w) => w.nbytes(),
             QuantizedWeight::Bnb8(w) => w.nbytes(),
             QuantizedWeight::Gguf(w) => w.nbytes(),
+            QuantizedWeight::Gptq(w) => w.nbytes(),
+            QuantizedWeight::Awq(w) => w.nbytes(),
         }
     }
 
@@ -135,6 +191,13 @@ impl QuantizedWeight {
             ),
             QuantizedWeight::Bnb8(_) => "bnb int8".to_string(),
             QuantizedWeight::Gguf(w) => format!("gguf {:?}", w.ggml_dtype),
+            QuantizedWeight::Gptq(w) => format!(
+                "gptq {}-bit ({} group{})",
+                w.bits,
+                w.groups(),
+                if w.groups() == 1 { "" } else { "s" }
+            ),
+            QuantizedWeight::Awq(w) => format!("awq 4-bit gemm (group size {})", w.group_size),
         }
     }
 
@@ -150,6 +213,14 @@ impl QuantizedWeight {
                 Ok(())
             }
             QuantizedWeight::Gguf(w) => w.dequantize_into(start, out),
+            QuantizedWeight::Gptq(w) => {
+                w.dequantize_into(start, out);
+                Ok(())
+            }
+            QuantizedWeight::Awq(w) => {
+                w.dequantize_into(start, out);
+                Ok(())
+            }
         }
     }
 
@@ -159,12 +230,22 @@ impl QuantizedWeight {
             QuantizedWeight::Bnb4(w) => w.dequantize(device),
             QuantizedWeight::Bnb8(w) => w.dequantize(device),
             QuantizedWeight::Gguf(w) => w.dequantize(device),
+            QuantizedWeight::Gptq(w) => w.dequantize(device),
+            QuantizedWeight::Awq(w) => w.dequantize(device),
         }
     }
 
-    /// `w` quantized with this weight's settings (what PEFT's bnb merge does after adding the delta).
+    /// `w` quantized with this weight's settings (what PEFT's bnb merge does after adding the delta). GPTQ and
+    /// AWQ weights are an error: PEFT has no merge for those layers (`peft merge` writes them dequantized).
     pub fn requantize(&self, w: &Tensor) -> Result<Self> {
         match self {
+            QuantizedWeight::Gptq(_) | QuantizedWeight::Awq(_) => Err(PeftError::Unsupported {
+                field: "merge".into(),
+                value: self.describe(),
+                reason: "PEFT cannot merge into GPTQ or AWQ layers (its GPTQ/AWQ LoRA layers have no merge); \
+                         `peft merge` writes the dequantized weights instead"
+                    .into(),
+            }),
             QuantizedWeight::Gguf(q) => Ok(QuantizedWeight::Gguf(q.requantize(w)?)),
             QuantizedWeight::Bnb8(_) => {
                 let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -197,7 +278,8 @@ impl QuantizedWeight {
     }
 
     /// The tensors a safetensors checkpoint stores for this weight under `prefix` (the weight's own key): the
-    /// bitsandbytes tensors, or a GGUF weight dequantized (safetensors has no ggml block types).
+    /// bitsandbytes tensors, the GPTQ (`gptq` v1 format) or AWQ tensors of the module (`prefix` without its
+    /// `.weight`), or a GGUF weight dequantized (safetensors has no ggml block types).
     pub fn state_dict(&self, prefix: &str, device: &Device) -> Result<Vec<(String, Tensor)>> {
         match self {
             QuantizedWeight::Bnb4(w) => w.state_dict(prefix, device),
@@ -205,6 +287,14 @@ impl QuantizedWeight {
                 w.state_dict(prefix.strip_suffix(".weight").unwrap_or(prefix), device)
             }
             QuantizedWeight::Gguf(w) => Ok(vec![(prefix.to_string(), w.dequantize(device)?)]),
+            QuantizedWeight::Gptq(w) => w.state_dict(
+                prefix.strip_suffix(".weight").unwrap_or(prefix),
+                gptq::GptqFormat::V1,
+                device,
+            ),
+            QuantizedWeight::Awq(w) => {
+                w.state_dict(prefix.strip_suffix(".weight").unwrap_or(prefix), device)
+            }
         }
     }
 }
