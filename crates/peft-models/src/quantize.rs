@@ -10,8 +10,12 @@
 
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Tensor};
+use indexmap::IndexMap;
+use peft::quant::QuantizedWeight;
+use peft::quant::awq::AwqWeight;
 use peft::quant::bnb4::{Bnb4Options, Bnb4Type, Bnb4Weight};
 use peft::quant::bnb8::Bnb8Weight;
+use peft::quant::gptq::{GptqFormat, GptqWeight};
 use serde_json::Value;
 
 /// How to quantize a full-precision model while loading it.
@@ -168,7 +172,8 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
                     return unsupported(
                         field,
                         &format,
-                        "gptq_v2 zero points are not read by the checkpoint loader yet; the `gptq` (v1) format \
+                        "the checkpoint loader reads gptq_v2 zero points as v1 ones, so it refuses them; \
+                         peft_models::quantize::checkpoint_weights reads them, and the `gptq` (v1) format \
                          transformers and optimum save loads",
                     );
                 }
@@ -213,6 +218,50 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
              nf4|fp4|int8)"
         ))),
     }
+}
+
+/// The GPTQ and AWQ Linear weights among a checkpoint's `tensors`, read in the format `config.json`'s
+/// `quantization_config` states (GPTQ `checkpoint_format` `gptq` or `gptq_v2`), under their weight names
+/// (`model.layers.0.self_attn.q_proj.weight`), their tensors removed from `tensors`: what
+/// [`crate::llama::LlamaForCausalLM::from_parts`] takes as its `quantized` map. The checkpoint loader reads the
+/// packed tensors alone, in the default `gptq` (v1) format; this reads `gptq_v2` checkpoints too. Errors name
+/// the tensor or the field.
+pub fn checkpoint_weights(
+    config: &Value,
+    tensors: &mut IndexMap<String, Tensor>,
+) -> Result<IndexMap<String, QuantizedWeight>> {
+    let q = config.get("quantization_config").unwrap_or(&Value::Null);
+    let format = match ["checkpoint_format", "format"]
+        .iter()
+        .find_map(|k| q.get(*k).and_then(Value::as_str))
+    {
+        None => GptqFormat::V1,
+        Some(f) => GptqFormat::parse(f).ok_or_else(|| {
+            ModelError::Unsupported(format!(
+                "config.json: quantization_config.checkpoint_format {f:?} (gptq or gptq_v2)"
+            ))
+        })?,
+    };
+    let modules: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".qweight"))
+        .map(str::to_string)
+        .collect();
+    let mut out = IndexMap::new();
+    for m in modules {
+        let w = if tensors.contains_key(&format!("{m}.g_idx")) {
+            QuantizedWeight::Gptq(GptqWeight::from_state_dict(&m, tensors, format)?)
+        } else {
+            QuantizedWeight::Awq(AwqWeight::from_state_dict(&m, tensors)?)
+        };
+        if let Some(keys) = peft::quant::stored_keys(&m, |k| tensors.contains_key(k)) {
+            for k in keys {
+                tensors.shift_remove(&k);
+            }
+        }
+        out.insert(format!("{m}.weight"), w);
+    }
+    Ok(out)
 }
 
 /// What is quantized in `model` and the memory its quantized weights take, or `None` when nothing is:

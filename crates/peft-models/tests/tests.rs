@@ -3,3 +3,4 @@
 mod llama;
 mod prompt;
 mod quant;
+mod quant_gptq;

@@ -12,6 +12,7 @@ mod merge_files;
 mod oft;
 mod peft_model;
 mod quant;
+mod quant_gptq;
 mod train;
 mod varbuilder;
 mod vera;
