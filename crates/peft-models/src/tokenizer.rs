@@ -1,5 +1,5 @@
-//! Tokenizers: HuggingFace `tokenizer.json` files, byte-level BPE built from GGUF metadata, streaming
-//! decoding and chat templates.
+//! Tokenizers: HuggingFace `tokenizer.json` files, byte-level BPE and SentencePiece tokenizers built from GGUF
+//! metadata, streaming decoding and chat templates.
 //!
 //! [`Tokenizer`] wraps a [`tokenizers::Tokenizer`] with what `transformers` keeps in `tokenizer_config.json`:
 //! the bos / eos / pad / unk tokens and the Jinja chat template. Chat templates render with minijinja set up
@@ -28,6 +28,9 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, TokenizerBuilder};
+
+#[path = "tokenizer_spm.rs"]
+mod spm;
 
 /// One message of a conversation, as `transformers`' `apply_chat_template` takes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,22 +176,29 @@ impl Tokenizer {
         Ok(())
     }
 
-    /// Builds the byte-level BPE tokenizer described by GGUF metadata (`tokenizer.ggml.model = "gpt2"`):
-    /// vocabulary `tokenizer.ggml.tokens`, merges `tokenizer.ggml.merges`, control tokens (type 3) as special
-    /// added tokens and user-defined ones (type 4) as plain added tokens, the pre-tokenizer named by
-    /// `tokenizer.ggml.pre`, a ByteLevel decoder, bos / eos / pad / unk from their ids, the chat template
-    /// from `tokenizer.chat_template`.
+    /// Builds the tokenizer described by GGUF metadata, as `transformers` does for a GGUF file.
+    ///
+    /// - `tokenizer.ggml.model = "gpt2"`: byte-level BPE with vocabulary `tokenizer.ggml.tokens`, merges
+    ///   `tokenizer.ggml.merges`, control tokens (type 3) as special added tokens and user-defined ones
+    ///   (type 4) as plain added tokens, the pre-tokenizer named by `tokenizer.ggml.pre`, a ByteLevel decoder.
+    /// - `tokenizer.ggml.model = "llama"`: SentencePiece BPE with byte fallback (Llama 2, TinyLlama, Mistral),
+    ///   merges recovered from `tokenizer.ggml.scores`, spaces as `▁` with llama.cpp's space prefix
+    ///   (`tokenizer.ggml.add_space_prefix`, default true); see the `tokenizer_spm` module source for where
+    ///   this follows llama.cpp rather than `transformers`.
+    ///
+    /// Both: bos / eos / pad / unk from their ids, `tokenizer.ggml.add_bos_token` / `add_eos_token` as a
+    /// post-processor, the chat template from `tokenizer.chat_template`.
     pub fn from_gguf_metadata(metadata: &HashMap<String, GgufValue>) -> Result<Self> {
         let meta = Meta {
             md: metadata,
             path: Path::new("GGUF metadata"),
         };
         let terr = |m: String| ModelError::Tokenizer(m);
-        match meta.string("tokenizer.ggml.model")? {
-            Some("gpt2") => {}
+        let model = match meta.string("tokenizer.ggml.model")? {
+            Some(m @ ("gpt2" | "llama")) => m,
             Some(other) => {
                 return Err(ModelError::Unsupported(format!(
-                    "GGUF tokenizer model `{other}`: only byte-level BPE (`gpt2`) is supported"
+                    "GGUF tokenizer model `{other}`: only byte-level BPE (`gpt2`) and SentencePiece (`llama`) are supported"
                 )));
             }
             None => {
@@ -196,7 +206,7 @@ impl Tokenizer {
                     "no `tokenizer.ggml.model` in the GGUF metadata".into(),
                 ));
             }
-        }
+        };
         let tokens = meta
             .array("tokenizer.ggml.tokens")?
             .ok_or_else(|| terr("no `tokenizer.ggml.tokens` in the GGUF metadata".into()))?;
@@ -207,22 +217,6 @@ impl Tokenizer {
                 _ => Err(terr("`tokenizer.ggml.tokens` holds a non-string".into())),
             })
             .collect::<Result<_>>()?;
-        let merges: Vec<(String, String)> = match meta.array("tokenizer.ggml.merges")? {
-            None => Vec::new(),
-            Some(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    GgufValue::String(s) => s
-                        .split_once(' ')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .ok_or_else(|| {
-                            terr(format!("merge {i} `{s}` is not two space-separated tokens"))
-                        }),
-                    _ => Err(terr("`tokenizer.ggml.merges` holds a non-string".into())),
-                })
-                .collect::<Result<_>>()?,
-        };
         let types: Vec<u64> = match meta.array("tokenizer.ggml.token_type")? {
             None => vec![1; tokens.len()],
             Some(list) => list
@@ -241,6 +235,13 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
+        if model == "llama" {
+            return spm::from_gguf(&meta, &tokens, &types);
+        }
+        let merges: Vec<(String, String)> = match meta.array("tokenizer.ggml.merges")? {
+            None => Vec::new(),
+            Some(list) => parse_merges(list)?,
+        };
 
         let mut vocab = Vocab::default();
         for (i, t) in tokens.iter().enumerate() {
@@ -572,6 +573,26 @@ impl Tokenizer {
         peft::io::atomic_write(&dir.join("tokenizer_config.json"), cfg.as_bytes())?;
         Ok(())
     }
+}
+
+/// `tokenizer.ggml.merges`: "left right" strings as pairs.
+fn parse_merges(list: &[GgufValue]) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            GgufValue::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| {
+                    ModelError::Tokenizer(format!(
+                        "merge {i} `{s}` is not two space-separated tokens"
+                    ))
+                }),
+            _ => Err(ModelError::Tokenizer(
+                "`tokenizer.ggml.merges` holds a non-string".into(),
+            )),
+        })
+        .collect()
 }
 
 fn post_processor(
@@ -1133,10 +1154,10 @@ pub(crate) mod tests {
         let mut md: HashMap<String, GgufValue> = tiny_tokenizer_metadata().into_iter().collect();
         md.insert(
             "tokenizer.ggml.model".into(),
-            GgufValue::String("llama".into()),
+            GgufValue::String("t5".into()),
         );
         let err = Tokenizer::from_gguf_metadata(&md).unwrap_err();
-        assert!(err.to_string().contains("`llama`"), "{err}");
+        assert!(err.to_string().contains("`t5`"), "{err}");
         let mut md: HashMap<String, GgufValue> = tiny_tokenizer_metadata().into_iter().collect();
         md.insert(
             "tokenizer.ggml.pre".into(),
