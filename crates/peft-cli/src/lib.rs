@@ -4,6 +4,7 @@
 //! - `peft eval`: mean token NLL and perplexity, with any adapters active ([`eval`]).
 //! - `peft generate`: streams a completion, greedy or sampled ([`generate`]).
 //! - `peft convert`: writes a GGUF model as an HF directory ([`convert`]).
+//! - `peft export`: writes a LoRA adapter as a llama.cpp LoRA GGUF file ([`export`]).
 //! - `peft merge`: merges one or more adapters into a base model file or directory ([`merge`]).
 //! - `peft inspect`: describes an adapter directory, for humans or as JSON ([`inspect`]).
 //!
@@ -12,6 +13,7 @@
 
 pub mod convert;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
@@ -48,6 +50,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write a GGUF model as an HF directory (f32 safetensors, config, tokenizer).
     Convert(convert::ConvertArgs),
+    /// Write a LoRA adapter as a llama.cpp LoRA GGUF file (as convert_lora_to_gguf.py does).
+    Export(export::ExportArgs),
     /// Merge adapters into a base model and write the merged weights.
     Merge(merge::MergeArgs),
     /// Describe an adapter directory: method, targeted modules, parameters, replaced tensors.
@@ -70,6 +74,7 @@ pub fn run_with(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(&args, out).map(|_| ()),
         Command::Generate(args) => generate::run(&args, out),
         Command::Convert(args) => convert::run(&args, out),
+        Command::Export(args) => export::run(&args, out),
         Command::Merge(args) => merge::run(&args, out).map(|_| ()),
         Command::Inspect(args) => inspect::run(&args, out),
     }

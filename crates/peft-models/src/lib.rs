@@ -17,6 +17,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_lora;
 pub mod hf;
 pub mod llama;
 pub mod load;
