@@ -302,3 +302,43 @@ fn malformed_gptq_and_awq_tensors_are_errors_naming_the_tensor() {
     });
     assert!(e.contains("m.scales") && e.contains("multiple of 8"), "{e}");
 }
+
+#[test]
+fn quantized_linear_on_gptq_and_awq_weights_matches_the_dequantized_matmul_and_its_input_gradient()
+{
+    use candle_core::Var;
+    use std::sync::Arc;
+    let (_, t) = codec("gptq_codec.safetensors");
+    let g = GptqWeight::from_state_dict(
+        "m",
+        &module(&t, "b3_asym_g32", GptqFormat::V1),
+        GptqFormat::V1,
+    )
+    .unwrap();
+    let (_, t) = codec("awq_codec.safetensors");
+    let mut m = IndexMap::new();
+    for s in ["qweight", "qzeros", "scales"] {
+        m.insert(format!("m.{s}"), t[&format!("awq_g32.{s}")].clone());
+    }
+    let a = AwqWeight::from_state_dict("m", &m).unwrap();
+    for q in [QuantizedWeight::Gptq(g), QuantizedWeight::Awq(a)] {
+        let (out, inp) = (q.shape()[0], q.shape()[1]);
+        let wd = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let q = Arc::new(q);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, inp), &Device::Cpu).unwrap())
+            .unwrap();
+        let y = peft::quant::quant_linear(&x, &q, None).unwrap();
+        let want = x.broadcast_matmul(&wd.t().unwrap()).unwrap();
+        let d = peft_test_support::max_diff(&y, &want);
+        assert!(d < 1e-5, "{}: {d}", q.describe());
+        let gy = Tensor::randn(0f32, 1.0, (2, 3, out), &Device::Cpu).unwrap();
+        let grads = (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = gy.broadcast_matmul(&wd).unwrap();
+        let d = peft_test_support::max_diff(grads.get(&x).unwrap(), &dx);
+        assert!(d < 1e-5, "{}: dx {d}", q.describe());
+    }
+}
