@@ -1093,3 +1093,44 @@ fn train_with_quantize_nf4_lowers_the_loss_and_eval_reloads_the_adapter() {
     let e = err_text(train(&f, &f.path("bad2"), 1, &args!["--double-quant"]));
     assert!(e.contains("--quantize"), "{e}");
 }
+
+#[test]
+fn eval_on_gptq_and_awq_checkpoints_reproduces_peft_logits() {
+    // gen_gptq.py: transformers' GPTQ (4-bit, desc_act, v1 zeros) and AWQ gemm tiny Llamas with PEFT LoRA logits.
+    for name in ["gptq_llama_v1", "awq_llama"] {
+        let case = quant_case(name);
+        let io = candle_core::safetensors::load(case.join("io.safetensors"), &Device::Cpu).unwrap();
+        let ids = io["input_ids"].to_vec2::<i64>().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("ids.jsonl");
+        let rows: Vec<String> = ids
+            .iter()
+            .map(|r| json!({ "input_ids": r }).to_string())
+            .collect();
+        std::fs::write(&data, rows.join("\n")).unwrap();
+        for (adapter, want) in [(false, "base_logits"), (true, "lora_logits")] {
+            let saved = tmp.path().join(format!("{want}.safetensors"));
+            let mut a = args![
+                "eval",
+                "--model",
+                case.join("base"),
+                "--data",
+                data,
+                "--seq-len",
+                "7",
+                "--batch-size",
+                "2",
+                "--json",
+                "--save-logits",
+                saved
+            ];
+            if adapter {
+                a.extend(args!["--adapter", case.join("adapter")]);
+            }
+            peft(&a).unwrap();
+            let got = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
+            let d = peft_test_support::max_diff(&got["logits"], &io[want]);
+            assert!(d < 1e-4, "{name} {want}: {d}");
+        }
+    }
+}
