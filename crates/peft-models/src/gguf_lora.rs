@@ -109,9 +109,16 @@ impl LoraGgufBase {
         let md = &content.metadata;
         let arch = match md.get("general.architecture") {
             Some(GgufValue::String(s)) => s.clone(),
-            _ => return Err(bad("no string `general.architecture` in the metadata".into())),
+            _ => {
+                return Err(bad(
+                    "no string `general.architecture` in the metadata".into()
+                ));
+            }
         };
-        if md.get("general.type").is_some_and(|t| matches!(t, GgufValue::String(s) if s == "adapter")) {
+        if md
+            .get("general.type")
+            .is_some_and(|t| matches!(t, GgufValue::String(s) if s == "adapter"))
+        {
             return Err(bad(
                 "is an adapter (general.type = adapter); --base takes the base model".into(),
             ));
@@ -130,8 +137,8 @@ impl LoraGgufBase {
             }
         };
         let heads_key = format!("{arch}.attention.head_count");
-        let n_head = uint(&heads_key)?
-            .ok_or_else(|| bad(format!("metadata `{heads_key}` is missing")))?;
+        let n_head =
+            uint(&heads_key)?.ok_or_else(|| bad(format!("metadata `{heads_key}` is missing")))?;
         let n_kv_head = uint(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
         Ok(Self {
             architecture: arch,
@@ -329,9 +336,9 @@ fn id_to_title(s: &str) -> String {
             let version_like = w.starts_with(|c: char| c.is_ascii_digit())
                 || (w.starts_with('v')
                     && w.len() > 1
-                    && w[1..].split('.').all(|p| {
-                        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())
-                    }));
+                    && w[1..]
+                        .split('.')
+                        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())));
             if lower && !version_like {
                 // Python's str.title(): upper-case a letter that follows a non-letter, lower-case the others.
                 let mut out = String::with_capacity(w.len());
@@ -394,7 +401,12 @@ pub fn lora_gguf_from_adapter(
                 .into(),
         );
     }
-    if let Some(m) = cfg.targets.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+    if let Some(m) = cfg
+        .targets
+        .modules_to_save
+        .as_ref()
+        .filter(|m| !m.is_empty())
+    {
         return refuse(format!(
             "modules_to_save {m:?}: llama.cpp adapters hold only lora_a / lora_b pairs, not full module copies"
         ));
@@ -444,7 +456,11 @@ pub fn lora_gguf_from_adapter(
         };
         let pair = &mut modules[idx].1;
         pair.embedding |= embedding;
-        let slot = if which == 'a' { &mut pair.a } else { &mut pair.b };
+        let slot = if which == 'a' {
+            &mut pair.a
+        } else {
+            &mut pair.b
+        };
         if slot.replace(t.clone()).is_some() {
             return Err(ModelError::Invalid(format!(
                 "adapter: two lora_{} tensors for {module}",
@@ -484,7 +500,11 @@ pub fn lora_gguf_from_adapter(
         if pair.embedding != is_embed {
             return Err(ModelError::Invalid(format!(
                 "adapter: {module} has {} tensors but is {}an embedding",
-                if pair.embedding { "lora_embedding_*" } else { "lora_A/B" },
+                if pair.embedding {
+                    "lora_embedding_*"
+                } else {
+                    "lora_A/B"
+                },
                 if is_embed { "" } else { "not " }
             )));
         }
@@ -553,7 +573,10 @@ pub fn lora_gguf_from_adapter(
             "general.architecture".into(),
             LoraGgufValue::String(base.architecture.clone()),
         ),
-        ("general.type".into(), LoraGgufValue::String("adapter".into())),
+        (
+            "general.type".into(),
+            LoraGgufValue::String("adapter".into()),
+        ),
         ("adapter.type".into(), LoraGgufValue::String("lora".into())),
         (
             "general.name".into(),
@@ -764,11 +787,20 @@ mod tests {
             hf_to_gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
             Some("blk.0.ffn_down.weight")
         );
-        assert_eq!(hf_to_gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
-        assert_eq!(hf_to_gguf_name("model.layers.0.input_layernorm.weight"), None);
+        assert_eq!(
+            hf_to_gguf_name("lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(
+            hf_to_gguf_name("model.layers.0.input_layernorm.weight"),
+            None
+        );
         assert_eq!(hf_to_gguf_name("model.layers.x.mlp.up_proj.weight"), None);
         assert_eq!(id_to_title("adapter"), "Adapter");
-        assert_eq!(id_to_title("my-lora_x v2.1 7b GGUF"), "My Lora_X v2.1 7b GGUF");
+        assert_eq!(
+            id_to_title("my-lora_x v2.1 7b GGUF"),
+            "My Lora_X v2.1 7b GGUF"
+        );
         // Ties round away from zero; an all-zero block has d = 0 and zero codes.
         let mut v = vec![0f32; 64];
         v[0] = 127.0;
