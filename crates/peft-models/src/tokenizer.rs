@@ -245,8 +245,9 @@ impl Tokenizer {
 
         let mut vocab = Vocab::default();
         for (i, t) in tokens.iter().enumerate() {
-            // A duplicate keeps its first id, as llama.cpp's token-to-id map does.
-            vocab.entry(t.to_string()).or_insert(i as u32);
+            // A duplicate keeps its last id, as llama.cpp's token-to-id map (`token_to_id[word] = i`) and
+            // transformers' `{token: index}` do.
+            vocab.insert(t.to_string(), i as u32);
         }
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
@@ -289,7 +290,7 @@ impl Tokenizer {
         let post = post_processor(
             add_bos.then(|| bos.clone()).flatten(),
             add_eos.then(|| eos.clone()).flatten(),
-            &|t| tokens.iter().position(|x| *x == t).map(|i| i as u32),
+            &|t| tokens.iter().rposition(|x| *x == t).map(|i| i as u32),
         )?;
 
         let inner: tokenizers::TokenizerImpl<
