@@ -1134,3 +1134,145 @@ fn eval_on_gptq_and_awq_checkpoints_reproduces_peft_logits() {
         }
     }
 }
+
+fn gguf_lora_case(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/gguf_lora/cases")
+        .join(case)
+}
+
+/// `peft export --format gguf`: the file llama.cpp's convert_lora_to_gguf.py wrote for the same adapter, byte for
+/// byte, at each --outtype; a summary line; refusals (DoRA, a non-LoRA adapter, an unknown outtype, a missing
+/// base) name the thing and leave no file.
+#[test]
+fn export_gguf_writes_the_converters_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/cases/llama_gqa");
+    let adapter = gguf_lora_case("mlp_embed_r32").join("adapter");
+    for t in ["f32", "f16", "q8_0"] {
+        let out = tmp.path().join(format!("a_{t}.gguf"));
+        let report = peft(&args![
+            "export",
+            "--adapter",
+            adapter,
+            "--format",
+            "gguf",
+            "--base",
+            base,
+            "--outtype",
+            t,
+            "--output",
+            out
+        ])
+        .unwrap();
+        let types = if t == "f32" {
+            "F32"
+        } else if t == "f16" {
+            "F16"
+        } else {
+            "Q8_0"
+        };
+        assert_eq!(
+            report.trim(),
+            format!(
+                "wrote {} (16 tensors, {types}, alpha 16, architecture llama)",
+                s(&out)
+            )
+        );
+        let want =
+            std::fs::read(gguf_lora_case("mlp_embed_r32").join(format!("converter_{t}.gguf")));
+        assert!(std::fs::read(&out).unwrap() == want.unwrap(), "{t}");
+    }
+    // The default outtype is f32.
+    let out = tmp.path().join("default.gguf");
+    peft(&args![
+        "export", "-a", adapter, "--format", "gguf", "-b", base, "-o", out
+    ])
+    .unwrap();
+    let want = std::fs::read(gguf_lora_case("mlp_embed_r32").join("converter_f32.gguf")).unwrap();
+    assert!(std::fs::read(&out).unwrap() == want);
+
+    // DoRA: refused by name, nothing written.
+    let dora = tmp.path().join("dora");
+    std::fs::create_dir(&dora).unwrap();
+    let mut cfg = read_json(&adapter.join("adapter_config.json"));
+    cfg["use_dora"] = json!(true);
+    std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_model.safetensors"),
+        dora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let out = tmp.path().join("dora.gguf");
+    let e = err_text(peft(&args![
+        "export",
+        "--adapter",
+        dora,
+        "--format",
+        "gguf",
+        "--base",
+        base,
+        "--output",
+        out
+    ]));
+    assert!(e.contains("use_dora") && e.contains(&s(&dora)), "{e}");
+    assert!(!out.exists());
+    // A non-LoRA adapter.
+    let ia3 =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/ia3/cases/ia3_linear/adapter");
+    let e = err_text(peft(&args![
+        "export",
+        "--adapter",
+        ia3,
+        "--format",
+        "gguf",
+        "--base",
+        base,
+        "--output",
+        out
+    ]));
+    assert!(e.contains("peft_type IA3"), "{e}");
+    assert!(!out.exists());
+    // Bad arguments.
+    let e = err_text(peft(&args![
+        "export",
+        "--adapter",
+        adapter,
+        "--format",
+        "gguf",
+        "--base",
+        base,
+        "--output",
+        out,
+        "--outtype",
+        "q4_0"
+    ]));
+    assert!(e.contains("q4_0") && e.contains("--outtype"), "{e}");
+    let missing = tmp.path().join("absent");
+    let e = err_text(peft(&args![
+        "export",
+        "--adapter",
+        adapter,
+        "--format",
+        "gguf",
+        "--base",
+        missing,
+        "--output",
+        out
+    ]));
+    assert!(
+        e.contains("does not exist") && e.contains(&s(&missing)),
+        "{e}"
+    );
+    let e = err_text(peft(&args![
+        "export",
+        "--adapter",
+        adapter,
+        "--base",
+        base,
+        "--output",
+        out
+    ]));
+    assert!(e.contains("--format"), "{e}");
+    assert!(!out.exists());
+}
