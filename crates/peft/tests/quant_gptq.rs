@@ -8,7 +8,7 @@ use peft::quant::QuantizedWeight;
 use peft::quant::awq::AwqWeight;
 use peft::quant::gptq::{GptqFormat, GptqWeight};
 
-/// The case names, their JSON settings and the tensors of a codec file.
+/// The case names with their settings (metadata `cases`, JSON) and the tensors of a codec file.
 fn codec(file: &str) -> (Vec<(String, serde_json::Value)>, IndexMap<String, Tensor>) {
     let path = fixtures_dir().join("quant/cases").join(file);
     let tensors: IndexMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
@@ -18,10 +18,9 @@ fn codec(file: &str) -> (Vec<(String, serde_json::Value)>, IndexMap<String, Tens
     let data = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&data).unwrap();
     let meta = meta.metadata().as_ref().unwrap();
-    let cases = meta["cases"]
-        .split(',')
-        .map(|c| (c.to_string(), serde_json::from_str(&meta[c]).unwrap()))
-        .collect();
+    let cases: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&meta["cases"]).unwrap();
+    let cases = cases.into_iter().collect();
     (cases, tensors)
 }
 

@@ -69,7 +69,7 @@ impl AwqWeight {
         let (qw, qz, sc) = (get("qweight")?, get("qzeros")?, get("scales")?);
         let scales = f16_scales(&key("scales"), sc)?;
         let (groups, out) = (sc.dims()[0], sc.dims()[1]);
-        if groups == 0 || out == 0 || out % 8 != 0 {
+        if groups == 0 || out == 0 || !out.is_multiple_of(8) {
             return Err(PeftError::Invalid(format!(
                 "{}: {:?}; AWQ gemm packs 8 outputs to a word, so out must be a positive multiple of 8",
                 key("scales"),
@@ -90,7 +90,7 @@ impl AwqWeight {
                 got: qw.dims().to_vec(),
             });
         }
-        if inp % groups != 0 {
+        if !inp.is_multiple_of(groups) {
             return Err(PeftError::Invalid(format!(
                 "{}: {groups} groups do not divide the {inp} inputs of qweight",
                 key("scales")
