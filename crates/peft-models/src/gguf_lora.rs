@@ -669,7 +669,7 @@ pub fn lora_gguf_bytes(content: &LoraGguf) -> Result<Vec<u8>> {
         };
         let elems: usize = t.shape.iter().product();
         let want = elems / t.dtype.block_size() * t.dtype.type_size();
-        if elems % t.dtype.block_size() != 0 || want != t.data.len() {
+        if !elems.is_multiple_of(t.dtype.block_size()) || want != t.data.len() {
             return Err(ModelError::Invalid(format!(
                 "tensor {}: {} bytes for shape {:?} in {:?}",
                 t.name,
