@@ -516,14 +516,14 @@ pub fn lora_gguf_from_adapter(
         }
         let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         // PEFT: A [r, in], B [out, r]; embedding: lora_embedding_A [r, vocab], lora_embedding_B [hidden, r].
-        let (ra, rb) = (a.dim(0)?, b.dim(1)?);
-        if a.rank() != 2 || b.rank() != 2 || ra != rb {
+        if a.rank() != 2 || b.rank() != 2 || a.dim(0)? != b.dim(1)? {
             return Err(ModelError::Invalid(format!(
                 "adapter: {module}: lora_A {:?} and lora_B {:?} do not make a rank-r pair",
                 a.dims(),
                 b.dims()
             )));
         }
+        let ra = a.dim(0)?;
         let (r_cfg, alpha_cfg) = cfg.rank_and_alpha_for(module);
         if r_cfg != ra {
             return Err(ModelError::Invalid(format!(
