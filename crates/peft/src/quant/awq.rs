@@ -133,11 +133,17 @@ impl AwqWeight {
     /// arithmetic as gptqmodel's `dequantize_gemm` does.
     pub fn dequantize_into(&self, start: usize, dst: &mut [f32]) {
         let (out, inp) = (self.shape[0], self.shape[1]);
-        for (j, d) in dst.iter_mut().enumerate() {
-            let e = start + j;
-            let (o, i) = (e / inp, e % inp);
-            let g = (i / self.group_size) * out + o;
-            *d = dequant_f16(self.scales[g], self.code(i, o), self.zeros[g] as u32);
+        // Row by row: the output row and the input range of each stretch of `dst`.
+        let (mut e, mut rest) = (start, &mut dst[..]);
+        while !rest.is_empty() {
+            let (o, i0) = (e / inp, e % inp);
+            let n = (inp - i0).min(rest.len());
+            let (row, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            for (d, i) in row.iter_mut().zip(i0..) {
+                let g = (i / self.group_size) * out + o;
+                *d = dequant_f16(self.scales[g], self.code(i, o), self.zeros[g] as u32);
+            }
+            (e, rest) = (e + n, tail);
         }
     }
 

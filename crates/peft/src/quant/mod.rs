@@ -191,12 +191,10 @@ impl QuantizedWeight {
             ),
             QuantizedWeight::Bnb8(_) => "bnb int8".to_string(),
             QuantizedWeight::Gguf(w) => format!("gguf {:?}", w.ggml_dtype),
-            QuantizedWeight::Gptq(w) => format!(
-                "gptq {}-bit ({} group{})",
-                w.bits,
-                w.groups(),
-                if w.groups() == 1 { "" } else { "s" }
-            ),
+            QuantizedWeight::Gptq(w) => match w.groups() {
+                1 => format!("gptq {}-bit (one group)", w.bits),
+                g => format!("gptq {}-bit (group size {})", w.bits, w.shape[1] / g),
+            },
             QuantizedWeight::Awq(w) => format!("awq 4-bit gemm (group size {})", w.group_size),
         }
     }
