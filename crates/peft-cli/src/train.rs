@@ -118,6 +118,11 @@ pub struct TrainArgs {
     /// Tokens to generate for the sample.
     #[arg(long, default_value_t = 32)]
     pub sample_tokens: usize,
+    /// Gradient checkpointing: `on` (keep only each decoder layer's input, recompute the layers in the
+    /// backward: much less activation memory for one more forward), `off`, or `auto` = on for a quantized
+    /// base with layer adapters, as PEFT's `prepare_model_for_kbit_training` does for QLoRA.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub gradient_checkpointing: String,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -214,6 +219,7 @@ fn train_options(args: &TrainArgs) -> anyhow::Result<TrainOptions> {
             chat: args.sample_chat,
             max_new_tokens: args.sample_tokens,
         }),
+        gradient_checkpointing: args.gradient_checkpointing == "on",
     })
 }
 
@@ -335,7 +341,20 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
     if let Some(name) = hf_config.get("_name_or_path").and_then(|v| v.as_str()) {
         config.base_mut().base_model_name_or_path = Some(name.to_string());
     }
-    let options = train_options(args)?;
+    let mut options = train_options(args)?;
+    if args.gradient_checkpointing == "auto" {
+        options.gradient_checkpointing =
+            peft_models::quantize::summary(&model).is_some() && !config.is_prompt_learning();
+        if options.gradient_checkpointing {
+            writeln!(
+                out,
+                "gradient checkpointing: on (the default for a quantized base, as PEFT's \
+                 prepare_model_for_kbit_training; --gradient-checkpointing off to disable)"
+            )?;
+        }
+    } else if options.gradient_checkpointing {
+        writeln!(out, "gradient checkpointing: on")?;
+    }
     // TEXT prompt-tuning init: PEFT tokenizes `prompt_tuning_init_text` with `tokenizer_name_or_path`; we use
     // the model's tokenizer.
     let mut pm = match peft_models::prompt_learning::init_text_ids(&config, tokenizer.as_ref())? {

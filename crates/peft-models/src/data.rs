@@ -42,7 +42,7 @@ use std::str::FromStr;
 use serde_json::Value;
 
 pub use batch::{Batch, Batcher, EvalBatches, collate};
-pub use loss::{NllMeter, causal_lm_loss, causal_lm_sum_nll};
+pub use loss::{NllMeter, causal_lm_loss, causal_lm_sum_nll, shifted_targets};
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::{ChatMessage, Tokenizer};

@@ -55,7 +55,7 @@ pub fn evaluate(
     mut first_logits: Option<&mut FirstBatch<'_>>,
 ) -> Result<EvalResult> {
     let device = model.llama().device().clone();
-    let ctx = ForwardCtx::eval();
+    let ctx = ForwardCtx::inference();
     let (mut nll, mut tokens) = (0f64, 0usize);
     for batch in data.eval_batches(batch_size, pad_id, &device) {
         let batch = batch?;

@@ -98,7 +98,7 @@ pub fn generate(
 ) -> Result<String> {
     let llama = model.llama();
     let device = llama.device().clone();
-    let ctx = ForwardCtx::eval();
+    let ctx = ForwardCtx::inference();
     let mut cache = KvCache::new();
     let mut rng = PeftRng::new(s.seed);
     let mut decoder = tok.stream_decoder(true);

@@ -148,12 +148,17 @@ pub struct TrainOptions {
     pub seed: u64,
     /// A prompt to generate from before and after training (needs a tokenizer).
     pub sample: Option<SamplePrompt>,
+    /// Gradient checkpointing ([`LlamaForCausalLM::checkpointed_loss`]): keep only each decoder layer's input
+    /// and recompute the layers in the backward, for much less activation memory and one more forward of
+    /// compute (transformers' `gradient_checkpointing_enable()`). Layer adapters only: a prompt-learning
+    /// adapter with this set is an error.
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainOptions {
     /// `peft train`'s defaults: AdamW at 1e-3, cosine schedule, no warm-up, 4 examples of 64 tokens, one
     /// epoch, clipping at 1.0, evaluation before and after on at most 64 examples, a checkpoint at the end,
-    /// seed 42, no sample.
+    /// seed 42, no sample, no gradient checkpointing.
     pub fn new(data: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
         Self {
             data: data.into(),
@@ -177,6 +182,7 @@ impl TrainOptions {
             resume: None,
             seed: 42,
             sample: None,
+            gradient_checkpointing: false,
         }
     }
 
@@ -368,6 +374,13 @@ pub fn train(
                 .into(),
         ));
     }
+    if options.gradient_checkpointing && model.prompt_learning().is_some() {
+        return Err(ModelError::Invalid(
+            "gradient checkpointing works with layer adapters (LoRA, IA3, …), not with a prompt-learning \
+             adapter: train it without --gradient-checkpointing"
+                .into(),
+        ));
+    }
     let sample_ids = match &options.sample {
         Some(s) => {
             let tok = require_tokenizer(tokenizer, "a sample prompt")?;
@@ -477,11 +490,23 @@ pub fn train(
     let start_step = trainer.step();
     let train_start = Instant::now();
     while !trainer.is_finished() {
-        trainer.train_step_with_tokens(&mut |_, ctx| {
-            let batch = batcher.next_batch(&splits.train, &device)?;
-            let logits = pm.token_logits(&batch.input_ids, Some(&batch.attention_mask), ctx)?;
-            Ok(causal_lm_loss(&logits, &batch.labels)?)
-        })?;
+        if options.gradient_checkpointing {
+            trainer.train_step_with_grads(&mut |_, ctx| {
+                let batch = batcher.next_batch(&splits.train, &device)?;
+                pm.model().checkpointed_loss(
+                    &batch.input_ids,
+                    Some(&batch.attention_mask),
+                    &batch.labels,
+                    ctx,
+                )
+            })?;
+        } else {
+            trainer.train_step_with_tokens(&mut |_, ctx| {
+                let batch = batcher.next_batch(&splits.train, &device)?;
+                let logits = pm.token_logits(&batch.input_ids, Some(&batch.attention_mask), ctx)?;
+                Ok(causal_lm_loss(&logits, &batch.labels)?)
+            })?;
+        }
         if let Some(p) = take_progress() {
             on_event(TrainEvent::Progress(&p))?;
         }

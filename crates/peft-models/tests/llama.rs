@@ -1250,3 +1250,158 @@ fn peft_mixed_batch_llama_fixture() {
             .is_ok()
     );
 }
+
+/// Gradient checkpointing (`LlamaForCausalLM::checkpointed_loss`) gives the loss and the gradients of the plain
+/// forward + backward: LoRA with dropout (the recomputed forward must draw the same masks) on q, v, down, the
+/// the embedding (and lm_head for qwen2, whose head then runs in one chunk), a padded batch with ignored labels,
+/// a head split into chunks of 3 rows.
+#[test]
+fn gradient_checkpointing_matches_the_plain_backward() {
+    for case in ["smollm2_tied", "qwen2", "mistral"] {
+        let mut model = load_model(case);
+        let mut rng = PeftRng::new(11);
+        for slot in model.slots_mut() {
+            let name = slot.name().to_string();
+            let targeted = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+                .iter()
+                .any(|t| name.ends_with(t))
+                || (case == "qwen2" && name == "lm_head");
+            if targeted {
+                let opts = LoraOptions {
+                    r: 4,
+                    alpha: 8.0,
+                    use_rslora: false,
+                    use_dora: false,
+                    lora_bias: false,
+                    dropout: if name.ends_with("embed_tokens") {
+                        0.0
+                    } else {
+                        0.2
+                    },
+                    init: InitLoraWeights::Bool(false),
+                };
+                let a = LoraAdapter::new(slot.base(), opts, &mut rng).unwrap();
+                slot.add_adapter("default", Box::new(a)).unwrap();
+            }
+        }
+        let io = io(case);
+        let ids = u32s(&io["right.input_ids"]);
+        let mask = &io["right.attention_mask"];
+        // Labels: the ids, -100 where padded and at one more position.
+        let keep: Vec<Vec<f32>> = mask.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let mut labels: Vec<Vec<i64>> = ids.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
+        for (row, k) in labels.iter_mut().zip(&keep) {
+            for (y, &m) in row.iter_mut().zip(k) {
+                if m == 0.0 {
+                    *y = -100;
+                }
+            }
+        }
+        labels[0][2] = -100;
+        let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+        let ctx = ForwardCtx::train(3, 5);
+
+        let logits = model
+            .forward(ForwardInput::ids(&ids).with_attention_mask(mask), &ctx)
+            .unwrap();
+        let (loss, tokens) = peft_models::data::causal_lm_loss(&logits, &labels).unwrap();
+        let plain = loss.backward().unwrap();
+        let ck = model
+            .checkpointed_loss_with_head_rows(&ids, Some(mask), &labels, &ctx, 3)
+            .unwrap();
+        assert_eq!(ck.tokens, tokens, "{case}");
+        let (l0, l1) = (
+            loss.to_scalar::<f32>().unwrap(),
+            ck.loss.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (l0 - l1).abs() <= 1e-6 * l0.abs(),
+            "{case}: loss {l0} vs {l1}"
+        );
+        let mut n = 0;
+        for slot in model.slots() {
+            for (k, var) in slot.vars() {
+                let want = plain.get(var.as_tensor()).unwrap();
+                let got = ck
+                    .grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{case} {}/{k}: no gradient", slot.name()));
+                let scale = f64::from(
+                    want.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                );
+                let d = max_diff(got, want);
+                assert!(scale > 0.0, "{case} {}/{k}: zero gradient", slot.name());
+                assert!(
+                    d <= 1e-6 + 1e-5 * scale,
+                    "{case} {}/{k}: max |Δ| {d} (max |g| {scale})",
+                    slot.name()
+                );
+                n += 1;
+            }
+        }
+        let layers = model.config().num_hidden_layers;
+        let heads = usize::from(case == "qwen2");
+        assert_eq!(
+            n,
+            2 * (3 * layers + 1 + heads),
+            "{case}: A and B of every target"
+        );
+    }
+}
+
+/// `ForwardCtx::no_grad` gives the same logits, and its graph stops at the last decoder layer: no LoRA parameter
+/// of a decoder layer gets a gradient from it, while the same forward without it gives every one a gradient
+/// (a training context with dropout 0: LoRA's eval kernel records no graph at all).
+#[test]
+fn no_grad_ctx_gives_the_same_logits_and_keeps_no_layer_graph() {
+    let mut model = load_model("llama_gqa");
+    let mut rng = PeftRng::new(5);
+    for slot in model.slots_mut() {
+        if slot.name().ends_with("q_proj") {
+            let opts = LoraOptions {
+                r: 2,
+                alpha: 4.0,
+                use_rslora: false,
+                use_dora: false,
+                lora_bias: false,
+                dropout: 0.0,
+                init: InitLoraWeights::Bool(false),
+            };
+            let a = LoraAdapter::new(slot.base(), opts, &mut rng).unwrap();
+            slot.add_adapter("default", Box::new(a)).unwrap();
+        }
+    }
+    let ids = u32s(&io("llama_gqa")["right.input_ids"]);
+    let train = ForwardCtx::train(0, 0);
+    let no_grad = ForwardCtx {
+        no_grad: true,
+        ..train.clone()
+    };
+    let eval = model.forward(ForwardInput::ids(&ids), &train).unwrap();
+    let inf = model.forward(ForwardInput::ids(&ids), &no_grad).unwrap();
+    assert_eq!(max_diff(&eval, &inf), 0.0);
+    let with_graph = eval.sum_all().unwrap().backward().unwrap();
+    let without = inf.sum_all().unwrap().backward().unwrap();
+    let mut n = 0;
+    for slot in model.slots() {
+        for (k, var) in slot.vars() {
+            assert!(
+                with_graph.get(var.as_tensor()).is_some(),
+                "{}/{k}",
+                slot.name()
+            );
+            assert!(
+                without.get(var.as_tensor()).is_none(),
+                "{}/{k}",
+                slot.name()
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0);
+}

@@ -71,10 +71,13 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// A memory-mapped safetensors file, validated on open (a truncated or corrupt file is an error).
+/// A safetensors file, validated on open (a truncated or corrupt file is an error). The header is read
+/// through a memory map; tensors are read with positioned reads into their own buffers, so that loading a
+/// large checkpoint tensor by tensor (quantizing each as it comes) does not keep the whole file's pages
+/// mapped into the process (they would count in its resident memory).
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: std::fs::File,
     header_len: usize,
     metadata: safetensors::tensor::Metadata,
 }
@@ -100,9 +103,10 @@ impl SafetensorsFile {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
+        drop(mmap);
         Ok(Self {
             path,
-            mmap,
+            file,
             header_len: 8 + n,
             metadata,
         })
@@ -141,7 +145,8 @@ impl SafetensorsFile {
             .info(name)
             .ok_or_else(|| PeftError::MissingKey(name.to_string()))?;
         let (s, e) = info.data_offsets;
-        let data = &self.mmap[self.header_len + s..self.header_len + e];
+        let bytes = self.read_bytes(self.header_len + s, e - s)?;
+        let data = bytes.as_slice();
         if info.dtype == safetensors::Dtype::I8 {
             if data.len() != info.shape.iter().product::<usize>() {
                 return Err(PeftError::SafeTensors {
@@ -160,6 +165,27 @@ impl SafetensorsFile {
             path: self.path.clone(),
             message: format!("{name}: {e}"),
         })
+    }
+
+    /// `len` bytes at `offset` of the file (validated against its length on open).
+    fn read_bytes(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file
+                .read_exact_at(&mut buf, offset as u64)
+                .map_err(|e| PeftError::io(&self.path, e))?;
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = &self.file;
+            f.seek(SeekFrom::Start(offset as u64))
+                .and_then(|_| f.read_exact(&mut buf))
+                .map_err(|e| PeftError::io(&self.path, e))?;
+        }
+        Ok(buf)
     }
 
     /// Loads every tensor, in file order.

@@ -30,6 +30,24 @@ pub fn causal_lm_sum_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
             logits.dims()
         )));
     }
+    let targets = shifted_targets(labels, v)?;
+    let n = targets.iter().filter(|t| t.is_some()).count();
+    if n == 0 {
+        let zero = logits.to_dtype(DType::F32)?.sum_all()?.affine(0.0, 0.0)?;
+        return Ok((zero, 0));
+    }
+    // One fused op over all rows (ignored rows give 0): no shifted copies of the `[B·L, V]` logits.
+    let flat = logits.reshape((b * l, v))?.to_dtype(DType::F32)?;
+    let nll = crate::ops::cross_entropy_rows(&flat, &targets)?;
+    Ok((nll.sum_all()?, n))
+}
+
+/// The next-token target of every row of the flattened `[B·L]` positions of `labels` (`[B, L]`, integer):
+/// row `bi · L + t` predicts `labels[bi][t + 1]`, `None` for the last position of each row and for
+/// [`IGNORE_INDEX`]. A label outside `0..vocab` (and not `-100`) is an error naming its position.
+pub fn shifted_targets(labels: &Tensor, vocab: usize) -> Result<Vec<Option<u32>>> {
+    let (b, l) = labels.dims2()?;
+    let v = vocab;
     let host: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
     // Row `bi · L + t` predicts `labels[bi][t + 1]`; the last position of each row predicts nothing.
     let mut targets: Vec<Option<u32>> = Vec::with_capacity(b * l);
@@ -49,15 +67,7 @@ pub fn causal_lm_sum_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
             targets.push(Some(y as u32));
         }
     }
-    let n = targets.iter().filter(|t| t.is_some()).count();
-    if n == 0 {
-        let zero = logits.to_dtype(DType::F32)?.sum_all()?.affine(0.0, 0.0)?;
-        return Ok((zero, 0));
-    }
-    // One fused op over all rows (ignored rows give 0): no shifted copies of the `[B·L, V]` logits.
-    let flat = logits.reshape((b * l, v))?.to_dtype(DType::F32)?;
-    let nll = crate::ops::cross_entropy_rows(&flat, &targets)?;
-    Ok((nll.sum_all()?, n))
+    Ok(targets)
 }
 
 /// A running sum of token negative log-likelihoods over evaluation batches.

@@ -11,7 +11,7 @@
 
 use super::cache::{KvCache, PrefixKv};
 use super::config::LlamaConfig;
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor, Var};
 use indexmap::IndexMap;
 use peft::host::AdapterHost;
 use peft::quant::QuantizedWeight;
@@ -88,6 +88,10 @@ impl<'a> ForwardInput<'a> {
         self
     }
 }
+
+/// [`LlamaForCausalLM::checkpointed_loss`] computes the logits in chunks of about this many elements
+/// (`rows × vocab`, 32 MiB of f32).
+const HEAD_CHUNK_ELEMENTS: usize = 8 << 20;
 
 /// An RMSNorm with its HF name.
 #[derive(Clone, Debug)]
@@ -506,6 +510,187 @@ impl LlamaForCausalLM {
             (None, Some(p)) => p.len(),
             (None, None) => 0,
         };
+        let (cos, sin, masks) = self.rope_and_masks(b, l, past, attention_mask, position_ids)?;
+
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past_kv = match (&cache, prefix) {
+                (Some(c), _) => c.layer(i).map(|(k, v)| (k.clone(), v.clone())),
+                (None, Some(p)) => p.layer(i).map(|(k, v)| (k.clone(), v.clone())),
+                (None, None) => None,
+            };
+            let mask = Self::layer_mask(&masks, layer);
+            let (y, k, v) = self.layer_forward(layer, &x, &cos, &sin, mask, past_kv, ctx)?;
+            if let Some(c) = cache.as_deref_mut() {
+                if ctx.no_grad {
+                    c.set(i, k.detach(), v.detach());
+                } else {
+                    c.set(i, k, v);
+                }
+            }
+            // No gradient wanted: drop this layer's graph now instead of holding every layer's.
+            x = if ctx.no_grad { y.detach() } else { y };
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The mean next-token cross-entropy of `input_ids` against `labels` (the rules of
+    /// [`crate::data::causal_lm_loss`]) and its gradients with respect to every trainable parameter, computed
+    /// with **gradient checkpointing** (transformers' `gradient_checkpointing_enable()`, which PEFT's
+    /// `prepare_model_for_kbit_training` turns on for QLoRA): the forward keeps only each decoder layer's input;
+    /// the backward runs layer by layer from the last, recomputing one layer's forward at a time (same dropout
+    /// masks: they are drawn from `ctx`), and the final norm, `lm_head` and the loss run over chunks of rows so
+    /// that the `[B·L, vocab]` logits are never all alive. Peak activation memory drops from all layers'
+    /// intermediates to one layer's plus `layers × [B, L, hidden]`, for one more forward of compute.
+    ///
+    /// The gradients equal those of `causal_lm_loss(forward(..)).backward()` up to f32 summation order. No
+    /// KV cache, prefix or custom position ids (the training forward); the returned loss is a value (not
+    /// differentiable), ready for [`peft::train::Trainer::train_step_with_grads`].
+    pub fn checkpointed_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<peft::train::MicroBatchGrads> {
+        let rows = (HEAD_CHUNK_ELEMENTS / self.config.vocab_size.max(1)).max(16);
+        self.checkpointed_loss_with_head_rows(input_ids, attention_mask, labels, ctx, rows)
+    }
+
+    /// [`Self::checkpointed_loss`] with the final norm, `lm_head` and the loss run over chunks of `head_rows`
+    /// token rows (≥ 1; `checkpointed_loss` takes about 32 MiB of f32 logits per chunk; one chunk when `lm_head`
+    /// has an adapter, whose dropout masks are drawn over the whole input).
+    pub fn checkpointed_loss_with_head_rows(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        ctx: &ForwardCtx,
+        head_rows: usize,
+    ) -> Result<peft::train::MicroBatchGrads> {
+        let (b, l) = match input_ids.dims() {
+            &[b, l] => (b, l),
+            d => {
+                return Err(PeftError::Invalid(format!(
+                    "input_ids must be [B, L], got {d:?}"
+                )));
+            }
+        };
+        if labels.dims() != [b, l] {
+            return Err(PeftError::ShapeMismatch {
+                name: "labels".into(),
+                expected: vec![b, l],
+                got: labels.dims().to_vec(),
+            });
+        }
+        let vocab = self.config.vocab_size;
+        let targets = crate::data::shifted_targets(labels, vocab)
+            .map_err(|e| PeftError::Invalid(e.to_string()))?;
+        let tokens = targets.iter().filter(|t| t.is_some()).count();
+        let x0 = self.embed_tokens(input_ids, ctx)?;
+        let (cos, sin, masks) = self.rope_and_masks(b, l, 0, attention_mask, None)?;
+
+        // Forward: each layer's input is kept, its graph dropped.
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = x0.detach();
+        for layer in &self.layers {
+            let mask = Self::layer_mask(&masks, layer);
+            let (y, _, _) = self.layer_forward(layer, &x, &cos, &sin, mask, None, ctx)?;
+            inputs.push(x);
+            x = y.detach();
+        }
+
+        // Only the parameters' gradients are kept from each partial backward (candle's store also holds the
+        // gradients of untracked operands such as dropout masks, which would pile up layer after layer).
+        let params: std::collections::HashSet<candle_core::TensorId> = self
+            .slots()
+            .into_iter()
+            .flat_map(|s| s.vars().into_iter().map(|(_, v)| v.as_tensor().id()))
+            .collect();
+        let mut grads = candle_core::backprop::GradStore::default();
+        let keep = |grads: &mut candle_core::backprop::GradStore,
+                    part: candle_core::backprop::GradStore|
+         -> Result<()> {
+            let mut kept = candle_core::backprop::GradStore::default();
+            for id in part.get_ids() {
+                if let Some(g) = part.get_id(*id).filter(|_| params.contains(id)) {
+                    kept.insert_id(*id, g.clone());
+                }
+            }
+            Ok(grads.extend(kept)?)
+        };
+        // Final norm, lm_head and loss over chunks of rows: the gradient of the last hidden states.
+        let hsz = self.config.hidden_size;
+        let rows_total = b * l;
+        let flat = x.reshape((rows_total, hsz))?;
+        drop(x);
+        // An adapter on lm_head draws its dropout masks over the whole input: one chunk then.
+        let rows = if self.lm_head.adapters().next().is_some() {
+            rows_total.max(1)
+        } else {
+            head_rows.clamp(1, rows_total.max(1))
+        };
+        let scale = if tokens > 0 { 1.0 / tokens as f64 } else { 0.0 };
+        let mut nll_sum = 0f64;
+        let mut dh = Vec::with_capacity(rows_total.div_ceil(rows));
+        for start in (0..rows_total).step_by(rows) {
+            let n = rows.min(rows_total - start);
+            let hv = Var::from_tensor(&flat.narrow(0, start, n)?)?;
+            let h = self.norm.forward(&hv.as_tensor().unsqueeze(0)?)?;
+            let logits = self
+                .lm_head
+                .forward(&h, ctx)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?;
+            let nll =
+                crate::ops::cross_entropy_rows(&logits, &targets[start..start + n])?.sum_all()?;
+            nll_sum += f64::from(nll.to_scalar::<f32>()?);
+            let mut g = nll.affine(scale, 0.0)?.backward()?;
+            dh.push(match g.remove(hv.as_tensor()) {
+                Some(d) => d,
+                None => hv.as_tensor().zeros_like()?,
+            });
+            keep(&mut grads, g)?;
+        }
+        drop(flat);
+        let mut g = Tensor::cat(&dh, 0)?.reshape((b, l, hsz))?;
+        drop(dh);
+
+        // Backward through the layers, last first, recomputing each one's forward.
+        for (layer, x) in self.layers.iter().zip(inputs).rev() {
+            let xv = Var::from_tensor(&x)?;
+            drop(x);
+            let mask = Self::layer_mask(&masks, layer);
+            let (y, _, _) =
+                self.layer_forward(layer, xv.as_tensor(), &cos, &sin, mask, None, ctx)?;
+            let mut lg = (y * &g)?.sum_all()?.backward()?;
+            g = match lg.remove(xv.as_tensor()) {
+                Some(d) => d,
+                None => xv.as_tensor().zeros_like()?,
+            };
+            keep(&mut grads, lg)?;
+        }
+        // The embedding (an adapter on `embed_tokens`).
+        keep(&mut grads, (x0 * g)?.sum_all()?.backward()?)?;
+        let loss = Tensor::new((nll_sum * scale) as f32, &self.device)?;
+        Ok(peft::train::MicroBatchGrads {
+            loss,
+            grads,
+            tokens,
+        })
+    }
+
+    /// The RoPE tables (`cos`, `sin`, f32 as transformers) of positions `past..past + l` (or `position_ids`)
+    /// and the attention masks, one per distinct sliding window among the layers.
+    #[allow(clippy::type_complexity)]
+    fn rope_and_masks(
+        &self,
+        b: usize,
+        l: usize,
+        past: usize,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Vec<(Option<usize>, Option<Tensor>)>)> {
         let total = past + l;
 
         // RoPE tables, f32 as transformers: freqs = pos · inv_freq, cos/sin · attention_scaling.
@@ -556,24 +741,18 @@ impl LlamaForCausalLM {
             }
         }
 
-        let mut x = x;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let past_kv = match (&cache, prefix) {
-                (Some(c), _) => c.layer(i).map(|(k, v)| (k.clone(), v.clone())),
-                (None, Some(p)) => p.layer(i).map(|(k, v)| (k.clone(), v.clone())),
-                (None, None) => None,
-            };
-            let mask = masks
-                .iter()
-                .find(|(w, _)| *w == layer.sliding_window)
-                .and_then(|(_, m)| m.as_ref());
-            let (y, k, v) = self.layer_forward(layer, &x, &cos, &sin, mask, past_kv, ctx)?;
-            if let Some(c) = cache.as_deref_mut() {
-                c.set(i, k, v);
-            }
-            x = y;
-        }
-        self.norm.forward(&x)
+        Ok((cos, sin, masks))
+    }
+
+    /// The mask of `layer` among [`Self::rope_and_masks`]'s.
+    fn layer_mask<'m>(
+        masks: &'m [(Option<usize>, Option<Tensor>)],
+        layer: &DecoderLayer,
+    ) -> Option<&'m Tensor> {
+        masks
+            .iter()
+            .find(|(w, _)| *w == layer.sliding_window)
+            .and_then(|(_, m)| m.as_ref())
     }
 
     /// The additive mask `[B or 1, 1, L, past + L]` (0 = attend, `f32::MIN` = masked), or `None` when nothing is

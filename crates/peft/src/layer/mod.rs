@@ -43,6 +43,11 @@ pub struct ForwardCtx {
     /// first dimension of every layer input) runs with, `"__base__"` for none. `None`: the active adapters
     /// for every row. Set it with [`ForwardCtx::with_adapter_names`].
     pub adapter_names: Option<std::sync::Arc<[String]>>,
+    /// No gradient will be asked of this forward (`torch.no_grad()`): a model may then drop each block's
+    /// autograd graph as soon as the block is done (the Llama detaches the hidden states between decoder
+    /// layers), so that an evaluation holds one layer's activations instead of all of them. Set by
+    /// [`ForwardCtx::inference`].
+    pub no_grad: bool,
 }
 
 /// The name that, in [`ForwardCtx::adapter_names`], runs a row on the base model alone (PEFT's `"__base__"`).
@@ -54,6 +59,21 @@ impl ForwardCtx {
         Self::default()
     }
 
+    /// Inference under `torch.no_grad()`: no dropout, and no gradient will be taken
+    /// ([`ForwardCtx::no_grad`]), so models free activations as they go. Evaluation and generation use it.
+    ///
+    /// ```
+    /// use peft::ForwardCtx;
+    /// let ctx = ForwardCtx::inference();
+    /// assert!(ctx.no_grad && !ctx.training);
+    /// ```
+    pub fn inference() -> Self {
+        Self {
+            no_grad: true,
+            ..Self::default()
+        }
+    }
+
     /// Training with dropout drawn from `seed` at `step`.
     pub fn train(seed: u64, step: u64) -> Self {
         Self {
@@ -61,6 +81,7 @@ impl ForwardCtx {
             seed,
             step,
             adapter_names: None,
+            no_grad: false,
         }
     }
 

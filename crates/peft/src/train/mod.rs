@@ -22,4 +22,4 @@ pub use checkpoint::TrainerState;
 pub use metrics::{MetricRecord, MetricsLog, Progress, ProgressCallback};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerState, ParamGroup, Sgd, SgdConfig};
 pub use schedule::{LrScheduler, Schedule};
-pub use trainer::{StepReport, Trainer, TrainerSettings};
+pub use trainer::{MicroBatchGrads, StepReport, Trainer, TrainerSettings};

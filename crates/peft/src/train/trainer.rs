@@ -131,7 +131,23 @@ pub type MicroBatchWithTokens<'a> = dyn FnMut(usize, &ForwardCtx) -> Result<(Ten
 /// An evaluation batch: `(batch index, context) → (summed negative log-likelihood, tokens)`.
 pub type EvalBatch<'a> = dyn FnMut(usize, &ForwardCtx) -> Result<(f64, usize)> + 'a;
 
-type MicroBatchInner<'a> = dyn FnMut(usize, &ForwardCtx) -> Result<(Tensor, Option<u64>)> + 'a;
+/// A micro-batch that runs its own backward (gradient checkpointing): `(micro-batch index, context) →`
+/// [`MicroBatchGrads`].
+pub type MicroBatchWithGrads<'a> = dyn FnMut(usize, &ForwardCtx) -> Result<MicroBatchGrads> + 'a;
+
+/// What a micro-batch that ran its own backward returns to [`Trainer::train_step_with_grads`].
+#[derive(Debug)]
+pub struct MicroBatchGrads {
+    /// The scalar loss (its value only: the trainer does not backpropagate it).
+    pub loss: Tensor,
+    /// The gradients of `loss` (unscaled by the accumulation) with respect to the trainable parameters.
+    pub grads: GradStore,
+    /// The number of tokens of the micro-batch, for tokens/s.
+    pub tokens: usize,
+}
+
+type MicroBatchInner<'a> =
+    dyn FnMut(usize, &ForwardCtx) -> Result<(Tensor, Option<u64>, Option<GradStore>)> + 'a;
 
 /// A hook called after every optimizer step (AdaLoRA's rank allocator needs `|p · grad|`).
 pub type StepHook = Box<dyn FnMut(&StepContext<'_>) -> Result<()> + Send>;
@@ -395,7 +411,7 @@ impl Trainer {
         &mut self,
         micro_batch: &mut dyn FnMut(usize, &ForwardCtx) -> Result<Tensor>,
     ) -> Result<StepReport> {
-        self.step_impl(&mut |i, ctx| Ok((micro_batch(i, ctx)?, None)))
+        self.step_impl(&mut |i, ctx| Ok((micro_batch(i, ctx)?, None, None)))
     }
 
     /// [`Trainer::train_step`] where each micro-batch also reports its number of tokens (for tokens/s).
@@ -405,7 +421,21 @@ impl Trainer {
     ) -> Result<StepReport> {
         self.step_impl(&mut |i, ctx| {
             let (l, n) = micro_batch(i, ctx)?;
-            Ok((l, Some(n as u64)))
+            Ok((l, Some(n as u64), None))
+        })
+    }
+
+    /// [`Trainer::train_step_with_tokens`] where each micro-batch computes the gradients of its loss itself
+    /// (a gradient-checkpointed forward and backward, e.g. `LlamaForCausalLM::checkpointed_loss` in
+    /// peft-models). The extra loss terms are still added and backpropagated here; the step is otherwise the
+    /// same (accumulation, clipping, hooks).
+    pub fn train_step_with_grads(
+        &mut self,
+        micro_batch: &mut MicroBatchWithGrads<'_>,
+    ) -> Result<StepReport> {
+        self.step_impl(&mut |i, ctx| {
+            let m = micro_batch(i, ctx)?;
+            Ok((m.loss, Some(m.tokens as u64), Some(m.grads)))
         })
     }
 
@@ -418,25 +448,46 @@ impl Trainer {
         let mut extra: IndexMap<String, f64> = IndexMap::new();
         for i in 0..accum {
             let ctx = self.forward_ctx(i);
-            let (loss, n) = micro_batch(i, &ctx)?;
-            let mut total = scalar_loss(loss, "micro-batch loss")?;
+            let (loss, n, pre) = micro_batch(i, &ctx)?;
+            let loss = scalar_loss(loss, "micro-batch loss")?;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            // With precomputed gradients only the extra terms are backpropagated here.
+            let mut total = if pre.is_some() { None } else { Some(loss) };
             for (name, term) in &mut self.extra_losses {
                 let e = scalar_loss(term(i, &ctx)?, name)?;
-                *extra.entry(name.clone()).or_insert(0.0) += f64::from(e.to_scalar::<f32>()?);
-                total = (total + e)?;
+                let v = f64::from(e.to_scalar::<f32>()?);
+                *extra.entry(name.clone()).or_insert(0.0) += v;
+                loss_sum += v;
+                total = Some(match total {
+                    Some(t) => (t + e)?,
+                    None => e,
+                });
             }
-            loss_sum += f64::from(total.to_scalar::<f32>()?);
             if let Some(n) = n {
                 tokens = Some(tokens.unwrap_or(0) + n);
             }
-            let scaled = if accum > 1 {
-                total.affine(1.0 / accum as f64, 0.0)?
-            } else {
-                total
+            let scale = |t: Tensor| -> Result<Tensor> {
+                Ok(if accum > 1 {
+                    t.affine(1.0 / accum as f64, 0.0)?
+                } else {
+                    t
+                })
             };
-            let grads = scaled.backward()?;
+            let backward = match total {
+                Some(t) => Some(scale(t)?.backward()?),
+                None => None,
+            };
             for (name, var) in &self.params {
-                if let Some(g) = grads.get(var) {
+                let from_pre = match pre.as_ref().and_then(|p| p.get(var)) {
+                    Some(g) => Some(scale(g.clone())?),
+                    None => None,
+                };
+                let from_backward = backward.as_ref().and_then(|b| b.get(var)).cloned();
+                let g = match (from_pre, from_backward) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                };
+                if let Some(g) = g {
                     let g = match acc.get(name) {
                         Some(a) => (a + g)?,
                         None => g.clone(),
@@ -580,7 +631,7 @@ impl Trainer {
         batch: &mut EvalBatch<'_>,
     ) -> Result<EvalRecord> {
         let start = Instant::now();
-        let ctx = ForwardCtx::eval();
+        let ctx = ForwardCtx::inference();
         let (mut nll, mut tokens) = (0.0f64, 0u64);
         for i in 0..num_batches {
             let (s, n) = batch(i, &ctx)?;
