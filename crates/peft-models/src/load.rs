@@ -89,7 +89,12 @@ pub fn load_model_with(
     let (config, tensors, quantized, tokenizer) = if path.is_dir() {
         let m = crate::hf::load_hf_dir_with(path, DType::F32, device, quantize)
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
-        (m.config, m.tensors, IndexMap::new(), m.tokenizer)
+        // GPTQ / AWQ Linear weights are read here, where the config's `checkpoint_format` is known (v1 and
+        // v2 zero points cannot be told apart from the tensors).
+        let mut tensors = m.tensors;
+        let quantized = crate::quantize::checkpoint_weights(&m.config, &mut tensors)
+            .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
+        (m.config, tensors, quantized, m.tokenizer)
     } else if path.extension().is_some_and(|e| e == "gguf") {
         let m = crate::gguf::load_gguf_with(path, device, quantize, !options.dequantize_gguf)
             .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;

@@ -166,19 +166,11 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
                 (_, Some(v)) if !v.is_null() => ("format", v.clone()),
                 _ => ("checkpoint_format", Value::from("gptq")),
             };
-            match format.as_str().map(str::to_ascii_lowercase).as_deref() {
-                Some("gptq") => {}
-                Some("gptq_v2") => {
-                    return unsupported(
-                        field,
-                        &format,
-                        "the checkpoint loader reads gptq_v2 zero points as v1 ones, so it refuses them; \
-                         peft_models::quantize::checkpoint_weights reads them, and the `gptq` (v1) format \
-                         transformers and optimum save loads",
-                    );
-                }
-                _ => return unsupported(field, &format, "only \"gptq\" (v1) loads"),
-            }
+            let format_name = match format.as_str().map(str::to_ascii_lowercase).as_deref() {
+                Some("gptq") => "",
+                Some("gptq_v2") => ", gptq_v2",
+                _ => return unsupported(field, &format, "\"gptq\" (v1) and \"gptq_v2\" load"),
+            };
             let bits = q.get("bits").cloned().unwrap_or(Value::Null);
             if !bits
                 .as_u64()
@@ -187,7 +179,7 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
                 return unsupported("bits", &bits, "GPTQ loads 2, 3, 4 or 8 bits");
             }
             Ok(Some(format!(
-                "gptq {bits}-bit, {}{}",
+                "gptq {bits}-bit, {}{}{format_name}",
                 group(q),
                 if flag("desc_act") { ", desc_act" } else { "" }
             )))
@@ -223,17 +215,19 @@ pub fn checkpoint_quantization(config: &Value) -> Result<Option<String>> {
 /// The GPTQ and AWQ Linear weights among a checkpoint's `tensors`, read in the format `config.json`'s
 /// `quantization_config` states (GPTQ `checkpoint_format` `gptq` or `gptq_v2`), under their weight names
 /// (`model.layers.0.self_attn.q_proj.weight`), their tensors removed from `tensors`: what
-/// [`crate::llama::LlamaForCausalLM::from_parts`] takes as its `quantized` map. The checkpoint loader reads the
-/// packed tensors alone, in the default `gptq` (v1) format; this reads `gptq_v2` checkpoints too. Errors name
-/// the tensor or the field.
+/// [`crate::llama::LlamaForCausalLM::from_parts`] takes as its `quantized` map ([`crate::load_model`] calls it
+/// for model directories; the builder alone would read packed tensors in the default `gptq` (v1) format).
+/// Errors name the tensor or the field.
 pub fn checkpoint_weights(
     config: &Value,
     tensors: &mut IndexMap<String, Tensor>,
 ) -> Result<IndexMap<String, QuantizedWeight>> {
     let q = config.get("quantization_config").unwrap_or(&Value::Null);
+    let is_gptq = q.get("quant_method").and_then(Value::as_str) == Some("gptq");
     let format = match ["checkpoint_format", "format"]
         .iter()
         .find_map(|k| q.get(*k).and_then(Value::as_str))
+        .filter(|_| is_gptq)
     {
         None => GptqFormat::V1,
         Some(f) => GptqFormat::parse(f).ok_or_else(|| {
@@ -354,12 +348,12 @@ mod tests {
             e.contains("quantization_config.bits 5 is not supported"),
             "{e}"
         );
-        let e = err(
-            serde_json::json!({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}),
+        let v2 = v(
+            serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2"}),
         );
-        assert!(
-            e.contains("quantization_config.checkpoint_format \"gptq_v2\""),
-            "{e}"
+        assert_eq!(
+            checkpoint_quantization(&v2).unwrap().as_deref(),
+            Some("gptq 4-bit, group size 32, gptq_v2")
         );
         let e = err(serde_json::json!({"quant_method": "gptq", "bits": 4, "format": "marlin"}));
         assert!(e.contains("quantization_config.format \"marlin\""), "{e}");
