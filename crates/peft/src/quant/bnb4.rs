@@ -624,10 +624,15 @@ impl Bnb4Weight {
             json.get(k)
                 .ok_or_else(|| bad(&state_key, format!("has no `{k}`")))
         };
-        let quant_type: Bnb4Type = field("quant_type")?
+        let quant_type_s = field("quant_type")?
             .as_str()
-            .ok_or_else(|| bad(&state_key, "`quant_type` is not a string".into()))?
-            .parse()?;
+            .ok_or_else(|| bad(&state_key, "`quant_type` is not a string".into()))?;
+        let quant_type: Bnb4Type = quant_type_s.parse().map_err(|_| {
+            bad(
+                &state_key,
+                format!("unknown bitsandbytes 4-bit quant_type {quant_type_s:?} (nf4 or fp4)"),
+            )
+        })?;
         if quant_type.as_str() != qt {
             return Err(bad(
                 &state_key,

@@ -90,12 +90,21 @@ pub fn stored_keys(module: &str, has: impl Fn(&str) -> bool) -> Option<Vec<Strin
 /// The quantized weight of Linear `module` from transformers' tensors (bitsandbytes 4-bit or 8-bit, GPTQ in
 /// the default `gptq` (v1) checkpoint format, AWQ `gemm`; `None` when `tensors` hold it unquantized), with the
 /// names of the tensors it was read from ([`stored_keys`]). A GPTQ or AWQ module has no `weight` tensor: its
-/// shape comes from the packed tensors. Errors name the tensor.
+/// shape comes from the packed tensors. Errors name the tensor (a quant state of an unknown 4-bit type,
+/// `…weight.quant_state.bitsandbytes__nf5`, is one).
 pub fn from_state_dict(
     module: &str,
     tensors: &IndexMap<String, Tensor>,
 ) -> Result<Option<(QuantizedWeight, Vec<String>)>> {
     let Some(keys) = stored_keys(module, |k| tensors.contains_key(k)) else {
+        // A quant state of a type bitsandbytes does not have: not a dense weight to read as its packed bytes.
+        let state = format!("{module}.weight.quant_state.bitsandbytes__");
+        if let Some(k) = tensors.keys().find(|k| k.starts_with(&state)) {
+            return Err(PeftError::Invalid(format!(
+                "{k}: unknown bitsandbytes 4-bit quant_type {:?} (nf4 or fp4)",
+                &k[state.len()..]
+            )));
+        }
         return Ok(None);
     };
     if keys[0].ends_with(".qweight") {
