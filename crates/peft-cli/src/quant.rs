@@ -1,8 +1,8 @@
 //! The `--quantize` / `--double-quant` flags shared by `peft train`, `peft eval` and `peft generate`.
 
 use clap::Args;
-use peft_models::LoadOptions;
 use peft_models::quantize::Quantize;
+use peft_models::{LoadOptions, LoadProgress};
 
 /// How to load the base model.
 #[derive(Clone, Debug, Default, Args)]
@@ -24,14 +24,34 @@ pub struct QuantArgs {
 }
 
 impl QuantArgs {
-    /// The library's load options.
+    /// The library's load options; with `--quantize`, a progress bar on stderr (drawn only on a terminal)
+    /// over the tensors as they are read and quantized.
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        let quantize = match &self.quantize {
+            Some(kind) => Some(Quantize::parse(kind, self.double_quant)?),
+            None => None,
+        };
+        let progress = quantize.as_ref().map(|q| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} {bar:30} {pos}/{len} tensors [{elapsed_precise}<{eta_precise}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(format!("quantizing to {}", q.describe()));
+            LoadProgress::new(move |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                if done >= total {
+                    bar.finish_and_clear();
+                }
+            })
+        });
         Ok(LoadOptions {
-            quantize: match &self.quantize {
-                Some(kind) => Some(Quantize::parse(kind, self.double_quant)?),
-                None => None,
-            },
+            quantize,
             dequantize_gguf: self.dequantize_gguf,
+            progress,
         })
     }
 }

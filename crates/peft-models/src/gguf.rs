@@ -42,18 +42,19 @@ pub struct GgufModel {
 
 /// Reads a llama-architecture GGUF file: HF config, f32 tensors under HF names, tokenizer.
 pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<GgufModel> {
-    load_gguf_with(path, device, None, false)
+    load_gguf_with(path, device, None, false, None)
 }
 
 /// [`load_gguf`] with the decoder-layer projections either quantized as they are read when `quantize` is
 /// given ([`crate::quantize::Quantize::apply`]: each tensor dequantized to f32, then re-quantized, one at a
 /// time), or, with `keep_quantized`, kept in their ggml block format ([`GgufModel::quantized`]; tensors
-/// stored as F32 / F16 / BF16 are dequantized as usual).
+/// stored as F32 / F16 / BF16 are dequantized as usual). `progress` hears of each tensor read.
 pub fn load_gguf_with(
     path: impl AsRef<Path>,
     device: &Device,
     quantize: Option<&crate::quantize::Quantize>,
     keep_quantized: bool,
+    progress: Option<&crate::load::LoadProgress>,
 ) -> Result<GgufModel> {
     let path = path.as_ref();
     let bad = |message: String| ModelError::Gguf {
@@ -122,7 +123,11 @@ pub fn load_gguf_with(
 
     let mut tensors = IndexMap::with_capacity(names.len());
     let mut quantized = IndexMap::new();
-    for (gguf_name, hf_name) in names {
+    let total = names.len();
+    for (i, (gguf_name, hf_name)) in names.into_iter().enumerate() {
+        if let Some(p) = progress {
+            p.report(i + 1, total);
+        }
         let info = &content.tensor_infos[&gguf_name];
         check_tensor_extent(&gguf_name, info, content.tensor_data_offset, file_size)
             .map_err(bad)?;

@@ -26,17 +26,18 @@ pub struct HfModel {
 /// `dir/model.safetensors.index.json`) converted to `dtype` on `device`, and the tokenizer
 /// ([`load_hf_tokenizer`]).
 pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<HfModel> {
-    load_hf_dir_with(dir, dtype, device, None)
+    load_hf_dir_with(dir, dtype, device, None, None)
 }
 
 /// [`load_hf_dir`], quantizing the decoder-layer projections as they are read when `quantize` is given
 /// ([`Quantize::apply`]). The tensors of a checkpoint saved quantized (bitsandbytes 4-bit: the packed weight
-/// and its quant state) are kept as stored, whatever `dtype`.
+/// and its quant state) are kept as stored, whatever `dtype`. `progress` hears of each tensor read.
 pub fn load_hf_dir_with(
     dir: impl AsRef<Path>,
     dtype: DType,
     device: &Device,
     quantize: Option<&Quantize>,
+    progress: Option<&crate::load::LoadProgress>,
 ) -> Result<HfModel> {
     let dir = dir.as_ref();
     if !dir.is_dir() {
@@ -77,8 +78,14 @@ pub fn load_hf_dir_with(
         .flatten()
         .collect();
     let mut tensors = IndexMap::new();
+    let total = all_names.len();
+    let mut done = 0;
     for (_, shard) in &model.shards {
         for name in shard.names() {
+            done += 1;
+            if let Some(p) = progress {
+                p.report(done, total);
+            }
             let t = shard.load(&name, device)?;
             // A bitsandbytes weight (packed 4-bit in any storage dtype, or int8 read as its u8 bytes) and its
             // state tensors stay as stored.

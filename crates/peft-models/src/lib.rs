@@ -27,4 +27,6 @@ pub mod quantize;
 pub mod tokenizer;
 pub mod train;
 
-pub use load::{LoadOptions, LoadedModel, load_model, load_model_with, with_adapters};
+pub use load::{
+    LoadOptions, LoadProgress, LoadedModel, load_model, load_model_with, with_adapters,
+};

@@ -6,9 +6,9 @@ use crate::llama::{LlamaConfig, LlamaForCausalLM};
 use crate::quantize::Quantize;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
-use indexmap::IndexMap;
 use peft::PeftModel;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A base model with its tokenizer and HF config.
 #[derive(Debug)]
@@ -57,6 +57,47 @@ pub fn load_model(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel
     load_model_with(path, device, &LoadOptions::default())
 }
 
+/// A callback that [`load_model_with`] calls after each tensor it reads, with the number read so far and the
+/// total, while it quantizes a model on the fly (a long pass on a large model: `peft` draws a progress bar
+/// with it).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// let seen = Arc::new(AtomicUsize::new(0));
+/// let s = seen.clone();
+/// let progress = peft_models::LoadProgress::new(move |done, _total| s.store(done, Ordering::Relaxed));
+/// progress.report(3, 10);
+/// assert_eq!(seen.load(Ordering::Relaxed), 3);
+/// ```
+#[derive(Clone)]
+pub struct LoadProgress(Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl LoadProgress {
+    /// Wraps `f(done, total)`.
+    pub fn new(f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Reports `done` of `total` tensors read.
+    pub fn report(&self, done: usize, total: usize) {
+        (self.0)(done, total)
+    }
+}
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
+    }
+}
+
+impl PartialEq for LoadProgress {
+    /// The same callback.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// How [`load_model_with`] loads a model.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadOptions {
@@ -66,6 +107,8 @@ pub struct LoadOptions {
     /// their ggml blocks and each forward dequantizes them band by band: the same numbers, a fraction of the
     /// memory).
     pub dequantize_gguf: bool,
+    /// Called after each tensor read while quantizing on the fly ([`LoadOptions::quantize`]).
+    pub progress: Option<LoadProgress>,
 }
 
 /// [`load_model`] with options: `quantize` keeps the decoder-layer projections quantized (bitsandbytes NF4 /
@@ -86,8 +129,9 @@ pub fn load_model_with(
 ) -> Result<LoadedModel> {
     let path = path.as_ref();
     let quantize = options.quantize.as_ref();
+    let progress = options.progress.as_ref().filter(|_| quantize.is_some());
     let (config, tensors, quantized, tokenizer) = if path.is_dir() {
-        let m = crate::hf::load_hf_dir_with(path, DType::F32, device, quantize)
+        let m = crate::hf::load_hf_dir_with(path, DType::F32, device, quantize, progress)
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
         // GPTQ / AWQ Linear weights are read here, where the config's `checkpoint_format` is known (v1 and
         // v2 zero points cannot be told apart from the tensors).
@@ -96,8 +140,9 @@ pub fn load_model_with(
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
         (m.config, tensors, quantized, m.tokenizer)
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        let m = crate::gguf::load_gguf_with(path, device, quantize, !options.dequantize_gguf)
-            .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
+        let m =
+            crate::gguf::load_gguf_with(path, device, quantize, !options.dequantize_gguf, progress)
+                .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
         (m.config, m.tensors, m.quantized, Some(m.tokenizer))
     } else if !path.exists() {
         return Err(ModelError::Invalid(format!(

@@ -92,11 +92,23 @@ fn quantize_while_loading_matches_transformers_quantized_checkpoint() {
         ("bnb4_llama_nf4_dq", "nf4", true),
         ("bnb4_llama_fp4", "fp4", false),
     ] {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
         let options = LoadOptions {
             quantize: Some(Quantize::parse(kind, dq).unwrap()),
+            progress: Some(peft_models::LoadProgress::new(move |done, total| {
+                sink.lock().unwrap().push((done, total))
+            })),
             ..Default::default()
         };
         let ours = load_model_with(case_dir(case).join("full"), &Device::Cpu, &options).unwrap();
+        // One report per tensor of the file, counting up to the total.
+        let n = peft::io::SafetensorsFile::open(case_dir(case).join("full/model.safetensors"))
+            .unwrap()
+            .names()
+            .len();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, (1..=n).map(|d| (d, n)).collect::<Vec<_>>(), "{case}");
         let theirs = load_model(case_dir(case).join("base"), &Device::Cpu).unwrap();
         for l in 0..2 {
             for p in PROJ {
