@@ -1276,3 +1276,282 @@ fn export_gguf_writes_the_converters_file() {
     assert!(e.contains("--format"), "{e}");
     assert!(!out.exists());
 }
+
+/// Runs `peft merge <args…>` in-process, returning the library's report (for `--requantize`'s numbers).
+fn merge_report(args: &[String]) -> anyhow::Result<peft::merge::MergeReport> {
+    let cli = Cli::try_parse_from(
+        ["peft".to_string(), "merge".to_string()]
+            .into_iter()
+            .chain(args.iter().cloned()),
+    )?;
+    let crate::Command::Merge(m) = cli.command else {
+        panic!("not parsed as merge");
+    };
+    crate::merge::run(&m, &mut Vec::new())
+}
+
+/// The logits of the model directory `dir` (no adapter) on `ids`.
+fn model_logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
+    model
+        .forward(
+            peft_models::llama::ForwardInput::ids(ids),
+            &peft::ForwardCtx::eval(),
+        )
+        .unwrap()
+}
+
+const LLAMA_PROJ: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// `peft merge` into GPTQ (v1 and v2 zero points, desc_act) and AWQ checkpoints: the packed weights are
+/// dequantized (float16, as gptqmodel), merged in f32 and written dense; the merged directory loads as a plain
+/// model whose logits are PEFT's LoRA logits over the quantized checkpoint.
+#[test]
+fn merge_into_gptq_and_awq_bases_writes_dense_weights_with_the_lora_logits() {
+    for name in ["gptq_llama_v1", "gptq_llama", "awq_llama"] {
+        let case = quant_case(name);
+        let io = candle_core::safetensors::load(case.join("io.safetensors"), &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let summary = peft(&args![
+            "merge",
+            "--base",
+            case.join("base"),
+            "--adapter",
+            case.join("adapter"),
+            "--output",
+            out,
+            "-q"
+        ])
+        .unwrap();
+        assert!(
+            summary.starts_with("merged 14 modules from 1 adapter"),
+            "{name}: {summary}"
+        );
+        let config = read_json(&out.join("config.json"));
+        assert!(config.get("quantization_config").is_none(), "{name}");
+        let merged =
+            candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        for k in merged.keys() {
+            assert!(
+                ["qweight", "qzeros", "scales", "g_idx"]
+                    .iter()
+                    .all(|s| !k.ends_with(&format!(".{s}"))),
+                "{name}: {k} left"
+            );
+        }
+        for l in 0..2 {
+            for p in LLAMA_PROJ {
+                let w = &merged[&format!("model.layers.{l}.{p}.weight")];
+                assert_eq!(w.dtype(), DType::F32, "{name} {p}");
+            }
+        }
+        let w = &merged["model.layers.0.mlp.down_proj.weight"];
+        assert_eq!(w.dims(), [64, 128], "{name}");
+        let loaded = peft_models::load_model(&out, &Device::Cpu).unwrap();
+        assert!(peft_models::quantize::summary(&loaded.model).is_none());
+        let got = model_logits(&loaded.model, &io["input_ids"]);
+        let d = peft_test_support::max_diff(&got, &io["lora_logits"]);
+        let moved = peft_test_support::max_diff(&io["base_logits"], &io["lora_logits"]);
+        eprintln!("{name}: merged vs PEFT LoRA logits {d:.2e} (LoRA moves them by {moved:.3})");
+        assert!(d < 1e-4, "{name}: {d}");
+        // --dtype bf16 rounds every float tensor, the dense weights included.
+        let out16 = tmp.path().join("merged16");
+        peft(&args![
+            "merge",
+            "-b",
+            case.join("base"),
+            "-a",
+            case.join("adapter"),
+            "-o",
+            out16,
+            "--dtype",
+            "bf16"
+        ])
+        .unwrap();
+        let m16 =
+            candle_core::safetensors::load(out16.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(m16.values().all(|t| t.dtype() == DType::BF16), "{name}");
+    }
+}
+
+/// `peft merge --requantize` into bitsandbytes 4-bit (NF4, NF4 + double quant, FP4) and 8-bit checkpoints:
+/// the output is a checkpoint of the same kind (the same tensors, dtypes and `quantization_config`), its
+/// weights are bit for bit what `merge_and_unload` re-quantizes, and its logits are PEFT's re-quantizing
+/// merge's (`merged_logits`, gen_quant.py).
+#[test]
+fn merge_requantize_into_bnb_bases_writes_the_checkpoint_peft_merges_to() {
+    for name in [
+        "bnb4_llama_nf4",
+        "bnb4_llama_nf4_dq",
+        "bnb4_llama_fp4",
+        "bnb8_llama",
+    ] {
+        let case = quant_case(name);
+        let io = candle_core::safetensors::load(case.join("io.safetensors"), &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let report = merge_report(&args![
+            "--base",
+            case.join("base"),
+            "--adapter",
+            case.join("adapter"),
+            "--output",
+            out,
+            "--requantize",
+            "-q"
+        ])
+        .unwrap();
+        assert_eq!(report.requantized.len(), 14, "{name}");
+        let worst = report
+            .requantized
+            .iter()
+            .map(|r| r.max_error)
+            .fold(0f32, f32::max);
+        assert!(worst > 0.0, "{name}");
+        let warning = crate::merge::requantize_warning(&report).unwrap();
+        assert!(
+            warning.contains("lossy") && warning.contains("0.4-0.8"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("max |dequant(requant(W')) - W'| = "),
+            "{warning}"
+        );
+        eprintln!("{name}: {warning}");
+        // The same kind of checkpoint: config kept, the same tensors in the same dtypes.
+        assert_eq!(
+            read_json(&out.join("config.json"))["quantization_config"],
+            read_json(&case.join("base/config.json"))["quantization_config"]
+        );
+        let info = |p: &Path| {
+            let f = peft::io::SafetensorsFile::open(p).unwrap();
+            let mut v: Vec<_> = f
+                .names()
+                .into_iter()
+                .map(|n| {
+                    let (shape, dt) = f.info(&n).unwrap();
+                    let shape = if n.contains(".quant_state.") {
+                        vec![]
+                    } else {
+                        shape
+                    };
+                    (n, shape, dt)
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        assert_eq!(
+            info(&out.join("model.safetensors")),
+            info(&case.join("base/model.safetensors")),
+            "{name}"
+        );
+        let ours = peft_models::load_model(&out, &Device::Cpu).unwrap().model;
+        assert!(peft_models::quantize::summary(&ours).is_some(), "{name}");
+        let base = peft_models::load_model(case.join("base"), &Device::Cpu)
+            .unwrap()
+            .model;
+        let pm =
+            peft::PeftModel::from_pretrained(base, case.join("adapter"), "default", &Device::Cpu)
+                .unwrap();
+        let theirs = pm.merge_and_unload(None).unwrap();
+        for l in 0..2 {
+            for p in LLAMA_PROJ {
+                let m = format!("model.layers.{l}.{p}");
+                let q = |model: &LlamaForCausalLM| {
+                    model
+                        .slot(&m)
+                        .unwrap()
+                        .base()
+                        .quantized()
+                        .unwrap_or_else(|| panic!("{name}: {m} is not quantized"))
+                        .clone()
+                };
+                assert!(q(&ours) == q(&theirs), "{name}: {m}");
+            }
+        }
+        let got = model_logits(&ours, &io["input_ids"]);
+        let d = peft_test_support::max_diff(&got, &io["merged_logits"]);
+        let loss = peft_test_support::max_diff(&got, &io["lora_logits"]);
+        eprintln!("{name}: vs PEFT's merged logits {d:.2e}; vs the unmerged LoRA {loss:.3}");
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+}
+
+/// `--requantize` where there is nothing to re-quantize into, or no re-quantizer: errors naming the reason,
+/// nothing written.
+#[test]
+fn merge_requantize_refuses_gptq_awq_gguf_and_dense_bases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let run = |base: PathBuf, adapter: PathBuf| {
+        err_text(peft(&args![
+            "merge",
+            "-b",
+            base,
+            "-a",
+            adapter,
+            "-o",
+            out,
+            "--requantize"
+        ]))
+    };
+    for name in ["gptq_llama_v1", "awq_llama"] {
+        let c = quant_case(name);
+        let e = run(c.join("base"), c.join("adapter"));
+        assert!(
+            e.contains("`requantize`") && e.contains("no GPTQ or AWQ re-quantizer"),
+            "{name}: {e}"
+        );
+    }
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases/llama_qv");
+    let e = run(lora.join("base_hf"), lora.join("adapter"));
+    assert!(
+        e.contains("no bitsandbytes 4-bit or 8-bit weights to re-quantize"),
+        "{e}"
+    );
+    let gguf = tmp.path().join("model.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let e = run(gguf, quant_case("bnb8_llama").join("adapter"));
+    assert!(e.contains("--requantize") && e.contains("GGUF"), "{e}");
+    // An unknown GPTQ checkpoint format is an error naming the field.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    let c = quant_case("gptq_llama_v1");
+    std::fs::copy(
+        c.join("base/model.safetensors"),
+        odd.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config = read_json(&c.join("base/config.json"));
+    config["quantization_config"]["checkpoint_format"] = json!("marlin");
+    std::fs::write(odd.join("config.json"), config.to_string()).unwrap();
+    let e = err_text(peft(&args![
+        "merge",
+        "-b",
+        odd,
+        "-a",
+        c.join("adapter"),
+        "-o",
+        out
+    ]));
+    assert!(
+        e.contains("quantization_config.checkpoint_format") && e.contains("marlin"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, ["model.gguf", "odd"]);
+}

@@ -8,8 +8,11 @@
 //! tensors that an adapter replaces (`bias="all"` biases, `modules_to_save` copies, saved embeddings) are
 //! applied first, in load order, as PEFT's loading does. Everything computes in f32 and rounds once.
 //!
-//! [`merge_safetensors`] streams one file tensor by tensor (peak memory about one module), and
-//! [`merge_model`] handles a model directory, sharded or not, writing atomically.
+//! [`merge_safetensors`] streams one file tensor by tensor (peak memory about one module, plus the shard's
+//! quantized weights in their packed form), and [`merge_model`] / [`merge_model_with`] handle a model
+//! directory, sharded or not, writing atomically. Quantized bases (bitsandbytes, GPTQ, AWQ) are merged into
+//! their dequantized weights and written dense, or, for bitsandbytes with [`MergeOptions::requantize`],
+//! re-quantized to their own format.
 
 use crate::config::PeftConfig;
 use crate::io::{
@@ -18,10 +21,13 @@ use crate::io::{
 };
 use crate::layer::registry;
 use crate::layer::{BaseLayer, MergeInput};
+use crate::quant::QuantizedWeight;
+use crate::quant::awq::AwqWeight;
+use crate::quant::gptq::{GptqFormat, GptqWeight};
 use crate::{PeftError, Result};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -401,48 +407,154 @@ fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
         .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
 }
 
-/// Whether `name` is a state tensor of a bitsandbytes weight (`…weight.absmax`, …, `….SCB`,
-/// `….weight_format`).
-fn is_bnb_state(name: &str) -> bool {
-    crate::quant::bnb4::STATE_SUFFIXES
-        .iter()
-        .any(|s| name.ends_with(&format!(".weight.{s}")))
-        || name.ends_with(".SCB")
-        || name.ends_with(".weight_format")
+/// How [`merge_model_with`] writes the merged model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// Store floating-point tensors in this dtype (default: each tensor's own; a dequantized bitsandbytes
+    /// weight its dtype before quantization, a dequantized GPTQ or AWQ weight f32). Quantization state
+    /// tensors kept by [`MergeOptions::requantize`] are never converted.
+    pub dtype: Option<DType>,
+    /// Re-quantize each merged bitsandbytes 4-bit or 8-bit Linear weight to the base's own format (quant
+    /// type, block size, double quantization, `quant_storage`; int8 + `SCB`) and write it as transformers
+    /// saves it, keeping `quantization_config`, instead of writing it dense. Lossy: see
+    /// [`MergeReport::requantized`]. An error on a base with no bitsandbytes weights or with GPTQ / AWQ ones.
+    pub requantize: bool,
+    /// How GPTQ zero points are stored; `None`: from `config.json`'s `quantization_config.checkpoint_format`
+    /// (or `format`) for a model directory, `gptq` (v1) for a lone file.
+    pub gptq_format: Option<GptqFormat>,
 }
 
-/// The bitsandbytes weights stored in a shard ([`crate::quant::stored_keys`]): weight name → the names of
-/// its state tensors, which a merge drops from the output (the merged model is dense).
-fn bnb_weights(f: &SafetensorsFile) -> HashMap<String, Vec<String>> {
-    f.names()
-        .iter()
-        .filter_map(|n| {
-            let module = n.strip_suffix(".weight")?;
-            let keys = crate::quant::stored_keys(module, |k| f.contains(k))?;
-            Some((n.clone(), keys[1..].to_vec()))
-        })
-        .collect()
+/// A merged weight that [`MergeOptions::requantize`] wrote re-quantized, with the loss it measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requantized {
+    /// The weight's tensor name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// Its format ([`QuantizedWeight::describe`]).
+    pub format: String,
+    /// `max |dequant(requant(W')) − W'|` over its elements, `W'` the merged weight in f32.
+    pub max_error: f32,
+    /// `max |W'|`.
+    pub max_abs: f32,
 }
 
-/// The bitsandbytes weight `name` of `f` (4-bit or 8-bit), read with its state tensors.
-fn load_bnb(
-    f: &SafetensorsFile,
-    name: &str,
-    keys: &[String],
-) -> Result<crate::quant::QuantizedWeight> {
-    let dev = Device::Cpu;
-    let mut tensors = indexmap::IndexMap::new();
-    tensors.insert(name.to_string(), f.load(name, &dev)?);
-    for k in keys {
-        tensors.insert(k.clone(), f.load(k, &dev)?);
+/// A quantized Linear weight stored in a shard: the dense tensor name a merge writes (`<module>.weight`), the
+/// weight, and the names of the tensors it is stored as ([`crate::quant::stored_keys`], the packed one first).
+struct StoredQuant {
+    weight: String,
+    q: QuantizedWeight,
+    keys: Vec<String>,
+}
+
+impl StoredQuant {
+    fn is_bnb(&self) -> bool {
+        matches!(self.q, QuantizedWeight::Bnb4(_) | QuantizedWeight::Bnb8(_))
     }
-    let module = name.strip_suffix(".weight").unwrap_or(name);
-    crate::quant::from_state_dict(module, &tensors)
-        .and_then(|q| {
-            q.map(|(q, _)| q)
-                .ok_or_else(|| PeftError::MissingKey(format!("{name} (quant state)")))
-        })
-        .map_err(|e| PeftError::Invalid(format!("{}: {e}", f.path().display())))
+}
+
+/// The quantized Linear weights stored in a shard (bitsandbytes 4-bit / 8-bit, GPTQ in `format`, AWQ), read
+/// with their state tensors.
+fn quantized_weights(f: &SafetensorsFile, format: GptqFormat) -> Result<Vec<StoredQuant>> {
+    let dev = Device::Cpu;
+    let mut out = Vec::new();
+    for n in f.names() {
+        let Some(module) = crate::quant::stored_module(&n) else {
+            continue;
+        };
+        let Some(keys) = crate::quant::stored_keys(module, |k| f.contains(k)) else {
+            continue;
+        };
+        if keys[0] != n {
+            continue;
+        }
+        let mut tensors = IndexMap::new();
+        for k in keys.iter().filter(|k| f.contains(k)) {
+            tensors.insert(k.clone(), f.load(k, &dev)?);
+        }
+        let q = if n.ends_with(".qweight") {
+            if tensors.contains_key(&format!("{module}.g_idx")) {
+                GptqWeight::from_state_dict(module, &tensors, format).map(QuantizedWeight::Gptq)
+            } else {
+                AwqWeight::from_state_dict(module, &tensors).map(QuantizedWeight::Awq)
+            }
+        } else {
+            crate::quant::from_state_dict(module, &tensors).and_then(|q| {
+                q.map(|(q, _)| q)
+                    .ok_or_else(|| PeftError::MissingKey(format!("{n} (quant state)")))
+            })
+        }
+        .map_err(|e| PeftError::Invalid(format!("{}: {e}", f.path().display())))?;
+        out.push(StoredQuant {
+            weight: format!("{module}.weight"),
+            q,
+            keys,
+        });
+    }
+    Ok(out)
+}
+
+/// The `[out, in]` shape of GPTQ / AWQ weight `name` (`<module>.weight`, absent from the file) from its packed
+/// tensors' shapes: `out` from `scales`, `in` from `g_idx` (GPTQ) or `qweight` (AWQ).
+fn packed_shape(f: &SafetensorsFile, name: &str) -> Option<Vec<usize>> {
+    let m = name.strip_suffix(".weight")?;
+    let (qw, _) = f.info(&format!("{m}.qweight"))?;
+    let (sc, _) = f.info(&format!("{m}.scales"))?;
+    let inp = match f.info(&format!("{m}.g_idx")) {
+        Some((g, _)) => *g.first()?,
+        None => *qw.first()?,
+    };
+    Some(vec![*sc.get(1)?, inp])
+}
+
+/// The GPTQ checkpoint format `config.json` states (`quantization_config.checkpoint_format`, or `format`), for a
+/// GPTQ config; `gptq` (v1) otherwise. An unknown format is an error naming the field.
+fn config_gptq_format(config: Option<&serde_json::Value>) -> Result<GptqFormat> {
+    let Some(q) = config.and_then(|c| c.get("quantization_config")) else {
+        return Ok(GptqFormat::V1);
+    };
+    if q.get("quant_method").and_then(|v| v.as_str()) != Some("gptq") {
+        return Ok(GptqFormat::V1);
+    }
+    for field in ["checkpoint_format", "format"] {
+        if let Some(f) = q.get(field).and_then(|v| v.as_str()) {
+            return GptqFormat::parse(f).ok_or_else(|| PeftError::Unsupported {
+                field: format!("config.json: quantization_config.{field}"),
+                value: format!("{f:?}"),
+                reason: "GPTQ checkpoints are read in the \"gptq\" (v1) or \"gptq_v2\" format"
+                    .into(),
+            });
+        }
+    }
+    Ok(GptqFormat::V1)
+}
+
+/// Where an output tensor's bytes come from.
+enum Data {
+    /// The base tensor of the same name: copied, converted, or merged when the merger touches it.
+    Base,
+    /// A quantized weight of the shard, dequantized (and merged when the merger touches it).
+    Dense,
+    /// Computed while planning (a re-quantized merged weight's tensors).
+    Bytes(Vec<u8>),
+}
+
+/// One output tensor of a shard.
+struct Entry {
+    name: String,
+    /// The dtype of its source (the dequantized dtype for [`Data::Dense`]).
+    sdt: safetensors::Dtype,
+    out_dt: safetensors::Dtype,
+    shape: Vec<usize>,
+    nbytes: usize,
+    data: Data,
+}
+
+/// What a shard's merge wrote.
+#[derive(Debug, Default)]
+struct ShardReport {
+    bytes: u64,
+    names: Vec<String>,
+    dequantized: usize,
+    requantized: Vec<Requantized>,
 }
 
 /// Progress of a merge: bytes written so far, total bytes, and the tensor just written.
@@ -450,7 +562,8 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
 /// Streams `base` to `output` with the merge applied, tensor by tensor, in the base's order. Untouched
 /// tensors are copied byte for byte (or converted when `dtype` is given); merged ones are computed in f32
-/// and rounded once. Returns the number of bytes written for tensor data.
+/// and rounded once. Quantized Linear weights (bitsandbytes, GPTQ in the `gptq` v1 format, AWQ) are written
+/// dense, without their packed and state tensors. Returns the number of bytes written for tensor data.
 pub fn merge_safetensors(
     base: &SafetensorsFile,
     merger: &Merger,
@@ -458,42 +571,167 @@ pub fn merge_safetensors(
     dtype: Option<DType>,
     progress: Progress<'_>,
 ) -> Result<u64> {
-    let names = base.names();
-    // bitsandbytes weights are written dequantized (their original dtype, or `dtype`), without their state
-    // tensors.
-    let quantized = bnb_weights(base);
-    let state_keys: HashSet<&String> = quantized.values().flatten().collect();
-    let mut dequantized: HashMap<String, crate::quant::QuantizedWeight> = HashMap::new();
-    for (w, keys) in &quantized {
-        dequantized.insert(w.clone(), load_bnb(base, w, keys)?);
+    let opts = MergeOptions {
+        dtype,
+        ..Default::default()
+    };
+    Ok(merge_shard(base, merger, output, &opts, GptqFormat::V1, progress)?.bytes)
+}
+
+/// [`merge_safetensors`] with [`MergeOptions`]; GPTQ weights read in `format`.
+fn merge_shard(
+    base: &SafetensorsFile,
+    merger: &Merger,
+    output: &Path,
+    opts: &MergeOptions,
+    format: GptqFormat,
+    progress: Progress<'_>,
+) -> Result<ShardReport> {
+    let dev = Device::Cpu;
+    let dtype = opts.dtype;
+    let quants = quantized_weights(base, format)?;
+    if opts.requantize
+        && let Some(q) = quants.iter().find(|q| !q.is_bnb())
+    {
+        return Err(no_requantizer(&q.q));
     }
-    // Plan the header: every output tensor keeps its name and shape; the dtype changes with `dtype` for floats.
-    let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    let mut plan = Vec::with_capacity(names.len());
-    let mut offset = 0usize;
-    for n in names.iter().filter(|n| !state_keys.contains(n)) {
-        let (shape, sdt) = match dequantized.get(n) {
-            Some(q) => (q.shape().to_vec(), st_dtype(q.dtype())?),
-            None => base
-                .info(n)
-                .ok_or_else(|| PeftError::MissingKey(n.clone()))?,
+    // Every stored tensor of a quantized weight → the weight's index.
+    let stored: HashMap<&str, usize> = quants
+        .iter()
+        .enumerate()
+        .flat_map(|(i, q)| q.keys.iter().map(move |k| (k.as_str(), i)))
+        .collect();
+    let dense_of: HashMap<&str, usize> = quants
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.weight.as_str(), i))
+        .collect();
+    let load = |n: &str| match dense_of.get(n) {
+        Some(&i) => quants[i].q.dequantize(&dev),
+        None => base.load(n, &dev),
+    };
+    let mut report = ShardReport::default();
+    let mut plan: Vec<Entry> = Vec::new();
+    let convert = |sdt: safetensors::Dtype| match (dtype, candle_dtype(sdt)) {
+        (Some(d), Some(_)) => st_dtype(d),
+        _ => Ok(sdt),
+    };
+    for n in base.names() {
+        let Some(&i) = stored.get(n.as_str()) else {
+            let (shape, sdt) = base
+                .info(&n)
+                .ok_or_else(|| PeftError::MissingKey(n.clone()))?;
+            let out_dt = convert(sdt)?;
+            if merger.touches(&n) && candle_dtype(out_dt).is_none() {
+                return Err(PeftError::Invalid(format!(
+                    "cannot merge into `{n}` of dtype {sdt:?}"
+                )));
+            }
+            let nbytes = shape.iter().product::<usize>() * out_dt.bitsize() / 8;
+            plan.push(Entry {
+                name: n,
+                sdt,
+                out_dt,
+                shape,
+                nbytes,
+                data: Data::Base,
+            });
+            continue;
         };
-        let out_dt = match (dtype, candle_dtype(sdt)) {
-            (Some(d), Some(_)) => st_dtype(d)?,
-            _ => sdt,
-        };
-        if merger.touches(n) && candle_dtype(out_dt).is_none() {
-            return Err(PeftError::Invalid(format!(
-                "cannot merge into `{n}` of dtype {sdt:?}"
-            )));
+        let sq = &quants[i];
+        if opts.requantize && !merger.touches(&sq.weight) {
+            // Untouched: every stored tensor as it is.
+            let (shape, sdt) = base
+                .info(&n)
+                .ok_or_else(|| PeftError::MissingKey(n.clone()))?;
+            let nbytes = shape.iter().product::<usize>() * sdt.bitsize() / 8;
+            plan.push(Entry {
+                name: n,
+                sdt,
+                out_dt: sdt,
+                shape,
+                nbytes,
+                data: Data::Base,
+            });
+            continue;
         }
+        if n != sq.keys[0] {
+            continue; // a state tensor: written with (or instead of) its packed weight below
+        }
+        if opts.requantize {
+            let merged = merger
+                .merged_tensor(&sq.weight, &load)?
+                .ok_or_else(|| PeftError::Invalid(format!("internal: {} not merged", sq.weight)))?
+                .to_dtype(DType::F32)?;
+            let q = sq.q.requantize(&merged)?;
+            let back = q.dequantize(&dev)?.to_dtype(DType::F32)?;
+            let max_error = (&back - &merged)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let max_abs = merged.abs()?.max_all()?.to_scalar::<f32>()?;
+            report.requantized.push(Requantized {
+                name: sq.weight.clone(),
+                format: q.describe(),
+                max_error,
+                max_abs,
+            });
+            for (k, t) in q.state_dict(&sq.weight, &dev)? {
+                // A tensor the base stores with the same number of bytes keeps its dtype and shape (bnb's
+                // `quant_storage`, int8 codes); others (the quant state's JSON) are written as they come.
+                let bytes = tensor_bytes(&t)?;
+                let (shape, sdt) = match base.info(&k) {
+                    Some((s, d))
+                        if sq.keys.contains(&k)
+                            && s.iter().product::<usize>() * d.bitsize() / 8 == bytes.len() =>
+                    {
+                        (s, d)
+                    }
+                    // `weight_format`, which this base does not store.
+                    _ if !sq.keys.contains(&k) && k.ends_with(".weight_format") => continue,
+                    _ => (t.dims().to_vec(), t.dtype().into()),
+                };
+                plan.push(Entry {
+                    name: k,
+                    sdt,
+                    out_dt: sdt,
+                    shape,
+                    nbytes: bytes.len(),
+                    data: Data::Bytes(bytes),
+                });
+            }
+            continue;
+        }
+        // Dense: the dequantized weight under `<module>.weight`.
+        let sdt = match sq.q {
+            QuantizedWeight::Gptq(_) | QuantizedWeight::Awq(_) => safetensors::Dtype::F32,
+            _ => st_dtype(sq.q.dtype())?,
+        };
+        let out_dt = convert(sdt)?;
+        let shape = sq.q.shape().to_vec();
         let nbytes = shape.iter().product::<usize>() * out_dt.bitsize() / 8;
+        report.dequantized += 1;
+        plan.push(Entry {
+            name: sq.weight.clone(),
+            sdt,
+            out_dt,
+            shape,
+            nbytes,
+            data: Data::Dense,
+        });
+    }
+    // The header: names sorted, data in plan order.
+    let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut offset = 0usize;
+    for e in &plan {
         header.insert(
-            n.clone(),
-            serde_json::json!({"dtype": out_dt, "shape": shape, "data_offsets": [offset, offset + nbytes]}),
+            e.name.clone(),
+            serde_json::json!({"dtype": e.out_dt, "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}),
         );
-        plan.push((n.clone(), sdt, out_dt, nbytes));
-        offset += nbytes;
+        offset += e.nbytes;
+    }
+    if header.len() != plan.len() {
+        return Err(PeftError::Invalid(format!(
+            "{}: the merged shard would hold a tensor name twice",
+            base.path().display()
+        )));
     }
     let meta: HashMap<String, String> = base
         .metadata()
@@ -513,39 +751,54 @@ pub fn merge_safetensors(
         hbytes.push(b' ');
     }
     let total = offset as u64;
-    let dev = Device::Cpu;
-    let load = |n: &str| match dequantized.get(n) {
-        Some(q) => q.dequantize(&dev),
-        None => base.load(n, &dev),
-    };
     atomic_write_try(output, |w| {
         let io = |e| PeftError::io(output, e);
         w.write_all(&(hbytes.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(&hbytes).map_err(io)?;
         let mut done = 0u64;
-        for (n, sdt, out_dt, nbytes) in &plan {
-            let merged = merger.merged_tensor(n, &load)?;
-            let bytes: Vec<u8> = match merged {
-                Some(t) => tensor_bytes(&t.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?)?,
-                None if sdt == out_dt => tensor_bytes(&load(n)?)?,
-                None => {
-                    tensor_bytes(&load(n)?.to_dtype(candle_dtype(*out_dt).unwrap_or(DType::F32))?)?
-                }
+        for e in &plan {
+            let to_out = |t: Tensor| -> Result<Vec<u8>> {
+                tensor_bytes(&t.to_dtype(candle_dtype(e.out_dt).unwrap_or(DType::F32))?)
             };
-            if bytes.len() != *nbytes {
+            let bytes: Vec<u8> = match &e.data {
+                Data::Bytes(b) => b.clone(),
+                Data::Base | Data::Dense => match merger.merged_tensor(&e.name, &load)? {
+                    Some(t) => to_out(t)?,
+                    None if e.sdt == e.out_dt && matches!(e.data, Data::Base) => {
+                        tensor_bytes(&load(&e.name)?)?
+                    }
+                    None => to_out(load(&e.name)?)?,
+                },
+            };
+            if bytes.len() != e.nbytes {
                 return Err(PeftError::Invalid(format!(
-                    "internal: {n} has {} bytes, expected {nbytes}",
-                    bytes.len()
+                    "internal: {} has {} bytes, expected {}",
+                    e.name,
+                    bytes.len(),
+                    e.nbytes
                 )));
             }
             w.write_all(&bytes).map_err(io)?;
-            done += *nbytes as u64;
-            progress(done, total, n);
+            done += e.nbytes as u64;
+            progress(done, total, &e.name);
         }
         Ok(())
     })?;
-    Ok(total)
+    report.bytes = total;
+    report.names = plan.into_iter().map(|e| e.name).collect();
+    Ok(report)
+}
+
+/// The error for [`MergeOptions::requantize`] on a weight with no re-quantizer.
+fn no_requantizer(q: &QuantizedWeight) -> PeftError {
+    PeftError::Unsupported {
+        field: "requantize".into(),
+        value: q.describe(),
+        reason: "there is no GPTQ or AWQ re-quantizer (re-quantizing needs calibration data; PEFT has no merge \
+                 for these layers either): merge without re-quantizing to write the dequantized weights dense"
+            .into(),
+    }
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
@@ -564,6 +817,8 @@ pub struct MergeReport {
     pub bytes: u64,
     /// Warnings of adapters whose merged weights differ from their unmerged forward ([`Merger::warnings`]).
     pub warnings: Vec<String>,
+    /// The merged weights written re-quantized ([`MergeOptions::requantize`]), with their measured loss.
+    pub requantized: Vec<Requantized>,
 }
 
 /// Merges adapters into a base model file or directory and writes the result.
@@ -608,9 +863,64 @@ pub fn merge_model(
     dtype: Option<DType>,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
+    let opts = MergeOptions {
+        dtype,
+        ..Default::default()
+    };
+    merge_model_with(base, adapters, output, &opts, progress)
+}
+
+/// [`merge_model`] with [`MergeOptions`].
+///
+/// Quantized Linear weights are written dense (dequantized, then merged in f32): bitsandbytes 4-bit and 8-bit,
+/// GPTQ (float16 dequantization as gptqmodel, zero points in the checkpoint format `config.json` states) and
+/// AWQ `gemm`, each as `<module>.weight` without its packed and state tensors, `quantization_config` removed
+/// from `config.json` and the index's `weight_map` listing what was written. With
+/// [`MergeOptions::requantize`], merged bitsandbytes weights are re-quantized to the base's format instead and
+/// the config is kept; [`MergeReport::requantized`] says what that cost.
+pub fn merge_model_with(
+    base: &Path,
+    adapters: Vec<MergeAdapter>,
+    output: &Path,
+    opts: &MergeOptions,
+    progress: Progress<'_>,
+) -> Result<MergeReport> {
     let model = BaseModel::open(base)?;
+    let format = match opts.gptq_format {
+        Some(f) => f,
+        None => config_gptq_format(model.config.as_ref())?,
+    };
+    if opts.requantize {
+        let names = || model.shards.iter().flat_map(|(_, f)| f.names());
+        if let Some(n) = names().find(|n| n.ends_with(".qweight")) {
+            let f = model
+                .shards
+                .iter()
+                .find(|(_, f)| f.contains(&n))
+                .map(|(_, f)| f)
+                .ok_or_else(|| PeftError::MissingKey(n.clone()))?;
+            let q = quantized_weights_of(f, &n, format)?;
+            return Err(no_requantizer(&q));
+        }
+        if !model.is_quantized() {
+            return Err(PeftError::Unsupported {
+                field: "requantize".into(),
+                value: "true".into(),
+                reason: format!(
+                    "{}: the base has no bitsandbytes 4-bit or 8-bit weights to re-quantize into; a merge into \
+                     a full-precision base is written dense",
+                    base.display()
+                ),
+            });
+        }
+    }
     let aliases = model.aliases();
-    let merger = Merger::new(adapters, &|n: &str| model.shape(n), aliases)?;
+    let shape = |n: &str| {
+        model
+            .shape(n)
+            .or_else(|| model.shards.iter().find_map(|(_, f)| packed_shape(f, n)))
+    };
+    let merger = Merger::new(adapters, &shape, aliases)?;
     let mut report = MergeReport {
         modules: merger.modules(),
         warnings: merger.warnings().to_vec(),
@@ -628,14 +938,16 @@ pub fn merge_model(
         })
         .sum();
     let mut offset = 0u64;
-    let mut shard_progress = |f: &SafetensorsFile, out: &Path, offset: &mut u64| -> Result<u64> {
-        let base_off = *offset;
-        let n = merge_safetensors(f, &merger, out, dtype, &mut |d, _, name| {
-            progress(base_off + d, total, name)
-        })?;
-        *offset += n;
-        Ok(n)
-    };
+    let mut dequantized = 0usize;
+    let mut shard_progress =
+        |f: &SafetensorsFile, out: &Path, offset: &mut u64| -> Result<ShardReport> {
+            let base_off = *offset;
+            let r = merge_shard(f, &merger, out, opts, format, &mut |d, _, name| {
+                progress(base_off + d, total, name)
+            })?;
+            *offset += r.bytes;
+            Ok(r)
+        };
     match &model.dir {
         None => {
             let out = if output.is_dir() {
@@ -643,7 +955,9 @@ pub fn merge_model(
             } else {
                 output.to_path_buf()
             };
-            report.bytes = shard_progress(&model.shards[0].1, &out, &mut offset)?;
+            let r = shard_progress(&model.shards[0].1, &out, &mut offset)?;
+            report.bytes = r.bytes;
+            report.requantized = r.requantized;
             report.files.push(out);
         }
         Some(dir) => {
@@ -657,14 +971,25 @@ pub fn merge_model(
                 output.with_file_name(format!(".{}.tmp-{}", file_name(output), std::process::id()));
             let res = (|| -> Result<()> {
                 std::fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+                let mut weight_map = BTreeMap::new();
                 for (fname, f) in &model.shards {
-                    report.bytes += shard_progress(f, &tmp.join(fname), &mut offset)?;
+                    let r = shard_progress(f, &tmp.join(fname), &mut offset)?;
+                    report.bytes += r.bytes;
+                    report.requantized.extend(r.requantized);
+                    dequantized += r.dequantized;
+                    for n in r.names {
+                        weight_map.insert(n, serde_json::Value::from(fname.as_str()));
+                    }
                     report.files.push(output.join(fname));
                 }
                 if let Some(index) = &model.index {
                     let mut index = index.clone();
-                    if let Some(m) = index.get_mut("weight_map").and_then(|m| m.as_object_mut()) {
-                        m.retain(|k, _| !is_bnb_state(k));
+                    if let Some(m) = index.as_object_mut() {
+                        // What was written: dense weights in place of packed ones, no state tensors.
+                        m.insert(
+                            "weight_map".into(),
+                            serde_json::Value::Object(weight_map.into_iter().collect()),
+                        );
                     }
                     if let Some(m) = index.get_mut("metadata").and_then(|m| m.as_object_mut()) {
                         m.insert("total_size".into(), serde_json::json!(report.bytes));
@@ -677,8 +1002,9 @@ pub fn merge_model(
                         .push(output.join("model.safetensors.index.json"));
                 }
                 copy_side_files(dir, &tmp, &mut report)?;
-                if model.is_quantized()
+                if dequantized > 0
                     && let Some(config) = &model.config
+                    && config.get("quantization_config").is_some()
                 {
                     // The merged weights are dense: the config no longer describes a quantized checkpoint.
                     let mut config = config.clone();
@@ -702,6 +1028,19 @@ pub fn merge_model(
         }
     }
     Ok(report)
+}
+
+/// The GPTQ or AWQ weight whose packed tensor is `qweight`, for an error message.
+fn quantized_weights_of(
+    f: &SafetensorsFile,
+    qweight: &str,
+    format: GptqFormat,
+) -> Result<QuantizedWeight> {
+    quantized_weights(f, format)?
+        .into_iter()
+        .find(|q| q.keys[0] == qweight)
+        .map(|q| q.q)
+        .ok_or_else(|| PeftError::MissingKey(qweight.to_string()))
 }
 
 /// Copies the base directory's non-weight files (config.json, tokenizer files, generation config, …).
