@@ -1418,7 +1418,7 @@ fn merge_requantize_into_bnb_bases_writes_the_checkpoint_peft_merges_to() {
         assert!(worst > 0.0, "{name}");
         let warning = crate::merge::requantize_warning(&report).unwrap();
         assert!(
-            warning.contains("lossy") && warning.contains("0.4-0.8"),
+            warning.contains("lossy") && warning.contains("3.1-4.9 at 4 bits"),
             "{warning}"
         );
         assert!(
