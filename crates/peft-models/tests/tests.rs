@@ -4,4 +4,5 @@ mod gguf_lora;
 mod llama;
 mod prompt;
 mod quant;
+mod quant_bad_inputs;
 mod quant_gptq;
