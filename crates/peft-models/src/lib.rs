@@ -18,6 +18,7 @@ pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_lora;
+pub mod gguf_merge;
 pub mod hf;
 pub mod llama;
 pub mod load;
