@@ -1,6 +1,7 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
 mod gguf_lora;
+mod gguf_merge;
 mod llama;
 mod prompt;
 mod quant;
