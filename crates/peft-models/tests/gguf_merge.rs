@@ -580,6 +580,10 @@ fn gguf_merge_refusals_are_errors() {
     let e = merge(&iq, &lora, &out).unwrap_err();
     assert!(e.to_string().contains(&iq.display().to_string()), "{e}");
     // An adapter GGUF as the base; the output being the base; a truncated base.
+    let adapter_gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/gguf_lora/cases/attn_r4/converter_f32.gguf");
+    let e = merge(&adapter_gguf, &lora, &out).unwrap_err();
+    assert!(e.to_string().contains("is an adapter"), "{e}");
     let e = merge(&base, &lora, &base).unwrap_err();
     assert!(e.to_string().contains("the output is the base"), "{e}");
     let cut = tmp.path().join("cut.gguf");
