@@ -600,3 +600,36 @@ fn gguf_merge_refusals_are_errors() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A weighted merge (`DIR@0.5`) goes through the same merge code: F32 tensors get exactly `W + 0.5·ΔW`, a
+/// Q8_0 one stays Q8_0.
+#[test]
+fn gguf_merge_weighted_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.gguf");
+    let dtype_of = |g: &str| {
+        if g.contains("attn_q") {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        }
+    };
+    write_base(&base, SMALL, "llama", &dtype_of);
+    let adapter = write_lora(&tmp.path().join("lora"), SMALL, &["q_proj", "o_proj"]);
+    let out = tmp.path().join("merged.gguf");
+    let ad = MergeAdapter::load(&adapter, Some(0.5), &Device::Cpu).unwrap();
+    let report = merge_into_gguf(&base, vec![ad], &out, &mut |_, _, _| {}).unwrap();
+    assert_eq!(report.tensors.len(), 4);
+    let (b, m) = (read(&base), read(&out));
+    for l in 0..SMALL.layers {
+        let g = format!("blk.{l}.attn_output.weight");
+        let want = (b.hf(&g)
+            + (delta(&adapter, &format!("model.layers.{l}.self_attn.o_proj")) * 0.5).unwrap())
+        .unwrap();
+        let err = max_diff(&m.hf(&g), &want);
+        assert!(err <= 1e-6, "{g}: {err}");
+        let q = format!("blk.{l}.attn_q.weight");
+        assert_eq!(m.content.tensor_infos[&q].ggml_dtype, GgmlDType::Q8_0);
+        assert!(b.range(&q) != m.range(&q));
+    }
+}
