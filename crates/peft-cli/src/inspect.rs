@@ -896,7 +896,7 @@ pub fn inspect_model(path: &Path) -> anyhow::Result<ModelInspection> {
             );
             let numel: usize = shape.iter().product();
             let out = shape.first().copied().unwrap_or(0);
-            (f, (out, if out == 0 { 0 } else { numel / out }))
+            (f, (out, numel.checked_div(out).unwrap_or(0)))
         };
         let params = out_in.0 as u64 * out_in.1 as u64;
         add_linear(&mut info.linear, format, true, module, params, bytes);
