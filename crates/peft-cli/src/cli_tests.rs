@@ -1555,3 +1555,69 @@ fn merge_requantize_refuses_gptq_awq_gguf_and_dense_bases() {
     left.sort();
     assert_eq!(left, ["model.gguf", "odd"]);
 }
+
+/// `peft merge --base x.gguf --output y.gguf`: the adapter merged into a GGUF of the same tensor types (the tiny
+/// SentencePiece-vocab GGUF fixture, f32 weights: the merge is exact), giving the logits of the base with the
+/// adapter; `--dtype` with a GGUF output is refused.
+#[test]
+fn merge_into_a_gguf_base_writes_a_gguf_with_the_adapters_logits() {
+    use peft::config::{LoraConfig, LoraFields, TargetFields};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let base = fixtures.join("spm_tokenizer/tiny_spm.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let loaded = peft_models::load_model(&base, &dev).unwrap();
+    let config = peft::PeftConfig::Lora(LoraConfig {
+        lora: LoraFields {
+            r: 4,
+            lora_alpha: 8.0,
+            init_lora_weights: peft::config::InitLoraWeights::Bool(false),
+            ..Default::default()
+        },
+        targets: TargetFields::modules(["q_proj", "k_proj", "down_proj"]),
+        ..Default::default()
+    });
+    let pm = peft::PeftModel::get_peft_model(loaded.model, config, "default", 3).unwrap();
+    let adapter = tmp.path().join("adapter");
+    pm.save_pretrained(&adapter).unwrap();
+    let ids = Tensor::new(&[[1u32, 20, 33, 57, 101, 7]], &dev).unwrap();
+    let want = model_logits(pm.model(), &ids);
+    let plain = model_logits(&peft_models::load_model(&base, &dev).unwrap().model, &ids);
+    let out = tmp.path().join("merged.gguf");
+    let report = merge_report(&[
+        "--base".into(),
+        base.display().to_string(),
+        "--adapter".into(),
+        adapter.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+    ])
+    .unwrap();
+    assert_eq!(
+        report.modules.len(),
+        3 * pm.model().config().num_hidden_layers
+    );
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        std::fs::metadata(&base).unwrap().len()
+    );
+    let merged = model_logits(&peft_models::load_model(&out, &dev).unwrap().model, &ids);
+    let d = peft_test_support::max_diff(&merged, &want);
+    let effect = peft_test_support::max_diff(&plain, &want);
+    assert!(
+        d < 1e-4 && effect > 1e-2,
+        "merged vs adapter {d}, adapter effect {effect}"
+    );
+    let e = merge_report(&[
+        "--base".into(),
+        base.display().to_string(),
+        "--adapter".into(),
+        adapter.display().to_string(),
+        "--output".into(),
+        tmp.path().join("m2.gguf").display().to_string(),
+        "--dtype".into(),
+        "f16".into(),
+    ])
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("--dtype"), "{e:#}");
+}

@@ -21,7 +21,8 @@ pub const LARGE_MERGE_BYTES: u64 = 64 << 20;
 pub struct MergeArgs {
     /// The base model: a `.safetensors` file, or a model directory (`model.safetensors` or a sharded
     /// `model.safetensors.index.json`; its config and tokenizer files are copied to the output), or a
-    /// llama `.gguf` file (dequantized to f32; the output is then an HF directory).
+    /// llama `.gguf` file (dequantized to f32, the output an HF directory; or, with an output ending in `.gguf`,
+    /// merged into a GGUF file of the same tensor types: the merged tensors re-quantized, the rest copied).
     #[arg(long, short = 'b', value_name = "MODEL")]
     pub base: PathBuf,
     /// An adapter directory (holding `adapter_config.json` and `adapter_model.safetensors`), optionally with
@@ -240,11 +241,19 @@ fn check_paths(args: &MergeArgs) -> anyhow::Result<()> {
 /// Runs `peft merge`: merges, then writes a one-line summary to `out`. Returns the library's report.
 pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport> {
     check_paths(args)?;
-    if args.requantize && args.base.extension().is_some_and(|e| e == "gguf") {
+    let is_gguf = |p: &std::path::Path| p.extension().is_some_and(|e| e == "gguf");
+    let gguf_to_gguf = is_gguf(&args.base) && is_gguf(&args.output);
+    if args.requantize && is_gguf(&args.base) && !gguf_to_gguf {
         bail!(
-            "--requantize: {} is a GGUF file; a merge into GGUF blocks is not written (`peft merge` writes it \
-             as an f32 HF directory: drop --requantize)",
+            "--requantize: {} is a GGUF file; to merge into a GGUF of the same block types, give an output \
+             ending in .gguf (without --requantize: re-quantizing is what a GGUF output means); otherwise \
+             `peft merge` writes it as an f32 HF directory: drop --requantize",
             args.base.display()
+        );
+    }
+    if gguf_to_gguf && args.dtype.is_some() {
+        bail!(
+            "--dtype: a GGUF output keeps every tensor's own ggml type; drop --dtype, or write an HF directory"
         );
     }
     let device = Device::Cpu;
@@ -255,6 +264,9 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
         adapters.push(adapter);
     }
     let n_adapters = adapters.len();
+    if gguf_to_gguf {
+        return merge_into_gguf(args, adapters, out);
+    }
     // A GGUF base is first written as an HF directory (dequantized f32, config, tokenizer) next to the
     // output, merged from there, and removed: the output is an HF directory.
     let gguf_dir = if args.base.extension().is_some_and(|e| e == "gguf") {
@@ -310,6 +322,65 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
     if let Some(w) = requantize_warning(&report) {
         eprintln!("warning: {w}");
     }
+    writeln!(out, "{}", summary(&report, n_adapters))?;
+    Ok(report)
+}
+
+/// GGUF base → GGUF output ([`peft_models::gguf_merge::merge_into_gguf`]): every merged tensor re-quantized to
+/// its own ggml type, the rest copied byte for byte; a warning gives the measured loss per type.
+fn merge_into_gguf(
+    args: &MergeArgs,
+    adapters: Vec<MergeAdapter>,
+    out: &mut dyn Write,
+) -> anyhow::Result<MergeReport> {
+    let n_adapters = adapters.len();
+    let mut progress = Progress::new(args.quiet);
+    let result = peft_models::gguf_merge::merge_into_gguf(
+        &args.base,
+        adapters,
+        &args.output,
+        &mut |done, total, name| progress.update(done, total, name),
+    );
+    progress.finish();
+    let g = result.with_context(|| {
+        format!(
+            "cannot merge into {} (writing {})",
+            args.base.display(),
+            args.output.display()
+        )
+    })?;
+    for w in &g.warnings {
+        eprintln!("warning: {w}");
+    }
+    if g.requantized_blocks() {
+        let per_type: Vec<String> = g
+            .max_error_by_type()
+            .iter()
+            .map(|(t, n, e)| format!("{t:?}: {n} tensors, max |Δ| {e:.3e}"))
+            .collect();
+        eprintln!(
+            "warning: the merged weights were re-quantized to their GGUF block types, which moves the model's \
+             outputs (max |dequant(requant(W')) − W'| per type: {}); write an HF directory output for the \
+             exact f32 merge",
+            per_type.join("; ")
+        );
+    }
+    let report = MergeReport {
+        files: vec![g.output.clone()],
+        modules: g.modules.clone(),
+        bytes: g.bytes,
+        warnings: g.warnings.clone(),
+        requantized: g
+            .tensors
+            .iter()
+            .map(|t| peft::merge::Requantized {
+                name: t.gguf_name.clone(),
+                format: format!("{:?}", t.ggml_dtype),
+                max_error: t.max_error,
+                max_abs: t.max_abs,
+            })
+            .collect(),
+    };
     writeln!(out, "{}", summary(&report, n_adapters))?;
     Ok(report)
 }
