@@ -1671,6 +1671,31 @@ mod tests {
         }
     }
 
+    /// A base whose quant state is not JSON: an error naming the tensor, not a panic.
+    #[test]
+    fn inspect_bad_quant_state_names_the_tensor() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/quant/cases/bnb4_llama_nf4/base");
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let key = "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4";
+        let mut t = SafetensorsFile::open(src.join("model.safetensors"))
+            .unwrap()
+            .load_all(&Device::Cpu)
+            .unwrap();
+        t.insert(
+            key.into(),
+            Tensor::new(&b"{\"quant_type\": "[..], &Device::Cpu).unwrap(),
+        );
+        let list: Vec<(String, Tensor)> = t.into_iter().collect();
+        peft::io::write_safetensors(tmp.path().join("model.safetensors"), &list).unwrap();
+        let e = crate::error_report(&inspect_model(tmp.path()).unwrap_err());
+        assert!(
+            e.contains(key) && e.contains("not a JSON quant state"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn inspect_errors_name_the_path() {
         let tmp = tempfile::tempdir().unwrap();
