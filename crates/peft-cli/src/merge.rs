@@ -309,13 +309,7 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
     if let Some(tmp) = &gguf_dir {
         let _ = std::fs::remove_dir_all(tmp);
     }
-    let report = result.with_context(|| {
-        format!(
-            "cannot merge into {} (writing {})",
-            args.base.display(),
-            args.output.display()
-        )
-    })?;
+    let report = result.with_context(|| cannot_merge(args))?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
@@ -324,6 +318,15 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
     }
     writeln!(out, "{}", summary(&report, n_adapters))?;
     Ok(report)
+}
+
+/// The context of a failed merge.
+fn cannot_merge(args: &MergeArgs) -> String {
+    format!(
+        "cannot merge into {} (writing {})",
+        args.base.display(),
+        args.output.display()
+    )
 }
 
 /// GGUF base → GGUF output ([`peft_models::gguf_merge::merge_into_gguf`]): every merged tensor re-quantized to
@@ -342,13 +345,7 @@ fn merge_into_gguf(
         &mut |done, total, name| progress.update(done, total, name),
     );
     progress.finish();
-    let g = result.with_context(|| {
-        format!(
-            "cannot merge into {} (writing {})",
-            args.base.display(),
-            args.output.display()
-        )
-    })?;
+    let g = result.with_context(|| cannot_merge(args))?;
     for w in &g.warnings {
         eprintln!("warning: {w}");
     }
