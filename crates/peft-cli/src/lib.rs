@@ -6,7 +6,8 @@
 //! - `peft convert`: writes a GGUF model as an HF directory ([`convert`]).
 //! - `peft export`: writes a LoRA adapter as a llama.cpp LoRA GGUF file ([`export`]).
 //! - `peft merge`: merges one or more adapters into a base model file or directory ([`merge`]).
-//! - `peft inspect`: describes an adapter directory, for humans or as JSON ([`inspect`]).
+//! - `peft inspect`: describes an adapter directory or a base model (its quantization and memory), for humans
+//!   or as JSON ([`inspect`]).
 //!
 //! [`Cli`] is the clap definition; [`run`] executes a parsed command line. Every command is also callable
 //! in-process ([`merge::run`], [`inspect::run`]) with its output going to any writer.

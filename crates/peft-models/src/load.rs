@@ -157,8 +157,9 @@ pub fn load_model_with(
     };
     let llama = LlamaConfig::from_value(&config)
         .map_err(|e| ModelError::from(e).context("reading the model config"))?;
-    let model = LlamaForCausalLM::from_parts(llama, tensors, quantized, device)
-        .map_err(|e| ModelError::from(e).context("building the model"))?;
+    let model = LlamaForCausalLM::from_parts(llama, tensors, quantized, device).map_err(|e| {
+        ModelError::from(e).context(format!("building the model from {}", path.display()))
+    })?;
     Ok(LoadedModel {
         model,
         tokenizer,
