@@ -996,7 +996,18 @@ fn quant_case(case: &str) -> PathBuf {
 #[test]
 fn eval_on_a_bnb4_checkpoint_reproduces_peft_logits_and_nll() {
     let case = quant_case("bnb4_llama_nf4_dq");
-    let io = candle_core::safetensors::load(case.join("io.safetensors"), &Device::Cpu).unwrap();
+    eval_reproduces_peft(
+        "bnb4_llama_nf4_dq",
+        &case.join("base"),
+        &case.join("adapter"),
+        &case.join("io.safetensors"),
+    );
+}
+
+/// `peft eval --model <model> [--adapter <adapter>] --save-logits` on `io`'s `input_ids`: logits within 1e-4 of
+/// its `base_logits` / `lora_logits` (PEFT's), and the reported mean NLL that of PEFT's logits.
+fn eval_reproduces_peft(name: &str, model: &Path, adapter: &Path, io: &Path) {
+    let io = candle_core::safetensors::load(io, &Device::Cpu).unwrap();
     let ids = io["input_ids"].to_vec2::<i64>().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("ids.jsonl");
@@ -1005,29 +1016,30 @@ fn eval_on_a_bnb4_checkpoint_reproduces_peft_logits_and_nll() {
         .map(|r| json!({ "input_ids": r }).to_string())
         .collect();
     std::fs::write(&data, rows.join("\n")).unwrap();
-    for (adapter, want) in [(false, "base_logits"), (true, "lora_logits")] {
+    let seq_len = ids[0].len().to_string();
+    for (with_adapter, want) in [(false, "base_logits"), (true, "lora_logits")] {
         let saved = tmp.path().join(format!("{want}.safetensors"));
         let mut a = args![
             "eval",
             "--model",
-            case.join("base"),
+            model,
             "--data",
             data,
             "--seq-len",
-            "7",
+            seq_len,
             "--batch-size",
             "2",
             "--json",
             "--save-logits",
             saved
         ];
-        if adapter {
-            a.extend(args!["--adapter", case.join("adapter")]);
+        if with_adapter {
+            a.extend(args!["--adapter", adapter]);
         }
         let out = peft(&a).unwrap();
         let got = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
         let d = peft_test_support::max_diff(&got["logits"], &io[want]);
-        assert!(d < 1e-4, "{want}: {d}");
+        assert!(d < 1e-4, "{name} {want}: {d}");
         // The mean next-token NLL of PEFT's logits.
         let logits = io[want].to_dtype(DType::F64).unwrap();
         let lse = logits.exp().unwrap().sum_keepdim(2).unwrap().log().unwrap();
@@ -1047,7 +1059,7 @@ fn eval_on_a_bnb4_checkpoint_reproduces_peft_logits_and_nll() {
         let nll = v["mean_nll"].as_f64().unwrap();
         assert!(
             (nll - sum / n).abs() < 1e-4,
-            "{want}: NLL {nll} vs PEFT's {}",
+            "{name} {want}: NLL {nll} vs PEFT's {}",
             sum / n
         );
     }
@@ -1096,42 +1108,16 @@ fn train_with_quantize_nf4_lowers_the_loss_and_eval_reloads_the_adapter() {
 
 #[test]
 fn eval_on_gptq_and_awq_checkpoints_reproduces_peft_logits() {
-    // gen_gptq.py: transformers' GPTQ (4-bit, desc_act, v1 zeros) and AWQ gemm tiny Llamas with PEFT LoRA logits.
-    for name in ["gptq_llama_v1", "awq_llama"] {
+    // gen_gptq.py: transformers' GPTQ (4-bit, desc_act, v1 and v2 zeros) and AWQ gemm tiny Llamas with PEFT LoRA
+    // logits.
+    for name in ["gptq_llama_v1", "gptq_llama", "awq_llama"] {
         let case = quant_case(name);
-        let io = candle_core::safetensors::load(case.join("io.safetensors"), &Device::Cpu).unwrap();
-        let ids = io["input_ids"].to_vec2::<i64>().unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("ids.jsonl");
-        let rows: Vec<String> = ids
-            .iter()
-            .map(|r| json!({ "input_ids": r }).to_string())
-            .collect();
-        std::fs::write(&data, rows.join("\n")).unwrap();
-        for (adapter, want) in [(false, "base_logits"), (true, "lora_logits")] {
-            let saved = tmp.path().join(format!("{want}.safetensors"));
-            let mut a = args![
-                "eval",
-                "--model",
-                case.join("base"),
-                "--data",
-                data,
-                "--seq-len",
-                "7",
-                "--batch-size",
-                "2",
-                "--json",
-                "--save-logits",
-                saved
-            ];
-            if adapter {
-                a.extend(args!["--adapter", case.join("adapter")]);
-            }
-            peft(&a).unwrap();
-            let got = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
-            let d = peft_test_support::max_diff(&got["logits"], &io[want]);
-            assert!(d < 1e-4, "{name} {want}: {d}");
-        }
+        eval_reproduces_peft(
+            name,
+            &case.join("base"),
+            &case.join("adapter"),
+            &case.join("io.safetensors"),
+        );
     }
 }
 
