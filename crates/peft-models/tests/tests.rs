@@ -6,4 +6,5 @@ mod llama;
 mod prompt;
 mod quant;
 mod quant_bad_inputs;
+mod quant_gguf;
 mod quant_gptq;
