@@ -135,8 +135,18 @@ fn gguf_block_types_dequantize_as_gguf_py_and_give_pefts_logits() {
             max_diff(&base_logits, &io["base_logits"]),
             max_diff(&lora_logits, &io["lora_logits"]),
         );
+        // Against the float64 forwards: float32's own error, ours and PEFT's.
+        let exact = |t: &Tensor, k: &str| {
+            let e = &io[k];
+            max_diff(&t.to_dtype(candle_core::DType::F64).unwrap(), e)
+        };
         report.push(format!(
-            "dequantize_gguf {dequantize_gguf}: base logits {db:.2e}, LoRA logits {dl:.2e} from PEFT"
+            "dequantize_gguf {dequantize_gguf}: base logits {db:.2e}, LoRA logits {dl:.2e} from PEFT; \
+             from float64: ours {:.2e} / {:.2e}, PEFT's {:.2e} / {:.2e}",
+            exact(&base_logits, "base_logits_f64"),
+            exact(&lora_logits, "lora_logits_f64"),
+            exact(&io["base_logits"], "base_logits_f64"),
+            exact(&io["lora_logits"], "lora_logits_f64"),
         ));
         // As quant.rs: 1e-4 absolute plus 1e-4 relative (the LoRA logits reach ±14 after two layers of large
         // perturbed deltas; f32 summation order alone moves them by ~1e-4, 1e-5 relative).
