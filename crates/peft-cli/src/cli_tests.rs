@@ -1001,12 +1001,14 @@ fn eval_on_a_bnb4_checkpoint_reproduces_peft_logits_and_nll() {
         &case.join("base"),
         &case.join("adapter"),
         &case.join("io.safetensors"),
+        0.0,
     );
 }
 
-/// `peft eval --model <model> [--adapter <adapter>] --save-logits` on `io`'s `input_ids`: logits within 1e-4 of
-/// its `base_logits` / `lora_logits` (PEFT's), and the reported mean NLL that of PEFT's logits.
-fn eval_reproduces_peft(name: &str, model: &Path, adapter: &Path, io: &Path) {
+/// `peft eval --model <model> [--adapter <adapter>] --save-logits` on `io`'s `input_ids`: logits within
+/// 1e-4 + `rtol`·|PEFT's| of its `base_logits` / `lora_logits` (PEFT's), and the reported mean NLL that of PEFT's
+/// logits.
+fn eval_reproduces_peft(name: &str, model: &Path, adapter: &Path, io: &Path, rtol: f64) {
     let io = candle_core::safetensors::load(io, &Device::Cpu).unwrap();
     let ids = io["input_ids"].to_vec2::<i64>().unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -1038,8 +1040,13 @@ fn eval_reproduces_peft(name: &str, model: &Path, adapter: &Path, io: &Path) {
         }
         let out = peft(&a).unwrap();
         let got = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
-        let d = peft_test_support::max_diff(&got["logits"], &io[want]);
-        assert!(d < 1e-4, "{name} {want}: {d}");
+        peft_test_support::assert_close(
+            &format!("{name} {want}"),
+            &got["logits"],
+            &io[want],
+            1e-4,
+            rtol,
+        );
         // The mean next-token NLL of PEFT's logits.
         let logits = io[want].to_dtype(DType::F64).unwrap();
         let lse = logits.exp().unwrap().sum_keepdim(2).unwrap().log().unwrap();
@@ -1117,8 +1124,25 @@ fn eval_on_gptq_and_awq_checkpoints_reproduces_peft_logits() {
             &case.join("base"),
             &case.join("adapter"),
             &case.join("io.safetensors"),
+            0.0,
         );
     }
+}
+
+/// `peft eval` on a GGUF whose projections are in ten block types (Q4_0 … Q8_0, Q2_K … Q6_K; gen_gguf.py:
+/// gguf-py's and ggml's quantizers), kept in their blocks: PEFT's logits on gguf-py's dequantized weights, with
+/// and without the LoRA (1e-4 + 1e-4 relative: the LoRA logits are 1.3e-4 apart in absolute terms, both sides
+/// within 1e-4 of a float64 forward).
+#[test]
+fn eval_on_a_gguf_with_block_types_reproduces_peft_on_the_dequantized_weights() {
+    let case = quant_case("gguf_blocks");
+    eval_reproduces_peft(
+        "gguf_blocks",
+        &case.join("model.gguf"),
+        &case.join("adapter"),
+        &case.join("io.safetensors"),
+        1e-4,
+    );
 }
 
 fn gguf_lora_case(case: &str) -> PathBuf {
