@@ -19,26 +19,30 @@ const CASES: [&str; 4] = [
     "bnb8_llama",
 ];
 
-fn case_dir(case: &str) -> PathBuf {
+/// A case of fixtures/quant/cases (shared by the quant_* test modules).
+pub(crate) fn case_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/quant/cases")
         .join(case)
 }
 
-fn io(case: &str) -> IndexMap<String, Tensor> {
+/// A case's `io.safetensors`.
+pub(crate) fn io(case: &str) -> IndexMap<String, Tensor> {
     candle_core::safetensors::load(case_dir(case).join("io.safetensors"), &Device::Cpu)
         .unwrap()
         .into_iter()
         .collect()
 }
 
-fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
+/// Eval logits of `ids`.
+pub(crate) fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
     model
         .forward(ForwardInput::ids(ids), &ForwardCtx::eval())
         .unwrap()
 }
 
-const PROJ: [&str; 7] = [
+/// The quantized projections of a decoder layer.
+pub(crate) const PROJ: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
     "self_attn.v_proj",

@@ -8,10 +8,7 @@ use peft_models::load_model;
 use std::path::{Path, PathBuf};
 
 fn base_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/quant/cases")
-        .join(case)
-        .join("base")
+    crate::quant::case_dir(case).join("base")
 }
 
 /// The tensors of `case`'s `model.safetensors`, in file order (int8 read as its u8 bytes).

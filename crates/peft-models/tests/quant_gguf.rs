@@ -5,18 +5,17 @@
 //! `quants.dequantize` (un-permuted); the logits with and without a PEFT LoRA equal PEFT's on those weights,
 //! both with the projections kept in their blocks and with `dequantize_gguf`.
 
+use crate::quant::logits;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use indexmap::IndexMap;
-use peft::ForwardCtx;
 use peft::quant::QuantizedWeight;
-use peft_models::llama::{ForwardInput, LlamaForCausalLM};
 use peft_models::{LoadOptions, load_model_with, with_adapters};
 use peft_test_support::{assert_close, max_diff};
 use std::path::PathBuf;
 
 fn case_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/quant/cases/gguf_blocks")
+    crate::quant::case_dir("gguf_blocks")
 }
 
 fn load_st(file: &str) -> IndexMap<String, Tensor> {
@@ -59,12 +58,6 @@ fn diff(a: &Tensor, b: &Tensor) -> (f32, usize) {
             n + usize::from(x.to_bits() != y.to_bits()),
         )
     })
-}
-
-fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
-    model
-        .forward(ForwardInput::ids(ids), &ForwardCtx::eval())
-        .unwrap()
 }
 
 #[test]

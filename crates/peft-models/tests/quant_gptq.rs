@@ -2,43 +2,12 @@
 //! group 32, desc_act) and AWQ (gemm, packed by gptqmodel), saved by transformers, with and without a PEFT LoRA
 //! adapter (fixtures/quant, written by gen_gptq.py).
 
-use candle_core::{Device, Tensor};
-use indexmap::IndexMap;
-use peft::ForwardCtx;
+use crate::quant::{PROJ, case_dir, io, logits};
+use candle_core::Device;
 use peft::quant::QuantizedWeight;
-use peft_models::llama::{ForwardInput, LlamaConfig, LlamaForCausalLM};
+use peft_models::llama::{LlamaConfig, LlamaForCausalLM};
 use peft_models::{load_model, with_adapters};
 use peft_test_support::assert_close;
-use std::path::PathBuf;
-
-fn case_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/quant/cases")
-        .join(case)
-}
-
-fn io(case: &str) -> IndexMap<String, Tensor> {
-    candle_core::safetensors::load(case_dir(case).join("io.safetensors"), &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
-    model
-        .forward(ForwardInput::ids(ids), &ForwardCtx::eval())
-        .unwrap()
-}
-
-const PROJ: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// Base and LoRA logits of `model` against the case's transformers + PEFT ones.
 fn check_logits(case: &str, model: LlamaForCausalLM) {
