@@ -393,6 +393,40 @@ fn resumed_training_is_bit_identical_to_a_straight_run() {
     assert_eq!(train_records(&saving), a);
 }
 
+/// `--gradient-checkpointing on` trains bit-identically to `off`: the same adapter bytes and the same logged
+/// losses and gradient norms, with LoRA dropout, gradient accumulation over 3 micro-batches and an adapter on
+/// the tied `lm_head`.
+#[test]
+fn gradient_checkpointing_trains_bit_identically() {
+    let f = fixture();
+    let extra = args![
+        "--dropout",
+        "0.1",
+        "--targets",
+        "q_proj,v_proj,down_proj,lm_head",
+        "--grad-accum",
+        "3"
+    ];
+    let run = |mode: &str| {
+        let out = f.path(&format!("gc-{mode}"));
+        let mut e = extra.clone();
+        e.extend(args!["--gradient-checkpointing", mode]);
+        train(&f, &out, 4, &e).unwrap();
+        out
+    };
+    let (off, on) = (run("off"), run("on"));
+    let file = |d: &Path| d.join("adapter").join("adapter_model.safetensors");
+    let reference = tensor_bits(&file(&off));
+    assert_eq!(reference.len(), 2 * (3 * 2 + 1));
+    assert!(
+        tensor_bits(&file(&on)) == reference,
+        "checkpointing changed the trained adapter"
+    );
+    let (a, b) = (train_records(&off), train_records(&on));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b);
+}
+
 #[test]
 fn adapter_config_file_trains_dora_on_all_linear_layers() {
     let f = fixture();
@@ -1630,4 +1664,81 @@ fn merge_into_a_gguf_base_writes_a_gguf_with_the_adapters_logits() {
     ])
     .unwrap_err();
     assert!(format!("{e:#}").contains("--dtype"), "{e:#}");
+}
+
+/// `--dtype bf16|f16` on `peft eval`, `train` and `generate`: the frozen base held in half precision, computed
+/// in f32. The NLL stays within the acceptance bound (1e-2) of the f32 model's, LoRA training lowers the loss
+/// and saves f32 adapter tensors, and `--quantize` with a half dtype is an error naming both flags.
+#[test]
+fn dtype_bf16_and_f16_bases_evaluate_close_to_f32_and_train() {
+    let f = fixture();
+    let nll32 = eval_nll(&f, &[]);
+    assert_eq!(eval_nll(&f, &args!["--dtype", "f32"]), nll32);
+    for d in ["bf16", "f16"] {
+        let nll = eval_nll(&f, &args!["--dtype", d]);
+        assert!(
+            (nll - nll32).abs() <= 1e-2 && nll != nll32,
+            "--dtype {d}: NLL {nll} vs f32 {nll32}"
+        );
+    }
+    let out = f.path("bf16");
+    let report = train(&f, &out, 8, &args!["--dtype", "bf16"]).unwrap();
+    assert!(
+        report.contains("base weights: BF16, computed in F32"),
+        "{report}"
+    );
+    let summary = read_json(&out.join("summary.json"));
+    let (before, after) = (
+        summary["eval_loss_before"].as_f64().unwrap(),
+        summary["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before - 0.05, "{before} → {after}");
+    let saved =
+        peft::io::read_safetensors(out.join("adapter/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(!saved.is_empty());
+    for (k, t) in &saved {
+        assert_eq!(t.dtype(), DType::F32, "{k}");
+    }
+    // The adapter trained on the bf16 base, evaluated on both bases.
+    let adapter = s(&out.join("adapter"));
+    let on_half = eval_nll(&f, &args!["--adapter", adapter, "--dtype", "bf16"]);
+    let on_full = eval_nll(&f, &args!["--adapter", adapter]);
+    assert!((on_half - on_full).abs() <= 1e-2, "{on_half} vs {on_full}");
+    let g = peft(&args![
+        "generate",
+        "--model",
+        f.model,
+        "--prompt",
+        "the cat sat",
+        "--max-new-tokens",
+        "3",
+        "--dtype",
+        "f16"
+    ])
+    .unwrap();
+    assert!(g.ends_with('\n'), "{g:?}");
+    let e = err_text(train(
+        &f,
+        &f.path("bad"),
+        1,
+        &args!["--dtype", "bf16", "--quantize", "nf4"],
+    ));
+    assert!(
+        e.contains("--dtype bf16 cannot be combined with --quantize nf4"),
+        "{e}"
+    );
+    let e = err_text(peft(&args![
+        "eval",
+        "--model",
+        quant_case("bnb4_llama_nf4").join("base"),
+        "--data",
+        f.data,
+        "--dtype",
+        "f16"
+    ]));
+    assert!(
+        e.contains("saved quantized") && e.contains("--dtype f16"),
+        "{e}"
+    );
 }

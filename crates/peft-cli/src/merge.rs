@@ -63,6 +63,17 @@ pub enum DTypeArg {
     Bf16,
 }
 
+impl DTypeArg {
+    /// The flag's spelling: `f32`, `f16`, `bf16`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            DTypeArg::F32 => "f32",
+            DTypeArg::F16 => "f16",
+            DTypeArg::Bf16 => "bf16",
+        }
+    }
+}
+
 impl From<DTypeArg> for DType {
     fn from(d: DTypeArg) -> Self {
         match d {

@@ -1,4 +1,5 @@
-//! The `--quantize` / `--double-quant` flags shared by `peft train`, `peft eval` and `peft generate`.
+//! The `--quantize` / `--double-quant` / `--dequantize-gguf` / `--dtype` flags shared by `peft train`, `peft eval`
+//! and `peft generate`.
 
 use clap::Args;
 use peft_models::quantize::Quantize;
@@ -21,6 +22,12 @@ pub struct QuantArgs {
     /// same numbers, a fraction of the memory).
     #[arg(long)]
     pub dequantize_gguf: bool,
+    /// Hold the frozen base weights in this dtype (default f32): `bf16` or `f16` halves the base's memory;
+    /// activations, adapters, gradients and optimizer state stay f32 and every product is computed in f32 (as
+    /// PEFT's autocast over a bf16 / f16 model). Full-precision models only: not with `--quantize` nor a
+    /// checkpoint saved quantized; on a GGUF it applies to the tensors not kept in ggml blocks.
+    #[arg(long, value_enum, value_name = "f32|bf16|f16")]
+    pub dtype: Option<crate::merge::DTypeArg>,
 }
 
 impl QuantArgs {
@@ -31,6 +38,16 @@ impl QuantArgs {
             Some(kind) => Some(Quantize::parse(kind, self.double_quant)?),
             None => None,
         };
+        let dtype = self.dtype.map(candle_core::DType::from);
+        if let (Some(d), Some(q)) = (self.dtype, &self.quantize)
+            && d != crate::merge::DTypeArg::F32
+        {
+            anyhow::bail!(
+                "--dtype {} cannot be combined with --quantize {q}: a quantized base keeps its own storage \
+                 (drop one of the two)",
+                d.flag()
+            );
+        }
         let progress = quantize.as_ref().map(|q| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
@@ -52,6 +69,7 @@ impl QuantArgs {
             quantize,
             dequantize_gguf: self.dequantize_gguf,
             progress,
+            dtype,
         })
     }
 }

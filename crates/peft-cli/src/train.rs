@@ -337,6 +337,15 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
     if let Some(q) = peft_models::quantize::summary(&model) {
         writeln!(out, "base: {q}")?;
     }
+    if model.weight_dtype() != model.dtype() {
+        writeln!(
+            out,
+            "base weights: {:?}, computed in {:?} (adapters, gradients and optimizer state {:?})",
+            model.weight_dtype(),
+            model.dtype(),
+            model.dtype()
+        )?;
+    }
     let mut config = adapter_config(args)?;
     if let Some(name) = hf_config.get("_name_or_path").and_then(|v| v.as_str()) {
         config.base_mut().base_model_name_or_path = Some(name.to_string());

@@ -109,6 +109,19 @@ pub struct LoadOptions {
     pub dequantize_gguf: bool,
     /// Called after each tensor read while quantizing on the fly ([`LoadOptions::quantize`]).
     pub progress: Option<LoadProgress>,
+    /// The dtype the frozen weights are held in: `None` or f32 (the default) converts every floating-point
+    /// tensor to f32; bf16 or f16 holds the decoder's Linear weights, the embedding and `lm_head` (tied or
+    /// not) and the biases in that dtype, each tensor converted as it is read (a checkpoint already in that
+    /// dtype is never copied to f32), while the activations, the RMSNorm weights (converted back to f32), every
+    /// adapter parameter, gradient and optimizer state stay f32: each product is computed in f32 with the
+    /// weight converted band by band ([`peft::ops::half_linear`]), as PEFT's autocast over a bf16 / f16 model
+    /// does. Half the base's resident memory, logits within bf16's (f16's) rounding of the weights.
+    ///
+    /// Not with [`LoadOptions::quantize`], nor with a checkpoint saved quantized (bitsandbytes, GPTQ, AWQ): an
+    /// error. On a GGUF file the tensors that are not kept in ggml blocks (the embedding, norms, `lm_head`, and
+    /// every projection with [`LoadOptions::dequantize_gguf`]) follow it after dequantization; the blocks
+    /// kept quantized are unaffected.
+    pub dtype: Option<DType>,
 }
 
 /// [`load_model`] with options: `quantize` keeps the decoder-layer projections quantized (bitsandbytes NF4 /
@@ -130,8 +143,42 @@ pub fn load_model_with(
     let path = path.as_ref();
     let quantize = options.quantize.as_ref();
     let progress = options.progress.as_ref().filter(|_| quantize.is_some());
+    let dtype = options.dtype.unwrap_or(DType::F32);
+    let half = match dtype {
+        DType::F32 => false,
+        DType::BF16 | DType::F16 => true,
+        d => {
+            return Err(ModelError::Invalid(format!(
+                "LoadOptions::dtype {d:?}: the frozen weights are held in f32, bf16 or f16"
+            )));
+        }
+    };
+    if half && let Some(q) = quantize {
+        let d = dtype_name(dtype);
+        return Err(ModelError::Invalid(format!(
+            "a {d} base (--dtype {d}) cannot also be quantized while loading ({}): choose one",
+            q.describe()
+        )));
+    }
+    if half && path.is_dir() {
+        // A checkpoint saved quantized keeps its own storage (GPTQ's f16 scales must not round to bf16).
+        let cfg = path.join("config.json");
+        if let Ok(text) = std::fs::read_to_string(&cfg) {
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::json(cfg.display(), e.to_string()))?;
+            if let Some(stored) = crate::quantize::checkpoint_quantization(&value)? {
+                return Err(ModelError::Invalid(format!(
+                    "{}: the checkpoint is saved quantized ({stored}); a {} base (--dtype {}) applies to \
+                     full-precision models only",
+                    path.display(),
+                    dtype_name(dtype),
+                    dtype_name(dtype)
+                )));
+            }
+        }
+    }
     let (config, tensors, quantized, tokenizer) = if path.is_dir() {
-        let m = crate::hf::load_hf_dir_with(path, DType::F32, device, quantize, progress)
+        let m = crate::hf::load_hf_dir_with(path, dtype, device, quantize, progress)
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
         // GPTQ / AWQ Linear weights are read here, where the config's `checkpoint_format` is known (v1 and
         // v2 zero points cannot be told apart from the tensors).
@@ -143,7 +190,15 @@ pub fn load_model_with(
         let m =
             crate::gguf::load_gguf_with(path, device, quantize, !options.dequantize_gguf, progress)
                 .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
-        (m.config, m.tensors, m.quantized, Some(m.tokenizer))
+        let mut tensors = m.tensors;
+        if half {
+            for t in tensors.values_mut() {
+                if t.dtype().is_float() && t.dtype() != dtype {
+                    *t = t.to_dtype(dtype)?;
+                }
+            }
+        }
+        (m.config, tensors, m.quantized, Some(m.tokenizer))
     } else if !path.exists() {
         return Err(ModelError::Invalid(format!(
             "{}: no such model file or directory",
@@ -165,6 +220,15 @@ pub fn load_model_with(
         tokenizer,
         config,
     })
+}
+
+/// `bf16`, `f16`, `f32`: a dtype as the `--dtype` flags spell it.
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
 }
 
 /// Wraps `model` in a [`PeftModel`] with the adapter directories loaded (`default`, then `adapter1`,

@@ -2,6 +2,7 @@
 
 mod gguf_lora;
 mod gguf_merge;
+mod half_base;
 mod llama;
 mod prompt;
 mod quant;

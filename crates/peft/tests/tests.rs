@@ -3,6 +3,7 @@
 mod adalora;
 mod boft;
 mod common;
+mod half_linear;
 mod ia3;
 mod loha;
 mod lokr;

@@ -89,10 +89,6 @@ impl<'a> ForwardInput<'a> {
     }
 }
 
-/// [`LlamaForCausalLM::checkpointed_loss`] computes the logits in chunks of about this many elements
-/// (`rows × vocab`, 32 MiB of f32).
-const HEAD_CHUNK_ELEMENTS: usize = 8 << 20;
-
 /// An RMSNorm with its HF name.
 #[derive(Clone, Debug)]
 struct RmsNorm {
@@ -166,11 +162,24 @@ fn take(
     Ok(t.to_device(device)?)
 }
 
+/// A norm weight in the activations' dtype: f32 for a half-precision one (the norms are tiny; the activations
+/// of a half-precision base are f32).
+fn norm_weight(w: Tensor) -> Result<Tensor> {
+    Ok(if peft::ops::is_half(&w) {
+        w.to_dtype(DType::F32)?
+    } else {
+        w
+    })
+}
+
 impl LlamaForCausalLM {
     /// Builds the model from tensors in HF names (`model.layers.0.self_attn.q_proj.weight`, …) as the loaders
     /// produce them. Every tensor the config needs must be present with its shape; a tensor the model does not
     /// use is an error (except `*.rotary_emb.inv_freq`, which old checkpoints saved, and `lm_head.weight` of a
-    /// tied model). Tensors keep their dtype and move to `device`; the activations take the embedding's dtype.
+    /// tied model). Tensors keep their dtype and move to `device`; the activations take the embedding's dtype,
+    /// except that bf16 / f16 weights compute in f32 (PEFT's autocast: the projections multiply through
+    /// [`peft::ops::half_linear`], the embedding's rows are converted after the lookup, and half-precision norm
+    /// weights are converted to f32 here).
     ///
     /// Tied embeddings (`tie_word_embeddings`): `lm_head`'s base weight is the embedding tensor itself, the same
     /// storage ([`BaseLayer::linear_shared`]); a `lm_head.weight` in the map is ignored, as transformers does.
@@ -263,7 +272,7 @@ impl LlamaForCausalLM {
             };
             let norm = |tensors: &mut IndexMap<String, Tensor>, n: &str| -> Result<RmsNorm> {
                 Ok(RmsNorm {
-                    weight: take(tensors, &format!("{p}.{n}.weight"), &[h], device)?,
+                    weight: norm_weight(take(tensors, &format!("{p}.{n}.weight"), &[h], device)?)?,
                     eps: c.rms_norm_eps,
                 })
             };
@@ -276,7 +285,7 @@ impl LlamaForCausalLM {
             });
         }
         let norm = RmsNorm {
-            weight: take(&mut tensors, "model.norm.weight", &[h], device)?,
+            weight: norm_weight(take(&mut tensors, "model.norm.weight", &[h], device)?)?,
             eps: c.rms_norm_eps,
         };
         let lm_head_w = if c.tie_word_embeddings {
@@ -393,8 +402,19 @@ impl LlamaForCausalLM {
         &self.device
     }
 
-    /// The dtype of the activations (the embedding matrix's dtype).
+    /// The dtype of the activations: the embedding matrix's dtype, or f32 when the frozen weights are held in
+    /// bf16 / f16 (PEFT's autocast: half-precision storage, every product in f32; see
+    /// [`LlamaForCausalLM::weight_dtype`]).
     pub fn dtype(&self) -> DType {
+        match self.weight_dtype() {
+            DType::BF16 | DType::F16 => DType::F32,
+            d => d,
+        }
+    }
+
+    /// The dtype the frozen dense weights are held in (the embedding matrix's dtype): f32 by default, bf16 or
+    /// f16 for a base loaded with `LoadOptions::dtype`, whose activations stay f32 ([`LlamaForCausalLM::dtype`]).
+    pub fn weight_dtype(&self) -> DType {
         self.embed_tokens.base().dtype()
     }
 
@@ -543,9 +563,14 @@ impl LlamaForCausalLM {
     /// that the `[B·L, vocab]` logits are never all alive. Peak activation memory drops from all layers'
     /// intermediates to one layer's plus `layers × [B, L, hidden]`, for one more forward of compute.
     ///
-    /// The gradients equal those of `causal_lm_loss(forward(..)).backward()` up to f32 summation order. No
-    /// KV cache, prefix or custom position ids (the training forward); the returned loss is a value (not
-    /// differentiable), ready for [`peft::train::Trainer::train_step_with_grads`].
+    /// The loss and every gradient are **bit for bit** those of `causal_lm_loss(forward(..))` and its
+    /// `backward()`: each recomputed layer runs the same ops on the same inputs, its input gradient is the
+    /// plain backward's sum of the residual and the norm branch (two terms: the order cannot matter), and the
+    /// final norm, `lm_head` and the loss run once over all `B·L` rows, reduced as `causal_lm_loss` reduces
+    /// them (so the `[B·L, vocab]` logits and their gradient are alive once, as in the plain backward; see
+    /// [`Self::checkpointed_loss_with_head_rows`] to bound them, not bit-exactly). No KV cache, prefix or
+    /// custom position ids (the training forward); the returned loss is a value (not differentiable), ready
+    /// for [`peft::train::Trainer::train_step_with_grads`].
     pub fn checkpointed_loss(
         &self,
         input_ids: &Tensor,
@@ -553,13 +578,17 @@ impl LlamaForCausalLM {
         labels: &Tensor,
         ctx: &ForwardCtx,
     ) -> Result<peft::train::MicroBatchGrads> {
-        let rows = (HEAD_CHUNK_ELEMENTS / self.config.vocab_size.max(1)).max(16);
-        self.checkpointed_loss_with_head_rows(input_ids, attention_mask, labels, ctx, rows)
+        self.checkpointed_loss_with_head_rows(input_ids, attention_mask, labels, ctx, usize::MAX)
     }
 
     /// [`Self::checkpointed_loss`] with the final norm, `lm_head` and the loss run over chunks of `head_rows`
-    /// token rows (≥ 1; `checkpointed_loss` takes about 32 MiB of f32 logits per chunk; one chunk when `lm_head`
-    /// has an adapter, whose dropout masks are drawn over the whole input).
+    /// token rows (≥ 1; `usize::MAX` or anything ≥ `B·L`: one chunk, which is what `checkpointed_loss` does;
+    /// one chunk too when `lm_head` has an adapter, whose dropout masks are drawn over the whole input), so that
+    /// at most `head_rows × vocab` logits are alive at a time.
+    ///
+    /// With more than one chunk the gradients are **not** bit-identical to the plain backward's: the `lm_head`
+    /// products over fewer rows may sum in another order (the matmul kernel picks its blocking from the
+    /// shape), a few ulps apart; the loss is the same f32 sum of the per-row NLL either way.
     pub fn checkpointed_loss_with_head_rows(
         &self,
         input_ids: &Tensor,
@@ -619,40 +648,50 @@ impl LlamaForCausalLM {
             }
             Ok(grads.extend(kept)?)
         };
-        // Final norm, lm_head and loss over chunks of rows: the gradient of the last hidden states.
+        // Final norm, lm_head and loss (over chunks of rows if asked): the gradient of the last hidden states.
         let hsz = self.config.hidden_size;
         let rows_total = b * l;
-        let flat = x.reshape((rows_total, hsz))?;
-        drop(x);
         // An adapter on lm_head draws its dropout masks over the whole input: one chunk then.
         let rows = if self.lm_head.adapters().next().is_some() {
             rows_total.max(1)
         } else {
             head_rows.clamp(1, rows_total.max(1))
         };
+        // One chunk: the plain forward's `[B, L, hidden]` itself, so that every op sees the plain shapes.
+        let chunks: Vec<(Tensor, usize, usize)> = if rows >= rows_total {
+            vec![(x, 0, rows_total)]
+        } else {
+            let flat = x.reshape((rows_total, hsz))?;
+            drop(x);
+            (0..rows_total)
+                .step_by(rows)
+                .map(|start| {
+                    let n = rows.min(rows_total - start);
+                    Ok((flat.narrow(0, start, n)?.unsqueeze(0)?, start, n))
+                })
+                .collect::<Result<_>>()?
+        };
+        // The gradient of `causal_lm_loss`'s mean: the same `affine(1 / tokens)` at the root.
         let scale = if tokens > 0 { 1.0 / tokens as f64 } else { 0.0 };
-        let mut nll_sum = 0f64;
-        let mut dh = Vec::with_capacity(rows_total.div_ceil(rows));
-        for start in (0..rows_total).step_by(rows) {
-            let n = rows.min(rows_total - start);
-            let hv = Var::from_tensor(&flat.narrow(0, start, n)?)?;
-            let h = self.norm.forward(&hv.as_tensor().unsqueeze(0)?)?;
-            let logits = self
-                .lm_head
-                .forward(&h, ctx)?
-                .squeeze(0)?
-                .to_dtype(DType::F32)?;
-            let nll =
-                crate::ops::cross_entropy_rows(&logits, &targets[start..start + n])?.sum_all()?;
-            nll_sum += f64::from(nll.to_scalar::<f32>()?);
-            let mut g = nll.affine(scale, 0.0)?.backward()?;
-            dh.push(match g.remove(hv.as_tensor()) {
+        let mut nll_rows = Vec::with_capacity(chunks.len());
+        let mut dh = Vec::with_capacity(chunks.len());
+        for (chunk, start, n) in chunks {
+            let hv = Var::from_tensor(&chunk)?;
+            drop(chunk);
+            let h = self.norm.forward(hv.as_tensor())?;
+            // As `forward` and `causal_lm_loss`: f32 logits, flattened to rows.
+            let logits = self.lm_head.forward(&h, ctx)?.to_dtype(DType::F32)?;
+            let logits = logits.reshape((n, vocab))?.to_dtype(DType::F32)?;
+            let nll_chunk = crate::ops::cross_entropy_rows(&logits, &targets[start..start + n])?;
+            nll_rows.push(nll_chunk.detach());
+            let mut g = nll_chunk.sum_all()?.affine(scale, 0.0)?.backward()?;
+            let d = match g.remove(hv.as_tensor()) {
                 Some(d) => d,
                 None => hv.as_tensor().zeros_like()?,
-            });
+            };
+            dh.push(d.reshape((n, hsz))?);
             keep(&mut grads, g)?;
         }
-        drop(flat);
         let mut g = Tensor::cat(&dh, 0)?.reshape((b, l, hsz))?;
         drop(dh);
 
@@ -672,7 +711,13 @@ impl LlamaForCausalLM {
         }
         // The embedding (an adapter on `embed_tokens`).
         keep(&mut grads, (x0 * g)?.sum_all()?.backward()?)?;
-        let loss = Tensor::new((nll_sum * scale) as f32, &self.device)?;
+        // The loss as `causal_lm_loss` reduces it: one f32 sum over all rows' NLL, then the mean.
+        let nll_sum = Tensor::cat(&nll_rows, 0)?.sum_all()?;
+        let loss = if tokens > 0 {
+            nll_sum.affine(scale, 0.0)?
+        } else {
+            nll_sum.affine(0.0, 0.0)?
+        };
         Ok(peft::train::MicroBatchGrads {
             loss,
             grads,

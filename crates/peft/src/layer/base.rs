@@ -306,6 +306,9 @@ impl BaseLayer {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if let Some(y) = half_weight_forward(self.kind, x, weight, bias)? {
+            return Ok(y);
+        }
         let y = match self.kind {
             BaseKind::Linear => {
                 let x = x.to_dtype(weight.dtype())?;
@@ -342,6 +345,60 @@ impl BaseLayer {
         };
         Ok(y)
     }
+}
+
+/// PEFT's autocast over a half-precision base: a bf16 / f16 weight with f32 / f64 activations computes in the
+/// activations' dtype (the weight is storage only). A Linear or Conv1D multiplies through
+/// [`crate::ops::half_linear`] (bands of the weight converted to f32, input gradient only) when the weight is
+/// frozen, an embedding gathers half rows then converts them to f32, a Conv2d converts its kernel. `None` for
+/// every other combination (a half input keeps computing in half precision, as without autocast).
+fn half_weight_forward(
+    kind: BaseKind,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !crate::ops::is_half(weight) {
+        return Ok(None);
+    }
+    if kind == BaseKind::Embedding {
+        return Ok(Some(embed(x, weight)?.to_dtype(DType::F32)?));
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(None);
+    }
+    let dt = x.dtype();
+    let frozen = !weight.track_op() && bias.is_none_or(|b| !b.track_op());
+    let y = match kind {
+        BaseKind::Linear | BaseKind::Conv1D => {
+            let w = if kind == BaseKind::Conv1D {
+                weight.t()?
+            } else {
+                weight.clone()
+            };
+            if frozen {
+                crate::ops::half_linear(x, &w, bias)?
+            } else {
+                let y = linear_apply(x, &w.to_dtype(dt)?, true)?;
+                add_bias_last(y, bias)?
+            }
+        }
+        BaseKind::Conv2d(s) => {
+            let y = x.conv2d(
+                &weight.to_dtype(dt)?,
+                s.padding,
+                s.stride,
+                s.dilation,
+                s.groups,
+            )?;
+            match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(dt)?.reshape((1, (), 1, 1))?)?,
+                None => y,
+            }
+        }
+        BaseKind::Embedding => unreachable!("handled above"),
+    };
+    Ok(Some(y))
 }
 
 /// `x @ wᵀ` (`transpose = true`, Linear layout `[out, in]`) or `x @ w` (Conv1D layout `[in, out]`) over any

@@ -6,6 +6,7 @@
 //! | function | CPU f32 / f64 | elsewhere (other devices, bf16 / f16, unusual shapes) |
 //! |---|---|---|
 //! | [`frozen_linear`] | custom op on `gemm`, backward `g W` only | [`frozen_linear_reference`] |
+//! | [`half_linear`] (bf16 / f16 weight, f32 input) | custom op: bands of the weight converted to f32 into `gemm`, backward `g W` only | the weight converted whole, [`frozen_linear_reference`] |
 //! | [`batched_inverse`] | custom op (Gauss–Jordan, partial pivoting, f64 accumulation), backward `−A⁻ᵀ G A⁻ᵀ` | computed on the CPU in f32 / f64 and moved back |
 //!
 //! The model-only ops (RMSNorm, softmax, RoPE, SwiGLU, row-wise cross-entropy) live beside the model, in
@@ -19,9 +20,11 @@
 
 pub mod cpu;
 mod frozen_linear;
+mod half_linear;
 mod inverse;
 
 pub use frozen_linear::{frozen_linear, frozen_linear_reference};
+pub use half_linear::{half_linear, half_linear_band_rows, is_half};
 pub use inverse::batched_inverse;
 
 #[cfg(test)]
