@@ -94,38 +94,44 @@ fn half_linear_forward_and_input_gradient_equal_the_f32_product_of_the_converted
             let w = randn(&mut rng, &[out, inp]).to_dtype(dtype).unwrap();
             let w32 = w.to_dtype(DType::F32).unwrap();
             let bias = randn(&mut rng, &[out]);
-            let m = 3;
-            let x = Var::from_tensor(&randn(&mut rng, &[1, m, inp])).unwrap();
-            let g = randn(&mut rng, &[1, m, out]);
-            for (layout, wl) in layouts(&w) {
-                // The generic strided path is element by element: keep it to the small shapes.
-                if layout == "strided" && out * inp > 1 << 16 {
-                    continue;
+            // 1 row: the fused one-row forward; 3 and 11: bands into gemm.
+            for m in [1, 3, 11] {
+                if m == 3 && out * inp > 1 << 16 {
+                    continue; // three rows: the small shape is enough
                 }
-                for b in [None, Some(&bias)] {
-                    let what = format!("{dtype:?} {out}x{inp} {layout} bias {}", b.is_some());
-                    let y = half_linear(&x, &wl, b).unwrap();
-                    assert_eq!(y.dtype(), DType::F32, "{what}");
-                    assert_eq!(y.dims(), [1, m, out], "{what}");
-                    assert_f32_product(
-                        &what,
-                        &y.reshape((m, out)).unwrap(),
-                        &x.reshape((m, inp)).unwrap(),
-                        &w32,
-                        b,
-                    );
-                    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-                    let dx = grads.get(&x).expect("a gradient for x");
-                    assert_eq!(dx.dtype(), DType::F32, "{what}");
-                    assert_eq!(dx.dims(), [1, m, inp], "{what}");
-                    // dx = g · W = g · (Wᵀ)ᵀ.
-                    assert_f32_product(
-                        &format!("{what}: dx"),
-                        &dx.reshape((m, inp)).unwrap(),
-                        &g.reshape((m, out)).unwrap(),
-                        &w32.t().unwrap().contiguous().unwrap(),
-                        None,
-                    );
+                let x = Var::from_tensor(&randn(&mut rng, &[1, m, inp])).unwrap();
+                let g = randn(&mut rng, &[1, m, out]);
+                for (layout, wl) in layouts(&w) {
+                    // The generic strided path is element by element: keep it to the small shapes.
+                    if layout == "strided" && out * inp > 1 << 16 {
+                        continue;
+                    }
+                    for b in [None, Some(&bias)] {
+                        let what =
+                            format!("{dtype:?} {m}x{out}x{inp} {layout} bias {}", b.is_some());
+                        let y = half_linear(&x, &wl, b).unwrap();
+                        assert_eq!(y.dtype(), DType::F32, "{what}");
+                        assert_eq!(y.dims(), [1, m, out], "{what}");
+                        assert_f32_product(
+                            &what,
+                            &y.reshape((m, out)).unwrap(),
+                            &x.reshape((m, inp)).unwrap(),
+                            &w32,
+                            b,
+                        );
+                        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                        let dx = grads.get(&x).expect("a gradient for x");
+                        assert_eq!(dx.dtype(), DType::F32, "{what}");
+                        assert_eq!(dx.dims(), [1, m, inp], "{what}");
+                        // dx = g · W = g · (Wᵀ)ᵀ.
+                        assert_f32_product(
+                            &format!("{what}: dx"),
+                            &dx.reshape((m, inp)).unwrap(),
+                            &g.reshape((m, out)).unwrap(),
+                            &w32.t().unwrap().contiguous().unwrap(),
+                            None,
+                        );
+                    }
                 }
             }
         }
