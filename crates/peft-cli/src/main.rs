@@ -4,6 +4,8 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main: no other thread exists yet.
+    let _ = unsafe { peft_models::runtime::tune_process() };
     let cli = peft_cli::Cli::parse();
     match peft_cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

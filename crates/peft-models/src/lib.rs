@@ -25,6 +25,7 @@ pub mod load;
 pub mod ops;
 pub mod prompt_learning;
 pub mod quantize;
+pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 
