@@ -14,7 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{self, Value as GgufValue};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 use peft::quant::QuantizedWeight;
 use peft::quant::gguf::GgufWeight;
@@ -55,6 +55,27 @@ pub fn load_gguf_with(
     quantize: Option<&crate::quantize::Quantize>,
     keep_quantized: bool,
     progress: Option<&crate::load::LoadProgress>,
+) -> Result<GgufModel> {
+    load_gguf_as(path, device, quantize, keep_quantized, progress, DType::F32)
+}
+
+/// [`load_gguf_with`], each dequantized tensor converted to `dtype` (f32, bf16 or f16) as it is read, so that
+/// the model never exists whole in f32 (`LoadOptions::dtype`); the blocks kept quantized are unaffected.
+///
+/// ```no_run
+/// # fn main() -> peft_models::error::Result<()> {
+/// let dev = candle_core::Device::Cpu;
+/// let m = peft_models::gguf::load_gguf_as("m.gguf", &dev, None, true, None, candle_core::DType::BF16)?;
+/// assert_eq!(m.tensors["model.embed_tokens.weight"].dtype(), candle_core::DType::BF16);
+/// # Ok(()) }
+/// ```
+pub fn load_gguf_as(
+    path: impl AsRef<Path>,
+    device: &Device,
+    quantize: Option<&crate::quantize::Quantize>,
+    keep_quantized: bool,
+    progress: Option<&crate::load::LoadProgress>,
+    dtype: DType,
 ) -> Result<GgufModel> {
     let path = path.as_ref();
     let bad = |message: String| ModelError::Gguf {
@@ -182,6 +203,9 @@ pub fn load_gguf_with(
                 }
             }
             None => {
+                if t.dtype().is_float() && t.dtype() != dtype {
+                    t = t.to_dtype(dtype)?;
+                }
                 tensors.insert(hf_name, t);
             }
         }

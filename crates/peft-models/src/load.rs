@@ -119,8 +119,8 @@ pub struct LoadOptions {
     ///
     /// Not with [`LoadOptions::quantize`], nor with a checkpoint saved quantized (bitsandbytes, GPTQ, AWQ): an
     /// error. On a GGUF file the tensors that are not kept in ggml blocks (the embedding, norms, `lm_head`, and
-    /// every projection with [`LoadOptions::dequantize_gguf`]) follow it after dequantization; the blocks
-    /// kept quantized are unaffected.
+    /// every projection with [`LoadOptions::dequantize_gguf`]) follow it, each converted as it is dequantized;
+    /// the blocks kept quantized are unaffected.
     pub dtype: Option<DType>,
 }
 
@@ -187,18 +187,16 @@ pub fn load_model_with(
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
         (m.config, tensors, quantized, m.tokenizer)
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        let m =
-            crate::gguf::load_gguf_with(path, device, quantize, !options.dequantize_gguf, progress)
-                .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
-        let mut tensors = m.tensors;
-        if half {
-            for t in tensors.values_mut() {
-                if t.dtype().is_float() && t.dtype() != dtype {
-                    *t = t.to_dtype(dtype)?;
-                }
-            }
-        }
-        (m.config, tensors, m.quantized, Some(m.tokenizer))
+        let m = crate::gguf::load_gguf_as(
+            path,
+            device,
+            quantize,
+            !options.dequantize_gguf,
+            progress,
+            dtype,
+        )
+        .map_err(|e| e.context(format!("loading the GGUF model {}", path.display())))?;
+        (m.config, m.tensors, m.quantized, Some(m.tokenizer))
     } else if !path.exists() {
         return Err(ModelError::Invalid(format!(
             "{}: no such model file or directory",
