@@ -15,6 +15,8 @@
 #   DTYPE [unset]         base weights' dtype, f32|bf16; unset: f32 and no --dtype flag is passed to peft train.
 #                         bf16: ours `peft train --dtype bf16` (bf16 storage, f32 products); torch loads bf16
 #                         weights (bf16 products, f32 LoRA weights: see scripts/bench_train_torch.py)
+#                         (on a CPU without AVX512-BF16 / AMX torch's bf16 products are very slow: ~100 s
+#                         per 4×64 step on the AVX2 machine here, ours 4.1 s: not a like-for-like comparison)
 #   ROUNDS [3]            interleaved rounds; STEPS [4] timed steps per run (plus one warm-up step)
 #   PEFT_BIN [unset]      a peft binary to run (default: build and run target/release/peft)
 # Needs the reference venv (PEFT_ORACLE_VENV, or bash ../shared/oracle/setup.sh) and the model (fetched on first use).
