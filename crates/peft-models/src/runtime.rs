@@ -17,7 +17,8 @@
 //!   few percent more peak RSS, about a quarter of the faults.
 //!
 //! Each setting can be overridden from the environment (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, `RAYON_NUM_THREADS`,
-//! glibc's `MALLOC_*_` variables are read by glibc before `main` and are left alone when set).
+//! glibc's `MALLOC_*_` variables are read by glibc before `main` and are left alone when set), and
+//! `PEFT_RUNTIME_TUNING=0` turns all of them off (candle's and glibc's defaults, for comparisons).
 
 /// The spin limit [`tune_process`] gives candle's elementwise pool (candle's default is 25 000).
 pub const SPIN_LIMIT: u32 = 1000;
@@ -48,6 +49,9 @@ pub struct Tuning {
 /// candle's thread pools and reads these variables once).
 pub unsafe fn tune_process() -> Tuning {
     let mut t = Tuning::default();
+    if std::env::var("PEFT_RUNTIME_TUNING").is_ok_and(|v| v == "0") {
+        return t;
+    }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads().max(1);
         // SAFETY: the caller guarantees no other thread touches the environment.
