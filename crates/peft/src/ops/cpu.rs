@@ -44,6 +44,14 @@ impl Real for f64 {
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
 }
 
+/// `gemm` with the crate's usual parallelism: rayon over candle's thread count.
+pub fn gemm_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    }
+}
+
 /// Whether the custom ops take tensors of this device and dtype (CPU, f32 or f64).
 pub fn custom_supported(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)

@@ -1,6 +1,6 @@
 //! A Linear layer with frozen weight and bias: the backward computes the input gradient only.
 
-use super::cpu::{Real, contiguous_part, custom_supported};
+use super::cpu::{Real, contiguous_part, custom_supported, gemm_parallelism};
 use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Storage, Tensor, bail};
 
 /// `x Wᵀ + b` for a frozen weight `w` `[out, in]` and bias `b` `[out]`, over any leading dimensions of `x`:
@@ -42,14 +42,6 @@ pub fn frozen_linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Re
     match b {
         Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?),
         None => Ok(y),
-    }
-}
-
-/// `gemm` with the crate's usual parallelism (rayon over candle's thread count).
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
     }
 }
 
@@ -164,7 +156,7 @@ fn fwd<T: Real>(
             false,
             false,
             false,
-            parallelism(),
+            gemm_parallelism(),
         );
     }
     let mut dims = lx.dims().to_vec();
@@ -229,7 +221,7 @@ fn bwd<T: Real>(g: &[T], lg: &Layout, w: &[T], lw: &Layout) -> Result<(CpuStorag
             false,
             false,
             false,
-            parallelism(),
+            gemm_parallelism(),
         );
     }
     let mut dims = lg.dims().to_vec();

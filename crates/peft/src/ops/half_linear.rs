@@ -1,7 +1,7 @@
 //! `x · Wᵀ + b` in f32 for a frozen bf16 / f16 weight: PEFT's autocast over a half-precision base, where the
 //! weight is held in half precision and every product is computed in f32.
 
-use super::cpu::{contiguous_part, par_rows};
+use super::cpu::{contiguous_part, gemm_parallelism, par_rows};
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -92,13 +92,6 @@ pub fn half_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     crate::ops::frozen_linear_reference(x, &wd, b.as_ref())
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    }
-}
-
 /// A half-precision weight's elements, whatever its dtype.
 #[derive(Clone, Copy)]
 enum HalfSlice<'a> {
@@ -172,7 +165,7 @@ impl<'a> HalfMatrix<'a> {
 
     /// Rows per band.
     fn band_rows(&self) -> usize {
-        (BAND_ELEMS / self.k).clamp(1, self.n)
+        half_linear_band_rows(self.n, self.k)
     }
 
     /// Converts rows `[r0, r0 + r)` into `buf` (`r · k` elements) and returns the buffer's strides `(row,
@@ -310,7 +303,7 @@ fn fwd(w: &HalfMatrix<'_>, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
                 false,
                 false,
                 false,
-                parallelism(),
+                gemm_parallelism(),
             );
         }
     });
@@ -488,7 +481,7 @@ fn bwd(w: &HalfMatrix<'_>, g: &[f32]) -> Vec<f32> {
                 false,
                 false,
                 false,
-                parallelism(),
+                gemm_parallelism(),
             );
         }
     });

@@ -1,7 +1,7 @@
 //! `x · dequant(W)ᵀ + b` for a quantized frozen Linear weight, dequantizing a band of output rows at a time.
 
 use super::QuantizedWeight;
-use crate::ops::cpu::{Real, contiguous_part};
+use crate::ops::cpu::{Real, contiguous_part, gemm_parallelism};
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor, bail};
 use std::sync::Arc;
 
@@ -46,13 +46,6 @@ pub fn quant_linear(x: &Tensor, w: &Arc<QuantizedWeight>, b: Option<&Tensor>) ->
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?
         .to_dtype(x.dtype())?;
     crate::ops::frozen_linear_reference(x, &wd, b)
-}
-
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    }
 }
 
 /// Rows of the weight per band.
@@ -208,7 +201,7 @@ fn fwd<T: Real>(
                 false,
                 false,
                 false,
-                parallelism(),
+                gemm_parallelism(),
             );
         }
     })?;
@@ -271,7 +264,7 @@ fn bwd<T: Real>(w: &QuantizedWeight, g: &[T], lg: &Layout) -> Result<(CpuStorage
                 false,
                 false,
                 false,
-                parallelism(),
+                gemm_parallelism(),
             );
         }
     })?;
