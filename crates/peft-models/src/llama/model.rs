@@ -681,7 +681,7 @@ impl LlamaForCausalLM {
             let h = self.norm.forward(hv.as_tensor())?;
             // As `forward` and `causal_lm_loss`: f32 logits, flattened to rows.
             let logits = self.lm_head.forward(&h, ctx)?.to_dtype(DType::F32)?;
-            let logits = logits.reshape((n, vocab))?.to_dtype(DType::F32)?;
+            let logits = logits.reshape((n, vocab))?;
             let nll_chunk = crate::ops::cross_entropy_rows(&logits, &targets[start..start + n])?;
             nll_rows.push(nll_chunk.detach());
             let mut g = nll_chunk.sum_all()?.affine(scale, 0.0)?.backward()?;
@@ -713,11 +713,7 @@ impl LlamaForCausalLM {
         keep(&mut grads, (x0 * g)?.sum_all()?.backward()?)?;
         // The loss as `causal_lm_loss` reduces it: one f32 sum over all rows' NLL, then the mean.
         let nll_sum = Tensor::cat(&nll_rows, 0)?.sum_all()?;
-        let loss = if tokens > 0 {
-            nll_sum.affine(scale, 0.0)?
-        } else {
-            nll_sum.affine(0.0, 0.0)?
-        };
+        let loss = nll_sum.affine(scale, 0.0)?;
         Ok(peft::train::MicroBatchGrads {
             loss,
             grads,
