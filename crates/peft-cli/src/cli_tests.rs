@@ -357,7 +357,10 @@ fn resumed_training_is_bit_identical_to_a_straight_run() {
     train(&f, &saving, 8, &e).unwrap();
     let step4 = saving.join("checkpoints").join("step-4");
     assert!(step4.join("trainer_state.json").is_file());
-    assert!(!saving.join("checkpoints").join("step-8").exists());
+    // The final checkpoint is `step-8`, and `last` a symlink to it (swapped in one rename).
+    let last = std::fs::read_link(saving.join("checkpoints/last")).unwrap();
+    assert_eq!(last, Path::new("step-8"));
+    assert!(saving.join("checkpoints/last/trainer_state.json").is_file());
 
     let resumed = f.path("resumed");
     let mut e = extra.clone();
@@ -1741,4 +1744,82 @@ fn dtype_bf16_and_f16_bases_evaluate_close_to_f32_and_train() {
         e.contains("saved quantized") && e.contains("--dtype f16"),
         "{e}"
     );
+}
+
+/// `peft merge` refuses outputs that alias the base, comparing resolved paths: the base file itself (also as
+/// `./dir/../dir/model.safetensors`), the directory holding the base file (a directory output writes
+/// `model.safetensors` there: it used to overwrite the base and exit 0), and a path inside the base model's
+/// directory. The base stays byte for byte what it was; an output beside it works.
+#[test]
+fn merge_refuses_outputs_that_alias_the_base() {
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases/llama_qv");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("base");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(lora.join("base_hf").join(f), dir.join(f)).unwrap();
+    }
+    let file = dir.join("model.safetensors");
+    let before = std::fs::read(&file).unwrap();
+    let adapter = lora.join("adapter");
+    let merge = |base: &Path, out: &Path| {
+        err_text(peft(&args!["merge", "-b", base, "-a", adapter, "-o", out]))
+    };
+    let e = merge(&file, &dir);
+    assert!(e.contains("would overwrite the base model"), "{e}");
+    let e = merge(&file, &dir.join("../base/model.safetensors"));
+    assert!(e.contains("would overwrite the base model"), "{e}");
+    let e = merge(&dir, &dir);
+    assert!(e.contains("would overwrite the base model"), "{e}");
+    let e = merge(&dir, &dir.join("merged"));
+    assert!(e.contains("inside the base model's directory"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    assert!(!dir.join("merged").exists());
+    let out = tmp.path().join("merged.safetensors");
+    peft(&args!["merge", "-b", file, "-a", adapter, "-o", out]).unwrap();
+    assert!(out.is_file());
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+}
+
+/// Flag values out of range are refused by the parser with the flag's name (`--grad-accum 0` used to panic
+/// dividing by zero; NaN epochs, a negative temperature, `top_p` NaN or above 1 were accepted).
+#[test]
+fn out_of_range_flag_values_are_refused_with_the_flag_name() {
+    let parse = |args: &[&str]| {
+        Cli::try_parse_from(std::iter::once("peft").chain(args.iter().copied()))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let train = ["train", "--model", "m", "--data", "d", "--output", "o"];
+    for (flag, value, says) in [
+        ("--grad-accum", "0", "at least 1"),
+        ("--batch-size", "0", "at least 1"),
+        ("--seq-len", "0", "at least 1"),
+        ("--epochs", "NaN", "finite"),
+        ("--epochs", "0", "> 0"),
+        ("--lr", "-1", "≥ 0"),
+        ("--lr", "inf", "finite"),
+        ("--max-grad-norm", "NaN", "finite"),
+        ("--momentum", "1", "< 1"),
+    ] {
+        let kv = format!("{flag}={value}");
+        let mut a = train.to_vec();
+        a.push(&kv);
+        let e = parse(&a);
+        assert!(e.contains(flag) && e.contains(says), "{flag} {value}: {e}");
+    }
+    let generate = ["generate", "--model", "m", "--prompt", "p"];
+    for (flag, value, says) in [
+        ("--temperature", "-1", "≥ 0"),
+        ("--top-p", "NaN", "finite"),
+        ("--top-p", "1.5", "≤ 1"),
+        ("--top-p", "0", "> 0"),
+    ] {
+        let kv = format!("{flag}={value}");
+        let mut a = generate.to_vec();
+        a.push(&kv);
+        let e = parse(&a);
+        assert!(e.contains(flag) && e.contains(says), "{flag} {value}: {e}");
+    }
 }

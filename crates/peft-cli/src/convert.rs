@@ -30,6 +30,10 @@ pub fn run(args: &ConvertArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if !path.exists() {
         bail!("{}: no such GGUF file", path.display());
     }
+    crate::merge::report_stale_temps();
+    peft::io::ensure_no_alias(&[("the GGUF model", path.as_path())], &[&args.output])?;
+    // The directory is assembled under `.NAME.tmp-PID` and renamed: remove what a killed run left.
+    peft::io::remove_stale_temps_beside(&args.output)?;
     let m = peft_models::gguf::load_gguf(path, &Device::Cpu)
         .with_context(|| format!("loading the GGUF file {}", path.display()))?;
     peft_models::export::write_hf_dir(&args.output, &m.config, &m.tensors, Some(&m.tokenizer))

@@ -24,10 +24,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Tokens per example (text is packed into windows of this length).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::train::positive_usize)]
     pub seq_len: usize,
     /// Examples per forward pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::train::positive_usize)]
     pub batch_size: usize,
     /// Evaluate at most this many examples (all by default).
     #[arg(long)]
@@ -53,7 +53,7 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalResult> {
     let mut data = load_dataset(
         &args.data,
         tokenizer.as_ref(),
-        &DataConfig::new(args.seq_len),
+        &DataConfig::new(args.seq_len).with_vocab_size(pm.model().config().vocab_size),
     )
     .with_context(|| format!("loading {}", args.data.display()))?;
     if let Some(n) = args.max_examples {
@@ -91,6 +91,14 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalResult> {
             r.tokens,
             data.len()
         )?;
+    }
+    if !r.mean_nll.is_finite() {
+        anyhow::bail!(
+            "the mean NLL is {} over {} tokens: the model or an adapter produces non-finite logits (an \
+             adapter loaded with --allow-non-finite, or a diverged run)",
+            r.mean_nll,
+            r.tokens
+        );
     }
     Ok(r)
 }

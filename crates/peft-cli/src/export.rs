@@ -77,6 +77,14 @@ pub fn run(args: &ExportArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             args.output.display()
         );
     }
+    crate::merge::report_stale_temps();
+    peft::io::ensure_no_alias(
+        &[
+            ("the adapter", args.adapter.as_path()),
+            ("the base model", args.base.as_path()),
+        ],
+        &[&args.output],
+    )?;
     let base = LoraGgufBase::from_path(&args.base)
         .with_context(|| format!("reading the base model {}", args.base.display()))?;
     let content = export_lora_gguf(&args.adapter, &base, args.outtype.into(), &args.output)

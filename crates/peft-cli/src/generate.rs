@@ -40,10 +40,10 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::train::non_negative_f64)]
     pub temperature: f64,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::train::probability_f64)]
     pub top_p: f64,
     /// Seed of the sampling generator.
     #[arg(long, default_value_t = 0)]

@@ -183,7 +183,19 @@ fn sub_adapters(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Reads an adapter directory's config and safetensors header (no tensor data).
+/// Why the tensors of an adapter file would be refused on load ([`peft::io::check_adapter_tensors`]).
+fn tensor_problem(file: &SafetensorsFile, path: &Path) -> Option<String> {
+    let strict = peft::io::AdapterChecks {
+        allow_non_finite: false,
+    };
+    file.load_all(&Device::Cpu)
+        .and_then(|t| peft::io::check_adapter_tensors(path, &t, strict))
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// Reads an adapter directory's config and safetensors header, and checks its tensors' values (as loading
+/// would: floating point, finite, at least one tensor; a failure is reported as the validation error).
 pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
     if !dir.is_dir() {
         if dir.exists() {
@@ -285,7 +297,11 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
         task_type: config.task_type().map(|t| t.as_str().to_string()),
         base_model_name_or_path: config.base_model_name_or_path().map(str::to_string),
         peft_version: config.base().peft_version.clone(),
-        validation_error: config.validate().err().map(|e| e.to_string()),
+        validation_error: config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .or_else(|| tensor_problem(&file, &weights)),
         grouping_note,
         modules,
         replaced_tensors,
@@ -715,6 +731,20 @@ fn is_dense_linear(name: &str, shape: &[usize]) -> bool {
             .any(|e| name.contains(e))
 }
 
+/// Why a Llama-family `config.json` would be refused on load (other model types are described, not checked).
+fn llama_config_problem(config: &Value) -> Option<String> {
+    let family = matches!(
+        config.get("model_type").and_then(Value::as_str),
+        Some("llama" | "mistral" | "qwen2")
+    );
+    if !family {
+        return None;
+    }
+    peft_models::llama::LlamaConfig::from_value(config)
+        .err()
+        .map(|e| e.to_string())
+}
+
 /// Reads a base model's headers (an HF directory, a safetensors file or a GGUF file) and reports its Linear
 /// layers by storage format, their memory quantized and in f32, and the weights' total.
 pub fn inspect_model(path: &Path) -> anyhow::Result<ModelInspection> {
@@ -736,7 +766,8 @@ pub fn inspect_model(path: &Path) -> anyhow::Result<ModelInspection> {
         quantization: config_quantization(&config),
         load_error: peft_models::quantize::checkpoint_quantization(&config)
             .err()
-            .map(|e| e.to_string()),
+            .map(|e| e.to_string())
+            .or_else(|| llama_config_problem(&config)),
         linear: Vec::new(),
         other_tensors: 0,
         other_bytes: 0,
@@ -908,11 +939,7 @@ pub fn inspect_model(path: &Path) -> anyhow::Result<ModelInspection> {
 /// [`inspect_model`] for a GGUF file: the tensor infos of its header, no tensor data.
 fn inspect_gguf(path: &Path) -> anyhow::Result<ModelInspection> {
     use candle_core::quantized::gguf_file;
-    let mut f = std::io::BufReader::new(
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
-    );
-    let content = gguf_file::Content::read(&mut f)
-        .with_context(|| format!("{}: invalid GGUF file", path.display()))?;
+    let (content, _) = peft_models::gguf::read_content(path)?;
     let mut info = ModelInspection {
         path: path.to_path_buf(),
         container: "gguf".into(),

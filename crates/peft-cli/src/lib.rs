@@ -5,13 +5,17 @@
 //! - `peft generate`: streams a completion, greedy or sampled ([`generate`]).
 //! - `peft convert`: writes a GGUF model as an HF directory ([`convert`]).
 //! - `peft export`: writes a LoRA adapter as a llama.cpp LoRA GGUF file ([`export`]).
+//! - `peft combine`: combines LoRA adapters into a new one, as PEFT's `add_weighted_adapter` ([`combine`]).
 //! - `peft merge`: merges one or more adapters into a base model file or directory ([`merge`]).
+//! - `peft serve`: an OpenAI-compatible HTTP server for a model and its LoRA adapters, with continuous
+//!   batching across requests and adapters ([`serve`]).
 //! - `peft inspect`: describes an adapter directory or a base model (its quantization and memory), for humans
 //!   or as JSON ([`inspect`]).
 //!
 //! [`Cli`] is the clap definition; [`run`] executes a parsed command line. Every command is also callable
 //! in-process ([`merge::run`], [`inspect::run`]) with its output going to any writer.
 
+pub mod combine;
 pub mod convert;
 pub mod eval;
 pub mod export;
@@ -19,6 +23,7 @@ pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod quant;
+pub mod serve;
 pub mod train;
 
 #[cfg(test)]
@@ -35,6 +40,10 @@ use std::io::Write;
     about = "Parameter-efficient fine-tuning: train, evaluate, generate with, merge and inspect adapters"
 )]
 pub struct Cli {
+    /// Load adapters holding NaN or infinite values instead of refusing them (to inspect or repair a
+    /// diverged adapter); evaluation still fails on a non-finite loss.
+    #[arg(long, global = true)]
+    pub allow_non_finite: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -53,10 +62,14 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Write a LoRA adapter as a llama.cpp LoRA GGUF file (as convert_lora_to_gguf.py does).
     Export(export::ExportArgs),
+    /// Combine LoRA adapters into a new adapter (PEFT's add_weighted_adapter) and write it.
+    Combine(combine::CombineArgs),
     /// Merge adapters into a base model and write the merged weights.
     Merge(merge::MergeArgs),
     /// Describe an adapter directory: method, targeted modules, parameters, replaced tensors.
     Inspect(inspect::InspectArgs),
+    /// Serve a model and LoRA adapters over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line, writing its report to stdout (progress goes to stderr).
@@ -70,14 +83,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Runs a parsed command line, writing its report to `out`.
 pub fn run_with(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    peft::io::set_allow_non_finite(cli.allow_non_finite);
     match cli.command {
         Command::Train(args) => train::run(&args, out).map(|_| ()),
         Command::Eval(args) => eval::run(&args, out).map(|_| ()),
         Command::Generate(args) => generate::run(&args, out),
         Command::Convert(args) => convert::run(&args, out),
         Command::Export(args) => export::run(&args, out),
+        Command::Combine(args) => combine::run(&args, out).map(|_| ()),
         Command::Merge(args) => merge::run(&args, out).map(|_| ()),
         Command::Inspect(args) => inspect::run(&args, out),
+        Command::Serve(args) => serve::run(&args, out),
     }
 }
 

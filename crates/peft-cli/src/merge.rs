@@ -235,23 +235,32 @@ fn check_paths(args: &MergeArgs) -> anyhow::Result<()> {
                 parent.display()
             );
         }
-        let same = match (args.base.canonicalize(), args.output.canonicalize()) {
-            (Ok(b), Ok(o)) => b == o,
-            _ => false,
-        };
-        if same {
-            bail!(
-                "refusing to overwrite the base model {} with the merged model",
-                args.base.display()
-            );
-        }
     }
+    // The output must not alias an input: not the base file itself, not a directory the merged files would be
+    // written into that holds the base (a directory output writes `model.safetensors` there), not a path inside
+    // the base model's own directory or an adapter's. Resolved paths, so `./x` and symlinks compare as what
+    // they are.
+    let mut inputs = vec![("the base model", args.base.as_path())];
+    inputs.extend(
+        args.adapters
+            .iter()
+            .map(|a| ("the adapter", a.dir.as_path())),
+    );
+    peft::io::ensure_no_alias(&inputs, &[&args.output])?;
     Ok(())
+}
+
+/// Prints every stale temporary that a writer removes (a killed run's leftovers) on stderr, one line each
+/// ([`peft::io::set_stale_temp_reporter`]). Every command that writes files calls it first.
+pub fn report_stale_temps() {
+    peft::io::set_stale_temp_reporter(Some(|t| eprintln!("note: {t}")));
 }
 
 /// Runs `peft merge`: merges, then writes a one-line summary to `out`. Returns the library's report.
 pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport> {
+    report_stale_temps();
     check_paths(args)?;
+    peft::io::remove_stale_temps_beside(&args.output)?;
     let is_gguf = |p: &std::path::Path| p.extension().is_some_and(|e| e == "gguf");
     let gguf_to_gguf = is_gguf(&args.base) && is_gguf(&args.output);
     if args.requantize && is_gguf(&args.base) && !gguf_to_gguf {
@@ -281,14 +290,7 @@ pub fn run(args: &MergeArgs, out: &mut dyn Write) -> anyhow::Result<MergeReport>
     // A GGUF base is first written as an HF directory (dequantized f32, config, tokenizer) next to the
     // output, merged from there, and removed: the output is an HF directory.
     let gguf_dir = if args.base.extension().is_some_and(|e| e == "gguf") {
-        let name = args
-            .output
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = args
-            .output
-            .with_file_name(format!(".{name}.gguf-base-{}", std::process::id()));
+        let tmp = peft::io::temp_path(&args.output, peft::io::TempKind::GgufBase)?;
         let m = peft_models::gguf::load_gguf(&args.base, &device)
             .with_context(|| format!("cannot load the GGUF base {}", args.base.display()))?;
         peft_models::export::write_hf_dir(&tmp, &m.config, &m.tensors, Some(&m.tokenizer))
@@ -766,5 +768,148 @@ mod tests {
         assert!(e.contains("overwrite"), "{e}");
         // nothing was written
         assert!(!out.exists());
+    }
+
+    /// Every writer refuses an output that aliases one of its inputs (resolved paths), with an error naming
+    /// both, before writing anything: `train` (its data, its `--adapter-config`, an output inside the base
+    /// model's or the data's directory), `combine`, `export`, `convert` and `merge` (an output inside an
+    /// adapter directory).
+    #[test]
+    fn every_writer_refuses_outputs_that_alias_its_inputs() {
+        let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora/cases/llama_qv");
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let base = t.join("base");
+        std::fs::create_dir(&base).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(lora.join("base_hf").join(f), base.join(f)).unwrap();
+        }
+        let adapter = t.join("adapter");
+        std::fs::create_dir(&adapter).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(lora.join("adapter").join(f), adapter.join(f)).unwrap();
+        }
+        let run = t.join("run");
+        std::fs::create_dir_all(run.join("adapter")).unwrap();
+        std::fs::write(run.join("metrics.jsonl"), "{\"input_ids\": [1, 2, 3]}\n").unwrap();
+        std::fs::copy(
+            adapter.join("adapter_config.json"),
+            run.join("adapter/adapter_config.json"),
+        )
+        .unwrap();
+        let gguf = t.join("m.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        let before = |p: &Path| std::fs::read(p).unwrap();
+        let snapshot = [
+            before(&run.join("metrics.jsonl")),
+            before(&run.join("adapter/adapter_config.json")),
+            before(&base.join("model.safetensors")),
+            before(&gguf),
+        ];
+        let refuse = |argv: Vec<String>, says: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("peft".to_string()).chain(argv.clone()))
+                .unwrap();
+            let e = format!("{:#}", crate::run_with(cli, &mut Vec::new()).unwrap_err());
+            for s in says {
+                assert!(e.contains(s), "{argv:?}: {e}");
+            }
+        };
+        let s = |p: &Path| p.display().to_string();
+        let train = |data: &Path, output: &Path, extra: &[String]| {
+            let mut v = vec![
+                "train".into(),
+                "--model".into(),
+                s(&base),
+                "--data".into(),
+                s(data),
+            ];
+            v.extend(["--output".into(), s(output)]);
+            v.extend(extra.iter().cloned());
+            v
+        };
+        let metrics = run.join("metrics.jsonl");
+        refuse(
+            train(&metrics, &run, &[]),
+            &["would overwrite the training data", &s(&metrics)],
+        );
+        refuse(
+            train(&t.join("run/../run/metrics.jsonl"), &run, &[]),
+            &["would overwrite the training data"],
+        );
+        let cfg = run.join("adapter/adapter_config.json");
+        let other_data = t.join("data.jsonl");
+        std::fs::write(&other_data, "{\"input_ids\": [1, 2, 3]}\n").unwrap();
+        refuse(
+            train(&other_data, &run, &["--adapter-config".into(), s(&cfg)]),
+            &["would overwrite --adapter-config", &s(&cfg)],
+        );
+        refuse(
+            train(&other_data, &base.join("run"), &[]),
+            &["inside the base model's directory", &s(&base)],
+        );
+        let data_dir = t.join("data");
+        std::fs::create_dir(&data_dir).unwrap();
+        std::fs::write(data_dir.join("a.txt"), "text").unwrap();
+        refuse(
+            train(&data_dir, &data_dir, &[]),
+            &["inside the training data's directory"],
+        );
+        refuse(
+            args_of(&[
+                "combine",
+                "--base",
+                &s(&base),
+                "--adapter",
+                &format!("a={}", s(&adapter)),
+                "--weights",
+                "1",
+                "--output",
+                &s(&adapter.join("combined")),
+            ]),
+            &["inside the adapter's directory", &s(&adapter)],
+        );
+        refuse(
+            args_of(&[
+                "export",
+                "--adapter",
+                &s(&adapter),
+                "--format",
+                "gguf",
+                "--base",
+                &s(&base),
+                "--output",
+                &s(&adapter.join("x.gguf")),
+            ]),
+            &["inside the adapter's directory"],
+        );
+        refuse(
+            args_of(&["convert", "--model", &s(&gguf), "--output", &s(t)]),
+            &["would overwrite the GGUF model", &s(&gguf)],
+        );
+        refuse(
+            args_of(&[
+                "merge",
+                "-b",
+                &s(&base),
+                "-a",
+                &s(&adapter),
+                "-o",
+                &s(&adapter.join("merged")),
+            ]),
+            &["inside the adapter's directory"],
+        );
+        let after = [
+            before(&run.join("metrics.jsonl")),
+            before(&run.join("adapter/adapter_config.json")),
+            before(&base.join("model.safetensors")),
+            before(&gguf),
+        ];
+        assert_eq!(snapshot, after, "an input changed");
+        assert!(!adapter.join("combined").exists() && !base.join("run").exists());
+        assert!(!data_dir.join("adapter").exists() && !adapter.join("x.gguf").exists());
+    }
+
+    fn args_of(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
     }
 }

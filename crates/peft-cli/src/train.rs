@@ -38,13 +38,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub adapter_config: Option<PathBuf>,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive_usize)]
     pub r: usize,
     /// LoRA alpha (default: 2·r).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_f64)]
     pub alpha: Option<f64>,
-    /// LoRA dropout.
-    #[arg(long, default_value_t = 0.0)]
+    /// LoRA dropout, in [0, 1).
+    #[arg(long, default_value_t = 0.0, value_parser = unit_interval_f64)]
     pub dropout: f64,
     /// Target modules: comma-separated names or suffixes, or `all-linear`.
     #[arg(long, default_value = "q_proj,v_proj")]
@@ -62,13 +62,13 @@ pub struct TrainArgs {
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = non_negative_f64)]
     pub lr: f64,
     /// Weight decay (decoupled for AdamW).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
     pub weight_decay: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = unit_interval_f64)]
     pub momentum: f64,
     /// Learning-rate schedule: constant, constant_with_warmup, linear or cosine.
     #[arg(long, default_value = "cosine")]
@@ -77,22 +77,22 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
     /// Examples per micro-batch.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive_usize)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
     pub grad_accum: usize,
-    /// Tokens per example.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens per example (at least 2: the loss predicts each token from the ones before).
+    #[arg(long, default_value_t = 64, value_parser = seq_len_usize)]
     pub seq_len: usize,
     /// Optimizer steps (default: one epoch).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Epochs, when `--steps` is not given.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
     pub epochs: f64,
     /// Clip the global gradient norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
     pub max_grad_norm: f64,
     /// Evaluate every N steps (0: only before and after).
     #[arg(long, default_value_t = 0)]
@@ -321,6 +321,21 @@ fn report(
 
 /// Runs `peft train`; the report goes to `out`, the progress bar to stderr.
 pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary> {
+    crate::merge::report_stale_temps();
+    // The library checks the data against the outputs; the model and `--adapter-config` are the CLI's inputs.
+    let mut inputs = vec![("the base model", args.model.as_path())];
+    if let Some(p) = &args.adapter_config {
+        inputs.push(("--adapter-config", p.as_path()));
+    }
+    let options = train_options(args)?;
+    let outputs = [
+        options.adapter_dir(),
+        options.checkpoints_dir(),
+        options.metrics_path(),
+    ];
+    let outputs: Vec<&std::path::Path> = outputs.iter().map(|p| p.as_path()).collect();
+    peft::io::ensure_no_alias(&inputs, &outputs)?;
+    peft_models::train::check_outputs(&options)?;
     let device = Device::Cpu;
     let t0 = Instant::now();
     let LoadedModel {
@@ -383,4 +398,69 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
         b.finish_and_clear();
     }
     Ok(result?)
+}
+
+/// A flag value that must be a whole number ≥ 1 (`--batch-size 0` used to divide by zero).
+pub(crate) fn positive_usize(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
+/// A sequence length: a whole number ≥ 2 (one token has no next token to predict).
+fn seq_len_usize(s: &str) -> Result<usize, String> {
+    let n = positive_usize(s)?;
+    if n < 2 {
+        return Err(
+            "must be at least 2 (the loss predicts each token from the ones before)".into(),
+        );
+    }
+    Ok(n)
+}
+
+fn finite_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number, got {v}"))
+    }
+}
+
+/// A finite number ≥ 0 (NaN and infinities refused).
+pub(crate) fn non_negative_f64(s: &str) -> Result<f64, String> {
+    let v = finite_f64(s)?;
+    if v < 0.0 {
+        return Err(format!("must be ≥ 0, got {v}"));
+    }
+    Ok(v)
+}
+
+/// A finite number > 0.
+pub(crate) fn positive_f64(s: &str) -> Result<f64, String> {
+    let v = finite_f64(s)?;
+    if v <= 0.0 {
+        return Err(format!("must be > 0, got {v}"));
+    }
+    Ok(v)
+}
+
+/// A number in [0, 1).
+pub(crate) fn unit_interval_f64(s: &str) -> Result<f64, String> {
+    let v = non_negative_f64(s)?;
+    if v >= 1.0 {
+        return Err(format!("must be < 1, got {v}"));
+    }
+    Ok(v)
+}
+
+/// A number in (0, 1] (nucleus sampling's `top_p`).
+pub(crate) fn probability_f64(s: &str) -> Result<f64, String> {
+    let v = positive_f64(s)?;
+    if v > 1.0 {
+        return Err(format!("must be ≤ 1, got {v}"));
+    }
+    Ok(v)
 }

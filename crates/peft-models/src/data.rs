@@ -91,6 +91,9 @@ pub struct DataConfig {
     /// Whether text, prompts and pre-chat documents are encoded with the tokenizer's special tokens
     /// (a BOS, for tokenizers that add one). Chat renderings never are: the template writes them.
     pub add_special_tokens: bool,
+    /// The model's vocabulary size, when known: a token id (or label) at or beyond it is an error naming the
+    /// file, the line and the id, instead of an index error deep in the embedding.
+    pub vocab_size: Option<usize>,
 }
 
 impl DataConfig {
@@ -100,7 +103,14 @@ impl DataConfig {
             seq_len,
             format: DataFormat::Auto,
             add_special_tokens: true,
+            vocab_size: None,
         }
+    }
+
+    /// The same options, checking every token id and label against a vocabulary of `vocab_size`.
+    pub fn with_vocab_size(mut self, vocab_size: usize) -> Self {
+        self.vocab_size = Some(vocab_size);
+        self
     }
 
     /// The same options with another format.
@@ -342,13 +352,21 @@ pub fn load_dataset<'t>(
             let mut docs = Vec::with_capacity(files.len());
             for f in &files {
                 let text = read_text(f)?;
-                docs.push(
-                    tokenizer
-                        .encode(&text, config.add_special_tokens)
-                        .map_err(|e| ModelError::Invalid(format!("{}: {e}", f.display())))?,
-                );
+                let ids = tokenizer
+                    .encode(&text, config.add_special_tokens)
+                    .map_err(|e| ModelError::Invalid(format!("{}: {e}", f.display())))?;
+                check_vocab(&ids, &[], config.vocab_size).map_err(|m| {
+                    ModelError::Invalid(format!(
+                        "{}: {m} (the tokenizer does not match the model)",
+                        f.display()
+                    ))
+                })?;
+                docs.push(ids);
             }
             let eos = eos_for_packing(tokenizer, path)?;
+            check_vocab(&[eos], &[], config.vocab_size).map_err(|m| {
+                ModelError::Invalid(format!("{}: the EOS token: {m}", path.display()))
+            })?;
             Ok(Dataset {
                 examples: pack(docs, eos, config.seq_len),
                 kind: ExampleKind::Text,
@@ -556,6 +574,8 @@ fn parse_jsonl(
         }
         if k == ExampleKind::Tokens {
             let mut example = tokens_example(&obj).map_err(|m| at(no, m))?;
+            check_vocab(&example.input_ids, &example.labels, config.vocab_size)
+                .map_err(|m| at(no, m))?;
             example.truncate(config.seq_len);
             if example.n_targets() == 0 {
                 skipped += 1;
@@ -576,11 +596,12 @@ fn parse_jsonl(
                 if text.is_empty() {
                     return Err(at(no, "\"text\" is empty".into()));
                 }
-                docs.push(
-                    tokenizer
-                        .encode(text, config.add_special_tokens)
-                        .map_err(|e| at(no, e.to_string()))?,
-                );
+                let ids = tokenizer
+                    .encode(text, config.add_special_tokens)
+                    .map_err(|e| at(no, e.to_string()))?;
+                check_vocab(&ids, &[], config.vocab_size)
+                    .map_err(|m| at(no, format!("{m} (the tokenizer does not match the model)")))?;
+                docs.push(ids);
                 continue;
             }
             ExampleKind::PromptCompletion => {
@@ -596,6 +617,8 @@ fn parse_jsonl(
             ExampleKind::Tokens => unreachable!("handled above"),
         };
         let mut example = example;
+        check_vocab(&example.input_ids, &example.labels, config.vocab_size)
+            .map_err(|m| at(no, format!("{m} (the tokenizer does not match the model)")))?;
         example.truncate(config.seq_len);
         if example.n_targets() == 0 {
             skipped += 1;
@@ -618,6 +641,32 @@ fn parse_jsonl(
         source: path.to_path_buf(),
         skipped,
     })
+}
+
+/// Every id and label (but `-100`) below `vocab_size`; the first that is not, named with its position.
+fn check_vocab(
+    ids: &[u32],
+    labels: &[i64],
+    vocab_size: Option<usize>,
+) -> std::result::Result<(), String> {
+    let Some(n) = vocab_size else {
+        return Ok(());
+    };
+    if let Some((j, id)) = ids.iter().enumerate().find(|(_, t)| **t as usize >= n) {
+        return Err(format!(
+            "token id {id} (input_ids[{j}]) is outside the model's vocabulary of {n} tokens"
+        ));
+    }
+    if let Some((j, l)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, l)| **l != IGNORE_INDEX && (**l < 0 || **l as u64 >= n as u64))
+    {
+        return Err(format!(
+            "label {l} (labels[{j}]) is outside the model's vocabulary of {n} tokens"
+        ));
+    }
+    Ok(())
 }
 
 fn prompt_completion(

@@ -20,8 +20,11 @@ use peft::quant::QuantizedWeight;
 use peft::quant::gguf::GgufWeight;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{BufReader, Seek};
+use std::io::BufReader;
 use std::path::Path;
+
+mod header;
+pub use header::{MAX_DIMS, check_header, read_content};
 
 /// A GGUF model converted to HuggingFace form.
 #[derive(Debug)]
@@ -82,12 +85,9 @@ pub fn load_gguf_as(
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
-    let file_size = reader
-        .seek(std::io::SeekFrom::End(0))
-        .map_err(|e| ModelError::io(path, e))?;
+    let (content, file_size) = read_content(path)?;
+    let mut reader =
+        BufReader::new(std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?);
     let meta = Meta {
         md: &content.metadata,
         path,
@@ -315,7 +315,7 @@ fn hf_order_key(name: &str) -> (usize, usize, usize) {
     }
 }
 
-fn check_tensor_extent(
+pub(crate) fn check_tensor_extent(
     name: &str,
     info: &gguf_file::TensorInfo,
     data_offset: u64,
@@ -1128,7 +1128,7 @@ pub(crate) mod tests {
         std::fs::write(&cut, &b).unwrap();
         let err = load_gguf(&cut, &Device::Cpu).unwrap_err();
         assert!(
-            matches!(&err, ModelError::Gguf { message, .. } if message.contains("string length")),
+            matches!(&err, ModelError::Gguf { message, .. } if message.contains("a string of")),
             "{err}"
         );
         // Not a file at all.

@@ -104,8 +104,7 @@ impl LoraGgufBase {
             path: path.to_path_buf(),
             message,
         };
-        let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| bad(e.to_string()))?;
+        let (content, _) = crate::gguf::read_content(path)?;
         let md = &content.metadata;
         let arch = match md.get("general.architecture") {
             Some(GgufValue::String(s)) => s.clone(),
@@ -732,8 +731,8 @@ pub fn read_lora_gguf(path: impl AsRef<Path>) -> Result<LoraGguf> {
         path: path.to_path_buf(),
         message,
     };
+    let (content, _) = crate::gguf::read_content(path)?;
     let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = gguf_file::Content::read(&mut f).map_err(|e| bad(e.to_string()))?;
     let mut metadata = BTreeMap::new();
     for (k, v) in &content.metadata {
         let v = match v {

@@ -18,7 +18,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{Meta, gguf_to_hf_name, permute_qk, unpermute_qk};
-use candle_core::quantized::gguf_file::{self, Value as GgufValue};
+use candle_core::quantized::gguf_file::Value as GgufValue;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use peft::merge::{MergeAdapter, Merger, Progress};
@@ -149,12 +149,8 @@ pub fn merge_into_gguf(
             output.display()
         )));
     }
-    let file = std::fs::File::open(base).map_err(|e| ModelError::io(base, e))?;
-    let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
-    let file_size = reader
-        .seek(SeekFrom::End(0))
-        .map_err(|e| ModelError::io(base, e))?;
+    let (content, file_size) = crate::gguf::read_content(base)?;
+    let reader = BufReader::new(std::fs::File::open(base).map_err(|e| ModelError::io(base, e))?);
     let meta = Meta {
         md: &content.metadata,
         path: base,

@@ -10,7 +10,11 @@
 //! [`TrainEvent`]s (the CLI prints them and draws its progress bar from [`TrainEvent::Progress`]).
 //!
 //! The output directory holds `adapter/`, `metrics.jsonl`, `loss_curve.svg`, `checkpoints/` (`step-N/` every
-//! [`TrainOptions::save_every`] steps, `last/` at the end) and `summary.json`.
+//! [`TrainOptions::save_every`] steps and at the end, `last`: a symlink to the newest complete one, swapped in
+//! one rename, so that `--resume checkpoints/last` after a crash continues from the last complete checkpoint)
+//! and `summary.json`. Checkpoints, the adapter and `summary.json` are written atomically (`metrics.jsonl` is
+//! an append log, rewritten from the checkpoint on resume); temporaries a killed run left in the output
+//! directory, `adapter/` and `checkpoints/` are removed at the start ([`peft::io::remove_stale_temps`]).
 //!
 //! ```
 //! use candle_core::{DType, Device};
@@ -196,6 +200,11 @@ impl TrainOptions {
         self.output.join("loss_curve.svg")
     }
 
+    /// `checkpoints/` in the output directory: `step-N/` directories and `last`, a symlink to the newest.
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.output.join("checkpoints")
+    }
+
     /// `adapter/` in the output directory.
     pub fn adapter_dir(&self) -> PathBuf {
         self.output.join("adapter")
@@ -275,6 +284,26 @@ pub enum TrainEvent<'a> {
         /// The loss curve.
         loss_curve: &'a Path,
     },
+}
+
+/// Refuses a run whose outputs alias its data ([`peft::io::ensure_no_alias`]): the files and directories it
+/// writes (`adapter/`, `metrics.jsonl`, `loss_curve.svg`, `summary.json`, `checkpoints/`) must not be, hold
+/// or lie inside the training or evaluation data. (The checkpoint resumed from lies inside `checkpoints/` by
+/// design: it is read whole before anything is written.)
+pub fn check_outputs(options: &TrainOptions) -> Result<()> {
+    let mut inputs = vec![("the training data", options.data.as_path())];
+    if let Some(e) = &options.eval_data {
+        inputs.push(("the evaluation data", e.as_path()));
+    }
+    let outputs = [
+        options.adapter_dir(),
+        options.metrics_path(),
+        options.loss_curve_path(),
+        options.output.join("summary.json"),
+        options.checkpoints_dir(),
+    ];
+    let outputs: Vec<&Path> = outputs.iter().map(PathBuf::as_path).collect();
+    Ok(peft::io::ensure_no_alias(&inputs, &outputs)?)
 }
 
 /// What a training run achieved (also written to `summary.json`).
@@ -381,6 +410,7 @@ pub fn train(
                 .into(),
         ));
     }
+    check_outputs(options)?;
     let sample_ids = match &options.sample {
         Some(s) => {
             let tok = require_tokenizer(tokenizer, "a sample prompt")?;
@@ -394,7 +424,7 @@ pub fn train(
         &options.data,
         options.eval_data.as_deref(),
         tokenizer,
-        &DataConfig::new(options.seq_len),
+        &DataConfig::new(options.seq_len).with_vocab_size(model.model().config().vocab_size),
     )
     .map_err(|e| e.context(format!("loading {}", options.data.display())))?;
     let mut eval_set = splits.eval.clone();
@@ -429,6 +459,13 @@ pub fn train(
         None => None,
     };
     std::fs::create_dir_all(&options.output).map_err(|e| ModelError::io(&options.output, e))?;
+    for dir in [
+        options.output.clone(),
+        options.adapter_dir(),
+        options.checkpoints_dir(),
+    ] {
+        peft::io::remove_stale_temps(&dir)?;
+    }
     let log = if options.resume.is_some() {
         MetricsLog::append(options.metrics_path())?
     } else {
@@ -520,11 +557,7 @@ pub fn train(
             && trainer.step().is_multiple_of(options.save_every)
             && !trainer.is_finished()
         {
-            let dir = options
-                .output
-                .join("checkpoints")
-                .join(format!("step-{}", trainer.step()));
-            trainer.save_checkpoint(&dir, &batcher.state())?;
+            trainer.save_checkpoint_step(options.checkpoints_dir(), &batcher.state())?;
         }
     }
     let train_seconds = train_start.elapsed().as_secs_f64();
@@ -533,10 +566,7 @@ pub fn train(
         steps,
         seconds: train_seconds,
     })?;
-    trainer.save_checkpoint(
-        options.output.join("checkpoints").join("last"),
-        &batcher.state(),
-    )?;
+    trainer.save_checkpoint_step(options.checkpoints_dir(), &batcher.state())?;
 
     // After: an evaluation at the last step already run by `eval_every` is the one after training.
     let eval_after = match trainer.metrics().last() {

@@ -3,7 +3,9 @@
 mod gguf_lora;
 mod gguf_merge;
 mod half_base;
+mod hotswap;
 mod llama;
+mod mixed_batch;
 mod prompt;
 mod quant;
 mod quant_bad_inputs;

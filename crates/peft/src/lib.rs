@@ -29,6 +29,7 @@ pub mod io;
 pub(crate) mod kernels;
 pub mod layer;
 pub mod merge;
+pub mod merge_utils;
 pub mod ops;
 pub mod peft_model;
 pub mod quant;

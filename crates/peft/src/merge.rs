@@ -16,8 +16,9 @@
 
 use crate::config::PeftConfig;
 use crate::io::{
-    Aliases, BaseModel, SafetensorsFile, SplitKeys, atomic_write, atomic_write_try, file_name,
-    load_adapter, split_keys,
+    Aliases, BaseModel, SafetensorsFile, SplitKeys, TempKind, atomic_write, atomic_write_try,
+    ensure_no_alias, file_name, load_adapter, remove_stale_temps_beside, split_keys, sync_dir,
+    temp_path,
 };
 use crate::layer::registry;
 use crate::layer::{BaseLayer, MergeInput};
@@ -73,6 +74,10 @@ impl MergeAdapter {
         }
         let prefixes = registry::param_prefixes(&config)?;
         let split = split_keys(tensors, prefixes)?;
+        crate::tuners::tuners_utils::check_file_modules_targeted(
+            &config,
+            split.modules.keys().map(String::as_str),
+        )?;
         if let Some(w) = weight.filter(|_| !registry::is_additive(&config)) {
             return Err(PeftError::Invalid(format!(
                 "{source}: a merge weight ({w}) is only allowed for additive methods (plain LoRA); this \
@@ -828,6 +833,11 @@ pub struct MergeReport {
 ///   non-weight files (config, tokenizer, generation config). The directory is assembled under a temporary
 ///   name and renamed into place, so a failure leaves nothing behind.
 ///
+/// An output that aliases the base is refused ([`ensure_no_alias`]). Temporaries that a killed merge into
+/// `output` left (`.NAME.tmp-PID` files or directories) are removed first ([`remove_stale_temps_beside`]); a
+/// merge killed at any moment leaves the previous output (a file) or none (a directory), or the complete new
+/// one.
+///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
 /// use peft::io::{read_safetensors, save_adapter, write_safetensors};
@@ -885,6 +895,8 @@ pub fn merge_model_with(
     opts: &MergeOptions,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
+    ensure_no_alias(&[("the base model", base)], &[output])?;
+    remove_stale_temps_beside(output)?;
     let model = BaseModel::open(base)?;
     let format = match opts.gptq_format {
         Some(f) => f,
@@ -967,8 +979,7 @@ pub fn merge_model_with(
                     output.display()
                 )));
             }
-            let tmp =
-                output.with_file_name(format!(".{}.tmp-{}", file_name(output), std::process::id()));
+            let tmp = temp_path(output, TempKind::Tmp)?;
             let res = (|| -> Result<()> {
                 std::fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
                 let mut weight_map = BTreeMap::new();
@@ -1014,7 +1025,12 @@ pub fn merge_model_with(
                     let text = crate::config::python_dumps(&config) + "\n";
                     atomic_write(&tmp.join("config.json"), text.as_bytes())?;
                 }
-                std::fs::rename(&tmp, output).map_err(|e| PeftError::io(output, e))
+                sync_dir(&tmp);
+                std::fs::rename(&tmp, output).map_err(|e| PeftError::io(output, e))?;
+                if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent);
+                }
+                Ok(())
             })();
             if let Err(e) = res {
                 let _ = std::fs::remove_dir_all(&tmp);

@@ -8,7 +8,10 @@
 
 use crate::config::{LoraBias, PeftConfig, TargetModules};
 use crate::host::{AdapterHost, PromptAdapter, PromptAdapterSource};
-use crate::io::{AdapterToSave, adapter_state_dict, load_adapter, save_adapters, split_keys};
+use crate::io::{
+    AdapterFile, AdapterToSave, adapter_state_dict, load_adapter, save_adapters, split_keys,
+};
+use crate::layer::Adapter;
 use crate::layer::modules_to_save::ModulesToSave;
 use crate::layer::registry;
 use crate::tuners::tuners_utils::{ModuleKind, resolve_targets};
@@ -147,6 +150,43 @@ fn thousands(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// What an adapter file builds for a model: see `PeftModel::build_from_file`.
+struct Built {
+    adapters: Vec<(String, Box<dyn Adapter>)>,
+    replaced: Vec<(String, Tensor)>,
+    shared: registry::SharedTensors,
+}
+
+/// PEFT's `check_hotswap_configs_compatible`: the same `peft_type`, LoRA only, and equal `use_rslora`,
+/// `lora_dropout`, `alpha_pattern`, `use_dora`.
+fn check_hotswap_configs(old: &PeftConfig, new: &PeftConfig) -> Result<()> {
+    let (a, b) = (old.peft_type(), new.peft_type());
+    if a != b {
+        return Err(PeftError::Invalid(format!(
+            "Incompatible PEFT types found: {} and {}",
+            a.as_str(),
+            b.as_str()
+        )));
+    }
+    if a != crate::config::PeftType::Lora {
+        return Err(PeftError::Invalid(format!(
+            "Hotswapping only supports LORA but {} was passed",
+            a.as_str()
+        )));
+    }
+    let (va, vb) = (old.to_json_value(), new.to_json_value());
+    for key in ["use_rslora", "lora_dropout", "alpha_pattern", "use_dora"] {
+        if va.get(key) != vb.get(key) {
+            return Err(PeftError::Invalid(format!(
+                "Configs are incompatible: for {key}, {} != {}",
+                va.get(key).map(|v| v.to_string()).unwrap_or("unset".into()),
+                vb.get(key).map(|v| v.to_string()).unwrap_or("unset".into())
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// PEFT's `_set_trainable` match: a module is a `modules_to_save` copy when its name ends with an entry.
@@ -494,7 +534,37 @@ impl<M: AdapterHost> PeftModel<M> {
             return Ok(());
         }
         self.check_new_name(name, &file.config)?;
+        let Built {
+            adapters: built,
+            replaced,
+            shared,
+        } = self.build_from_file(&file, device)?;
+        for (k, t) in replaced {
+            self.model.set_tensor(&k, t)?;
+        }
+        for (module, adapter) in built {
+            self.slot_mut(&module)?.add_adapter(name, adapter)?;
+        }
+        self.shared.insert(name.to_string(), shared);
+        self.configs.insert(name.to_string(), file.config);
+        if self.active.is_empty() {
+            self.set_adapter(&[name])?;
+        } else {
+            let active: Vec<String> = self.active.clone();
+            let refs: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
+            self.set_adapter(&refs)?;
+        }
+        Ok(())
+    }
+
+    /// The adapters an adapter file builds for this model's slots (by module name), the model tensors it
+    /// replaces, and its shared tensors, without changing the model.
+    fn build_from_file(&self, file: &AdapterFile, device: &Device) -> Result<Built> {
         let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
+        crate::tuners::tuners_utils::check_file_modules_targeted(
+            &file.config,
+            split.modules.keys().map(String::as_str),
+        )?;
         let shared = {
             let slots = self.model.slots();
             let dims: Vec<(usize, usize)> = slots
@@ -550,21 +620,94 @@ impl<M: AdapterHost> PeftModel<M> {
                 replaced.push((k.clone(), t.clone()));
             }
         }
-        for (k, t) in replaced {
-            self.model.set_tensor(&k, t)?;
+        Ok(Built {
+            adapters: built,
+            replaced,
+            shared,
+        })
+    }
+
+    /// PEFT's `hotswap_adapter`: replaces the weights of the loaded LoRA adapter `name` by those of the
+    /// adapter directory `dir`, in place, keeping its name, its place among the active adapters and every
+    /// other adapter. The new adapter may have another rank and `lora_alpha` (the scaling follows the new
+    /// config), but the configs must agree on `use_rslora`, `lora_dropout`, `alpha_pattern` and `use_dora`
+    /// (PEFT's `check_hotswap_configs_compatible`), it may not target a module the old one does not
+    /// (PEFT's "unexpected keys"), and it may not replace model tensors (trained biases). Modules the old
+    /// adapter targets and the new one does not get all-zero weights, as in PEFT. Refused while `name` is
+    /// merged. Nothing changes on an error.
+    ///
+    /// ```no_run
+    /// # use peft::{PeftModel, host::AdapterHost};
+    /// # fn f<M: AdapterHost>(pm: &mut PeftModel<M>) -> peft::Result<()> {
+    /// pm.hotswap_adapter("adapters/french", "default", &candle_core::Device::Cpu)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn hotswap_adapter(
+        &mut self,
+        dir: impl AsRef<Path>,
+        name: &str,
+        device: &Device,
+    ) -> Result<()> {
+        let old = self
+            .configs
+            .get(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.to_string()))?;
+        if let Some(slot) = self
+            .model
+            .slots()
+            .iter()
+            .find(|s| s.merged().contains(&name))
+        {
+            return Err(PeftError::Invalid(format!(
+                "cannot hot-swap adapter `{name}`: it is merged into {} (unmerge first)",
+                slot.name()
+            )));
         }
-        for (module, adapter) in built {
-            self.slot_mut(&module)?.add_adapter(name, adapter)?;
+        let file = load_adapter(dir.as_ref(), device)?;
+        check_hotswap_configs(old, &file.config)?;
+        let built = self.build_from_file(&file, device)?;
+        if !built.replaced.is_empty() {
+            let keys: Vec<&str> = built.replaced.iter().map(|(k, _)| k.as_str()).collect();
+            return Err(PeftError::Unsupported {
+                field: "hotswap_adapter".into(),
+                value: keys.join(", "),
+                reason: "the new adapter replaces model tensors; load it as a new adapter instead"
+                    .into(),
+            });
         }
-        self.shared.insert(name.to_string(), shared);
+        let holders: Vec<String> = self
+            .model
+            .slots()
+            .iter()
+            .filter(|s| s.adapter(name).is_some())
+            .map(|s| s.name().to_string())
+            .collect();
+        let unexpected: Vec<&str> = built
+            .adapters
+            .iter()
+            .map(|(m, _)| m.as_str())
+            .filter(|m| !holders.iter().any(|h| h == m))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(PeftError::Invalid(format!(
+                "Hot swapping the adapter did not succeed: `{name}` does not target {} (unexpected keys)",
+                unexpected.join(", ")
+            )));
+        }
+        let mut new: IndexMap<String, Box<dyn Adapter>> = built.adapters.into_iter().collect();
+        for module in &holders {
+            let slot = self.slot_mut(module)?;
+            match new.shift_remove(module.as_str()) {
+                Some(adapter) => slot.replace_adapter(name, adapter)?,
+                None => {
+                    for (_, var) in slot.adapter(name).map(|a| a.vars()).unwrap_or_default() {
+                        var.set(&var.as_tensor().zeros_like()?)?;
+                    }
+                }
+            }
+        }
+        self.shared.insert(name.to_string(), built.shared);
         self.configs.insert(name.to_string(), file.config);
-        if self.active.is_empty() {
-            self.set_adapter(&[name])?;
-        } else {
-            let active: Vec<String> = self.active.clone();
-            let refs: Vec<&str> = active.iter().map(|s| s.as_str()).collect();
-            self.set_adapter(&refs)?;
-        }
         Ok(())
     }
 

@@ -17,3 +17,4 @@ mod quant_gptq;
 mod train;
 mod varbuilder;
 mod vera;
+mod weighted;

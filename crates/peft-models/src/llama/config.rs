@@ -123,13 +123,42 @@ fn bad(field: &str, msg: impl std::fmt::Display) -> PeftError {
     PeftError::InvalidConfig(format!("config.json: `{field}` {msg}"))
 }
 
+/// Upper bounds on the sizes a `config.json` may claim, checked before anything is allocated from them (a
+/// config claiming 10¹² layers is refused up front instead of allocating until the allocator fails). Each is
+/// far above any released model of the families read here (Llama 3.1 405B: 126 layers, hidden 16384,
+/// intermediate 53248, vocabulary 128256; Llama 4: 10M context).
+pub const SIZE_LIMITS: &[(&str, u64)] = &[
+    ("vocab_size", 1 << 23),
+    ("hidden_size", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("num_hidden_layers", 1 << 12),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 13),
+    ("max_position_embeddings", 1 << 27),
+    ("sliding_window", 1 << 27),
+    ("max_window_layers", 1 << 12),
+];
+
 fn get_usize(v: &Value, field: &str) -> Result<Option<usize>> {
     match v.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| bad(field, format!("must be a non-negative integer, got {x}"))),
+        Some(x) => {
+            let n = x
+                .as_u64()
+                .ok_or_else(|| bad(field, format!("must be a non-negative integer, got {x}")))?;
+            if let Some((_, limit)) = SIZE_LIMITS.iter().find(|(f, _)| *f == field)
+                && n > *limit
+            {
+                return Err(bad(
+                    field,
+                    format!("is {n}, beyond any real model (at most {limit} is accepted)"),
+                ));
+            }
+            usize::try_from(n)
+                .map(Some)
+                .map_err(|_| bad(field, format!("{n} does not fit this machine's usize")))
+        }
     }
 }
 

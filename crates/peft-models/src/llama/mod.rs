@@ -9,6 +9,7 @@
 //! Not implemented: attention dropout (`attention_dropout` is 0 in every released config), `partial_rotary_factor`
 //! below 1, RoPE types other than `default` and `llama3`, activations other than SiLU.
 
+mod batch;
 mod cache;
 mod config;
 mod model;

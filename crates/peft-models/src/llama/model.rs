@@ -91,39 +91,39 @@ impl<'a> ForwardInput<'a> {
 
 /// An RMSNorm with its HF name.
 #[derive(Clone, Debug)]
-struct RmsNorm {
+pub(super) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(crate::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
 #[derive(Debug)]
-struct Attention {
-    q_proj: AdapterSlot,
-    k_proj: AdapterSlot,
-    v_proj: AdapterSlot,
-    o_proj: AdapterSlot,
+pub(super) struct Attention {
+    pub(super) q_proj: AdapterSlot,
+    pub(super) k_proj: AdapterSlot,
+    pub(super) v_proj: AdapterSlot,
+    pub(super) o_proj: AdapterSlot,
 }
 
 #[derive(Debug)]
-struct Mlp {
-    gate_proj: AdapterSlot,
-    up_proj: AdapterSlot,
-    down_proj: AdapterSlot,
+pub(super) struct Mlp {
+    pub(super) gate_proj: AdapterSlot,
+    pub(super) up_proj: AdapterSlot,
+    pub(super) down_proj: AdapterSlot,
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
-    sliding_window: Option<usize>,
+pub(super) struct DecoderLayer {
+    pub(super) self_attn: Attention,
+    pub(super) mlp: Mlp,
+    pub(super) input_layernorm: RmsNorm,
+    pub(super) post_attention_layernorm: RmsNorm,
+    pub(super) sliding_window: Option<usize>,
 }
 
 /// A Llama-family causal LM whose linear layers and embeddings are adapter slots named by their HF dotted names
@@ -134,9 +134,9 @@ struct DecoderLayer {
 pub struct LlamaForCausalLM {
     config: LlamaConfig,
     embed_tokens: AdapterSlot,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: AdapterSlot,
+    pub(super) layers: Vec<DecoderLayer>,
+    pub(super) norm: RmsNorm,
+    pub(super) lm_head: AdapterSlot,
     inv_freq: Tensor,
     attention_scaling: f64,
     device: Device,
@@ -447,13 +447,82 @@ impl LlamaForCausalLM {
     }
 
     /// The logits `[B, L, vocab]` (f32) of every position.
+    ///
+    /// With [`ForwardCtx::adapter_names`] (a mixed batch) whose adapters' rows are not consecutive, and no
+    /// cache or prefix, the rows are reordered once so that each adapter's rows are one segment, and the logits
+    /// are put back in the caller's order (see [`peft::layer::group_rows`]).
     pub fn forward(&self, input: ForwardInput<'_>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let hidden = self.forward_hidden(input, ctx)?;
-        Ok(self.lm_head.forward(&hidden, ctx)?.to_dtype(DType::F32)?)
+        self.grouped(input, ctx, |m, input, ctx| {
+            let hidden = m.forward_hidden_rows(input, ctx)?;
+            Ok(m.lm_head.forward(&hidden, ctx)?.to_dtype(DType::F32)?)
+        })
     }
 
-    /// The last hidden states `[B, L, hidden]` (after the final norm, before `lm_head`).
+    /// The last hidden states `[B, L, hidden]` (after the final norm, before `lm_head`). Mixed batches are
+    /// reordered as in [`Self::forward`].
     pub fn forward_hidden(&self, input: ForwardInput<'_>, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.grouped(input, ctx, Self::forward_hidden_rows)
+    }
+
+    /// Runs `f` on the batch with a mixed batch's rows grouped by adapter (one reorder of the inputs and one of
+    /// the result), or as given when they already are, or when a cache or prefix holds rows in their order.
+    fn grouped(
+        &self,
+        input: ForwardInput<'_>,
+        ctx: &ForwardCtx,
+        f: impl FnOnce(&Self, ForwardInput<'_>, &ForwardCtx) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let perm = match &ctx.adapter_names {
+            Some(names) if input.cache.is_none() && input.prefix.is_none() => {
+                let rows: Vec<Option<&str>> = names
+                    .iter()
+                    .map(|n| (n != peft::layer::BASE_ADAPTER_NAME).then_some(n.as_str()))
+                    .collect();
+                peft::layer::group_rows(&rows).permutation
+            }
+            _ => None,
+        };
+        let Some(perm) = perm else {
+            return f(self, input, ctx);
+        };
+        let rows = perm.len();
+        let device = self.device();
+        let idx = Tensor::from_slice(&perm, rows, device)?;
+        let pick = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+            match t {
+                Some(t) if t.rank() >= 1 && t.dim(0)? == rows => Ok(Some(t.index_select(&idx, 0)?)),
+                Some(t) => Err(PeftError::Invalid(format!(
+                    "adapter_names has {rows} names for inputs of shape {:?}",
+                    t.dims()
+                ))),
+                None => Ok(None),
+            }
+        };
+        let ids = pick(input.input_ids)?;
+        let embeds = pick(input.inputs_embeds)?;
+        let mask = pick(input.attention_mask)?;
+        let pos = pick(input.position_ids)?;
+        let names = ctx.adapter_names.as_deref().unwrap_or_default();
+        let sorted: Vec<&str> = perm.iter().map(|&i| names[i as usize].as_str()).collect();
+        let sorted_ctx = ctx.clone().with_adapter_names(&sorted);
+        let permuted = ForwardInput {
+            input_ids: ids.as_ref(),
+            inputs_embeds: embeds.as_ref(),
+            attention_mask: mask.as_ref(),
+            position_ids: pos.as_ref(),
+            cache: None,
+            prefix: None,
+        };
+        let out = f(self, permuted, &sorted_ctx)?;
+        let mut inverse = vec![0u32; rows];
+        for (k, &r) in perm.iter().enumerate() {
+            inverse[r as usize] = k as u32;
+        }
+        Ok(out.index_select(&Tensor::from_slice(&inverse, rows, device)?, 0)?)
+    }
+
+    /// [`Self::forward_hidden`] on the rows as given.
+    fn forward_hidden_rows(&self, input: ForwardInput<'_>, ctx: &ForwardCtx) -> Result<Tensor> {
         let ForwardInput {
             input_ids,
             inputs_embeds,
@@ -724,7 +793,7 @@ impl LlamaForCausalLM {
     /// The RoPE tables (`cos`, `sin`, f32 as transformers) of positions `past..past + l` (or `position_ids`)
     /// and the attention masks, one per distinct sliding window among the layers.
     #[allow(clippy::type_complexity)]
-    fn rope_and_masks(
+    pub(super) fn rope_and_masks(
         &self,
         b: usize,
         l: usize,
@@ -786,7 +855,7 @@ impl LlamaForCausalLM {
     }
 
     /// The mask of `layer` among [`Self::rope_and_masks`]'s.
-    fn layer_mask<'m>(
+    pub(super) fn layer_mask<'m>(
         masks: &'m [(Option<usize>, Option<Tensor>)],
         layer: &DecoderLayer,
     ) -> Option<&'m Tensor> {

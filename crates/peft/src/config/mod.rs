@@ -206,8 +206,41 @@ pub(crate) fn parse_variant<T: serde::de::DeserializeOwned>(
     context: &str,
     t: PeftType,
 ) -> Result<T> {
-    serde_json::from_value(Value::Object(map))
-        .map_err(|e| json_error(&format!("{context} ({t} config)"), e))
+    let value = Value::Object(map);
+    match serde_json::from_value::<T>(value.clone()) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let field = culprit_field::<T>(&value, &e.to_string())
+                .map(|k| format!(", field `{k}`"))
+                .unwrap_or_default();
+            Err(json_error(&format!("{context} ({t} config{field})"), e))
+        }
+    }
+}
+
+/// The key of `value` that a failed deserialization of `T` is about. serde's messages for flattened structs
+/// (all our configs) do not name the field, so each key is tried: the one whose removal makes the error go
+/// away, or change, is it. Only runs on the error path.
+fn culprit_field<T: serde::de::DeserializeOwned>(value: &Value, message: &str) -> Option<String> {
+    if let Some(k) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+    {
+        return Some(k.to_string());
+    }
+    let map = value.as_object()?;
+    map.keys().find_map(|k| {
+        let mut without = map.clone();
+        without.remove(k);
+        match serde_json::from_value::<T>(Value::Object(without)) {
+            Ok(_) => Some(k.clone()),
+            // a required key's removal changes the message too, without being the culprit
+            Err(e) if e.to_string() != message && !e.to_string().starts_with("missing field") => {
+                Some(k.clone())
+            }
+            Err(_) => None,
+        }
+    })
 }
 
 impl PeftConfig {

@@ -39,8 +39,8 @@ pub struct ForwardCtx {
     /// A counter that must change between forward passes that should draw fresh dropout masks (the training
     /// step times the number of micro-batches, plus the micro-batch).
     pub step: u64,
-    /// PEFT's mixed-batch inference (`model(…, adapter_names=[…])`): the adapter each row of the batch (the
-    /// first dimension of every layer input) runs with, `"__base__"` for none. `None`: the active adapters
+    /// PEFT's mixed batch (`model(…, adapter_names=[…])`): the adapter each row of the batch (the first
+    /// dimension of every layer input) runs with, `"__base__"` for none. `None`: the active adapters
     /// for every row. Set it with [`ForwardCtx::with_adapter_names`].
     pub adapter_names: Option<std::sync::Arc<[String]>>,
     /// No gradient will be asked of this forward (`torch.no_grad()`): a model may then drop each block's
@@ -85,10 +85,13 @@ impl ForwardCtx {
         }
     }
 
-    /// This context with one adapter per batch row (PEFT's mixed-batch inference; [`BASE_ADAPTER_NAME`] for
-    /// the base model alone). Inference only: LoRA adapters (not DoRA) and `modules_to_save` copies take part,
-    /// and a layer refuses it while adapters are merged. [`crate::PeftModel::check_adapter_names`] checks the
-    /// names against the model's adapters first.
+    /// This context with one adapter per batch row (PEFT's mixed batch, `adapter_names`; [`BASE_ADAPTER_NAME`]
+    /// for the base model alone): every row gives what it gives alone with that adapter active. Unlike PEFT,
+    /// every layer method takes part (DoRA, IA3, OFT, … as well as LoRA and `modules_to_save`), and training
+    /// works too (each adapter gets the gradient of its own rows). A layer refuses it while adapters are
+    /// merged. The rows are grouped into one contiguous segment per adapter ([`group_rows`]); models reorder
+    /// the batch once per call. [`crate::PeftModel::check_adapter_names`] checks the names against the model's
+    /// adapters first.
     ///
     /// ```
     /// use peft::ForwardCtx;
@@ -268,10 +271,11 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     }
 
     /// Whether the adapter can serve some rows of a mixed batch ([`ForwardCtx::adapter_names`]): its
-    /// [`Adapter::transform_output`] on those rows alone, with no input transform. PEFT allows LoRA (not DoRA)
-    /// and `modules_to_save` copies; `false` by default.
+    /// [`Adapter::transform_input`], the base op and [`Adapter::transform_output`] run on those rows alone,
+    /// which holds for every method whose forward acts on each row by itself (all of PEFT's layer methods).
+    /// `true` by default; a method whose forward mixes rows must say `false`.
     fn supports_mixed_batch(&self) -> bool {
-        false
+        true
     }
 
     /// A warning to show when this adapter is merged, if merging it does not reproduce its unmerged forward
@@ -372,6 +376,23 @@ impl AdapterSlot {
         if self.active.is_empty() {
             self.active.push(name);
         }
+        Ok(())
+    }
+
+    /// Replaces the adapter `name` by `adapter`, keeping its place in the slot and among the active adapters
+    /// (PEFT's hot-swap). Refused while it is merged, or when the slot holds no adapter of that name.
+    pub fn replace_adapter(&mut self, name: &str, adapter: Box<dyn Adapter>) -> Result<()> {
+        if self.merged.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::AdapterMerged {
+                module: self.name.clone(),
+                adapter: name.to_string(),
+            });
+        }
+        let slot = self
+            .adapters
+            .get_mut(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.to_string()))?;
+        *slot = adapter;
         Ok(())
     }
 
@@ -489,9 +510,16 @@ impl AdapterSlot {
         Ok(y.to_dtype(out_dtype)?)
     }
 
-    /// PEFT's `_mixed_batch_forward`: the base output for every row, then each adapter named in `names`
-    /// (one per row of `x`'s first dimension) transforms the output of its own rows; rows named
-    /// [`BASE_ADAPTER_NAME`] or an adapter this layer does not hold keep the base output.
+    /// PEFT's `_mixed_batch_forward`, for every method: row `i` of `x`'s first dimension runs with adapter
+    /// `names[i]` alone; rows named [`BASE_ADAPTER_NAME`] or an adapter this layer does not hold run the base.
+    ///
+    /// The rows are split into contiguous segments of one adapter each (a batch the model already grouped,
+    /// see [`group_rows`], is used as it is; otherwise the rows are gathered into that order once and put back
+    /// at the end). Adapters that only transform the output (LoRA, DoRA, IA3, VeRA, LoHa, LoKr, AdaLoRA,
+    /// `modules_to_save`) share one base product over all rows and transform their segment of it; when some
+    /// segment's adapter transforms the input (OFT, BOFT, feed-forward IA3), every segment runs its own base
+    /// product. In inference the segments are written into the base output in place (LoRA accumulates into it
+    /// directly); with gradients they are concatenated, so training works too.
     fn mixed_batch_forward(
         &self,
         x: &Tensor,
@@ -506,11 +534,6 @@ impl AdapterSlot {
                 names.len()
             )));
         }
-        if ctx.training {
-            return Err(PeftError::Invalid(
-                "adapter_names (a mixed batch) is for inference only, not training".into(),
-            ));
-        }
         if !self.merged.is_empty() {
             return Err(PeftError::Invalid(format!(
                 "{}: cannot pass adapter_names while {:?} are merged; unmerge first",
@@ -518,66 +541,112 @@ impl AdapterSlot {
                 self.merged()
             )));
         }
-        let y = self.base.forward(x)?;
-        // Groups of rows per adapter this layer holds, in order of first appearance.
-        let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
-        for (i, n) in names.iter().enumerate() {
-            if n == BASE_ADAPTER_NAME || !self.adapters.contains_key(n.as_str()) {
-                continue;
-            }
-            match groups.iter_mut().find(|(g, _)| g == n) {
-                Some((_, idx)) => idx.push(i as u32),
-                None => groups.push((n.as_str(), vec![i as u32])),
-            }
+        // The adapter each row runs with here (`None`: the base alone).
+        let held: Vec<Option<&str>> = names
+            .iter()
+            .map(|n| {
+                (n != BASE_ADAPTER_NAME && self.adapters.contains_key(n.as_str()))
+                    .then_some(n.as_str())
+            })
+            .collect();
+        if held.iter().all(Option::is_none) {
+            return self.base.forward(x);
         }
-        if groups.is_empty() {
-            return Ok(y);
-        }
-        let out_dtype = y.dtype();
-        let mut parts = Vec::with_capacity(groups.len() + 1);
-        let mut order: Vec<u32> = Vec::with_capacity(rows);
-        let mut covered = vec![false; rows];
-        for (name, idx) in &groups {
+        for name in held.iter().flatten() {
             let adapter = &self.adapters[*name];
             if !adapter.supports_mixed_batch() {
                 return Err(PeftError::Unsupported {
                     field: "adapter_names".into(),
                     value: format!("`{name}` ({}) on {}", adapter.peft_type(), self.name),
-                    reason: "a mixed batch takes LoRA adapters (not DoRA) and modules_to_save copies only, \
-                             as in PEFT"
-                        .into(),
+                    reason: "this method's forward does not act on each row alone".into(),
                 });
             }
-            let sel = Tensor::from_slice(idx, idx.len(), x.device())?;
-            let call = CallCtx {
-                module: &self.name,
-                adapter: name,
-                fwd: ctx,
-            };
-            let part = adapter.transform_output(
-                &self.base,
-                &x.index_select(&sel, 0)?,
-                y.index_select(&sel, 0)?,
-                &call,
-            )?;
-            parts.push(part.to_dtype(out_dtype)?);
-            for &i in idx {
-                covered[i as usize] = true;
-            }
-            order.extend_from_slice(idx);
         }
-        let rest: Vec<u32> = (0..rows as u32).filter(|&i| !covered[i as usize]).collect();
-        if !rest.is_empty() {
-            parts.push(y.index_select(&Tensor::from_slice(&rest, rest.len(), x.device())?, 0)?);
-            order.extend_from_slice(&rest);
-        }
-        // `order[k]` is the row that part-row `k` belongs to: invert it to put every row back in place.
+        let grouping = group_rows(&held);
+        let Some(perm) = grouping.permutation else {
+            return self.segments_forward(x, &grouping.segments, ctx);
+        };
+        let device = x.device();
+        let sorted = x.index_select(&Tensor::from_slice(&perm, rows, device)?, 0)?;
+        let y = self.segments_forward(&sorted, &grouping.segments, ctx)?;
         let mut inverse = vec![0u32; rows];
-        for (k, &r) in order.iter().enumerate() {
+        for (k, &r) in perm.iter().enumerate() {
             inverse[r as usize] = k as u32;
         }
-        let stacked = Tensor::cat(&parts, 0)?;
-        Ok(stacked.index_select(&Tensor::from_slice(&inverse, rows, x.device())?, 0)?)
+        Ok(y.index_select(&Tensor::from_slice(&inverse, rows, device)?, 0)?)
+    }
+
+    /// The forward of a batch whose rows come in contiguous segments `(adapter, start, len)`.
+    fn segments_forward(
+        &self,
+        x: &Tensor,
+        segments: &[Segment<'_>],
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let call = |adapter| CallCtx {
+            module: &self.name,
+            adapter,
+            fwd: ctx,
+        };
+        // Each segment's input after its adapter's input transform (`None`: unchanged).
+        let mut inputs = Vec::with_capacity(segments.len());
+        for seg in segments {
+            let xs = x.narrow(0, seg.start, seg.len)?;
+            let xin = match seg.adapter {
+                Some(name) => {
+                    let t =
+                        self.adapters[name].transform_input(&self.base, xs.clone(), &call(name))?;
+                    (t.id() != xs.id()).then_some(t)
+                }
+                None => None,
+            };
+            inputs.push((xs, xin));
+        }
+        if inputs.iter().any(|(_, xin)| xin.is_some()) {
+            // Some input differs from `x`: one base product per segment.
+            let mut parts = Vec::with_capacity(segments.len());
+            for (seg, (xs, xin)) in segments.iter().zip(&inputs) {
+                let y = self.base.forward(xin.as_ref().unwrap_or(xs))?;
+                let out_dtype = y.dtype();
+                let y = match seg.adapter {
+                    Some(name) => self.adapters[name]
+                        .transform_output(&self.base, xs, y, &call(name))?
+                        .to_dtype(out_dtype)?,
+                    None => y,
+                };
+                parts.push(y);
+            }
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        let y = self.base.forward(x)?;
+        let out_dtype = y.dtype();
+        // Without gradients, each segment's output goes back into `y`'s rows (LoRA's already is there); a
+        // part that cannot be written there (it tracks a gradient, or aliases `y`) turns this off, and the
+        // parts are concatenated instead. Either way every part holds its segment's final values.
+        let mut in_place = !ctx.training && !y.track_op();
+        let mut parts = Vec::with_capacity(segments.len());
+        for (seg, (xs, _)) in segments.iter().zip(&inputs) {
+            let ys = y.narrow(0, seg.start, seg.len)?;
+            let Some(name) = seg.adapter else {
+                parts.push(ys);
+                continue;
+            };
+            let out = self.adapters[name]
+                .transform_output(&self.base, xs, ys.clone(), &call(name))?
+                .to_dtype(out_dtype)?;
+            if in_place && out.id() != ys.id() {
+                in_place = !out.track_op()
+                    && out
+                        .contiguous()
+                        .and_then(|o| y.slice_set(&o, 0, seg.start))
+                        .is_ok();
+            }
+            parts.push(out);
+        }
+        if in_place {
+            return Ok(y);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// The base weight with every merged adapter taken out, f32.
@@ -692,6 +761,83 @@ impl AdapterSlot {
                     .map(move |(k, v)| (format!("{name}/{k}"), v))
             })
             .collect()
+    }
+}
+
+/// A run of consecutive rows of a mixed batch that use one adapter (`None`: the base model alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment<'a> {
+    /// The adapter of these rows, `None` for the base.
+    pub adapter: Option<&'a str>,
+    /// The first row.
+    pub start: usize,
+    /// The number of rows.
+    pub len: usize,
+}
+
+/// How the rows of a mixed batch fall into per-adapter [`Segment`]s: see [`group_rows`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowGroups<'a> {
+    /// The segments, covering rows `0..n` in order (of the permuted batch when there is a permutation).
+    pub segments: Vec<Segment<'a>>,
+    /// `None` when the rows are used in their own order; otherwise `permutation[k]` is the original row
+    /// that goes to place `k`, so that each adapter's rows become one segment.
+    pub permutation: Option<Vec<u32>>,
+}
+
+/// The segments of a mixed batch with one adapter (`None`: the base) per row.
+///
+/// Rows already grouped (each adapter's rows consecutive; base rows may lie anywhere) are used as they are;
+/// otherwise the rows are reordered, stably, by the first appearance of their adapter, once, so that each
+/// adapter is one contiguous segment (one pair of small products per adapter instead of a gather per row).
+///
+/// ```
+/// use peft::layer::group_rows;
+/// let g = group_rows(&[Some("a"), Some("a"), None, Some("b")]);
+/// assert!(g.permutation.is_none());
+/// assert_eq!(g.segments.len(), 3);
+/// let g = group_rows(&[Some("a"), Some("b"), Some("a")]);
+/// assert_eq!(g.permutation, Some(vec![0, 2, 1]));
+/// assert_eq!((g.segments[0].adapter, g.segments[0].len), (Some("a"), 2));
+/// ```
+pub fn group_rows<'a>(names: &[Option<&'a str>]) -> RowGroups<'a> {
+    let runs = |order: &mut dyn Iterator<Item = Option<&'a str>>| {
+        let mut segs: Vec<Segment<'a>> = Vec::new();
+        for (i, n) in order.enumerate() {
+            match segs.last_mut() {
+                Some(last) if last.adapter == n => last.len += 1,
+                _ => segs.push(Segment {
+                    adapter: n,
+                    start: i,
+                    len: 1,
+                }),
+            }
+        }
+        segs
+    };
+    let segments = runs(&mut names.iter().copied());
+    let mut distinct: Vec<&str> = segments.iter().filter_map(|s| s.adapter).collect();
+    let adapter_runs = distinct.len();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if adapter_runs == distinct.len() {
+        return RowGroups {
+            segments,
+            permutation: None,
+        };
+    }
+    let mut first: Vec<Option<&str>> = Vec::new();
+    for n in names {
+        if !first.contains(n) {
+            first.push(*n);
+        }
+    }
+    let mut permutation: Vec<u32> = (0..names.len() as u32).collect();
+    permutation.sort_by_key(|&i| first.iter().position(|f| *f == names[i as usize]));
+    let segments = runs(&mut permutation.iter().map(|&i| names[i as usize]));
+    RowGroups {
+        segments,
+        permutation: Some(permutation),
     }
 }
 

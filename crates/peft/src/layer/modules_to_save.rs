@@ -55,10 +55,6 @@ impl Adapter for ModulesToSave {
         MODULES_TO_SAVE
     }
 
-    fn supports_mixed_batch(&self) -> bool {
-        true
-    }
-
     fn transform_output(
         &self,
         base: &BaseLayer,

@@ -287,6 +287,58 @@ pub fn check_target_module_exists(spec: &TargetSpec<'_>, key: &str) -> Result<bo
     Ok(match_target_module(spec, key)? == TargetMatch::Matched)
 }
 
+/// Checks that every module an adapter file holds tensors for is one its config targets: PEFT injects from
+/// the config (`target_modules`, `layers_to_transform`, `exclude_modules`) and would never load tensors of
+/// a module the config does not select, so a file and a config that disagree are an error here too, naming
+/// the modules, instead of tensors silently used (or a merge of 0 modules). A config without target
+/// modules, or whose targets cannot be matched without the model (an unexpanded `all-linear`), is not
+/// checked here; injection checks it.
+///
+/// ```
+/// use peft::PeftConfig;
+/// use peft::tuners::tuners_utils::check_file_modules_targeted;
+/// let c = PeftConfig::from_json_str(r#"{"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": [0]}"#)?;
+/// check_file_modules_targeted(&c, ["model.layers.0.self_attn.q_proj"])?;
+/// let err = check_file_modules_targeted(&c, ["model.layers.1.self_attn.q_proj"]).unwrap_err();
+/// assert!(err.to_string().contains("model.layers.1.self_attn.q_proj"));
+/// # Ok::<(), peft::PeftError>(())
+/// ```
+pub fn check_file_modules_targeted<'a>(
+    config: &crate::PeftConfig,
+    modules: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let Some(spec) = config.target_spec() else {
+        return Ok(());
+    };
+    if spec.target_modules.is_none() {
+        return Ok(());
+    }
+    let mut untargeted = Vec::new();
+    for m in modules {
+        match match_target_module(&spec, m) {
+            Ok(TargetMatch::Matched) => {}
+            Ok(_) => untargeted.push(m.to_string()),
+            Err(_) => return Ok(()),
+        }
+    }
+    if untargeted.is_empty() {
+        return Ok(());
+    }
+    let show =
+        |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or("null".into());
+    let cfg = config.to_json_value();
+    Err(PeftError::InvalidConfig(format!(
+        "the adapter file holds tensors for {} module(s) its config does not target ({}): target_modules \
+         = {}, layers_to_transform = {}, exclude_modules = {}; the config and the weights do not belong \
+         together",
+        untargeted.len(),
+        untargeted.join(", "),
+        show(&cfg.get("target_modules").cloned()),
+        show(&cfg.get("layers_to_transform").cloned()),
+        show(&cfg.get("exclude_modules").cloned()),
+    )))
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // get_pattern_key
 // ---------------------------------------------------------------------------------------------------------------

@@ -414,10 +414,6 @@ impl Adapter for LoraAdapter {
         "LORA"
     }
 
-    fn supports_mixed_batch(&self) -> bool {
-        !self.opts.use_dora
-    }
-
     fn transform_output(
         &self,
         base: &BaseLayer,

@@ -4,6 +4,8 @@ pub mod config;
 pub mod dora;
 pub mod layer;
 pub mod model;
+pub mod weighted;
 
 pub use config::LoraConfig;
 pub use layer::LoraAdapter;
+pub use weighted::{CombinationType, DareSeed, SvdSigns, WeightedOptions};
