@@ -1,4 +1,4 @@
-//! The `--quantize` / `--double-quant` / `--dequantize-gguf` / `--dtype` flags shared by `peft train`, `peft eval`
+//! The `--quantize` / `--double-quant` / `--dequantize-gguf` / `--dtype` / `--max-memory` flags shared by `peft train`, `peft eval`
 //! and `peft generate`.
 
 use clap::Args;
@@ -28,6 +28,11 @@ pub struct QuantArgs {
     /// checkpoint saved quantized; on a GGUF it applies to the tensors not kept in ggml blocks.
     #[arg(long, value_enum, value_name = "f32|bf16|f16")]
     pub dtype: Option<crate::merge::DTypeArg>,
+    /// The memory the base model's weights may take, checked from the file headers before loading: a size
+    /// (`12GiB`, `800MB`), `available` (the default: what the machine has free now) or `none` (no check). A
+    /// model over it is refused with both sizes instead of being killed half-way through its load.
+    #[arg(long, value_name = "SIZE|available|none", value_parser = peft_models::memory::MemoryLimit::parse)]
+    pub max_memory: Option<peft_models::memory::MemoryLimit>,
 }
 
 impl QuantArgs {
@@ -70,6 +75,7 @@ impl QuantArgs {
             dequantize_gguf: self.dequantize_gguf,
             progress,
             dtype,
+            max_memory: self.max_memory.unwrap_or_default(),
         })
     }
 }

@@ -22,6 +22,7 @@ pub mod gguf_merge;
 pub mod hf;
 pub mod llama;
 pub mod load;
+pub mod memory;
 pub mod ops;
 pub mod prompt_learning;
 pub mod quantize;

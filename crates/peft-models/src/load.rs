@@ -122,6 +122,9 @@ pub struct LoadOptions {
     /// every projection with [`LoadOptions::dequantize_gguf`]) follow it, each converted as it is dequantized;
     /// the blocks kept quantized are unaffected.
     pub dtype: Option<DType>,
+    /// The memory budget of the frozen weights, checked from the file headers before any weight is read
+    /// ([`crate::memory::check_fits`]): by default what the machine has available now.
+    pub max_memory: crate::memory::MemoryLimit,
 }
 
 /// [`load_model`] with options: `quantize` keeps the decoder-layer projections quantized (bitsandbytes NF4 /
@@ -177,6 +180,13 @@ pub fn load_model_with(
             }
         }
     }
+    crate::memory::check_fits(
+        path,
+        dtype,
+        quantize,
+        !options.dequantize_gguf,
+        options.max_memory,
+    )?;
     let (config, tensors, quantized, tokenizer) = if path.is_dir() {
         let m = crate::hf::load_hf_dir_with(path, dtype, device, quantize, progress)
             .map_err(|e| e.context(format!("loading the model directory {}", path.display())))?;
