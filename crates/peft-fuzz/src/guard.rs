@@ -98,20 +98,20 @@ fn breach(why: &[u8]) -> ! {
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(b"peft-fuzz: ");
     let _ = err.write_all(why);
-    if let Ok(mut f) = CRASH_FILE.try_lock() {
-        if let Some(f) = f.as_mut() {
-            let (p, n) = (
-                CURRENT_PTR.load(Ordering::SeqCst),
-                CURRENT_LEN.load(Ordering::SeqCst),
-            );
-            if !p.is_null() {
-                // SAFETY: `p..p+n` is the input that `running` registered; it lives until `done`
-                let input = unsafe { std::slice::from_raw_parts(p, n) };
-                let _ = f.write_all(input);
-                let _ = f.sync_all();
-                let _ = err
-                    .write_all(b"; the input is in the target's crash file (<target>-abort.bin)");
-            }
+    if let Ok(mut f) = CRASH_FILE.try_lock()
+        && let Some(f) = f.as_mut()
+    {
+        let (p, n) = (
+            CURRENT_PTR.load(Ordering::SeqCst),
+            CURRENT_LEN.load(Ordering::SeqCst),
+        );
+        if !p.is_null() {
+            // SAFETY: `p..p+n` is the input that `running` registered; it lives until `done`
+            let input = unsafe { std::slice::from_raw_parts(p, n) };
+            let _ = f.write_all(input);
+            let _ = f.sync_all();
+            let _ =
+                err.write_all(b"; the input is in the target's crash file (<target>-abort.bin)");
         }
     }
     let _ = err.write_all(b"\n");

@@ -145,10 +145,10 @@ fn read_all(paths: &[PathBuf]) -> Vec<Vec<u8>> {
 /// A scratch directory on a RAM disk where there is one.
 fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("peft-fuzz").tempdir_in(shm) {
-            return d;
-        }
+    if shm.is_dir()
+        && let Ok(d) = tempfile::Builder::new().prefix("peft-fuzz").tempdir_in(shm)
+    {
+        return d;
     }
     tempfile::Builder::new()
         .prefix("peft-fuzz")

@@ -62,11 +62,17 @@ impl MemoryLimit {
             "gb" => 1e9,
             "t" | "tib" => 1024f64.powi(4),
             "tb" => 1e12,
-            other => return Err(format!("{s:?}: unknown unit {other:?} (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")),
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+                ));
+            }
         };
         let bytes = value * scale;
         if !(bytes.is_finite() && bytes >= 1.0) {
-            return Err(format!("{s:?}: the limit must be at least one byte (none: no check)"));
+            return Err(format!(
+                "{s:?}: the limit must be at least one byte (none: no check)"
+            ));
         }
         Ok(MemoryLimit::Bytes(bytes.min(u64::MAX as f64) as u64))
     }
@@ -179,7 +185,13 @@ pub fn estimate_weights(
             // GGUF names: blk.N.attn_q.weight, …; the projections kept in blocks are those of the layers
             let projection = name.starts_with("blk.")
                 && [
-                    "attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.",
+                    "attn_q.",
+                    "attn_k.",
+                    "attn_v.",
+                    "attn_output.",
+                    "ffn_gate.",
+                    "ffn_up.",
+                    "ffn_down.",
                 ]
                 .iter()
                 .any(|p| name.contains(p));
@@ -214,11 +226,17 @@ pub fn check_fits(
     if est.bytes <= budget {
         return Ok(());
     }
-    let held = match (quantize, dtype) {
-        (Some(q), _) => format!("with the projections quantized ({})", q.describe()),
-        (None, DType::BF16) => "held in bf16".into(),
-        (None, DType::F16) => "held in f16".into(),
-        _ => "held in f32".into(),
+    let rest = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    };
+    let held = match quantize {
+        Some(q) => format!("with the projections quantized ({})", q.describe()),
+        None if keep_gguf_blocks && !path.is_dir() => {
+            format!("with the ggml blocks kept as stored, the rest held in {rest}")
+        }
+        None => format!("held in {rest}"),
     };
     Err(ModelError::Invalid(format!(
         "{}: the model's weights need about {} ({} parameters {held}), more than {what}, {}; free memory, \
@@ -252,11 +270,19 @@ mod tests {
         assert_eq!(e.elements * 4, data);
         // bf16 halves all but the norms
         let h = estimate_weights(&dir, DType::BF16, None, true).unwrap();
-        assert!(h.bytes < data * 52 / 100 && h.bytes > data / 2, "{} of {data}", h.bytes);
+        assert!(
+            h.bytes < data * 52 / 100 && h.bytes > data / 2,
+            "{} of {data}",
+            h.bytes
+        );
         // nf4 packs the projections
         let q = Quantize::parse("nf4", false).unwrap();
         let n = estimate_weights(&dir, DType::F32, Some(&q), true).unwrap();
-        assert!(n.bytes < data && n.bytes > data / 8, "{} of {data}", n.bytes);
+        assert!(
+            n.bytes < data && n.bytes > data / 8,
+            "{} of {data}",
+            n.bytes
+        );
     }
 
     #[test]
@@ -265,7 +291,10 @@ mod tests {
         let kept = estimate_weights(&path, DType::F32, None, true).unwrap();
         let dequantized = estimate_weights(&path, DType::F32, None, false).unwrap();
         assert_eq!(dequantized.bytes, dequantized.elements * 4);
-        assert!(kept.bytes < dequantized.bytes / 2, "{kept:?} {dequantized:?}");
+        assert!(
+            kept.bytes < dequantized.bytes / 2,
+            "{kept:?} {dequantized:?}"
+        );
         // the estimate of the kept blocks is below the file size (which also holds the header)
         let len = std::fs::metadata(&path).unwrap().len();
         assert!(kept.bytes <= len * 2, "{} vs {len}", kept.bytes);
@@ -276,8 +305,17 @@ mod tests {
         let dir = fixture("lora/cases/llama_qv/base_hf");
         let e = check_fits(&dir, DType::F32, None, true, MemoryLimit::Bytes(1000)).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("1000 B") && msg.contains("--max-memory"), "{msg}");
-        assert!(msg.contains(&human_bytes(estimate_weights(&dir, DType::F32, None, true).unwrap().bytes)));
+        assert!(
+            msg.contains("1000 B") && msg.contains("--max-memory"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&human_bytes(
+                estimate_weights(&dir, DType::F32, None, true)
+                    .unwrap()
+                    .bytes
+            ))
+        );
         check_fits(&dir, DType::F32, None, true, MemoryLimit::Bytes(1 << 30)).unwrap();
         check_fits(&dir, DType::F32, None, true, MemoryLimit::Unlimited).unwrap();
     }
