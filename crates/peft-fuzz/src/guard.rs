@@ -22,8 +22,15 @@ use std::time::{Duration, Instant};
 pub const MAX_ALLOC: usize = 256 << 20;
 /// The most memory live at once.
 pub const MAX_LIVE: usize = 2 << 30;
-/// The longest one execution may take.
+/// The longest one execution may take (`PEFT_FUZZ_HANG_SECS` overrides it).
 pub const HANG: Duration = Duration::from_secs(20);
+
+fn hang_limit_ms() -> u64 {
+    std::env::var("PEFT_FUZZ_HANG_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(HANG.as_millis() as u64, |s| s * 1000)
+}
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static CURRENT_PTR: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
@@ -126,12 +133,13 @@ pub fn arm(path: &Path) -> std::io::Result<()> {
     static WATCHDOG: std::sync::Once = std::sync::Once::new();
     WATCHDOG.call_once(|| {
         epoch();
-        std::thread::spawn(|| {
+        let limit = hang_limit_ms();
+        std::thread::spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_millis(250));
                 let started = STARTED_MS.load(Ordering::SeqCst);
                 let now = epoch().elapsed().as_millis() as u64;
-                if started != 0 && now.saturating_sub(started) > HANG.as_millis() as u64 {
+                if started != 0 && now.saturating_sub(started) > limit {
                     breach(b"one execution ran past the hang limit (HANG)");
                 }
             }

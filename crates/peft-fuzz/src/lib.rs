@@ -2,7 +2,7 @@
 //!
 //! Each [`Target`] is a loader fed bytes: an `adapter_config.json`, a safetensors file, an adapter directory
 //! loaded into a tiny Llama, a GGUF file, a data file, a chat template with its messages. [`run`] starts from
-//! seed inputs taken from the repository's fixtures, mutates them ([`mutate`]), and runs the loader on each
+//! seed inputs taken from the repository's fixtures, mutates them ([`mutate()`]), and runs the loader on each
 //! mutant inside `catch_unwind`. A loader may return an error (that is its job); a panic is a crash, and so
 //! is a memory blow-up or a hang, which [`guard`] catches in the process that installs its allocator.
 //!

@@ -36,6 +36,21 @@ fn main() {
             "--seed" => seed = number("--seed", value("--seed")),
             "--target" => names.push(value("--target")),
             "--crash-dir" => crash_dir = PathBuf::from(value("--crash-dir")),
+            // the guard's own checks (tests/fuzz.rs): a blow-up or a hang on a registered input
+            "--self-test-oversize" | "--self-test-hang" => {
+                let crash = PathBuf::from(value(&a));
+                peft_fuzz::guard::arm(&crash).expect("the crash file");
+                let input = b"the input being run".to_vec();
+                peft_fuzz::guard::running(&input);
+                if a == "--self-test-oversize" {
+                    let v = vec![1u8; peft_fuzz::guard::MAX_ALLOC + 1];
+                    println!("{}", v.len());
+                } else {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+                peft_fuzz::guard::done();
+                return;
+            }
             "--list" => {
                 for t in peft_fuzz::targets::all() {
                     println!("{:<16} {}", t.name, t.about);

@@ -90,3 +90,67 @@ fn found_crashes_stay_fixed() {
     }
     eprintln!("{n} regression inputs replayed");
 }
+
+/// The fuzzer can fail: a loader with a planted bug (a panic once `r` exceeds a million, as an unchecked
+/// size would) is caught within a short run, with the panic's location and the input that triggered it.
+#[test]
+fn a_planted_panic_is_found() {
+    fn seeds() -> Vec<Vec<u8>> {
+        vec![br#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16}"#.to_vec()]
+    }
+    fn make() -> peft_fuzz::targets::Runner {
+        Box::new(|input| {
+            let v: serde_json::Value = serde_json::from_slice(input).map_err(|e| e.to_string())?;
+            let r = v["r"].as_f64().ok_or("no r")?;
+            if r > 1e6 {
+                let table = [0u8; 4];
+                let _ = table[r as usize % 7 + 4]; // the planted bug
+            }
+            Ok(())
+        })
+    }
+    let t = peft_fuzz::Target {
+        name: "planted",
+        about: "a loader with a bug",
+        seeds,
+        make,
+        hot: |_| 0,
+        max_len: 1 << 10,
+    };
+    let r = peft_fuzz::run(&t, 20_000, 3);
+    assert!(!r.crashes.is_empty(), "not found in {} execs", r.execs);
+    let c = &r.crashes[0];
+    assert!(
+        c.message.contains("index out of bounds") && c.message.contains("fuzz.rs"),
+        "{}",
+        c.message
+    );
+    let v: serde_json::Value = serde_json::from_slice(&c.input).unwrap();
+    assert!(v["r"].as_f64().unwrap() > 1e6, "{v}");
+}
+
+/// The guard turns a memory blow-up and a hang into an abort that leaves the input behind.
+#[test]
+fn the_guard_catches_a_blow_up_and_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, why) in [
+        ("--self-test-oversize", "MAX_ALLOC"),
+        ("--self-test-hang", "HANG"),
+    ] {
+        let crash = dir.path().join(format!("{flag}.bin"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_peft-fuzz"))
+            .arg(flag)
+            .arg(&crash)
+            .env("PEFT_FUZZ_HANG_SECS", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: exited {:?}", out.status);
+        assert!(stderr.contains(why), "{flag}: {stderr}");
+        assert_eq!(
+            std::fs::read(&crash).unwrap(),
+            b"the input being run",
+            "{flag}"
+        );
+    }
+}
