@@ -161,6 +161,14 @@ fn message(e: impl std::fmt::Display, dir: &Path) -> String {
     e.to_string().replace(&dir.display().to_string(), "<dir>")
 }
 
+/// `input` cut at the first `sep`: the part before and the part after (empty when there is no `sep`).
+fn split<'a>(input: &'a [u8], sep: &[u8]) -> (&'a [u8], &'a [u8]) {
+    match input.windows(sep.len()).position(|w| w == sep) {
+        Some(i) => (&input[..i], &input[i + sep.len()..]),
+        None => (input, &[]),
+    }
+}
+
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("writing a scratch file");
 }
@@ -256,13 +264,7 @@ fn adapter_runner() -> Runner {
     let (config, tensors) = tiny_llama();
     let ids = Tensor::new(&[[1u32, 5, 9, 17]], &Device::Cpu).expect("ids");
     Box::new(move |input| {
-        let (cfg, weights) = match input
-            .windows(WEIGHTS_SEP.len())
-            .position(|w| w == WEIGHTS_SEP)
-        {
-            Some(i) => (&input[..i], &input[i + WEIGHTS_SEP.len()..]),
-            None => (input, &[][..]),
-        };
+        let (cfg, weights) = split(input, WEIGHTS_SEP);
         let d = dir.path();
         write(&d.join("adapter_config.json"), cfg);
         write(&d.join("adapter_model.safetensors"), weights);
@@ -393,13 +395,7 @@ fn chat_runner() -> Runner {
         content: "hi".into(),
     }];
     Box::new(move |input| {
-        let (template, msgs) = match input
-            .windows(MESSAGES_SEP.len())
-            .position(|w| w == MESSAGES_SEP)
-        {
-            Some(i) => (&input[..i], &input[i + MESSAGES_SEP.len()..]),
-            None => (input, &[][..]),
-        };
+        let (template, msgs) = split(input, MESSAGES_SEP);
         let template = String::from_utf8_lossy(template);
         let messages: Vec<ChatMessage> =
             serde_json::from_slice(msgs).unwrap_or_else(|_| fallback.clone());

@@ -1103,7 +1103,7 @@ fn read_json_opt(p: &Path) -> Result<Option<serde_json::Value>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1172,14 +1172,15 @@ mod tests {
     }
 
     /// The id of a process that has exited (reaped), so no process has it now.
-    fn dead_pid() -> u32 {
+    pub(crate) fn dead_pid() -> u32 {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
         pid
     }
 
-    fn names(dir: &Path) -> Vec<String> {
+    /// The entries of `dir`, sorted.
+    pub(crate) fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

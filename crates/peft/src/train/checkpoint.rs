@@ -341,6 +341,7 @@ impl Trainer {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use crate::io::tests::{dead_pid, names};
     use crate::train::optim::{Sgd, SgdConfig};
     use crate::train::schedule::Schedule;
     use candle_core::{DType, Var};
@@ -371,22 +372,6 @@ mod tests {
     fn step(t: &mut Trainer, w: &Var) {
         t.train_step(&mut |_, _| Ok((w.as_tensor() - 3.0)?.sqr()?.sum_all()?))
             .unwrap();
-    }
-
-    fn dead_pid() -> u32 {
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        pid
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
     }
 
     fn resumed_w(dir: &Path) -> (u64, Vec<f32>) {
