@@ -4,6 +4,7 @@ mod adalora;
 mod boft;
 mod common;
 mod half_linear;
+mod hra;
 mod ia3;
 mod loha;
 mod lokr;

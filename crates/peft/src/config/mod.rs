@@ -446,6 +446,7 @@ mod tests {
             LoKrConfig::default().into(),
             OftConfig::default().into(),
             BoftConfig::default().into(),
+            crate::tuners::configs::HraConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -171,4 +171,6 @@ peft_methods! {
     Oft("OFT") => oft::OftConfig,
     /// `"VERA"`: VeRA.
     Vera("VERA") => vera::VeraConfig,
+    /// `"HRA"`: Householder reflection adaptation.
+    Hra("HRA") => hra::HraConfig,
 }
