@@ -60,7 +60,7 @@ impl HraAdapter {
             let b = 1.0 / (k as f64).sqrt();
             Ok(rng.uniform_tensor((n, k), -b, b, DType::F32, dev)?)
         };
-        let u = if config.init_weights && r % 2 == 0 {
+        let u = if config.init_weights && r.is_multiple_of(2) {
             let half = uniform(rng, r / 2)?;
             // repeat_interleave(half, 2, dim=1): columns h₀ h₀ h₁ h₁ …
             Tensor::stack(&[&half, &half], 2)?.reshape((n, r))?
