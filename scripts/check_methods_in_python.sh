@@ -38,12 +38,14 @@ config() { # name -> adapter_config.json-style spec
     boft) echo '{"peft_type":"BOFT","task_type":"CAUSAL_LM","boft_block_size":8,"boft_n_butterfly_factor":2,"target_modules":["q_proj","v_proj"]}' ;;
     p_tuning) echo '{"peft_type":"P_TUNING","task_type":"CAUSAL_LM","num_virtual_tokens":8,"encoder_reparameterization_type":"MLP","encoder_hidden_size":32}' ;;
     hra) echo '{"peft_type":"HRA","task_type":"CAUSAL_LM","r":8,"target_modules":["q_proj","v_proj"]}' ;;
+    road) echo '{"peft_type":"ROAD","task_type":"CAUSAL_LM","variant":"road_1","group_size":8,"target_modules":["q_proj","v_proj"]}' ;;
+    road_4) echo '{"peft_type":"ROAD","task_type":"CAUSAL_LM","variant":"road_4","group_size":16,"target_modules":["q_proj","v_proj","o_proj"]}' ;;
     hra_gs) echo '{"peft_type":"HRA","task_type":"CAUSAL_LM","r":4,"apply_GS":true,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     esac
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"

@@ -15,6 +15,7 @@ mod oft;
 mod peft_model;
 mod quant;
 mod quant_gptq;
+mod road;
 mod train;
 mod varbuilder;
 mod vera;

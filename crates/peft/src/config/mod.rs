@@ -447,6 +447,7 @@ mod tests {
             OftConfig::default().into(),
             BoftConfig::default().into(),
             crate::tuners::configs::HraConfig::default().into(),
+            crate::tuners::configs::RoadConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -173,4 +173,6 @@ peft_methods! {
     Vera("VERA") => vera::VeraConfig,
     /// `"HRA"`: Householder reflection adaptation.
     Hra("HRA") => hra::HraConfig,
+    /// `"ROAD"`: RoAd, rotations with scales of pairs of output features.
+    Road("ROAD") => road::RoadConfig,
 }
