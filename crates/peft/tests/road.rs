@@ -6,7 +6,6 @@
 use crate::common::*;
 use crate::lora_parity::{LoadedCase, load_case};
 use candle_core::{DType, Device, Tensor};
-use indexmap::IndexMap;
 use peft::io::peft_key;
 use peft::layer::registry;
 use peft::{ForwardCtx, PeftConfig};
