@@ -3,6 +3,7 @@
 mod adalora;
 mod boft;
 mod common;
+mod delora;
 mod half_linear;
 mod hra;
 mod ia3;

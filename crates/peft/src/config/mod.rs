@@ -448,6 +448,7 @@ mod tests {
             BoftConfig::default().into(),
             crate::tuners::configs::HraConfig::default().into(),
             crate::tuners::configs::RoadConfig::default().into(),
+            crate::tuners::configs::DeloraConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -175,4 +175,6 @@ peft_methods! {
     Hra("HRA") => hra::HraConfig,
     /// `"ROAD"`: RoAd, rotations with scales of pairs of output features.
     Road("ROAD") => road::RoadConfig,
+    /// `"DELORA"`: DeLoRA, a normalised and bounded low-rank update.
+    Delora("DELORA") => delora::DeloraConfig,
 }
