@@ -140,8 +140,11 @@ impl DeloraAdapter {
 
     /// `λ / r / (‖Aᵢ,:‖·‖B:,ᵢ‖)` `[r]`, the norms clamped at 1e-4.
     fn scale(&self) -> Result<Tensor> {
-        let an = self.a.as_tensor().sqr()?.sum(1)?.sqrt()?.maximum(NORM_MIN)?;
-        let bn = self.b.as_tensor().sqr()?.sum(0)?.sqrt()?.maximum(NORM_MIN)?;
+        // √(Σx² + 1e-30): the same value in f32, and a finite gradient at a zero column (B starts at zero),
+        // where √ alone gives 0·∞ = NaN; torch's norm backward returns 0 there
+        let norm = |t: Tensor| -> Result<Tensor> { Ok((t + 1e-30)?.sqrt()?.maximum(NORM_MIN)?) };
+        let an = norm(self.a.as_tensor().sqr()?.sum(1)?)?;
+        let bn = norm(self.b.as_tensor().sqr()?.sum(0)?)?;
         let lam = (self.lambda.as_tensor() / self.r as f64)?;
         Ok(lam.broadcast_div(&(an * bn)?)?)
     }
@@ -265,6 +268,27 @@ mod tests {
         assert!(peft_test_support::max_diff(&slot.forward(&x, &ctx).unwrap(), &want) < 1e-5);
         slot.unmerge().unwrap();
         assert!(peft_test_support::max_diff(&slot.base().weight().unwrap(), &w) < 1e-5);
+    }
+
+    #[test]
+    fn gradients_are_finite_from_the_zero_start() {
+        let mut rng = PeftRng::new(4);
+        let w = rng
+            .normal_tensor(&[6, 5], 0.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let base = BaseLayer::linear(w, None).unwrap();
+        let a = DeloraAdapter::new(&base, &DeloraConfig::default(), "fc", &mut rng).unwrap();
+        let x = rng
+            .normal_tensor(&[4, 5], 0.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let vars = a.vars();
+        let mut slot = AdapterSlot::new("fc", base);
+        slot.add_adapter("default", Box::new(a)).unwrap();
+        let y = slot.forward(&x, &ForwardCtx::eval()).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = grads.get(vars[1].1.as_tensor()).expect("a gradient for delora_B");
+        let total = gb.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(total.is_finite() && total > 0.0, "{total}");
     }
 
     #[test]
