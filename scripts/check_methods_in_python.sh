@@ -42,12 +42,15 @@ config() { # name -> adapter_config.json-style spec
     road_4) echo '{"peft_type":"ROAD","task_type":"CAUSAL_LM","variant":"road_4","group_size":16,"target_modules":["q_proj","v_proj","o_proj"]}' ;;
     delora) echo '{"peft_type":"DELORA","task_type":"CAUSAL_LM","r":4,"target_modules":["q_proj","v_proj"]}' ;;
     delora_patterns) echo '{"peft_type":"DELORA","task_type":"CAUSAL_LM","r":4,"delora_lambda":8,"rank_pattern":{"v_proj":2},"lambda_pattern":{"q_proj":4},"module_dropout":0.1,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
+    miss) echo '{"peft_type":"MISS","task_type":"CAUSAL_LM","r":16,"target_modules":["q_proj","v_proj"]}' ;;
+    miss_bat) echo '{"peft_type":"MISS","task_type":"CAUSAL_LM","r":16,"init_weights":"bat","target_modules":["q_proj","v_proj"]}' ;;
+    miss_mini) echo '{"peft_type":"MISS","task_type":"CAUSAL_LM","r":16,"mini_r":8,"init_weights":"mini","miss_dropout":0.1,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     hra_gs) echo '{"peft_type":"HRA","task_type":"CAUSAL_LM","r":4,"apply_GS":true,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     esac
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"

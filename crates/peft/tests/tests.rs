@@ -12,6 +12,7 @@ mod lokr;
 mod lora_init;
 mod lora_parity;
 mod merge_files;
+mod miss;
 mod oft;
 mod peft_model;
 mod quant;

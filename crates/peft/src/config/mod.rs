@@ -449,6 +449,7 @@ mod tests {
             crate::tuners::configs::HraConfig::default().into(),
             crate::tuners::configs::RoadConfig::default().into(),
             crate::tuners::configs::DeloraConfig::default().into(),
+            crate::tuners::configs::MissConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -177,4 +177,6 @@ peft_methods! {
     Road("ROAD") => road::RoadConfig,
     /// `"DELORA"`: DeLoRA, a normalised and bounded low-rank update.
     Delora("DELORA") => delora::DeloraConfig,
+    /// `"MISS"`: MiSS (formerly Bone), a block shared by every block of the weight.
+    Miss("MISS") => miss::MissConfig,
 }

@@ -1,0 +1,155 @@
+//! MiSS parity with PEFT 0.21.2 on the fixtures of `fixtures/miss/` (written by `gen_miss.py`, every block
+//! perturbed): per-layer forward (the default form, with and without padding, "mini", "bat", two active
+//! adapters, a tiny Llama), disabled forward, merged weights, PEFT's unmerge ("bat": `(W − B)(I + B)⁻¹`),
+//! save → re-load, and `peft merge` without a model.
+
+use crate::common::*;
+use crate::lora_parity::{LoadedCase, load_case};
+use candle_core::{DType, Device, Tensor};
+use indexmap::IndexMap;
+use peft::io::peft_key;
+use peft::layer::registry;
+use peft::{ForwardCtx, PeftConfig};
+use std::path::Path;
+
+const CASES: [&str; 6] = [
+    "miss_bat",
+    "miss_linear",
+    "miss_llama",
+    "miss_mini",
+    "miss_pad",
+    "miss_two_adapters",
+];
+
+fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
+    parity::for_each_case("miss", parity::Expected::Names(&CASES), f);
+}
+
+#[test]
+fn miss_forward_matches_peft_per_layer() {
+    for_each_case(|dir, c| {
+        for slot in c.slots.values() {
+            for (_, a) in slot.adapters() {
+                assert_eq!(a.peft_type(), "MISS");
+            }
+        }
+        parity::assert_forward_matches(dir, c, None)
+    });
+}
+
+#[test]
+fn miss_disabled_forward_is_the_base() {
+    for_each_case(parity::assert_disabled_forward_is_base);
+}
+
+#[test]
+fn miss_merge_and_unmerge_match_peft() {
+    let checks = parity::MergeChecks {
+        merged_bias: (1e-6, 1e-5),
+        merged_forward: (1e-4, 1e-3),
+        unmerged: (1e-5, 1e-4),
+        unmerged_bias: Some((1e-6, 1e-5)),
+        unmerged_vs_base: (1e-5, 1e-4),
+        ..Default::default()
+    };
+    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
+}
+
+#[test]
+fn miss_save_reload_gives_the_same_file() {
+    for_each_case(|dir, c| {
+        parity::assert_save_reload_same(dir, c, |k| k.ends_with(".miss_block"));
+    });
+}
+
+#[test]
+fn miss_merge_files_matches_peft_merge_and_unload() {
+    for dir in cases("miss") {
+        let targets = strings(&case_json(&dir), "targets");
+        let touched =
+            parity::assert_merge_model_matches(&dir, |k| targets.iter().any(|m| k.starts_with(m)));
+        assert!(
+            touched >= 2,
+            "{}: {touched} targeted tensors",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn miss_missing_unexpected_and_misshapen_tensors_are_named() {
+    let dir = fixtures_dir().join("miss/cases/miss_bat");
+    let c = load_case(&dir);
+    let (_, config, split, _) = &c.adapters[0];
+    let base = c.slots["lin0"].base();
+    let params = &split.modules["lin0"];
+    let e = registry::build_adapter(config, "lin0", base, &IndexMap::new()).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::MissingKey(k) if k == "base_model.model.lin0.miss_block"),
+        "{e}"
+    );
+    let mut extra = params.clone();
+    extra.insert("miss_other".into(), params["miss_block"].clone());
+    let e = registry::build_adapter(config, "lin0", base, &extra).unwrap_err();
+    assert!(
+        e.to_string().contains("base_model.model.lin0.miss_other"),
+        "{e}"
+    );
+    // "bat" on lin0 [24, 16], r=4: [6, 4, 4]; the default form's [4, 24] is refused
+    let mut wrong = params.clone();
+    wrong.insert(
+        "miss_block".into(),
+        Tensor::zeros((4, 24), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = registry::build_adapter(config, "lin0", base, &wrong).unwrap_err();
+    assert!(
+        matches!(&e, peft::PeftError::ShapeMismatch { name, expected, got } if name == &peft_key("lin0", "miss_block") && expected == &[6, 4, 4] && got == &[4, 24]),
+        "{e}"
+    );
+    // "bat" needs r to divide both dimensions
+    let bad: PeftConfig = PeftConfig::from_json_str(
+        r#"{"peft_type": "MISS", "r": 5, "init_weights": "bat", "target_modules": ["lin0"]}"#,
+    )
+    .unwrap();
+    let e = registry::new_adapter(&bad, "lin0", base, &mut peft::PeftRng::new(0)).unwrap_err();
+    assert!(e.to_string().contains("[r, r]"), "{e}");
+    let emb = peft::BaseLayer::embedding(Tensor::zeros((10, 4), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    let e = registry::new_adapter(config, "emb", &emb, &mut peft::PeftRng::new(0)).unwrap_err();
+    assert!(matches!(e, peft::PeftError::Unsupported { .. }), "{e}");
+    for bad in [
+        r#"{"peft_type": "MISS", "init_weights": "lycoris"}"#,
+        r#"{"peft_type": "MISS", "bias": "all"}"#,
+    ] {
+        assert!(
+            PeftConfig::from_json_str(bad).unwrap().validate().is_err(),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn miss_new_adapter_starts_as_the_identity() {
+    for case in ["miss_bat", "miss_mini"] {
+        let dir = fixtures_dir().join("miss/cases").join(case);
+        let c = load_case(&dir);
+        let (_, config, _, _) = &c.adapters[0];
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in &c.slots {
+            let a =
+                registry::new_adapter(config, m, slot.base(), &mut peft::PeftRng::new(1)).unwrap();
+            let mut fresh = peft::AdapterSlot::new(m.clone(), slot.base().clone());
+            fresh.add_adapter("default", a).unwrap();
+            let y = fresh
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{case} {m}: identity start"),
+                &y,
+                &io[&format!("output_disabled.{m}")],
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
