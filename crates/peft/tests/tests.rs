@@ -4,6 +4,7 @@ mod adalora;
 mod boft;
 mod common;
 mod delora;
+mod gralora;
 mod half_linear;
 mod hra;
 mod ia3;

@@ -450,6 +450,7 @@ mod tests {
             crate::tuners::configs::RoadConfig::default().into(),
             crate::tuners::configs::DeloraConfig::default().into(),
             crate::tuners::configs::MissConfig::default().into(),
+            crate::tuners::configs::GraloraConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

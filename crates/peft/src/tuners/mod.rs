@@ -179,4 +179,6 @@ peft_methods! {
     Delora("DELORA") => delora::DeloraConfig,
     /// `"MISS"`: MiSS (formerly Bone), a block shared by every block of the weight.
     Miss("MISS") => miss::MissConfig,
+    /// `"GRALORA"`: GraLoRA, block-wise low-rank updates.
+    Gralora("GRALORA") => gralora::GraloraConfig,
 }
