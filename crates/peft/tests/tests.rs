@@ -2,6 +2,7 @@
 
 mod adalora;
 mod boft;
+mod c3a;
 mod common;
 mod delora;
 mod gralora;

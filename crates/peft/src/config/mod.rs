@@ -451,6 +451,7 @@ mod tests {
             crate::tuners::configs::DeloraConfig::default().into(),
             crate::tuners::configs::MissConfig::default().into(),
             crate::tuners::configs::GraloraConfig::default().into(),
+            crate::tuners::configs::C3aConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -181,4 +181,6 @@ peft_methods! {
     Miss("MISS") => miss::MissConfig,
     /// `"GRALORA"`: GraLoRA, block-wise low-rank updates.
     Gralora("GRALORA") => gralora::GraloraConfig,
+    /// `"C3A"`: C3A, block-circulant updates (circular convolution).
+    C3a("C3A") => c3a::C3aConfig,
 }
