@@ -1524,3 +1524,55 @@ fn gradient_checkpointing_gives_the_plain_gradients_bit_for_bit() {
         }
     }
 }
+
+/// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A) on the tiny Llama
+/// (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2 with every adapter parameter perturbed):
+/// `PeftModel::from_pretrained` gives PEFT's logits active, disabled, merged and after `merge_and_unload`, and
+/// unmerging gives the adapted logits back.
+#[test]
+fn newer_methods_give_peft_logits_on_the_tiny_llama() {
+    use peft::peft_model::PeftModel;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    for case in [
+        "hra/cases/hra_llama",
+        "road/cases/road_4_llama",
+        "delora/cases/delora_llama",
+        "miss/cases/miss_llama",
+        "gralora/cases/gralora_llama",
+        "c3a/cases/c3a_llama",
+    ] {
+        let dir = root.join(case);
+        let base = || {
+            let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
+            let tensors = load_st(dir.join("base_hf/model.safetensors"));
+            LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu).unwrap()
+        };
+        let io = load_st(dir.join("io.safetensors"));
+        let ids = u32s(&io["model_input"]);
+        let ctx = ForwardCtx::eval();
+        let mut pm =
+            PeftModel::from_pretrained(base(), dir.join("adapter"), "default", &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let got = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(case, &got, &io["model_output"], None, 1e-4);
+        let moved = max_diff(&io["model_output"], &io["model_output_disabled"]);
+        assert!(
+            moved > 1e-3,
+            "{case}: the adapter barely moves the logits ({moved})"
+        );
+        let off = pm
+            .with_adapters_disabled(|pm| pm.model().forward(ForwardInput::ids(&ids), &ctx))
+            .unwrap()
+            .unwrap();
+        assert_close_rows(case, &off, &io["model_output_disabled"], None, 1e-4);
+        pm.merge_adapter(None).unwrap();
+        let m = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(case, &m, &io["model_output_merged"], None, 1e-4);
+        pm.unmerge_adapter().unwrap();
+        let again = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(case, &again, &io["model_output"], None, 1e-4);
+        let merged = pm.merge_and_unload(None).unwrap();
+        let m = merged.forward(ForwardInput::ids(&ids), &ctx).unwrap();
+        assert_close_rows(case, &m, &io["model_output_merged"], None, 1e-4);
+    }
+}
