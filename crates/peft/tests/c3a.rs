@@ -3,69 +3,28 @@
 //! disabled forward, merged weights (`W + ΔW`), unmerge, save → re-load, and `peft merge` without a model.
 
 use crate::common::*;
-use crate::lora_parity::{LoadedCase, load_case};
+use crate::lora_parity::load_case;
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 use peft::io::peft_key;
 use peft::layer::registry;
 use peft::{ForwardCtx, PeftConfig};
-use std::path::Path;
 
 const CASES: [&str; 3] = ["c3a_linear", "c3a_llama", "c3a_pattern"];
 
-fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    parity::for_each_case("c3a", parity::Expected::Names(&CASES), f);
-}
-
-#[test]
-fn c3a_forward_matches_peft_per_layer() {
-    for_each_case(|dir, c| {
-        for slot in c.slots.values() {
-            for (_, a) in slot.adapters() {
-                assert_eq!(a.peft_type(), "C3A");
-            }
-        }
-        parity::assert_forward_matches(dir, c, None)
-    });
-}
-
-#[test]
-fn c3a_disabled_forward_is_the_base() {
-    for_each_case(parity::assert_disabled_forward_is_base);
-}
-
-#[test]
-fn c3a_merge_and_unmerge_match_peft() {
-    let checks = parity::MergeChecks {
+layer_method_parity_tests!(
+    "c3a",
+    CASES,
+    "C3A",
+    parity::MergeChecks {
         merged_bias: (1e-6, 1e-5),
         merged_forward: (1e-4, 1e-3),
         unmerged_bias: Some((1e-6, 1e-5)),
         unmerged_vs_base: (1e-5, 1e-4),
         ..Default::default()
-    };
-    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
-}
-
-#[test]
-fn c3a_save_reload_gives_the_same_file() {
-    for_each_case(|dir, c| {
-        parity::assert_save_reload_same(dir, c, |k| k.ends_with(".c3a_kernel"));
-    });
-}
-
-#[test]
-fn c3a_merge_files_matches_peft_merge_and_unload() {
-    for dir in cases("c3a") {
-        let targets = strings(&case_json(&dir), "targets");
-        let touched =
-            parity::assert_merge_model_matches(&dir, |k| targets.iter().any(|m| k.starts_with(m)));
-        assert!(
-            touched >= 2,
-            "{}: {touched} targeted tensors",
-            dir.display()
-        );
-    }
-}
+    },
+    |k| k.ends_with(".c3a_kernel")
+);
 
 #[test]
 fn c3a_missing_unexpected_and_misshapen_tensors_are_named() {

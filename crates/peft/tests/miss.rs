@@ -4,13 +4,12 @@
 //! save → re-load, and `peft merge` without a model.
 
 use crate::common::*;
-use crate::lora_parity::{LoadedCase, load_case};
+use crate::lora_parity::load_case;
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 use peft::io::peft_key;
 use peft::layer::registry;
 use peft::{ForwardCtx, PeftConfig};
-use std::path::Path;
 
 const CASES: [&str; 6] = [
     "miss_bat",
@@ -21,60 +20,20 @@ const CASES: [&str; 6] = [
     "miss_two_adapters",
 ];
 
-fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    parity::for_each_case("miss", parity::Expected::Names(&CASES), f);
-}
-
-#[test]
-fn miss_forward_matches_peft_per_layer() {
-    for_each_case(|dir, c| {
-        for slot in c.slots.values() {
-            for (_, a) in slot.adapters() {
-                assert_eq!(a.peft_type(), "MISS");
-            }
-        }
-        parity::assert_forward_matches(dir, c, None)
-    });
-}
-
-#[test]
-fn miss_disabled_forward_is_the_base() {
-    for_each_case(parity::assert_disabled_forward_is_base);
-}
-
-#[test]
-fn miss_merge_and_unmerge_match_peft() {
-    let checks = parity::MergeChecks {
+layer_method_parity_tests!(
+    "miss",
+    CASES,
+    "MISS",
+    parity::MergeChecks {
         merged_bias: (1e-6, 1e-5),
         merged_forward: (1e-4, 1e-3),
         unmerged: (1e-5, 1e-4),
         unmerged_bias: Some((1e-6, 1e-5)),
         unmerged_vs_base: (1e-5, 1e-4),
         ..Default::default()
-    };
-    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
-}
-
-#[test]
-fn miss_save_reload_gives_the_same_file() {
-    for_each_case(|dir, c| {
-        parity::assert_save_reload_same(dir, c, |k| k.ends_with(".miss_block"));
-    });
-}
-
-#[test]
-fn miss_merge_files_matches_peft_merge_and_unload() {
-    for dir in cases("miss") {
-        let targets = strings(&case_json(&dir), "targets");
-        let touched =
-            parity::assert_merge_model_matches(&dir, |k| targets.iter().any(|m| k.starts_with(m)));
-        assert!(
-            touched >= 2,
-            "{}: {touched} targeted tensors",
-            dir.display()
-        );
-    }
-}
+    },
+    |k| k.ends_with(".miss_block")
+);
 
 #[test]
 fn miss_missing_unexpected_and_misshapen_tensors_are_named() {

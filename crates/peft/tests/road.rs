@@ -4,39 +4,19 @@
 //! and `peft merge` without a model.
 
 use crate::common::*;
-use crate::lora_parity::{LoadedCase, load_case};
+use crate::lora_parity::load_case;
 use candle_core::{DType, Device, Tensor};
 use peft::io::peft_key;
 use peft::layer::registry;
 use peft::{ForwardCtx, PeftConfig};
-use std::path::Path;
 
 const CASES: [&str; 3] = ["road_1_linear", "road_2_two_adapters", "road_4_llama"];
 
-fn for_each_case(f: impl Fn(&Path, &mut LoadedCase)) {
-    parity::for_each_case("road", parity::Expected::Names(&CASES), f);
-}
-
-#[test]
-fn road_forward_matches_peft_per_layer() {
-    for_each_case(|dir, c| {
-        for slot in c.slots.values() {
-            for (_, a) in slot.adapters() {
-                assert_eq!(a.peft_type(), "ROAD");
-            }
-        }
-        parity::assert_forward_matches(dir, c, None)
-    });
-}
-
-#[test]
-fn road_disabled_forward_is_the_base() {
-    for_each_case(parity::assert_disabled_forward_is_base);
-}
-
-#[test]
-fn road_merge_and_unmerge_match_peft() {
-    let checks = parity::MergeChecks {
+layer_method_parity_tests!(
+    "road",
+    CASES,
+    "ROAD",
+    parity::MergeChecks {
         merged_bias: (1e-6, 1e-5),
         merged_forward: (1e-4, 1e-3),
         // both unmerges invert R, an ill-conditioned map where a scale is near 0 (α ~ N(1, 0.5)): the standard
@@ -45,32 +25,9 @@ fn road_merge_and_unmerge_match_peft() {
         unmerged_bias: Some((1e-5, 1e-4)),
         unmerged_vs_base: (1e-5, 1e-4),
         ..Default::default()
-    };
-    for_each_case(|dir, c| parity::assert_case_merge_unmerge(dir, c, &checks));
-}
-
-#[test]
-fn road_save_reload_gives_the_same_file() {
-    for_each_case(|dir, c| {
-        parity::assert_save_reload_same(dir, c, |k| {
-            k.ends_with(".road_theta") || k.ends_with(".road_alpha")
-        });
-    });
-}
-
-#[test]
-fn road_merge_files_matches_peft_merge_and_unload() {
-    for dir in cases("road") {
-        let targets = strings(&case_json(&dir), "targets");
-        let touched =
-            parity::assert_merge_model_matches(&dir, |k| targets.iter().any(|m| k.starts_with(m)));
-        assert!(
-            touched >= 2,
-            "{}: {touched} targeted tensors",
-            dir.display()
-        );
-    }
-}
+    },
+    |k| { k.ends_with(".road_theta") || k.ends_with(".road_alpha") }
+);
 
 #[test]
 fn road_missing_unexpected_and_misshapen_tensors_are_named() {

@@ -428,3 +428,66 @@ pub mod parity {
         touched
     }
 }
+
+/// The parity tests every layer method added after the extension point gets on its PEFT-written fixtures
+/// (`fixtures/<method>/cases/`): per-layer forward, disabled forward, merge and unmerge against PEFT's
+/// (`$checks`: a [`parity::MergeChecks`]), save → re-load giving the same file (`$saved`: which file keys are the
+/// adapter's), and `peft merge` without a model against PEFT's `merge_and_unload`. Defines `for_each_case` for
+/// the file's own tests.
+macro_rules! layer_method_parity_tests {
+    ($method:literal, $cases:expr, $peft_type:literal, $checks:expr, $saved:expr) => {
+        fn for_each_case(f: impl Fn(&std::path::Path, &mut $crate::lora_parity::LoadedCase)) {
+            $crate::common::parity::for_each_case(
+                $method,
+                $crate::common::parity::Expected::Names(&$cases),
+                f,
+            );
+        }
+
+        #[test]
+        fn forward_matches_peft_per_layer() {
+            for_each_case(|dir, c| {
+                for slot in c.slots.values() {
+                    for (_, a) in slot.adapters() {
+                        assert_eq!(a.peft_type(), $peft_type);
+                    }
+                }
+                $crate::common::parity::assert_forward_matches(dir, c, None)
+            });
+        }
+
+        #[test]
+        fn disabled_forward_is_the_base() {
+            for_each_case($crate::common::parity::assert_disabled_forward_is_base);
+        }
+
+        #[test]
+        fn merge_and_unmerge_match_peft() {
+            let checks = $checks;
+            for_each_case(|dir, c| {
+                $crate::common::parity::assert_case_merge_unmerge(dir, c, &checks)
+            });
+        }
+
+        #[test]
+        fn save_reload_gives_the_same_file() {
+            for_each_case(|dir, c| $crate::common::parity::assert_save_reload_same(dir, c, $saved));
+        }
+
+        #[test]
+        fn merge_files_matches_peft_merge_and_unload() {
+            for dir in $crate::common::cases($method) {
+                let targets = $crate::common::strings(&$crate::common::case_json(&dir), "targets");
+                let touched = $crate::common::parity::assert_merge_model_matches(&dir, |k| {
+                    targets.iter().any(|m| k.starts_with(m))
+                });
+                assert!(
+                    touched >= 2,
+                    "{}: {touched} targeted tensors",
+                    dir.display()
+                );
+            }
+        }
+    };
+}
+pub(crate) use layer_method_parity_tests;
