@@ -245,10 +245,21 @@ fn tiny_llama() -> (LlamaConfig, IndexMap<String, Tensor>) {
 }
 
 fn adapter_seeds() -> Vec<Vec<u8>> {
-    let cases = fixtures().join("lora/cases");
     let mut out = Vec::new();
-    for case in ["llama_qv", "llama_all_linear", "llama_two_adapters"] {
-        let dir = cases.join(case).join("adapter");
+    // adapters of tiny Llamas of the same shape (hidden 32, 2 layers, vocab 64): LoRA, and one of each of the
+    // newer layer methods
+    for case in [
+        "lora/cases/llama_qv",
+        "lora/cases/llama_all_linear",
+        "lora/cases/llama_two_adapters",
+        "hra/cases/hra_llama",
+        "road/cases/road_4_llama",
+        "delora/cases/delora_llama",
+        "miss/cases/miss_llama",
+        "gralora/cases/gralora_llama",
+        "c3a/cases/c3a_llama",
+    ] {
+        let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (
             std::fs::read(dir.join("adapter_config.json")),
             std::fs::read(dir.join("adapter_model.safetensors")),
