@@ -6,9 +6,9 @@ use crate::common::*;
 use crate::lora_parity::load_case;
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
+use peft::PeftConfig;
 use peft::io::peft_key;
 use peft::layer::registry;
-use peft::{ForwardCtx, PeftConfig};
 
 const CASES: [&str; 3] = ["c3a_linear", "c3a_llama", "c3a_pattern"];
 
@@ -95,21 +95,5 @@ fn c3a_new_adapter_with_init_true_is_the_identity() {
         ..cfg.clone()
     }
     .into();
-    let io = load(&dir.join("io.safetensors"));
-    for (m, slot) in &c.slots {
-        let a =
-            registry::new_adapter(&identity, m, slot.base(), &mut peft::PeftRng::new(1)).unwrap();
-        let mut fresh = peft::AdapterSlot::new(m.clone(), slot.base().clone());
-        fresh.add_adapter("default", a).unwrap();
-        let y = fresh
-            .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
-            .unwrap();
-        assert_close(
-            &format!("{m}: identity start"),
-            &y,
-            &io[&format!("output_disabled.{m}")],
-            1e-5,
-            1e-4,
-        );
-    }
+    parity::assert_new_adapter_is_identity(&dir, &c, &identity);
 }

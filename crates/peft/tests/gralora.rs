@@ -5,9 +5,9 @@
 use crate::common::*;
 use crate::lora_parity::load_case;
 use candle_core::{DType, Device, Tensor};
+use peft::PeftConfig;
 use peft::io::peft_key;
 use peft::layer::registry;
-use peft::{ForwardCtx, PeftConfig};
 
 const CASES: [&str; 3] = ["gralora_hybrid", "gralora_linear", "gralora_llama"];
 
@@ -86,21 +86,5 @@ fn gralora_new_adapter_starts_as_the_identity() {
         ..cfg.clone()
     }
     .into();
-    let io = load(&dir.join("io.safetensors"));
-    for (m, slot) in &c.slots {
-        let a =
-            registry::new_adapter(&identity, m, slot.base(), &mut peft::PeftRng::new(1)).unwrap();
-        let mut fresh = peft::AdapterSlot::new(m.clone(), slot.base().clone());
-        fresh.add_adapter("default", a).unwrap();
-        let y = fresh
-            .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
-            .unwrap();
-        assert_close(
-            &format!("{m}: identity start"),
-            &y,
-            &io[&format!("output_disabled.{m}")],
-            1e-5,
-            1e-4,
-        );
-    }
+    parity::assert_new_adapter_is_identity(&dir, &c, &identity);
 }

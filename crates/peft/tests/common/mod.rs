@@ -309,6 +309,33 @@ pub mod parity {
         }
     }
 
+    /// A freshly created adapter of `config` in every slot of the case gives PEFT's disabled output: the
+    /// method starts as the identity.
+    pub fn assert_new_adapter_is_identity(dir: &Path, c: &LoadedCase, config: &PeftConfig) {
+        let io = load(&dir.join("io.safetensors"));
+        for (m, slot) in &c.slots {
+            let a = peft::layer::registry::new_adapter(
+                config,
+                m,
+                slot.base(),
+                &mut peft::PeftRng::new(1),
+            )
+            .unwrap();
+            let mut fresh = AdapterSlot::new(m.clone(), slot.base().clone());
+            fresh.add_adapter("default", a).unwrap();
+            let y = fresh
+                .forward(&io[&format!("input_disabled.{m}")], &ForwardCtx::eval())
+                .unwrap();
+            assert_close(
+                &format!("{}: {m}: identity start", dir.display()),
+                &y,
+                &io[&format!("output_disabled.{m}")],
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+
     /// With adapters disabled every slot gives PEFT's disabled output.
     pub fn assert_disabled_forward_is_base(dir: &Path, c: &mut LoadedCase) {
         let io = load(&dir.join("io.safetensors"));
