@@ -733,13 +733,10 @@ fn is_dense_linear(name: &str, shape: &[usize]) -> bool {
 
 /// Why a Llama-family `config.json` would be refused on load (other model types are described, not checked).
 fn llama_config_problem(config: &Value) -> Option<String> {
-    let family = matches!(
-        config.get("model_type").and_then(Value::as_str),
-        Some("llama" | "mistral" | "qwen2")
-    );
-    if !family {
-        return None;
-    }
+    config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .and_then(peft_models::llama::LlamaFamily::from_model_type)?;
     peft_models::llama::LlamaConfig::from_value(config)
         .err()
         .map(|e| e.to_string())

@@ -37,6 +37,16 @@ impl LlamaFamily {
         }
     }
 
+    /// The family of a transformers `model_type` (`"llama"`, `"mistral"`, `"qwen2"`); `None` for others.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(LlamaFamily::Llama),
+            "mistral" => Some(LlamaFamily::Mistral),
+            "qwen2" => Some(LlamaFamily::Qwen2),
+            _ => None,
+        }
+    }
+
     /// The `model_type` string.
     pub fn model_type(self) -> &'static str {
         match self {
@@ -231,18 +241,12 @@ impl LlamaConfig {
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("model_type", "is missing"))?;
-        let family = match model_type {
-            "llama" => LlamaFamily::Llama,
-            "mistral" => LlamaFamily::Mistral,
-            "qwen2" => LlamaFamily::Qwen2,
-            other => {
-                return Err(PeftError::Unsupported {
-                    field: "model_type".into(),
-                    value: format!("{other:?}"),
-                    reason: "only llama, mistral and qwen2 are implemented".into(),
-                });
-            }
-        };
+        let family =
+            LlamaFamily::from_model_type(model_type).ok_or_else(|| PeftError::Unsupported {
+                field: "model_type".into(),
+                value: format!("{model_type:?}"),
+                reason: "only llama, mistral and qwen2 are implemented".into(),
+            })?;
         let hidden_act = v
             .get("hidden_act")
             .and_then(Value::as_str)
