@@ -144,6 +144,7 @@ const TOKENS: &[&str] = &[
     "\"MISS\"",
     "\"GRALORA\"",
     "\"C3A\"",
+    "\"HIRA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

@@ -258,6 +258,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "miss/cases/miss_llama",
         "gralora/cases/gralora_llama",
         "c3a/cases/c3a_llama",
+        "hira/cases/hira_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -7,6 +7,7 @@ mod common;
 mod delora;
 mod gralora;
 mod half_linear;
+mod hira;
 mod hra;
 mod ia3;
 mod loha;
