@@ -52,11 +52,13 @@ config() { # name -> adapter_config.json-style spec
     hra_gs) echo '{"peft_type":"HRA","task_type":"CAUSAL_LM","r":4,"apply_GS":true,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     hira) echo '{"peft_type":"HIRA","task_type":"CAUSAL_LM","r":4,"target_modules":["q_proj","v_proj"]}' ;;
     hira_patterns) echo '{"peft_type":"HIRA","task_type":"CAUSAL_LM","r":4,"hira_dropout":0.1,"init_weights":"gaussian","target_modules":["q_proj","v_proj","down_proj","embed_tokens"]}' ;;
+    beft) echo '{"peft_type":"BEFT","task_type":"CAUSAL_LM"}' ;;
+    beft_all) echo '{"peft_type":"BEFT","task_type":"CAUSAL_LM","target_modules":["q_proj","k_proj","v_proj","o_proj","down_proj"]}' ;;
     esac
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"

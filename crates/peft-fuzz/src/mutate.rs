@@ -145,6 +145,7 @@ const TOKENS: &[&str] = &[
     "\"GRALORA\"",
     "\"C3A\"",
     "\"HIRA\"",
+    "\"BEFT\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

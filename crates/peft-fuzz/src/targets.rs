@@ -259,6 +259,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "gralora/cases/gralora_llama",
         "c3a/cases/c3a_llama",
         "hira/cases/hira_llama",
+        "beft/cases/beft_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -1541,6 +1541,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "gralora/cases/gralora_llama",
         "c3a/cases/c3a_llama",
         "hira/cases/hira_llama",
+        "beft/cases/beft_llama",
     ] {
         let dir = root.join(case);
         let base = || {

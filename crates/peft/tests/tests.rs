@@ -1,6 +1,7 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
 mod adalora;
+mod beft;
 mod boft;
 mod c3a;
 mod common;

@@ -453,6 +453,7 @@ mod tests {
             crate::tuners::configs::GraloraConfig::default().into(),
             crate::tuners::configs::C3aConfig::default().into(),
             crate::tuners::configs::HiraConfig::default().into(),
+            crate::tuners::configs::BeftConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

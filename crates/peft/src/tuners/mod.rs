@@ -185,4 +185,6 @@ peft_methods! {
     C3a("C3A") => c3a::C3aConfig,
     /// `"HIRA"`: HiRA, the frozen weight modulated by a low-rank product (Hadamard).
     Hira("HIRA") => hira::HiraConfig,
+    /// `"BEFT"`: BEFT, a trained bias per Linear layer.
+    Beft("BEFT") => beft::BeftConfig,
 }
