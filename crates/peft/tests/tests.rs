@@ -22,5 +22,6 @@ mod quant_gptq;
 mod road;
 mod train;
 mod varbuilder;
+mod vblora;
 mod vera;
 mod weighted;

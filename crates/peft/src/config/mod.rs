@@ -452,6 +452,7 @@ mod tests {
             crate::tuners::configs::MissConfig::default().into(),
             crate::tuners::configs::GraloraConfig::default().into(),
             crate::tuners::configs::C3aConfig::default().into(),
+            crate::tuners::configs::VbLoraConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -183,4 +183,6 @@ peft_methods! {
     Gralora("GRALORA") => gralora::GraloraConfig,
     /// `"C3A"`: C3A, block-circulant updates (circular convolution).
     C3a("C3A") => c3a::C3aConfig,
+    /// `"VBLORA"`: VB-LoRA, low-rank factors composed from a shared vector bank.
+    VbLora("VBLORA") => vblora::VbLoraConfig,
 }
