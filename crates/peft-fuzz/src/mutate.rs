@@ -146,6 +146,7 @@ const TOKENS: &[&str] = &[
     "\"C3A\"",
     "\"HIRA\"",
     "\"BEFT\"",
+    "\"VBLORA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

@@ -260,6 +260,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "c3a/cases/c3a_llama",
         "hira/cases/hira_llama",
         "beft/cases/beft_llama",
+        "vblora/cases/vblora_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

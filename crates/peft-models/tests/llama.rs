@@ -1525,8 +1525,9 @@ fn gradient_checkpointing_gives_the_plain_gradients_bit_for_bit() {
     }
 }
 
-/// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A) on the tiny Llama
-/// (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2 with every adapter parameter perturbed):
+/// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A, HiRA, BEFT, VB-LoRA) on the tiny
+/// Llama (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2 with every adapter parameter
+/// perturbed):
 /// `PeftModel::from_pretrained` gives PEFT's logits active, disabled, merged and after `merge_and_unload`, and
 /// unmerging gives the adapted logits back.
 #[test]
@@ -1542,6 +1543,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "c3a/cases/c3a_llama",
         "hira/cases/hira_llama",
         "beft/cases/beft_llama",
+        "vblora/cases/vblora_llama",
     ] {
         let dir = root.join(case);
         let base = || {

@@ -916,7 +916,13 @@ pub fn adapter_state_dict<'a>(
             continue;
         }
         for (k, t) in config.method().saved_tensors(m, a.tensors())? {
-            out.push((peft_key(m, &k), t.to_dtype(dtype)?));
+            // integer tensors (VB-LoRA's top-k indices) keep their own dtype
+            let t = if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t
+            };
+            out.push((peft_key(m, &k), t));
         }
         if let (true, Some(b)) = (
             bias_mode != crate::config::LoraBias::None,

@@ -406,7 +406,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 .unwrap_or(Device::Cpu);
             let bases: Vec<_> = targets.iter().map(|s| s.base()).collect();
             config.method_mut().note_targets(&bases);
-            registry::shared_tensors(&config, None, &dims, &device)?
+            registry::new_shared_tensors(&config, &dims, &device, &rng)?
         };
         for slot in self.model.slots() {
             if targeted.contains(slot.name()) {
@@ -923,18 +923,35 @@ impl<M: AdapterHost> PeftModel<M> {
     }
 
     /// The trainable parameters: every `Var` of the active adapters, keyed `<module>.<key>` (PEFT's names
-    /// without the `base_model.model.` prefix).
+    /// without the `base_model.model.` prefix). A model-level shared tensor that trains (VB-LoRA's vector
+    /// bank, one `Var` held by every layer) is listed once, keyed as in the file without `base_model.`
+    /// (`vblora_vector_bank`).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
+        let mut shared = Vec::new();
+        for a in &self.active {
+            for (k, t) in self.shared.get(a).into_iter().flatten() {
+                if t.is_variable()
+                    && let Ok(v) = Var::from_tensor(t)
+                {
+                    let key = k.strip_prefix("base_model.").unwrap_or(k);
+                    shared.push((key.to_string(), v));
+                }
+            }
+        }
+        let shared_ids: HashSet<_> = shared.iter().map(|(_, v)| v.as_tensor().id()).collect();
         for slot in self.model.slots() {
             for a in &self.active {
                 if let Some(ad) = slot.adapter(a) {
                     for (k, v) in ad.vars() {
-                        out.push((format!("{}.{k}", slot.name()), v));
+                        if !shared_ids.contains(&v.as_tensor().id()) {
+                            out.push((format!("{}.{k}", slot.name()), v));
+                        }
                     }
                 }
             }
         }
+        out.extend(shared);
         out.extend(self.bias_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some((_, p)) = &self.prompt {
             out.extend(p.named_vars());
@@ -969,6 +986,13 @@ impl<M: AdapterHost> PeftModel<M> {
         }
         for (_, t) in self.model.named_tensors() {
             count(&t);
+        }
+        // Shared tensors that train are parameters (VB-LoRA's vector bank); frozen ones are buffers (VeRA's
+        // projections), which PEFT does not count.
+        for t in self.shared.values().flat_map(|s| s.values()) {
+            if t.is_variable() {
+                count(t);
+            }
         }
         if let Some((_, p)) = &self.prompt {
             for (_, v) in p.named_vars() {

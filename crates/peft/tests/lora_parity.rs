@@ -75,7 +75,7 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
     let kinds = json["kinds"].as_object().cloned().unwrap_or_default();
     let mut all: Vec<String> = strings(&json, "targets");
     all.extend(modules_to_save.iter().cloned());
-    for m in &all {
+    let base_layer = |m: &str| {
         let w = base[&format!("{m}.weight")].clone();
         let b = base.get(&format!("{m}.bias")).cloned();
         let kind = match kinds.get(m).and_then(|k| k.as_str()) {
@@ -91,11 +91,37 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
             }
             Some(other) => panic!("unknown kind {other}"),
         };
-        let mut slot = AdapterSlot::new(m.clone(), BaseLayer::new(kind, w, b).unwrap());
+        BaseLayer::new(kind, w, b).unwrap()
+    };
+    // Methods with model-level shared tensors (VB-LoRA's vector bank) get them resolved, in `split.shared`,
+    // over the layers each adapter targets, as a model does.
+    for (name, config, split, _) in adapters.iter_mut() {
+        if config.method().shares_tensors() {
+            let dims: Vec<(usize, usize)> = split
+                .modules
+                .keys()
+                .map(|m| {
+                    let b = base_layer(m);
+                    (b.in_features(), b.out_features())
+                })
+                .collect();
+            split.shared =
+                registry::shared_tensors(config, Some(&split.shared), &dims, &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("{}: adapter {name}: {e}", dir.display()));
+        }
+    }
+    for m in &all {
+        let mut slot = AdapterSlot::new(m.clone(), base_layer(m));
         for (name, config, split, _) in &adapters {
             if let Some(params) = split.modules.get(m) {
-                let a = registry::build_adapter(config, m, slot.base(), params)
-                    .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
+                let a = registry::build_adapter_with_shared(
+                    config,
+                    m,
+                    slot.base(),
+                    params,
+                    &split.shared,
+                )
+                .unwrap_or_else(|e| panic!("{}: {m}: {e}", dir.display()));
                 slot.add_adapter(name.clone(), a).unwrap();
             } else if modules_to_save.contains(m) {
                 let w = &split.overrides[&format!("{m}.weight")];

@@ -24,5 +24,6 @@ mod quant_gptq;
 mod road;
 mod train;
 mod varbuilder;
+mod vblora;
 mod vera;
 mod weighted;

@@ -454,6 +454,7 @@ mod tests {
             crate::tuners::configs::C3aConfig::default().into(),
             crate::tuners::configs::HiraConfig::default().into(),
             crate::tuners::configs::BeftConfig::default().into(),
+            crate::tuners::configs::VbLoraConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -36,8 +36,16 @@ impl Default for AdapterChecks {
     }
 }
 
-/// Checks the tensors of an adapter file: at least one tensor, every one of a floating dtype, and (unless
-/// `checks.allow_non_finite`) every value finite. Errors name `path` and the first offending tensor with
+/// Whether `name` is one of the integer tensors PEFT writes: VB-LoRA's top-k indices
+/// (`….vblora_logits_A_topk_indices`, `….vblora_logits_B_topk_indices`, `save_only_topk_weights`), by the
+/// last component of the key.
+fn admitted_integer(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    crate::tuners::vblora::layer::INTEGER_TENSORS.contains(&last)
+}
+
+/// Checks the tensors of an adapter file: at least one tensor, every one of a floating dtype but VB-LoRA's
+/// integer top-k indices (admitted by name), and (unless `checks.allow_non_finite`) every value finite. Errors name `path` and the first offending tensor with
 /// its first bad value's index.
 ///
 /// ```
@@ -65,6 +73,9 @@ pub fn check_adapter_tensors(
         ));
     }
     for (name, t) in tensors {
+        if admitted_integer(name) && t.dtype().is_int() {
+            continue; // integers are finite
+        }
         if !t.dtype().is_float() {
             return Err(bad(format!(
                 "tensor `{name}` is {:?}; adapter weights are floating point (f32, f16 or bf16)",

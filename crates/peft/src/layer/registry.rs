@@ -98,7 +98,19 @@ pub fn shared_tensors(
     config.method().shared_tensors(file_shared, dims, device)
 }
 
-/// Whether the method saves its [`shared_tensors`] in the adapter file (VeRA with `save_projection`).
+/// The model-level tensors of a freshly created adapter ([`crate::tuners::PeftMethod::new_shared_tensors`]),
+/// random ones drawn from `rng` (VB-LoRA's vector bank); otherwise as [`shared_tensors`] with no file.
+pub fn new_shared_tensors(
+    config: &PeftConfig,
+    dims: &[(usize, usize)],
+    device: &candle_core::Device,
+    rng: &PeftRng,
+) -> Result<SharedTensors> {
+    config.method().new_shared_tensors(dims, device, rng)
+}
+
+/// Whether the method saves its [`shared_tensors`] in the adapter file (VeRA with `save_projection`,
+/// VB-LoRA).
 pub fn saves_shared(config: &PeftConfig) -> bool {
     config.method().saves_shared()
 }

@@ -21,7 +21,9 @@ use indexmap::IndexMap;
 use serde_json::{Map, Value};
 
 /// Model-level tensors that a method shares between all its layers, keyed as in an adapter file (VeRA's
-/// `base_model.vera_A` / `base_model.vera_B`). Empty for every other method.
+/// `base_model.vera_A` / `base_model.vera_B`, VB-LoRA's `base_model.vblora_vector_bank`). Empty for every
+/// other method. A shared tensor that is a variable (VB-LoRA's bank) trains: every layer holds that one
+/// `Var`, and [`crate::PeftModel::trainable_vars`] lists it once, under its key without `base_model.`.
 pub type SharedTensors = IndexMap<String, Tensor>;
 
 /// One tensor of an adapter file as `peft inspect` sees it: its name relative to the module and its shape.
@@ -208,7 +210,20 @@ pub trait PeftMethod: MethodType + std::fmt::Debug + Send + Sync {
         }
     }
 
-    /// Whether the method has model-level [`shared_tensors`](Self::shared_tensors) at all (VeRA).
+    /// The model-level tensors of a freshly created adapter, drawn from `rng` (the adapter's stream, which
+    /// [`crate::PeftModel`] derives from its seed; the per-layer streams are its forks by module name) where
+    /// they are random (VB-LoRA's vector bank). The default: [`shared_tensors`](Self::shared_tensors) with
+    /// no file (VeRA generates its projections from its own key).
+    fn new_shared_tensors(
+        &self,
+        dims: &[(usize, usize)],
+        device: &Device,
+        _rng: &PeftRng,
+    ) -> Result<SharedTensors> {
+        self.shared_tensors(None, dims, device)
+    }
+
+    /// Whether the method has model-level [`shared_tensors`](Self::shared_tensors) at all (VeRA, VB-LoRA).
     fn shares_tensors(&self) -> bool {
         false
     }

@@ -187,4 +187,6 @@ peft_methods! {
     Hira("HIRA") => hira::HiraConfig,
     /// `"BEFT"`: BEFT, a trained bias per Linear layer.
     Beft("BEFT") => beft::BeftConfig,
+    /// `"VBLORA"`: VB-LoRA, low-rank factors composed from a shared vector bank.
+    VbLora("VBLORA") => vblora::VbLoraConfig,
 }

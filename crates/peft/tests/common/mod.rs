@@ -355,12 +355,17 @@ pub mod parity {
         }
     }
 
-    /// Saving every adapter of the case and reading it back gives PEFT's file: the same keys (each accepted
-    /// by `key_ok`), dtypes and values bit for bit, and a config with the same content.
+    /// Saving every adapter of the case (with its shared tensors when its method saves them) and reading it
+    /// back gives PEFT's file: the same keys (each accepted by `key_ok`), dtypes and values bit for bit, and a
+    /// config with the same content.
     pub fn assert_save_reload_same(dir: &Path, c: &LoadedCase, key_ok: impl Fn(&str) -> bool) {
-        for (name, config, _, original) in &c.adapters {
-            let saved =
+        for (name, config, split, original) in &c.adapters {
+            let mut saved =
                 peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
+            // model-level shared tensors (VB-LoRA's vector bank), as a model saves them
+            if peft::layer::registry::saves_shared(config) {
+                saved.extend(split.shared.iter().map(|(k, t)| (k.clone(), t.clone())));
+            }
             assert_reloads_as_peft(dir, name, config, &saved, original, &key_ok);
         }
     }
