@@ -147,6 +147,7 @@ const TOKENS: &[&str] = &[
     "\"HIRA\"",
     "\"BEFT\"",
     "\"VBLORA\"",
+    "\"GLORA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

@@ -261,6 +261,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "hira/cases/hira_llama",
         "beft/cases/beft_llama",
         "vblora/cases/vblora_llama",
+        "glora/cases/glora_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

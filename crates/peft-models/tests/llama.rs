@@ -1525,7 +1525,7 @@ fn gradient_checkpointing_gives_the_plain_gradients_bit_for_bit() {
     }
 }
 
-/// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A, HiRA, BEFT, VB-LoRA) on the tiny
+/// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A, HiRA, BEFT, VB-LoRA, GLoRA) on the tiny
 /// Llama (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2 with every adapter parameter
 /// perturbed):
 /// `PeftModel::from_pretrained` gives PEFT's logits active, disabled, merged and after `merge_and_unload`, and
@@ -1544,6 +1544,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "hira/cases/hira_llama",
         "beft/cases/beft_llama",
         "vblora/cases/vblora_llama",
+        "glora/cases/glora_llama",
     ] {
         let dir = root.join(case);
         let base = || {

@@ -345,6 +345,7 @@ impl Merger {
         bias: Option<Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let unmerged = weight.clone();
+        let unmerged_bias = bias.clone();
         let (mut w, mut b) = (weight, bias);
         for ad in self
             .adapters
@@ -383,6 +384,7 @@ impl Merger {
                         weight: &w,
                         bias: b.as_ref(),
                         unmerged_weight: &unmerged,
+                        unmerged_bias: unmerged_bias.as_ref(),
                     })?;
                     w = m.weight;
                     b = m.bias;

@@ -455,6 +455,7 @@ mod tests {
             crate::tuners::configs::HiraConfig::default().into(),
             crate::tuners::configs::BeftConfig::default().into(),
             crate::tuners::configs::VbLoraConfig::default().into(),
+            crate::tuners::configs::GloraConfig::default().into(),
             VeraConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {

@@ -151,6 +151,9 @@ pub struct MergeInput<'a> {
     /// The weight with every previously merged adapter taken out (PEFT's `_unmerged_base_weight`), which
     /// DoRA's norm is computed from.
     pub unmerged_weight: &'a Tensor,
+    /// The bias with every previously merged adapter taken out (GLoRA's bias update reads the original
+    /// bias); the current bias when nothing is merged.
+    pub unmerged_bias: Option<&'a Tensor>,
 }
 
 /// A named tensor an adapter saves, with its key relative to the module and without the adapter name
@@ -663,6 +666,7 @@ impl AdapterSlot {
                 weight: &w,
                 bias: b.as_ref(),
                 unmerged_weight: &w,
+                unmerged_bias: b.as_ref(),
             };
             (w, b) = self.adapters[name.as_str()].unmerge(input, cache.as_ref())?;
         }
@@ -691,7 +695,7 @@ impl AdapterSlot {
                 .map(|b| b.to_dtype(DType::F32))
                 .transpose()?;
             let unmerged = if adapter.needs_unmerged_weight() && !self.merged.is_empty() {
-                Some(self.unmerged_weights()?.0)
+                Some(self.unmerged_weights()?)
             } else {
                 None
             };
@@ -699,7 +703,11 @@ impl AdapterSlot {
                 kind: self.base.kind(),
                 weight: &w,
                 bias: b.as_ref(),
-                unmerged_weight: unmerged.as_ref().unwrap_or(&w),
+                unmerged_weight: unmerged.as_ref().map(|u| &u.0).unwrap_or(&w),
+                unmerged_bias: match &unmerged {
+                    Some(u) => u.1.as_ref(),
+                    None => b.as_ref(),
+                },
             };
             let m = adapter.merge(input)?;
             self.base.replace_weight(m.weight.to_dtype(dtype)?)?;
@@ -733,6 +741,7 @@ impl AdapterSlot {
                 weight: &w,
                 bias: b.as_ref(),
                 unmerged_weight: &w,
+                unmerged_bias: b.as_ref(),
             };
             let (nw, nb) = self.adapters[name.as_str()].unmerge(input, cache.as_ref())?;
             self.base.replace_weight(nw.to_dtype(dtype)?)?;

@@ -189,4 +189,6 @@ peft_methods! {
     Beft("BEFT") => beft::BeftConfig,
     /// `"VBLORA"`: VB-LoRA, low-rank factors composed from a shared vector bank.
     VbLora("VBLORA") => vblora::VbLoraConfig,
+    /// `"GLORA"`: GLoRA, generalised LoRA (weight and bias each scaled and shifted).
+    Glora("GLORA") => glora::GloraConfig,
 }

@@ -944,6 +944,7 @@ mod tests {
             weight: &w,
             bias: None,
             unmerged_weight: &w,
+            unmerged_bias: None,
         };
         let e = a.merge(input).unwrap_err();
         assert!(
