@@ -453,6 +453,7 @@ mod tests {
             crate::tuners::configs::GraloraConfig::default().into(),
             crate::tuners::configs::C3aConfig::default().into(),
             VeraConfig::default().into(),
+            crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {
                     num_virtual_tokens: Some(4),
