@@ -5,6 +5,7 @@ mod boft;
 mod c3a;
 mod common;
 mod delora;
+mod fourierft;
 mod gralora;
 mod half_linear;
 mod hra;
