@@ -49,12 +49,14 @@ config() { # name -> adapter_config.json-style spec
     gralora_hybrid) echo '{"peft_type":"GRALORA","task_type":"CAUSAL_LM","r":8,"alpha":16,"gralora_k":4,"hybrid_r":2,"gralora_dropout":0.1,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     c3a) echo '{"peft_type":"C3A","task_type":"CAUSAL_LM","block_size":16,"target_modules":["q_proj","v_proj"]}' ;;
     c3a_pattern) echo '{"peft_type":"C3A","task_type":"CAUSAL_LM","block_size":8,"block_size_pattern":{"down_proj":32},"target_modules":["q_proj","v_proj","down_proj"]}' ;;
+    fourierft) echo '{"peft_type":"FOURIERFT","task_type":"CAUSAL_LM","n_frequency":200,"scaling":150.0,"target_modules":["q_proj","v_proj"]}' ;;
+    fourierft_pattern) echo '{"peft_type":"FOURIERFT","task_type":"CAUSAL_LM","n_frequency":100,"scaling":64.0,"random_loc_seed":3,"n_frequency_pattern":{"down_proj":500},"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     hra_gs) echo '{"peft_type":"HRA","task_type":"CAUSAL_LM","r":4,"apply_GS":true,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     esac
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern fourierft fourierft_pattern"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"
