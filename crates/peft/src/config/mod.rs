@@ -592,7 +592,7 @@ mod tests {
 
     #[test]
     fn unknown_peft_type_is_an_error() {
-        for name in ["FOURIERFT", "lora", "Lora", ""] {
+        for name in ["FOURIER_FT", "lora", "Lora", ""] {
             let text = format!(r#"{{"peft_type": "{name}", "r": 8}}"#);
             match PeftConfig::from_json_str(&text) {
                 Err(PeftError::UnknownPeftType(n)) => assert_eq!(n, name),
