@@ -51,6 +51,8 @@ config() { # name -> adapter_config.json-style spec
     c3a_pattern) echo '{"peft_type":"C3A","task_type":"CAUSAL_LM","block_size":8,"block_size_pattern":{"down_proj":32},"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     vblora) echo '{"peft_type":"VBLORA","task_type":"CAUSAL_LM","r":4,"num_vectors":32,"vector_length":16,"topk":2,"target_modules":["q_proj","v_proj"]}' ;;
     vblora_topk) echo '{"peft_type":"VBLORA","task_type":"CAUSAL_LM","r":4,"num_vectors":300,"vector_length":16,"topk":3,"save_only_topk_weights":true,"vblora_dropout":0.1,"init_vector_bank_bound":0.1,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
+    fourierft) echo '{"peft_type":"FOURIERFT","task_type":"CAUSAL_LM","n_frequency":200,"scaling":150.0,"target_modules":["q_proj","v_proj"]}' ;;
+    fourierft_pattern) echo '{"peft_type":"FOURIERFT","task_type":"CAUSAL_LM","n_frequency":100,"scaling":64.0,"random_loc_seed":3,"n_frequency_pattern":{"down_proj":500},"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     hra_gs) echo '{"peft_type":"HRA","task_type":"CAUSAL_LM","r":4,"apply_GS":true,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     hira) echo '{"peft_type":"HIRA","task_type":"CAUSAL_LM","r":4,"target_modules":["q_proj","v_proj"]}' ;;
     hira_patterns) echo '{"peft_type":"HIRA","task_type":"CAUSAL_LM","r":4,"hira_dropout":0.1,"init_weights":"gaussian","target_modules":["q_proj","v_proj","down_proj","embed_tokens"]}' ;;
@@ -62,7 +64,7 @@ config() { # name -> adapter_config.json-style spec
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all vblora vblora_topk glora glora_vector"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all vblora vblora_topk glora glora_vector fourierft fourierft_pattern"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"

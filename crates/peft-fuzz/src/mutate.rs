@@ -148,6 +148,7 @@ const TOKENS: &[&str] = &[
     "\"BEFT\"",
     "\"VBLORA\"",
     "\"GLORA\"",
+    "\"FOURIERFT\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

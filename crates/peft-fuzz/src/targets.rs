@@ -262,6 +262,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "beft/cases/beft_llama",
         "vblora/cases/vblora_llama",
         "glora/cases/glora_llama",
+        "fourierft/cases/fourierft_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

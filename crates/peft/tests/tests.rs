@@ -6,6 +6,7 @@ mod boft;
 mod c3a;
 mod common;
 mod delora;
+mod fourierft;
 mod glora;
 mod gralora;
 mod half_linear;

@@ -457,6 +457,7 @@ mod tests {
             crate::tuners::configs::VbLoraConfig::default().into(),
             crate::tuners::configs::GloraConfig::default().into(),
             VeraConfig::default().into(),
+            crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {
                 prompt: PromptLearningBase {
                     num_virtual_tokens: Some(4),
@@ -595,7 +596,7 @@ mod tests {
 
     #[test]
     fn unknown_peft_type_is_an_error() {
-        for name in ["FOURIERFT", "lora", "Lora", ""] {
+        for name in ["FOURIER_FT", "lora", "Lora", ""] {
             let text = format!(r#"{{"peft_type": "{name}", "r": 8}}"#);
             match PeftConfig::from_json_str(&text) {
                 Err(PeftError::UnknownPeftType(n)) => assert_eq!(n, name),

@@ -171,6 +171,8 @@ peft_methods! {
     Oft("OFT") => oft::OftConfig,
     /// `"VERA"`: VeRA.
     Vera("VERA") => vera::VeraConfig,
+    /// `"FOURIERFT"`: FourierFT, a sparse learned spectrum whose 2-D inverse DFT is the update.
+    Fourierft("FOURIERFT") => fourierft::FourierftConfig,
     /// `"HRA"`: Householder reflection adaptation.
     Hra("HRA") => hra::HraConfig,
     /// `"ROAD"`: RoAd, rotations with scales of pairs of output features.
