@@ -149,6 +149,7 @@ const TOKENS: &[&str] = &[
     "\"VBLORA\"",
     "\"GLORA\"",
     "\"FOURIERFT\"",
+    "\"PEANUT\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

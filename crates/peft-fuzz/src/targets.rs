@@ -263,6 +263,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "vblora/cases/vblora_llama",
         "glora/cases/glora_llama",
         "fourierft/cases/fourierft_llama",
+        "peanut/cases/peanut_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -20,6 +20,7 @@ mod lora_parity;
 mod merge_files;
 mod miss;
 mod oft;
+mod peanut;
 mod peft_model;
 mod quant;
 mod quant_gptq;

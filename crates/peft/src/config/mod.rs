@@ -456,6 +456,7 @@ mod tests {
             crate::tuners::configs::BeftConfig::default().into(),
             crate::tuners::configs::VbLoraConfig::default().into(),
             crate::tuners::configs::GloraConfig::default().into(),
+            crate::tuners::configs::PeanutConfig::default().into(),
             VeraConfig::default().into(),
             crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {

@@ -193,4 +193,6 @@ peft_methods! {
     VbLora("VBLORA") => vblora::VbLoraConfig,
     /// `"GLORA"`: GLoRA, generalised LoRA (weight and bias each scaled and shifted).
     Glora("GLORA") => glora::GloraConfig,
+    /// `"PEANUT"`: PEANuT, an update computed from the frozen weight by a small network.
+    Peanut("PEANUT") => peanut::PeanutConfig,
 }
