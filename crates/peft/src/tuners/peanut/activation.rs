@@ -124,7 +124,8 @@ mod tests {
         let x = Tensor::new(&[-2.0f32, -0.5, 0.0, 0.7, 7.0], &Device::Cpu).unwrap();
         let xs: Vec<f64> = x.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
-        let cases: [(&str, fn(f64) -> f64); 7] = [
+        type Reference = fn(f64) -> f64;
+        let cases: [(&str, Reference); 7] = [
             ("relu6", |v| v.clamp(0.0, 6.0)),
             ("leaky_relu", |v| if v > 0.0 { v } else { 0.01 * v }),
             ("silu", |v| v / (1.0 + (-v).exp())),
