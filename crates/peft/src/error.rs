@@ -37,7 +37,7 @@ pub enum PeftError {
         message: String,
     },
     /// `peft_type` names a method this library does not know.
-    #[error("unknown peft_type {0:?}")]
+    #[error("unknown peft_type {0:?}{hint}", hint = crate::config::peft_type_hint(.0))]
     UnknownPeftType(String),
     /// A config flag is set to a value whose behaviour this library does not implement.
     #[error("`{field}` = {value} is not supported by peft-rs ({reason})")]

@@ -51,6 +51,66 @@ impl fmt::Display for PeftType {
     }
 }
 
+/// Every `PeftType` of PEFT 0.21.2 (`utils/peft_types.py`) and the tuners it ships outside that enum (PEANuT,
+/// DEFT, SuperTuning, Shadow).
+pub const PEFT_0_21_2_TYPES: &[&str] = &[
+    "PROMPT_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "P_TUNING",
+    "PREFIX_TUNING",
+    "LORA",
+    "ADALORA",
+    "ADAMSS",
+    "BOFT",
+    "ADAPTION_PROMPT",
+    "IA3",
+    "BEFT",
+    "LILY",
+    "LOHA",
+    "LOKR",
+    "OFT",
+    "POLY",
+    "LN_TUNING",
+    "VERA",
+    "FROD",
+    "PVERA",
+    "FOURIERFT",
+    "GLORA",
+    "XLORA",
+    "HRA",
+    "VBLORA",
+    "UNILORA",
+    "CPT",
+    "MISS",
+    "RANDLORA",
+    "ROAD",
+    "TRAINABLE_TOKENS",
+    "HIRA",
+    "SHIRA",
+    "C3A",
+    "WAVEFT",
+    "OSF",
+    "DELORA",
+    "GRALORA",
+    "CARTRIDGE",
+    "TINYLORA",
+    "PSOFT",
+    "PEANUT",
+    "DEFT",
+    "SUPERTUNING",
+    "SHADOW",
+];
+
+/// The tail of [`PeftError::UnknownPeftType`]'s message: says so when the name is a PEFT 0.21.2 method that
+/// peft-rs does not implement yet.
+pub fn peft_type_hint(name: &str) -> &'static str {
+    if PEFT_0_21_2_TYPES.contains(&name) && name.parse::<PeftType>().is_err() {
+        " (a method of PEFT 0.21.2 that peft-rs does not implement yet; see the README's list)"
+    } else {
+        ""
+    }
+}
+
 impl FromStr for PeftType {
     type Err = PeftError;
 
@@ -593,6 +653,19 @@ mod tests {
         let cfg = PeftConfig::from_json_str(text).expect("parses");
         cfg.validate().expect("falsy unknown keys are accepted");
         assert_eq!(cfg.unknown_keys().len(), 6);
+    }
+
+    #[test]
+    fn peft_methods_not_implemented_yet_say_so() {
+        let e = PeftConfig::from_json_str(r#"{"peft_type": "XLORA"}"#).unwrap_err();
+        assert!(matches!(&e, PeftError::UnknownPeftType(n) if n == "XLORA"));
+        assert!(e.to_string().contains("does not implement yet"), "{e}");
+        let e = PeftConfig::from_json_str(r#"{"peft_type": "NOT_A_METHOD"}"#).unwrap_err();
+        assert_eq!(e.to_string(), "unknown peft_type \"NOT_A_METHOD\"");
+        // every implemented method is one of PEFT's
+        for t in PeftType::ALL {
+            assert!(PEFT_0_21_2_TYPES.contains(&t.as_str()), "{t}");
+        }
     }
 
     #[test]
