@@ -150,6 +150,7 @@ const TOKENS: &[&str] = &[
     "\"GLORA\"",
     "\"FOURIERFT\"",
     "\"PEANUT\"",
+    "\"SUPERTUNING\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

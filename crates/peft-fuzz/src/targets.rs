@@ -264,6 +264,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "glora/cases/glora_llama",
         "fourierft/cases/fourierft_llama",
         "peanut/cases/peanut_llama",
+        "supertuning/cases/supertuning_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

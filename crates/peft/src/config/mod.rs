@@ -517,6 +517,7 @@ mod tests {
             crate::tuners::configs::VbLoraConfig::default().into(),
             crate::tuners::configs::GloraConfig::default().into(),
             crate::tuners::configs::PeanutConfig::default().into(),
+            crate::tuners::configs::SupertuningConfig::default().into(),
             VeraConfig::default().into(),
             crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {

@@ -195,4 +195,6 @@ peft_methods! {
     Glora("GLORA") => glora::GloraConfig,
     /// `"PEANUT"`: PEANuT, an update computed from the frozen weight by a small network.
     Peanut("PEANUT") => peanut::PeanutConfig,
+    /// `"SUPERTUNING"`: SuperTuning, the weight entries of largest magnitude trained (optionally with a LoRA).
+    Supertuning("SUPERTUNING") => supertuning::SupertuningConfig,
 }
