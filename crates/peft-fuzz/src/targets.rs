@@ -247,7 +247,8 @@ fn tiny_llama() -> (LlamaConfig, IndexMap<String, Tensor>) {
 fn adapter_seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     // adapters of tiny Llamas of the same shape (hidden 32, 2 layers, vocab 64): LoRA, and one of each of the
-    // newer layer methods
+    // newer layer methods (not GLoRA's: its fixture's base has biases, so its `glora_C` … `glora_E` do not fit
+    // the bias-free base this target loads them into)
     for case in [
         "lora/cases/llama_qv",
         "lora/cases/llama_all_linear",
@@ -261,7 +262,6 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "hira/cases/hira_llama",
         "beft/cases/beft_llama",
         "vblora/cases/vblora_llama",
-        "glora/cases/glora_llama",
         "fourierft/cases/fourierft_llama",
         "peanut/cases/peanut_llama",
         "supertuning/cases/supertuning_llama",
