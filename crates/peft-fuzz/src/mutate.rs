@@ -151,6 +151,7 @@ const TOKENS: &[&str] = &[
     "\"FOURIERFT\"",
     "\"PEANUT\"",
     "\"SUPERTUNING\"",
+    "\"SHIRA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

@@ -265,6 +265,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "fourierft/cases/fourierft_llama",
         "peanut/cases/peanut_llama",
         "supertuning/cases/supertuning_llama",
+        "shira/cases/shira_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

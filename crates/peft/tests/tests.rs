@@ -25,6 +25,7 @@ mod peft_model;
 mod quant;
 mod quant_gptq;
 mod road;
+mod shira;
 mod supertuning;
 mod train;
 mod varbuilder;

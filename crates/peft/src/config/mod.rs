@@ -518,6 +518,7 @@ mod tests {
             crate::tuners::configs::GloraConfig::default().into(),
             crate::tuners::configs::PeanutConfig::default().into(),
             crate::tuners::configs::SupertuningConfig::default().into(),
+            crate::tuners::configs::ShiraConfig::default().into(),
             VeraConfig::default().into(),
             crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {

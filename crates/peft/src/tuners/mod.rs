@@ -197,4 +197,6 @@ peft_methods! {
     Peanut("PEANUT") => peanut::PeanutConfig,
     /// `"SUPERTUNING"`: SuperTuning, the weight entries of largest magnitude trained (optionally with a LoRA).
     Supertuning("SUPERTUNING") => supertuning::SupertuningConfig,
+    /// `"SHIRA"`: SHiRA, sparse high-rank adapters (weight entries at random positions trained).
+    Shira("SHIRA") => shira::ShiraConfig,
 }
