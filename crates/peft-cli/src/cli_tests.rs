@@ -544,6 +544,100 @@ fn adapter_config_file_trains_ia3_with_llama_defaults() {
     assert!(with.is_finite());
 }
 
+/// `--optimizer lorafa` keeps every `lora_A` at its initialisation (bit for bit that of an `--lr 0` run) and
+/// trains the `B`s; `--loraplus-lr-ratio 1` is plain AdamW bit for bit, and ratio 4 moves the `B`s (zero at
+/// the start) of a one-step run 4 times as far as plain AdamW does; misuse is named.
+#[test]
+fn lorafa_and_loraplus_optimizers_train_as_peft_s() {
+    let f = fixture();
+    let file = |d: &Path| tensor_bits(&d.join("adapter").join("adapter_model.safetensors"));
+    let frozen = f.path("lr0");
+    peft(&args![
+        "train",
+        "--model",
+        f.model,
+        "--data",
+        f.data,
+        "--output",
+        frozen,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--lr",
+        "0",
+        "--quiet",
+        "--steps",
+        "1"
+    ])
+    .unwrap();
+    let fa = f.path("lorafa");
+    train(&f, &fa, 4, &args!["--optimizer", "lorafa"]).unwrap();
+    let (init, trained) = (file(&frozen), file(&fa));
+    assert_eq!(init.len(), trained.len());
+    for (i, t) in init.iter().zip(&trained) {
+        assert_eq!(i.0, t.0);
+        if t.0.contains("lora_A") {
+            assert!(i.2 == t.2, "{} moved under LoRA-FA", t.0);
+        } else {
+            assert!(
+                t.2.iter().any(|&b| f32::from_bits(b) != 0.0),
+                "{} not trained",
+                t.0
+            );
+        }
+    }
+
+    let plain = f.path("plain");
+    train(&f, &plain, 1, &[]).unwrap();
+    let ratio1 = f.path("ratio1");
+    train(&f, &ratio1, 1, &args!["--loraplus-lr-ratio", "1"]).unwrap();
+    assert!(
+        file(&plain) == file(&ratio1),
+        "LoRA+ with ratio 1 is not plain AdamW"
+    );
+    let ratio4 = f.path("ratio4");
+    train(&f, &ratio4, 1, &args!["--loraplus-lr-ratio", "4"]).unwrap();
+    let (p, q) = (file(&plain), file(&ratio4));
+    for (i, (a, b)) in init.iter().zip(p.iter().zip(&q)) {
+        if a.0.contains("lora_A") {
+            // B starts at zero, so A's first gradient is zero: it has not moved yet.
+            assert!(a.2 == i.2, "{}: A moved in the first step", a.0);
+            assert!(a.2 == b.2, "{}: A moved differently under LoRA+", a.0);
+        } else {
+            for (x, y) in a.2.iter().zip(&b.2) {
+                let (x, y) = (f32::from_bits(*x) as f64, f32::from_bits(*y) as f64);
+                assert!(
+                    (y - 4.0 * x).abs() <= 1e-6 * x.abs().max(1e-6),
+                    "{}: {y} vs 4·{x}",
+                    a.0
+                );
+            }
+        }
+    }
+
+    let e = err_text(train(
+        &f,
+        &f.path("both"),
+        1,
+        &args!["--optimizer", "lorafa", "--loraplus-lr-ratio", "4"],
+    ));
+    assert!(e.contains("does not combine with lorafa"), "{e}");
+    let cfg = f.path("ia3_fa.json");
+    std::fs::write(
+        &cfg,
+        json!({"peft_type": "IA3", "task_type": "CAUSAL_LM"}).to_string(),
+    )
+    .unwrap();
+    let e = err_text(train(
+        &f,
+        &f.path("ia3_fa"),
+        1,
+        &args!["--optimizer", "lorafa", "--adapter-config", cfg],
+    ));
+    assert!(e.contains("trains one LoRA adapter"), "{e}");
+}
+
 /// `peft train --adapter-config` with AdaLoRA: the rank allocator prunes to the budget, the saved config holds
 /// the masks and the file the kept rows (PEFT's format), and the adapter reloads; without `total_step` a clear
 /// error.

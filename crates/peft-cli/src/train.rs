@@ -58,9 +58,17 @@ pub struct TrainArgs {
     /// Which biases train: none, all, or lora_only (the targeted layers').
     #[arg(long, default_value = "none")]
     pub bias: String,
-    /// Optimizer: adamw or sgd.
+    /// Optimizer: adamw, sgd, or lorafa (LoRA-FA, PEFT's create_lorafa_optimizer: LoRA's A frozen, B's
+    /// gradient projected; LoRA adapters only).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
+    /// LoRA+ (PEFT's create_loraplus_optimizer): train LoRA's B matrices and 1-D parameters at this many times
+    /// --lr (with adamw or sgd; --weight-decay is then loraplus_weight_decay, biases not decayed).
+    #[arg(long, value_parser = non_negative_f64)]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// LoRA+'s learning rate of Embedding LoRA weights (loraplus_lr_embedding).
+    #[arg(long, default_value_t = 1e-6, value_parser = non_negative_f64)]
+    pub loraplus_lr_embedding: f64,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3, value_parser = non_negative_f64)]
     pub lr: f64,
@@ -200,6 +208,8 @@ fn train_options(args: &TrainArgs) -> anyhow::Result<TrainOptions> {
         optimizer: args.optimizer.parse()?,
         lr: args.lr,
         weight_decay: args.weight_decay,
+        loraplus_lr_ratio: args.loraplus_lr_ratio,
+        loraplus_lr_embedding: args.loraplus_lr_embedding,
         momentum: args.momentum,
         schedule: args.schedule.clone(),
         warmup_steps: args.warmup_steps,

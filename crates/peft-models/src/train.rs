@@ -60,8 +60,10 @@ use crate::llama::LlamaForCausalLM;
 use crate::load::require_tokenizer;
 use crate::tokenizer::Tokenizer;
 use candle_core::{Device, Var};
+use peft::train::lorafa::{LoraFa, LoraFaConfig, split_lora_params};
+use peft::train::loraplus::{LoraPlusConfig, loraplus_groups};
 use peft::train::metrics::{MetricRecord, MetricsLog, Progress};
-use peft::train::optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
+use peft::train::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup, Sgd, SgdConfig};
 use peft::train::schedule::Schedule;
 use peft::train::trainer::{Trainer, TrainerSettings};
 use peft::{PeftConfig, PeftModel};
@@ -78,18 +80,22 @@ pub enum OptimizerKind {
     AdamW,
     /// [`Sgd`] (PyTorch's, with momentum).
     Sgd,
+    /// [`LoraFa`] (PEFT's `create_lorafa_optimizer`): LoRA's `A` frozen, `B`'s gradient projected, a Hugging
+    /// Face AdamW step. LoRA adapters only (no DoRA, `lora_bias` or Embedding targets).
+    LoraFa,
 }
 
 impl FromStr for OptimizerKind {
     type Err = ModelError;
 
-    /// `adamw` or `sgd`.
+    /// `adamw`, `sgd` or `lorafa`.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "adamw" => Ok(OptimizerKind::AdamW),
             "sgd" => Ok(OptimizerKind::Sgd),
+            "lorafa" => Ok(OptimizerKind::LoraFa),
             other => Err(ModelError::Invalid(format!(
-                "unknown optimizer {other:?} (adamw or sgd)"
+                "unknown optimizer {other:?} (adamw, sgd or lorafa)"
             ))),
         }
     }
@@ -120,8 +126,13 @@ pub struct TrainOptions {
     pub optimizer: OptimizerKind,
     /// Peak learning rate.
     pub lr: f64,
-    /// Weight decay (decoupled for AdamW).
+    /// Weight decay (decoupled for AdamW and LoRA-FA; with LoRA+, PEFT's `loraplus_weight_decay`).
     pub weight_decay: f64,
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): train LoRA's `B` (and 1-D parameters) at this many times
+    /// the learning rate, see [`peft::train::loraplus`]. With `adamw` or `sgd`.
+    pub loraplus_lr_ratio: Option<f64>,
+    /// LoRA+'s learning rate of Embedding LoRA weights (PEFT's `loraplus_lr_embedding`, default 1e-6).
+    pub loraplus_lr_embedding: f64,
     /// SGD momentum.
     pub momentum: f64,
     /// Learning-rate schedule: `constant`, `constant_with_warmup`, `linear` or `cosine`.
@@ -171,6 +182,8 @@ impl TrainOptions {
             optimizer: OptimizerKind::AdamW,
             lr: 1e-3,
             weight_decay: 0.0,
+            loraplus_lr_ratio: None,
+            loraplus_lr_embedding: 1e-6,
             momentum: 0.0,
             schedule: "cosine".into(),
             warmup_steps: 0,
@@ -320,22 +333,60 @@ pub struct TrainSummary {
 }
 
 /// The trainer of a run: the optimizer and schedule chosen by `options` over `params`.
+///
+/// `lora_scaling` gives a LoRA layer's scaling by module name, for LoRA-FA (which trains `params` without
+/// the `lora_A`s); the other optimizers do not call it.
 pub fn build_trainer(
     options: &TrainOptions,
     params: Vec<(String, Var)>,
+    lora_scaling: &dyn Fn(&str) -> Option<f64>,
     max_steps: u64,
 ) -> Result<Trainer> {
+    if options.loraplus_lr_ratio.is_some() && options.optimizer == OptimizerKind::LoraFa {
+        return Err(ModelError::Invalid(
+            "LoRA+ (--loraplus-lr-ratio) groups the parameters of adamw or sgd; it does not combine with \
+             lorafa"
+                .into(),
+        ));
+    }
+    let groups = |params: Vec<(String, Var)>| -> Result<Vec<ParamGroup>> {
+        Ok(match options.loraplus_lr_ratio {
+            Some(ratio) => loraplus_groups(
+                params,
+                &LoraPlusConfig {
+                    lr_ratio: ratio,
+                    lr_embedding: options.loraplus_lr_embedding,
+                    weight_decay: options.weight_decay,
+                },
+            )?,
+            None => vec![ParamGroup::new(params)],
+        })
+    };
+    let mut params = params;
     let optimizer: Box<dyn Optimizer> = match options.optimizer {
-        OptimizerKind::AdamW => Box::new(AdamW::from_params(
-            params.clone(),
+        OptimizerKind::AdamW => Box::new(AdamW::new(
+            groups(params.clone())?,
             AdamWConfig {
                 lr: options.lr,
                 weight_decay: options.weight_decay,
                 ..Default::default()
             },
         )?),
-        OptimizerKind::Sgd => Box::new(Sgd::from_params(
-            params.clone(),
+        OptimizerKind::LoraFa => {
+            let (kept, projections) = split_lora_params(params, lora_scaling)?;
+            params = kept;
+            Box::new(LoraFa::new(
+                params.clone(),
+                projections,
+                LoraFaConfig {
+                    lr: options.lr,
+                    weight_decay: options.weight_decay,
+                    ..Default::default()
+                },
+            )?)
+        }
+        OptimizerKind::Sgd => Box::new(Sgd::new(
+            groups(params.clone())?,
             SgdConfig {
                 lr: options.lr,
                 momentum: options.momentum,
@@ -449,7 +500,28 @@ pub fn train(
 
     // Trainer, AdaLoRA's regulariser and allocator, metrics log, resumption.
     let params = model.trainable_vars();
-    let mut trainer = build_trainer(options, params.clone(), max_steps)?;
+    let lora = model
+        .active_adapters()
+        .first()
+        .and_then(|n| model.configs().get(n))
+        .and_then(|c| match c {
+            PeftConfig::Lora(l) => Some(l.clone()),
+            _ => None,
+        });
+    if options.optimizer == OptimizerKind::LoraFa
+        && (lora.is_none() || model.active_adapters().len() != 1)
+    {
+        return Err(ModelError::Invalid(
+            "the lorafa optimizer (PEFT's create_lorafa_optimizer) trains one LoRA adapter; the active adapter \
+             is not LoRA"
+                .into(),
+        ));
+    }
+    let scaling = |module: &str| {
+        lora.as_ref()
+            .map(|l| peft::tuners::lora::layer::LoraOptions::from_config(l, module).scaling())
+    };
+    let mut trainer = build_trainer(options, params.clone(), &scaling, max_steps)?;
     let allocator = match &adalora {
         Some(a) => Some(peft::tuners::adalora::attach_adalora(
             &mut trainer,

@@ -16,6 +16,7 @@ mod ia3;
 mod loha;
 mod lokr;
 mod lora_init;
+mod lora_optim;
 mod lora_parity;
 mod merge_files;
 mod miss;

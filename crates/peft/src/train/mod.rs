@@ -2,6 +2,7 @@
 //! and metrics.
 //!
 //! - [`optim`]: [`optim::AdamW`] and [`optim::Sgd`] with PyTorch's exact update rules, over parameter groups.
+//! - [`loraplus`] and [`lorafa`]: PEFT's `peft.optimizers`: LoRA+'s parameter groups and the LoRA-FA optimizer.
 //! - [`schedule`]: transformers' `get_*_schedule_with_warmup` multipliers, stepped like torch's `LambdaLR`.
 //! - [`trainer`]: [`trainer::Trainer`]: gradient accumulation, `clip_grad_norm_`, the optimizer step, extra
 //!   loss terms and post-step hooks, evaluation.
@@ -13,6 +14,8 @@
 //! [`crate::ForwardCtx::train`] derived from `(seed, step)`, data order through [`trainer::Trainer::rng_mut`].
 
 pub mod checkpoint;
+pub mod lorafa;
+pub mod loraplus;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;

@@ -134,15 +134,15 @@ pub trait Optimizer: Send {
 
 /// Groups with the learning rate and multiplier they share (common to every optimizer here).
 #[derive(Clone, Debug)]
-struct Groups {
-    groups: Vec<ParamGroup>,
-    lr: f64,
-    factor: f64,
-    weight_decay: f64,
+pub(super) struct Groups {
+    pub(super) groups: Vec<ParamGroup>,
+    pub(super) lr: f64,
+    pub(super) factor: f64,
+    pub(super) weight_decay: f64,
 }
 
 impl Groups {
-    fn new(groups: Vec<ParamGroup>, lr: f64, weight_decay: f64) -> Result<Self> {
+    pub(super) fn new(groups: Vec<ParamGroup>, lr: f64, weight_decay: f64) -> Result<Self> {
         check_hyper("lr", lr)?;
         check_hyper("weight_decay", weight_decay)?;
         let mut names = HashSet::new();
@@ -177,22 +177,22 @@ impl Groups {
     }
 
     /// The group's initial learning rate times the schedule multiplier (`initial_lr · λ`).
-    fn lr_of(&self, g: &ParamGroup) -> f64 {
+    pub(super) fn lr_of(&self, g: &ParamGroup) -> f64 {
         g.lr.unwrap_or(self.lr) * g.lr_scale * self.factor
     }
 
-    fn weight_decay_of(&self, g: &ParamGroup) -> f64 {
+    pub(super) fn weight_decay_of(&self, g: &ParamGroup) -> f64 {
         g.weight_decay.unwrap_or(self.weight_decay)
     }
 
-    fn params(&self) -> Vec<(String, Var)> {
+    pub(super) fn params(&self) -> Vec<(String, Var)> {
         self.groups
             .iter()
             .flat_map(|g| g.params.iter().cloned())
             .collect()
     }
 
-    fn find(&self, name: &str) -> Option<&Var> {
+    pub(super) fn find(&self, name: &str) -> Option<&Var> {
         self.groups
             .iter()
             .flat_map(|g| g.params.iter())
@@ -200,7 +200,7 @@ impl Groups {
             .map(|(_, v)| v)
     }
 
-    fn meta(&self) -> serde_json::Value {
+    pub(super) fn meta(&self) -> serde_json::Value {
         let groups: Vec<_> = self
             .groups
             .iter()
@@ -215,7 +215,7 @@ impl Groups {
         json!({"lr": self.lr, "lr_factor": self.factor, "groups": groups})
     }
 
-    fn load_meta(&mut self, meta: &serde_json::Value) -> Result<()> {
+    pub(super) fn load_meta(&mut self, meta: &serde_json::Value) -> Result<()> {
         let num = |k: &str| {
             meta[k].as_f64().ok_or_else(|| PeftError::Json {
                 context: "optimizer state".into(),
@@ -228,7 +228,7 @@ impl Groups {
     }
 }
 
-fn check_hyper(name: &str, v: f64) -> Result<()> {
+pub(super) fn check_hyper(name: &str, v: f64) -> Result<()> {
     if !v.is_finite() || v < 0.0 {
         return Err(PeftError::Invalid(format!(
             "invalid optimizer setting {name} = {v}: must be finite and >= 0"
@@ -238,7 +238,7 @@ fn check_hyper(name: &str, v: f64) -> Result<()> {
 }
 
 /// The gradient of `var` in `grads` as f32, checked against the parameter's shape.
-fn grad_f32(name: &str, var: &Var, grads: &GradStore) -> Result<Option<Tensor>> {
+pub(super) fn grad_f32(name: &str, var: &Var, grads: &GradStore) -> Result<Option<Tensor>> {
     let Some(g) = grads.get(var) else {
         return Ok(None);
     };
@@ -253,12 +253,17 @@ fn grad_f32(name: &str, var: &Var, grads: &GradStore) -> Result<Option<Tensor>> 
 }
 
 /// Writes an f32 result back into a parameter of any dtype.
-fn write_back(var: &Var, p: &Tensor) -> Result<()> {
+pub(super) fn write_back(var: &Var, p: &Tensor) -> Result<()> {
     var.set(&p.to_dtype(var.dtype())?)?;
     Ok(())
 }
 
-fn state_tensor(state: &OptimizerState, key: &str, name: &str, var: &Var) -> Result<Tensor> {
+pub(super) fn state_tensor(
+    state: &OptimizerState,
+    key: &str,
+    name: &str,
+    var: &Var,
+) -> Result<Tensor> {
     let t = state
         .tensors
         .get(key)
@@ -273,7 +278,7 @@ fn state_tensor(state: &OptimizerState, key: &str, name: &str, var: &Var) -> Res
     Ok(t.to_dtype(DType::F32)?.to_device(var.device())?)
 }
 
-fn check_kind(state: &OptimizerState, kind: &str) -> Result<()> {
+pub(super) fn check_kind(state: &OptimizerState, kind: &str) -> Result<()> {
     if state.kind != kind {
         return Err(PeftError::Invalid(format!(
             "optimizer state is for `{}`, this optimizer is `{kind}`",
