@@ -23,6 +23,7 @@ mod miss;
 mod oft;
 mod peanut;
 mod peft_model;
+mod pvera;
 mod quant;
 mod quant_gptq;
 mod road;

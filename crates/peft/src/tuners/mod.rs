@@ -199,4 +199,6 @@ peft_methods! {
     Supertuning("SUPERTUNING") => supertuning::SupertuningConfig,
     /// `"SHIRA"`: SHiRA, sparse high-rank adapters (weight entries at random positions trained).
     Shira("SHIRA") => shira::ShiraConfig,
+    /// `"PVERA"`: PVeRA, probabilistic VeRA (a Gaussian latent between VeRA's shared projections).
+    Pvera("PVERA") => pvera::PveraConfig,
 }
