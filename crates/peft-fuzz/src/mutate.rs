@@ -152,6 +152,7 @@ const TOKENS: &[&str] = &[
     "\"PEANUT\"",
     "\"SUPERTUNING\"",
     "\"SHIRA\"",
+    "\"PVERA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",
