@@ -24,6 +24,7 @@ mod peanut;
 mod peft_model;
 mod quant;
 mod quant_gptq;
+mod randlora;
 mod road;
 mod shira;
 mod supertuning;

@@ -519,6 +519,7 @@ mod tests {
             crate::tuners::configs::PeanutConfig::default().into(),
             crate::tuners::configs::SupertuningConfig::default().into(),
             crate::tuners::configs::ShiraConfig::default().into(),
+            crate::tuners::configs::RandLoraConfig::default().into(),
             VeraConfig::default().into(),
             crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {

@@ -199,4 +199,6 @@ peft_methods! {
     Supertuning("SUPERTUNING") => supertuning::SupertuningConfig,
     /// `"SHIRA"`: SHiRA, sparse high-rank adapters (weight entries at random positions trained).
     Shira("SHIRA") => shira::ShiraConfig,
+    /// `"RANDLORA"`: RandLoRA, full-rank updates from shared random bases scaled by trained per-layer factors.
+    RandLora("RANDLORA") => randlora::RandLoraConfig,
 }
