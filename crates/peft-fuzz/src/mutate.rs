@@ -152,6 +152,7 @@ const TOKENS: &[&str] = &[
     "\"PEANUT\"",
     "\"SUPERTUNING\"",
     "\"SHIRA\"",
+    "\"RANDLORA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

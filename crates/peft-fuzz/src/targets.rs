@@ -266,6 +266,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "peanut/cases/peanut_llama",
         "supertuning/cases/supertuning_llama",
         "shira/cases/shira_llama",
+        "randlora/cases/randlora_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (
