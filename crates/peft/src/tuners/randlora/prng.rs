@@ -152,7 +152,7 @@ mod tests {
         assert_eq!((a.len(), b.len()), (4 * 16, 24 * 4 * 4));
         let (a, b) = randlora_bases(1, 3, 24, 16, Some(3.0));
         assert_eq!((a.len(), b.len()), (3 * 16, 24 * 6 * 3));
-        assert!(b.iter().any(|&x| x == 0.0) && b.iter().any(|&x| x > 0.0));
+        assert!(b.contains(&0.0) && b.iter().any(|&x| x > 0.0));
         let mean = b.iter().map(|&x| f64::from(x)).sum::<f64>() / b.len() as f64;
         assert!((std_f64(&b, mean) - 1.0).abs() < 1e-5);
     }
