@@ -153,6 +153,7 @@ const TOKENS: &[&str] = &[
     "\"SUPERTUNING\"",
     "\"SHIRA\"",
     "\"PVERA\"",
+    "\"RANDLORA\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

@@ -267,6 +267,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "supertuning/cases/supertuning_llama",
         "shira/cases/shira_llama",
         "pvera/cases/pvera_llama",
+        "randlora/cases/randlora_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -1526,7 +1526,7 @@ fn gradient_checkpointing_gives_the_plain_gradients_bit_for_bit() {
 }
 
 /// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A, HiRA, BEFT, VB-LoRA,
-/// GLoRA, FourierFT, PEANuT, SuperTuning, SHiRA, PVeRA) on the tiny Llama (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2
+/// GLoRA, FourierFT, PEANuT, SuperTuning, SHiRA, PVeRA, RandLoRA) on the tiny Llama (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2
 /// with every adapter parameter perturbed): `PeftModel::from_pretrained` gives PEFT's logits active, disabled,
 /// merged and after `merge_and_unload`, and unmerging gives the adapted logits back.
 #[test]
@@ -1549,6 +1549,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "supertuning/cases/supertuning_llama",
         "shira/cases/shira_llama",
         "pvera/cases/pvera_llama",
+        "randlora/cases/randlora_llama",
     ] {
         let dir = root.join(case);
         let base = || {

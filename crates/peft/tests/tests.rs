@@ -26,6 +26,7 @@ mod peft_model;
 mod pvera;
 mod quant;
 mod quant_gptq;
+mod randlora;
 mod road;
 mod shira;
 mod supertuning;

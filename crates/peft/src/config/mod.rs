@@ -520,6 +520,7 @@ mod tests {
             crate::tuners::configs::SupertuningConfig::default().into(),
             crate::tuners::configs::ShiraConfig::default().into(),
             crate::tuners::configs::PveraConfig::default().into(),
+            crate::tuners::configs::RandLoraConfig::default().into(),
             VeraConfig::default().into(),
             crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {

@@ -201,4 +201,6 @@ peft_methods! {
     Shira("SHIRA") => shira::ShiraConfig,
     /// `"PVERA"`: PVeRA, probabilistic VeRA (a Gaussian latent between VeRA's shared projections).
     Pvera("PVERA") => pvera::PveraConfig,
+    /// `"RANDLORA"`: RandLoRA, full-rank updates from shared random bases scaled by trained per-layer factors.
+    RandLora("RANDLORA") => randlora::RandLoraConfig,
 }
