@@ -1526,7 +1526,7 @@ fn gradient_checkpointing_gives_the_plain_gradients_bit_for_bit() {
 }
 
 /// The methods added after the extension point (HRA, RoAd, DeLoRA, MiSS, GraLoRA, C3A, HiRA, BEFT, VB-LoRA,
-/// GLoRA, FourierFT, PEANuT, SuperTuning, SHiRA, PVeRA, RandLoRA) on the tiny Llama (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2
+/// GLoRA, FourierFT, PEANuT, SuperTuning, SHiRA, PVeRA, RandLoRA, trainable tokens (untied and tied)) on the tiny Llama (`fixtures/<method>/cases/<method>_llama`, written by PEFT 0.21.2
 /// with every adapter parameter perturbed): `PeftModel::from_pretrained` gives PEFT's logits active, disabled,
 /// merged and after `merge_and_unload`, and unmerging gives the adapted logits back.
 #[test]
@@ -1550,6 +1550,8 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "shira/cases/shira_llama",
         "pvera/cases/pvera_llama",
         "randlora/cases/randlora_llama",
+        "trainable_tokens/cases/tt_llama",
+        "trainable_tokens/cases/tt_llama_tied",
     ] {
         let dir = root.join(case);
         let base = || {

@@ -73,7 +73,8 @@ impl MergeAdapter {
             )));
         }
         let prefixes = registry::param_prefixes(&config)?;
-        let split = split_keys(tensors, prefixes)?;
+        let mut split = split_keys(tensors, prefixes)?;
+        crate::tuners::tuners_utils::drop_tied_copies(&config, &mut split.modules)?;
         crate::tuners::tuners_utils::check_file_modules_targeted(
             &config,
             split.modules.keys().map(String::as_str),

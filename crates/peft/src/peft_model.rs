@@ -449,6 +449,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 });
             }
         }
+        self.add_tied_copies(&config, &mut built)?;
         for (module, adapter) in built {
             let slot = self.slot_mut(&module)?;
             slot.add_adapter(name, adapter)?;
@@ -557,13 +558,56 @@ impl<M: AdapterHost> PeftModel<M> {
         Ok(())
     }
 
+    /// For a method that follows tied weights ([`PeftMethod::follows_tied_weights`]): the partner of each tied
+    /// pair whose other slot has a new adapter gets that adapter's [`Adapter::tied_copy`] (replacing what was
+    /// built for it).
+    fn add_tied_copies(
+        &self,
+        config: &PeftConfig,
+        built: &mut Vec<(String, Box<dyn crate::layer::Adapter>)>,
+    ) -> Result<()> {
+        if !config.method().follows_tied_weights() {
+            return Ok(());
+        }
+        let slots = self.model.slots();
+        for (a, b) in self.tied_pairs()? {
+            for (from, to) in [(&a, &b), (&b, &a)] {
+                let Some(i) = built.iter().position(|(m, _)| m == from) else {
+                    continue;
+                };
+                let Some(slot) = slots.iter().find(|s| s.name() == to.as_str()) else {
+                    continue;
+                };
+                if let Some(copy) = built[i].1.tied_copy(slot.base())? {
+                    built.retain(|(m, _)| m != to);
+                    built.push((to.clone(), copy));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The adapters an adapter file builds for this model's slots (by module name), the model tensors it
     /// replaces, and its shared tensors, without changing the model.
     fn build_from_file(&self, file: &AdapterFile, device: &Device) -> Result<Built> {
         let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
+        // A tied partner's tensors (PEFT saves the shared rows under both names) are the targeted layer's.
+        let partners: HashSet<String> = if file.config.method().follows_tied_weights() {
+            self.tied_pairs()?
+                .into_iter()
+                .filter(|(a, _)| split.modules.contains_key(a))
+                .map(|(_, b)| b)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         crate::tuners::tuners_utils::check_file_modules_targeted(
             &file.config,
-            split.modules.keys().map(String::as_str),
+            split
+                .modules
+                .keys()
+                .map(String::as_str)
+                .filter(|m| !partners.contains(*m)),
         )?;
         let shared = {
             let slots = self.model.slots();
@@ -610,6 +654,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 }
             }
         }
+        self.add_tied_copies(&file.config, &mut built)?;
         let mut replaced = Vec::new();
         for (k, t) in &split.overrides {
             let owner_is_mts = built.iter().any(|(m, a)| {

@@ -31,6 +31,7 @@ mod road;
 mod shira;
 mod supertuning;
 mod train;
+mod trainable_tokens;
 mod varbuilder;
 mod vblora;
 mod vera;

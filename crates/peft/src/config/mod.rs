@@ -521,6 +521,11 @@ mod tests {
             crate::tuners::configs::ShiraConfig::default().into(),
             crate::tuners::configs::PveraConfig::default().into(),
             crate::tuners::configs::RandLoraConfig::default().into(),
+            crate::tuners::configs::TrainableTokensConfig {
+                token_indices: vec![0],
+                ..Default::default()
+            }
+            .into(),
             VeraConfig::default().into(),
             crate::tuners::configs::FourierftConfig::default().into(),
             PromptTuningConfig {

@@ -243,6 +243,13 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
         apply_delta(self, &input, -1.0)
     }
 
+    /// The adapter to put on a layer whose weight is tied to this one's (`lm_head` with tied embeddings), sharing
+    /// this adapter's parameters, or `None` (the default: the tied layer is left alone, as PEFT does for every
+    /// method but trainable tokens).
+    fn tied_copy(&self, _base: &BaseLayer) -> Result<Option<Box<dyn Adapter>>> {
+        Ok(None)
+    }
+
     /// For additive methods, the `(ΔW, Δb)` that [`Adapter::merge`] adds, in the base weight's layout; `None`
     /// for methods that are not additive (DoRA, IA3, OFT, …). Weighted merges need it.
     fn delta_weight(&self, _kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {

@@ -149,6 +149,13 @@ pub trait PeftMethod: MethodType + std::fmt::Debug + Send + Sync {
         crate::tuners::constants::lookup(crate::tuners::constants::LORA_TARGET_MODULES, model_type)
     }
 
+    /// Whether a layer whose weight is tied to a targeted one (`lm_head` with tied embeddings) gets the
+    /// targeted adapter's [`Adapter::tied_copy`] (PEFT's trainable tokens); `false` by default. A file's
+    /// tensors for that layer are then the shared ones and are not read again.
+    fn follows_tied_weights(&self) -> bool {
+        false
+    }
+
     /// PEFT's `_prepare_adapter_config`, run before injection: a null `target_modules` takes
     /// [`default_target_modules`](Self::default_target_modules) for the model type. IA3 fills its
     /// feedforward modules too.

@@ -203,4 +203,6 @@ peft_methods! {
     Pvera("PVERA") => pvera::PveraConfig,
     /// `"RANDLORA"`: RandLoRA, full-rank updates from shared random bases scaled by trained per-layer factors.
     RandLora("RANDLORA") => randlora::RandLoraConfig,
+    /// `"TRAINABLE_TOKENS"`: trainable tokens, chosen rows of the embedding trained.
+    TrainableTokens("TRAINABLE_TOKENS") => trainable_tokens::TrainableTokensConfig,
 }

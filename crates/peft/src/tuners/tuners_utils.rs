@@ -339,6 +339,61 @@ pub fn check_file_modules_targeted<'a>(
     )))
 }
 
+/// For a method whose adapter follows tied weights ([`crate::tuners::PeftMethod::follows_tied_weights`],
+/// trainable tokens): drops from a file's modules each one the config does not target whose tensors are,
+/// bit for bit, those of a targeted module — the copy PEFT saves for the layer tied to the targeted one (its
+/// `lm_head` shares the embedding's parameter). Anything else stays, for the usual checks to name.
+pub fn drop_tied_copies(
+    config: &crate::PeftConfig,
+    modules: &mut indexmap::IndexMap<String, indexmap::IndexMap<String, candle_core::Tensor>>,
+) -> Result<()> {
+    if !config.method().follows_tied_weights() {
+        return Ok(());
+    }
+    let Some(spec) = config.target_spec() else {
+        return Ok(());
+    };
+    let targeted = |m: &str| matches!(match_target_module(&spec, m), Ok(TargetMatch::Matched));
+    let same = |a: &indexmap::IndexMap<String, candle_core::Tensor>,
+                b: &indexmap::IndexMap<String, candle_core::Tensor>|
+     -> Result<bool> {
+        if a.len() != b.len() {
+            return Ok(false);
+        }
+        for (k, t) in a {
+            let Some(u) = b.get(k) else { return Ok(false) };
+            if t.dims() != u.dims() || t.dtype() != u.dtype() {
+                return Ok(false);
+            }
+            let d = (t.to_dtype(candle_core::DType::F32)?
+                - u.to_dtype(candle_core::DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+            if d != 0.0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let mut copies = Vec::new();
+    for (m, ts) in modules.iter() {
+        if targeted(m) {
+            continue;
+        }
+        for (t, us) in modules.iter() {
+            if targeted(t) && same(ts, us)? {
+                copies.push(m.clone());
+                break;
+            }
+        }
+    }
+    for m in copies {
+        modules.shift_remove(&m);
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // get_pattern_key
 // ---------------------------------------------------------------------------------------------------------------

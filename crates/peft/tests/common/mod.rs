@@ -513,8 +513,11 @@ macro_rules! layer_method_parity_tests {
                 let touched = $crate::common::parity::assert_merge_model_matches(&dir, |k| {
                     targets.iter().any(|m| k.starts_with(m))
                 });
+                // Every case merges into two tensors or more, but those of a method on one embedding (whose
+                // tied head shares the one matrix).
+                let min = if $method == "trainable_tokens" { 1 } else { 2 };
                 assert!(
-                    touched >= 2,
+                    touched >= min,
                     "{}: {touched} targeted tensors",
                     dir.display()
                 );
