@@ -154,6 +154,7 @@ const TOKENS: &[&str] = &[
     "\"SHIRA\"",
     "\"PVERA\"",
     "\"RANDLORA\"",
+    "\"TRAINABLE_TOKENS\"",
     "\"bat\"",
     "\"mini\"",
     "\"road_4\"",

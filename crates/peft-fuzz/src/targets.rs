@@ -268,6 +268,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "shira/cases/shira_llama",
         "pvera/cases/pvera_llama",
         "randlora/cases/randlora_llama",
+        "trainable_tokens/cases/tt_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -1588,3 +1588,68 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         assert_close_rows(case, &m, &io["model_output_merged"], None, 1e-4);
     }
 }
+
+/// Trainable tokens on a tied tiny Llama, created here: the default target is the input embedding (saved as
+/// PEFT's `"model.embed_tokens"`), `lm_head` gets the copy tied to it (one trained tensor, one `Var`), a new
+/// adapter is the identity, and a change of the rows moves the embedding's lookups and the head's logits of
+/// those tokens both; the file holds the rows under both names, as PEFT's does, and loads back to the same
+/// logits.
+#[test]
+fn trainable_tokens_follow_the_tied_head_when_created() {
+    use peft::peft_model::PeftModel;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/trainable_tokens/cases/tt_llama_tied");
+    let base = || {
+        let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
+        let tensors = load_st(dir.join("base_hf/model.safetensors"));
+        LlamaForCausalLM::from_tensors(config, tensors, &Device::Cpu).unwrap()
+    };
+    let io = load_st(dir.join("io.safetensors"));
+    let ids = u32s(&io["model_input"]);
+    let ctx = ForwardCtx::eval();
+    let plain = base().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    let config = peft::PeftConfig::from_json_str(
+        r#"{"peft_type": "TRAINABLE_TOKENS", "task_type": "CAUSAL_LM", "token_indices": [2, 7, 30]}"#,
+    )
+    .unwrap();
+    let pm = PeftModel::get_peft_model(base(), config, "default", 0).unwrap();
+    let saved = pm.configs()["default"].to_json_value();
+    assert_eq!(saved["target_modules"], "model.embed_tokens");
+    let vars = pm.trainable_vars();
+    assert_eq!(
+        vars.len(),
+        1,
+        "{:?}",
+        vars.iter().map(|v| &v.0).collect::<Vec<_>>()
+    );
+    assert_eq!(vars[0].0, "model.embed_tokens.trainable_tokens_delta");
+    let same = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    // The identity, up to the rounding of the head's separate product for the chosen tokens.
+    assert!(
+        max_diff(&same, &plain) < 1e-5,
+        "a new adapter is the identity"
+    );
+    // New rows: both the lookups (ids 7 are in the input) and the head's logits for tokens 2, 7, 30 move.
+    let v = &vars[0].1;
+    v.set(&Tensor::randn(0f32, 1.0, v.shape(), &Device::Cpu).unwrap())
+        .unwrap();
+    let moved = pm.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    let cols = |t: &Tensor, c: &[u32]| {
+        let idx = Tensor::new(c, &Device::Cpu).unwrap();
+        t.index_select(&idx, 2).unwrap()
+    };
+    assert!(max_diff(&cols(&moved, &[2, 30]), &cols(&plain, &[2, 30])) > 1e-3);
+    let out = tempfile::tempdir().unwrap();
+    pm.save_pretrained(out.path()).unwrap();
+    let file = load_st(out.path().join("adapter_model.safetensors"));
+    let (e, h) = (
+        &file["base_model.model.model.embed_tokens.trainable_tokens_delta"],
+        &file["base_model.model.lm_head.trainable_tokens_delta"],
+    );
+    assert_eq!(max_diff(e, h), 0.0);
+    assert_eq!(max_diff(e, v.as_tensor()), 0.0);
+    let back = PeftModel::from_pretrained(base(), out.path(), "default", &Device::Cpu).unwrap();
+    assert_eq!(back.trainable_vars().len(), 1);
+    let again = back.model().forward(ForwardInput::ids(&ids), &ctx).unwrap();
+    assert_eq!(max_diff(&again, &moved), 0.0);
+}

@@ -204,8 +204,8 @@ impl Adapter for TrainableTokensAdapter {
                 let xin = x.to_dtype(DType::F32)?;
                 let xin = xin.reshape(((), *xin.dims().last().unwrap_or(&0)))?;
                 let new = xin.matmul(&rows.t()?)?; // [N, m]
-                let old = flat.matmul(&s.t()?)?; // [N, m], the current logits of those tokens
-                (flat + (new - old)?.matmul(&s)?)?
+                let keep = s.sum_keepdim(0)?.affine(-1.0, 1.0)?; // [1, rows]: 0 at the chosen tokens
+                (flat.broadcast_mul(&keep)? + new.matmul(&s)?)?
             }
         };
         Ok(y.reshape(out_shape)?)
