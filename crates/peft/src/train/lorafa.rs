@@ -390,6 +390,9 @@ impl Optimizer for LoraFa {
     }
 }
 
+/// What [`split_lora_params`] returns: the parameters to train, and the projection of each `lora_B` by name.
+pub type LoraFaSplit = (Vec<(String, Var)>, IndexMap<String, LoraFaProjection>);
+
 /// Splits a LoRA adapter's trainable parameters (as [`crate::PeftModel::trainable_vars`] names them) for
 /// LoRA-FA: every `….lora_A.weight` is frozen and becomes the projection of its `….lora_B.weight`, with the
 /// scaling `scaling_of(module)` gives; the rest stays trained. Returns the parameters to train and the
@@ -402,7 +405,7 @@ impl Optimizer for LoraFa {
 pub fn split_lora_params(
     params: Vec<(String, Var)>,
     scaling_of: impl Fn(&str) -> Option<f64>,
-) -> Result<(Vec<(String, Var)>, IndexMap<String, LoraFaProjection>)> {
+) -> Result<LoraFaSplit> {
     const A: &str = ".lora_A.weight";
     const B: &str = ".lora_B.weight";
     let refuse = |name: &str, what: &str| {
