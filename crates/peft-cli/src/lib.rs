@@ -17,6 +17,7 @@
 
 pub mod combine;
 pub mod convert;
+pub mod convert_adapter;
 pub mod eval;
 pub mod export;
 pub mod generate;
@@ -60,6 +61,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write a GGUF model as an HF directory (f32 safetensors, config, tokenizer).
     Convert(convert::ConvertArgs),
+    /// Convert an adapter of another method to a plain LoRA adapter (PEFT's save_as_lora).
+    ConvertAdapter(convert_adapter::ConvertAdapterArgs),
     /// Write a LoRA adapter as a llama.cpp LoRA GGUF file (as convert_lora_to_gguf.py does).
     Export(export::ExportArgs),
     /// Combine LoRA adapters into a new adapter (PEFT's add_weighted_adapter) and write it.
@@ -89,6 +92,7 @@ pub fn run_with(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(&args, out).map(|_| ()),
         Command::Generate(args) => generate::run(&args, out),
         Command::Convert(args) => convert::run(&args, out),
+        Command::ConvertAdapter(args) => convert_adapter::run(&args, out).map(|_| ()),
         Command::Export(args) => export::run(&args, out),
         Command::Combine(args) => combine::run(&args, out).map(|_| ()),
         Command::Merge(args) => merge::run(&args, out).map(|_| ()),

@@ -328,30 +328,87 @@ pub fn svd_factors(m: &[f32], rows: usize, cols: usize, r: usize) -> Result<(Vec
             m.len()
         )));
     }
-    let mat = faer::Mat::<f64>::from_fn(rows, cols, |i, j| f64::from(m[i * cols + j]));
-    let svd = mat
-        .thin_svd()
-        .map_err(|e| PeftError::Invalid(format!("the SVD did not converge: {e:?}")))?;
-    let (u, s, v) = (svd.U(), svd.S(), svd.V());
-    let s = s.column_vector();
-    let mut b = vec![0f32; rows * r];
-    let mut a = vec![0f32; r * cols];
-    for k in 0..r {
-        let mut best = 0usize;
-        for j in 0..cols {
-            if v[(j, k)].abs() > v[(best, k)].abs() {
-                best = j;
+    ThinSvd::new(m, rows, cols)?.factors(r)
+}
+
+/// The thin SVD `M = U·diag(S)·Vᵀ` of a row-major `[rows, cols]` matrix, computed by faer in f64, singular
+/// values in descending order. [`svd_factors`] and PEFT's conversion to LoRA take factors from it.
+///
+/// ```
+/// # fn main() -> peft::Result<()> {
+/// let svd = peft::merge_utils::ThinSvd::new(&[0.0f32, 2.0, 3.0, 0.0], 2, 2)?;
+/// assert!((svd.singular_values()[0] - 3.0).abs() < 1e-12);
+/// let (b, a) = svd.factors(2)?; // B·A reconstructs M
+/// assert!((b[0] * a[1] + b[1] * a[3] - 2.0).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub struct ThinSvd {
+    rows: usize,
+    cols: usize,
+    u: faer::Mat<f64>,
+    s: Vec<f64>,
+    v: faer::Mat<f64>,
+}
+
+impl ThinSvd {
+    /// The SVD of `m` (`[rows, cols]`, row-major).
+    pub fn new(m: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        if m.len() != rows * cols {
+            return Err(PeftError::Invalid(format!(
+                "SVD: {} values for a [{rows}, {cols}] matrix",
+                m.len()
+            )));
+        }
+        let mat = faer::Mat::<f64>::from_fn(rows, cols, |i, j| f64::from(m[i * cols + j]));
+        let svd = mat
+            .thin_svd()
+            .map_err(|e| PeftError::Invalid(format!("the SVD did not converge: {e:?}")))?;
+        let s = svd.S().column_vector();
+        let s: Vec<f64> = (0..s.nrows()).map(|i| s[i]).collect();
+        Ok(Self {
+            rows,
+            cols,
+            u: svd.U().to_owned(),
+            s,
+            v: svd.V().to_owned(),
+        })
+    }
+
+    /// The singular values, largest first (`min(rows, cols)` of them).
+    pub fn singular_values(&self) -> &[f64] {
+        &self.s
+    }
+
+    /// PEFT's rank-`r` factors `B′ = U[:, :r]·diag(S[:r])` (`[rows, r]`) and `A′ = Vᵀ[:r]` (`[r, cols]`),
+    /// row-major, each singular pair signed canonically: the largest-magnitude entry of each row of `A′` is
+    /// positive.
+    pub fn factors(&self, r: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (rows, cols) = (self.rows, self.cols);
+        if r > self.s.len() {
+            return Err(PeftError::Invalid(format!(
+                "SVD factors of rank {r} from a [{rows}, {cols}] matrix"
+            )));
+        }
+        let (u, v, s) = (&self.u, &self.v, &self.s);
+        let mut b = vec![0f32; rows * r];
+        let mut a = vec![0f32; r * cols];
+        for k in 0..r {
+            let mut best = 0usize;
+            for j in 0..cols {
+                if v[(j, k)].abs() > v[(best, k)].abs() {
+                    best = j;
+                }
+            }
+            let sign = if v[(best, k)] < 0.0 { -1.0 } else { 1.0 };
+            for i in 0..rows {
+                b[i * r + k] = (sign * u[(i, k)]) as f32 * s[k] as f32;
+            }
+            for j in 0..cols {
+                a[k * cols + j] = (sign * v[(j, k)]) as f32;
             }
         }
-        let sign = if v[(best, k)] < 0.0 { -1.0 } else { 1.0 };
-        for i in 0..rows {
-            b[i * r + k] = (sign * u[(i, k)]) as f32 * s[k] as f32;
-        }
-        for j in 0..cols {
-            a[k * cols + j] = (sign * v[(j, k)]) as f32;
-        }
+        Ok((b, a))
     }
-    Ok((b, a))
 }
 
 /// Flips singular pairs of `(b, a)` (`[rows, r]`, `[r, cols]`, as [`svd_factors`] gives them) to the signs of

@@ -5,6 +5,7 @@ mod beft;
 mod boft;
 mod c3a;
 mod common;
+mod conversion;
 mod delora;
 mod fourierft;
 mod glora;

@@ -156,6 +156,22 @@ pub struct MergeInput<'a> {
     pub unmerged_bias: Option<&'a Tensor>,
 }
 
+/// What a layer gives PEFT's conversion to LoRA ([`Adapter::lora_conversion`]).
+#[derive(Clone, Debug)]
+pub enum LoraConversion {
+    /// The additive update `ΔW` in the base weight's layout (`[out, in]`, GPT-2's Conv1D `[in, out]`), whose
+    /// truncated SVD becomes the LoRA factors.
+    Delta(Tensor),
+    /// Exact factors `A` `[r, in]` and `B` `[out, r]` with `B·A = ΔW` (PEFT's MiSS outside "bat"), used as
+    /// they are at their own rank.
+    Factors {
+        /// `lora_A` `[r, in]`.
+        a: Tensor,
+        /// `lora_B` `[out, r]`.
+        b: Tensor,
+    },
+}
+
 /// A named tensor an adapter saves, with its key relative to the module and without the adapter name
 /// (`lora_A.weight`, `lora_magnitude_vector`, `ia3_l`).
 pub type NamedTensor = (String, Tensor);
@@ -253,6 +269,14 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// For additive methods, the `(ΔW, Δb)` that [`Adapter::merge`] adds, in the base weight's layout; `None`
     /// for methods that are not additive (DoRA, IA3, OFT, …). Weighted merges need it.
     fn delta_weight(&self, _kind: &BaseKind) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        Ok(None)
+    }
+
+    /// What PEFT's conversion to LoRA (`tuners/lora/conversion.py`) factorizes for this layer, or `None` where
+    /// PEFT's layer class says `supports_lora_conversion() == False` (the default: multiplicative methods such
+    /// as IA3, OFT, HiRA, DoRA, and sparse ones such as SHiRA). `base` is the layer the adapter sits on.
+    /// See [`crate::tuners::lora::conversion`].
+    fn lora_conversion(&self, _base: &BaseLayer) -> Result<Option<LoraConversion>> {
         Ok(None)
     }
 

@@ -159,6 +159,14 @@ impl DeloraAdapter {
 }
 
 impl Adapter for DeloraAdapter {
+    /// PEFT's `supports_lora_conversion`: Linear layers, by their additive delta.
+    fn lora_conversion(
+        &self,
+        base: &crate::layer::BaseLayer,
+    ) -> Result<Option<crate::layer::LoraConversion>> {
+        crate::tuners::lora::conversion::additive_conversion(self, base, false)
+    }
+
     fn peft_type(&self) -> &'static str {
         "DELORA"
     }

@@ -232,6 +232,14 @@ impl FourierftAdapter {
 }
 
 impl Adapter for FourierftAdapter {
+    /// PEFT's `supports_lora_conversion`: Linear layers, by their additive delta.
+    fn lora_conversion(
+        &self,
+        base: &crate::layer::BaseLayer,
+    ) -> Result<Option<crate::layer::LoraConversion>> {
+        crate::tuners::lora::conversion::additive_conversion(self, base, false)
+    }
+
     fn peft_type(&self) -> &'static str {
         "FOURIERFT"
     }

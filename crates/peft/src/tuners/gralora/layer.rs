@@ -191,6 +191,14 @@ impl GraloraAdapter {
 }
 
 impl Adapter for GraloraAdapter {
+    /// PEFT's `supports_lora_conversion`: Linear and GPT-2 Conv1D layers, by their additive delta.
+    fn lora_conversion(
+        &self,
+        base: &crate::layer::BaseLayer,
+    ) -> Result<Option<crate::layer::LoraConversion>> {
+        crate::tuners::lora::conversion::additive_conversion(self, base, true)
+    }
+
     fn peft_type(&self) -> &'static str {
         "GRALORA"
     }

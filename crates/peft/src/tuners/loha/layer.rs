@@ -319,6 +319,14 @@ impl LoHaAdapter {
 }
 
 impl Adapter for LoHaAdapter {
+    /// PEFT's `supports_lora_conversion`: Linear layers, by their additive delta.
+    fn lora_conversion(
+        &self,
+        base: &crate::layer::BaseLayer,
+    ) -> Result<Option<crate::layer::LoraConversion>> {
+        crate::tuners::lora::conversion::additive_conversion(self, base, false)
+    }
+
     fn peft_type(&self) -> &'static str {
         "LOHA"
     }

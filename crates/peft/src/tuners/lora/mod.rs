@@ -4,6 +4,7 @@ pub mod config;
 pub mod dora;
 pub mod layer;
 pub mod model;
+pub mod conversion;
 pub mod weighted;
 
 pub use config::LoraConfig;

@@ -186,6 +186,29 @@ impl MissAdapter {
 }
 
 impl Adapter for MissAdapter {
+    /// PEFT's MiSS conversion: outside "bat" the update is already `B·A` at rank `r` (`A [r, in]` sums every
+    /// `r`-th input, `B` = the block transposed), given exactly; "bat"'s `ΔW(W)` depends on the weight and is
+    /// factorized by SVD.
+    fn lora_conversion(&self, base: &BaseLayer) -> Result<Option<crate::layer::LoraConversion>> {
+        if !matches!(base.kind(), BaseKind::Linear) {
+            return Ok(None);
+        }
+        let (n_in, n_out) = dims(base)?;
+        if self.mode == MissMode::Bat {
+            let w = base.weight()?.to_dtype(DType::F32)?;
+            return Ok(Some(crate::layer::LoraConversion::Delta(self.bat_delta(&w)?)));
+        }
+        let r = self.r();
+        let mut a = vec![0f32; r * n_in];
+        for i in 0..n_in {
+            a[(i % r) * n_in + i] = 1.0;
+        }
+        let dev = self.block.as_tensor().device();
+        let a = Tensor::from_vec(a, (r, n_in), dev)?;
+        let b = self.wide_block(n_out)?.to_dtype(DType::F32)?.t()?.contiguous()?;
+        Ok(Some(crate::layer::LoraConversion::Factors { a, b }))
+    }
+
     fn peft_type(&self) -> &'static str {
         "MISS"
     }

@@ -327,6 +327,14 @@ impl VbLoraAdapter {
 }
 
 impl Adapter for VbLoraAdapter {
+    /// PEFT's `supports_lora_conversion`: Linear and GPT-2 Conv1D layers, by their additive delta.
+    fn lora_conversion(
+        &self,
+        base: &crate::layer::BaseLayer,
+    ) -> Result<Option<crate::layer::LoraConversion>> {
+        crate::tuners::lora::conversion::additive_conversion(self, base, true)
+    }
+
     fn peft_type(&self) -> &'static str {
         "VBLORA"
     }

@@ -1,0 +1,122 @@
+//! `peft convert-adapter`: PEFT's `save_as_lora` from the command line. Loads the base model and an adapter
+//! of another method (LoHa, LoKr, VeRA, VB-LoRA, FourierFT, RandLoRA, C3A, MiSS, GraLoRA, DeLoRA) and writes
+//! it as a plain LoRA adapter directory that PEFT's `PeftModel.from_pretrained`, LoRA-only servers, `peft
+//! serve` and `peft merge` load ([`peft::tuners::lora::conversion`]).
+//!
+//! ```text
+//! peft convert-adapter --base model/ --adapter ad/loha --to lora --rank 16 --output ad/loha-as-lora
+//! peft convert-adapter --base model/ --adapter ad/loha --to lora --rank 0.95 --output ad/loha-as-lora
+//! ```
+//!
+//! An integer `--rank` gives every layer that rank; a number with a point is an energy threshold (each layer
+//! gets the smallest rank whose singular values hold that fraction of its update's `Σ S²`). The directory is
+//! written under a temporary name next to `--output` and renamed; an existing `--output`, or one that aliases
+//! an input, is refused.
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use clap::Args;
+use peft::PeftModel;
+use peft::tuners::lora::conversion::ConversionRank;
+use peft_models::{LoadOptions, load_model_with};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Arguments of `peft convert-adapter`.
+#[derive(Debug, Clone, Args)]
+pub struct ConvertAdapterArgs {
+    /// The base model: an HF directory or a GGUF file.
+    #[arg(long, short = 'b', value_name = "MODEL")]
+    pub base: PathBuf,
+    /// The adapter directory to convert.
+    #[arg(long, short = 'a', value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// The method to convert to (only `lora`).
+    #[arg(long, default_value = "lora")]
+    pub to: String,
+    /// An integer rank (every layer), or an energy threshold in (0, 1] such as 0.9 (a rank per layer).
+    #[arg(long, value_parser = parse_rank)]
+    pub rank: ConversionRank,
+    /// The adapter directory to write (must not exist).
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: PathBuf,
+}
+
+fn parse_rank(s: &str) -> Result<ConversionRank, String> {
+    s.parse().map_err(|e: peft::PeftError| e.to_string())
+}
+
+/// What `peft convert-adapter` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvertAdapterReport {
+    /// The converted modules with their ranks.
+    pub ranks: Vec<(String, usize)>,
+}
+
+/// The name the adapter is loaded under.
+const SOURCE: &str = "default";
+
+/// Runs `peft convert-adapter`.
+pub fn run(args: &ConvertAdapterArgs, out: &mut dyn Write) -> anyhow::Result<ConvertAdapterReport> {
+    if !args.to.eq_ignore_ascii_case("lora") {
+        bail!(
+            "--to {}: only `lora` is a conversion target (PEFT 0.21.2's tuners/lora/conversion.py)",
+            args.to
+        );
+    }
+    crate::merge::report_stale_temps();
+    peft::io::ensure_no_alias(
+        &[
+            ("the base model", args.base.as_path()),
+            ("the adapter", args.adapter.as_path()),
+        ],
+        &[&args.output],
+    )?;
+    peft::io::remove_stale_temps_beside(&args.output)?;
+    if args.output.exists() {
+        bail!(
+            "{} already exists: give a new directory",
+            args.output.display()
+        );
+    }
+    let device = Device::Cpu;
+    let loaded = load_model_with(&args.base, &device, &LoadOptions::default())
+        .with_context(|| format!("cannot load the base {}", args.base.display()))?;
+    let mut pm = PeftModel::new(loaded.model, 0);
+    pm.load_adapter(&args.adapter, SOURCE, &device)
+        .with_context(|| format!("cannot load the adapter {}", args.adapter.display()))?;
+    let method = pm.configs()[SOURCE].peft_type().as_str();
+    let lora = pm
+        .convert_to_lora(SOURCE, args.rank)
+        .with_context(|| format!("cannot convert the {method} adapter to LoRA"))?;
+    for w in &lora.warnings {
+        eprintln!("warning: {w}");
+    }
+    lora.save(&args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let ranks: Vec<(String, usize)> = lora
+        .tensors
+        .iter()
+        .filter_map(|(k, _)| k.strip_suffix(".lora_A.weight"))
+        .map(|k| {
+            let m = k.strip_prefix("base_model.model.").unwrap_or(k);
+            (m.to_string(), lora.rank_of(m))
+        })
+        .collect();
+    let (lo, hi) = ranks
+        .iter()
+        .fold((usize::MAX, 0), |(lo, hi), (_, r)| (lo.min(*r), hi.max(*r)));
+    let span = if lo == hi {
+        format!("r={lo}")
+    } else {
+        format!("r={lo}..{hi}")
+    };
+    writeln!(
+        out,
+        "converted the {method} adapter {} to LoRA: {} modules, {span}, written to {}",
+        args.adapter.display(),
+        ranks.len(),
+        args.output.display()
+    )?;
+    Ok(ConvertAdapterReport { ranks })
+}
