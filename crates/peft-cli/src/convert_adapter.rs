@@ -120,3 +120,94 @@ pub fn run(args: &ConvertAdapterArgs, out: &mut dyn Write) -> anyhow::Result<Con
     )?;
     Ok(ConvertAdapterReport { ranks })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Cli, run_with};
+    use candle_core::{Device, Tensor};
+    use clap::Parser;
+    use std::path::{Path, PathBuf};
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    }
+
+    fn convert(source: &str, rank: &str, out: &Path) -> anyhow::Result<String> {
+        let src = fixtures().join(source);
+        let argv = [
+            "peft",
+            "convert-adapter",
+            "--base",
+            &src.join("base_hf").display().to_string(),
+            "--adapter",
+            &src.join("adapter").display().to_string(),
+            "--to",
+            "lora",
+            "--rank",
+            rank,
+            "--output",
+            &out.display().to_string(),
+        ];
+        let mut buf = Vec::new();
+        run_with(Cli::try_parse_from(argv)?, &mut buf)?;
+        Ok(String::from_utf8(buf)?)
+    }
+
+    fn products(dir: &Path) -> Vec<(String, Tensor)> {
+        let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+        let mut v: Vec<(String, Tensor)> = t
+            .iter()
+            .filter_map(|(k, a)| {
+                let m = k.strip_suffix(".lora_A.weight")?;
+                let b = &t[&format!("{m}.lora_B.weight")];
+                Some((m.to_string(), b.matmul(a).unwrap()))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn convert_adapter_writes_peft_s_lora_of_a_loha_adapter() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("loha_as_lora");
+        let report = convert("loha/cases/loha_llama", "0.9", &out).unwrap();
+        assert!(report.contains("converted the LOHA adapter"), "{report}");
+        assert!(report.contains("4 modules, r=6..7"), "{report}");
+        let want = products(&fixtures().join("lora/conversion/loha_energy/adapter"));
+        let got = products(&out);
+        assert_eq!(got.len(), want.len());
+        for ((gm, g), (wm, w)) in got.iter().zip(&want) {
+            assert_eq!(gm, wm);
+            peft_test_support::assert_close(gm, g, w, 1e-5, 1e-4);
+        }
+        // An existing output is refused, and so is any target but LoRA.
+        let e = convert("loha/cases/loha_llama", "4", &out).unwrap_err();
+        assert!(format!("{e:#}").contains("already exists"), "{e:#}");
+        let e = Cli::try_parse_from(["peft", "convert-adapter", "--base", "b", "--adapter", "a"])
+            .unwrap_err();
+        assert!(e.to_string().contains("--rank"), "{e}");
+    }
+
+    #[test]
+    fn convert_adapter_refuses_what_peft_refuses_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("hira_as_lora");
+        let e = convert("hira/cases/hira_llama", "4", &out).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("cannot convert the HIRA adapter to LoRA"),
+            "{msg}"
+        );
+        assert!(msg.contains("HIRA on Linear `model.layers.0."), "{msg}");
+        let e = convert("loha/cases/loha_llama", "0", &out).unwrap_err();
+        assert!(format!("{e:#}").contains("rank of 0"), "{e:#}");
+        assert!(!out.exists());
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "a temporary was left"
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! The crate's one integration-test binary (one link on two cores instead of one per file).
 
+mod conversion;
 mod gguf_lora;
 mod gguf_merge;
 mod half_base;
