@@ -265,7 +265,7 @@ impl<M: crate::host::AdapterHost> PeftModel<M> {
     /// (see [`crate::tuners::lora::conversion`]). The model is not changed.
     ///
     /// ```no_run
-    /// # fn demo(pm: &peft::PeftModel<peft_models::LlamaForCausalLM>) -> peft::Result<()> {
+    /// # fn demo<M: peft::host::AdapterHost>(pm: &peft::PeftModel<M>) -> peft::Result<()> {
     /// use peft::tuners::lora::conversion::ConversionRank;
     /// let lora = pm.convert_to_lora("default", ConversionRank::Fixed(16))?;
     /// lora.save("adapters/as-lora")?;
