@@ -130,7 +130,7 @@ impl TrainableTokensAdapter {
         }
         let idx: Vec<u32> = token_indices.iter().map(|&i| i as u32).collect();
         let idx = Tensor::from_vec(idx, token_indices.len(), base.device())?;
-        Ok(base.weight()?.to_dtype(DType::F32)?.index_select(&idx, 0)?)
+        Ok(base.weight()?.to_dtype(DType::F32)?.contiguous()?.index_select(&idx, 0)?)
     }
 
     /// A new adapter for LoRA's `trainable_token_indices` on an Embedding, or on a Linear without bias (PEFT's
