@@ -77,7 +77,11 @@ impl MergeAdapter {
         crate::tuners::tuners_utils::drop_tied_copies(&config, &mut split.modules)?;
         crate::tuners::tuners_utils::check_file_modules_targeted(
             &config,
-            split.modules.keys().map(String::as_str),
+            split
+                .modules
+                .iter()
+                .filter(|(_, p)| !crate::peft_model::is_lora_token_module(&config, p))
+                .map(|(m, _)| m.as_str()),
         )?;
         if let Some(w) = weight.filter(|_| !registry::is_additive(&config)) {
             return Err(PeftError::Invalid(format!(

@@ -14,6 +14,7 @@ use crate::io::{
 use crate::layer::Adapter;
 use crate::layer::modules_to_save::ModulesToSave;
 use crate::layer::registry;
+use crate::tuners::trainable_tokens::TrainableTokensAdapter;
 use crate::tuners::tuners_utils::{ModuleKind, resolve_targets};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{Device, Tensor, Var};
@@ -187,6 +188,13 @@ fn check_hotswap_configs(old: &PeftConfig, new: &PeftConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a module's file tensors are LoRA's trainable tokens (`token_adapter.…`, checked against
+/// `trainable_token_indices` when the adapter is built), not LoRA layers the config must target.
+pub(crate) fn is_lora_token_module(config: &PeftConfig, params: &IndexMap<String, Tensor>) -> bool {
+    matches!(config, PeftConfig::Lora(_))
+        && crate::tuners::lora::model::is_token_adapter_module(params)
 }
 
 /// PEFT's `_set_trainable` match: a module is a `modules_to_save` copy when its name ends with an entry.
@@ -449,6 +457,7 @@ impl<M: AdapterHost> PeftModel<M> {
                 });
             }
         }
+        built.extend(self.lora_trainable_tokens(&config, &targeted, &mts)?);
         self.add_tied_copies(&config, &mut built)?;
         for (module, adapter) in built {
             let slot = self.slot_mut(&module)?;
@@ -561,6 +570,11 @@ impl<M: AdapterHost> PeftModel<M> {
     /// For a method that follows tied weights ([`PeftMethod::follows_tied_weights`]): the partner of each tied
     /// pair whose other slot has a new adapter gets that adapter's [`Adapter::tied_copy`] (replacing what was
     /// built for it).
+    ///
+    /// For LoRA's `trainable_token_indices` (PEFT's tied `TrainableTokensWrapper`): a partner that has trainable
+    /// tokens of its own (different ids, PEFT's `indices_mismatch`) keeps them and is not tied; a partner that is
+    /// a LoRA target (or a `modules_to_save` copy) is refused, since PEFT then wraps the LoRA layer's base
+    /// layer and one slot cannot hold both.
     fn add_tied_copies(
         &self,
         config: &PeftConfig,
@@ -569,6 +583,7 @@ impl<M: AdapterHost> PeftModel<M> {
         if !config.method().follows_tied_weights() {
             return Ok(());
         }
+        let lora = matches!(config, PeftConfig::Lora(_));
         let slots = self.model.slots();
         for (a, b) in self.tied_pairs()? {
             for (from, to) in [(&a, &b), (&b, &a)] {
@@ -579,12 +594,149 @@ impl<M: AdapterHost> PeftModel<M> {
                     continue;
                 };
                 if let Some(copy) = built[i].1.tied_copy(slot.base())? {
+                    if lora && let Some((_, own)) = built.iter().find(|(m, _)| m == to) {
+                        if own.peft_type() == copy.peft_type() {
+                            continue;
+                        }
+                        return Err(PeftError::Unsupported {
+                            field: "trainable_token_indices".into(),
+                            value: from.clone(),
+                            reason: format!(
+                                "`{to}` is tied to `{from}` and is itself adapted ({}); PEFT then wraps its base \
+                                 layer in the tied trainable tokens, which peft-rs does not do",
+                                own.peft_type()
+                            ),
+                        });
+                    }
                     built.retain(|(m, _)| m != to);
                     built.push((to.clone(), copy));
                 }
             }
         }
         Ok(())
+    }
+
+    /// LoRA's `trainable_token_indices` (PEFT's `set_additional_trainable_modules`): a trainable-tokens
+    /// adapter, starting from the original rows, on each named layer. The list form names the input
+    /// embedding; a map key names every module whose dotted name ends with it (`str.endswith`), the first
+    /// key wins. With tied embeddings, map entries for the embedding and its tied layers with equal ids
+    /// build the embedding's only (the tied layer then follows it, [`Self::add_tied_copies`]), as PEFT.
+    ///
+    /// Errors, as PEFT's: a key that matches no module, a layer that is also a LoRA target (PEFT:
+    /// "trainable_token_indices cannot be applied to modules of type lora.…"), a key listed in
+    /// `modules_to_save`. Refused where PEFT fails later or computes something else: a layer that is a
+    /// `modules_to_save` copy, a layer that is not an Embedding or a Linear without bias.
+    fn lora_trainable_tokens(
+        &self,
+        config: &PeftConfig,
+        targeted: &HashSet<&str>,
+        mts: &[String],
+    ) -> Result<Vec<(String, Box<dyn Adapter>)>> {
+        let PeftConfig::Lora(c) = config else {
+            return Ok(Vec::new());
+        };
+        let Some(tti) = &c.features.trainable_token_indices else {
+            return Ok(Vec::new());
+        };
+        let input = self.model.input_embeddings();
+        let layers = tti.target_layers(input.as_deref());
+        for (key, _) in &layers {
+            if mts.iter().any(|m| m == key) {
+                return Err(PeftError::InvalidConfig(format!(
+                    "The embedding layer is already marked to be trained fully, either specify \
+                     `modules_to_save=[..., \"{key}\", ...]` or `trainable_tokens={{'{key}': x}}` but not both."
+                )));
+            }
+        }
+        // PEFT's tied-layer handling: with several entries on a tied model, the entries naming the embedding
+        // or its tied layers, when their ids agree, leave the tied layers to the weight tying.
+        let pairs = self.tied_pairs()?;
+        let tied_names: Vec<&str> = match &input {
+            Some(e) => pairs
+                .iter()
+                .filter_map(|(a, b)| {
+                    (a == e)
+                        .then_some(b.as_str())
+                        .or_else(|| (b == e).then_some(a.as_str()))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut skip: HashSet<&str> = HashSet::new();
+        if layers.len() > 1 && !tied_names.is_empty() {
+            let tied_keys: Vec<&(String, Vec<usize>)> = layers
+                .iter()
+                .filter(|(k, _)| {
+                    input.as_deref().is_some_and(|e| e.ends_with(k.as_str()))
+                        || tied_names
+                            .iter()
+                            .any(|t| t.ends_with(k.as_str()) || t.split('.').any(|p| p == k))
+                })
+                .collect();
+            if tied_keys.len() >= 2 && tied_keys.iter().all(|(_, ids)| *ids == tied_keys[0].1) {
+                skip = tied_keys
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .filter(|k| tied_names.contains(k))
+                    .collect();
+            }
+        }
+        let modules = self.model.module_infos();
+        let slots = self.model.slots();
+        let mut out: Vec<(String, Box<dyn Adapter>)> = Vec::new();
+        for (key, ids) in &layers {
+            if skip.contains(key.as_str()) {
+                continue;
+            }
+            let matches: Vec<&str> = modules
+                .iter()
+                .map(|m| m.name.as_str())
+                .filter(|n| n.ends_with(key.as_str()))
+                .collect();
+            if matches.is_empty() {
+                return Err(PeftError::InvalidConfig(format!(
+                    "trainable_token_indices: Target modules {{'{key}'}} not found in the base model. Please \
+                     check the target modules and try again."
+                )));
+            }
+            for m in matches {
+                if out.iter().any(|(n, _)| n == m) {
+                    continue; // an earlier key wrapped it (PEFT's update of an existing wrapper is a no-op)
+                }
+                if targeted.contains(m) {
+                    return Err(PeftError::InvalidConfig(format!(
+                        "trainable_token_indices cannot be applied to `{m}`: it is a LoRA target (PEFT: \
+                         \"trainable_token_indices cannot be applied to modules of type lora.…\")"
+                    )));
+                }
+                if is_module_to_save(m, mts) {
+                    return Err(PeftError::InvalidConfig(format!(
+                        "trainable_token_indices cannot be applied to `{m}`: it is in `modules_to_save` (PEFT \
+                         wraps the full copy and its forward fails)"
+                    )));
+                }
+                let slot = slots.iter().find(|s| s.name() == m).ok_or_else(|| {
+                    let kind = modules
+                        .iter()
+                        .find(|i| i.name == m)
+                        .map(|i| i.kind.to_string())
+                        .unwrap_or_default();
+                    PeftError::Unsupported {
+                        field: "trainable_token_indices".into(),
+                        value: key.clone(),
+                        reason: format!(
+                            "`{m}` ({kind}) is not an Embedding or Linear layer (PEFT's trainable tokens fail \
+                             on it)"
+                        ),
+                    }
+                })?;
+                let a = TrainableTokensAdapter::for_lora(slot.base(), ids).map_err(|e| {
+                    PeftError::Invalid(format!("trainable_token_indices on `{m}`: {e}"))
+                })?;
+                out.push((m.to_string(), Box::new(a)));
+            }
+        }
+        Ok(out)
     }
 
     /// The adapters an adapter file builds for this model's slots (by module name), the model tensors it
@@ -605,9 +757,9 @@ impl<M: AdapterHost> PeftModel<M> {
             &file.config,
             split
                 .modules
-                .keys()
-                .map(String::as_str)
-                .filter(|m| !partners.contains(*m)),
+                .iter()
+                .filter(|(m, p)| !partners.contains(*m) && !is_lora_token_module(&file.config, p))
+                .map(|(m, _)| m.as_str()),
         )?;
         let shared = {
             let slots = self.model.slots();
@@ -1092,8 +1244,16 @@ impl<M: AdapterHost> PeftModel<M> {
                 }
                 _ => false,
             };
+            // PEFT's `save_embedding_layers="auto"` does not save the embeddings of an adapter that uses
+            // trainable tokens (their point is to be small).
+            let using_trainable_tokens = match config {
+                PeftConfig::Lora(c) => c.features.trainable_token_indices.is_some(),
+                _ => config.peft_type() == crate::config::PeftType::TrainableTokens,
+            };
             let save_base = |m: &str| {
-                embedding_targeted && (Some(m) == input.as_deref() || Some(m) == output.as_deref())
+                embedding_targeted
+                    && !using_trainable_tokens
+                    && (Some(m) == input.as_deref() || Some(m) == output.as_deref())
             };
             let mut sd = adapter_state_dict(self.model.slots(), name, config, &save_base)?;
             if config.method().bias() == LoraBias::All {

@@ -18,7 +18,7 @@ pub mod json;
 pub use crate::tuners::configs::*;
 pub use crate::tuners::lokr::config::LoKrInitWeights;
 pub use crate::tuners::lora::config::{
-    InitLoraWeights, LoraBias, LoraFields, LoraOptionalFeatures,
+    InitLoraWeights, LoraBias, LoraFields, LoraOptionalFeatures, TrainableTokenIndices,
 };
 pub use crate::tuners::lycoris_utils::LycorisFields;
 pub use crate::tuners::p_tuning::config::PromptEncoderReparameterizationType;

@@ -156,6 +156,13 @@ pub trait PeftMethod: MethodType + std::fmt::Debug + Send + Sync {
         false
     }
 
+    /// Whether the file holds the tied layer's copy of the shared tensors too (the TRAINABLE_TOKENS method
+    /// saves the rows under both names; LoRA's `trainable_token_indices` under the embedding's only). Only
+    /// read when [`follows_tied_weights`](Self::follows_tied_weights) is true.
+    fn saves_tied_copies(&self) -> bool {
+        self.follows_tied_weights()
+    }
+
     /// PEFT's `_prepare_adapter_config`, run before injection: a null `target_modules` takes
     /// [`default_target_modules`](Self::default_target_modules) for the model type. IA3 fills its
     /// feedforward modules too.

@@ -347,7 +347,7 @@ pub fn drop_tied_copies(
     config: &crate::PeftConfig,
     modules: &mut indexmap::IndexMap<String, indexmap::IndexMap<String, candle_core::Tensor>>,
 ) -> Result<()> {
-    if !config.method().follows_tied_weights() {
+    if !config.method().follows_tied_weights() || !config.method().saves_tied_copies() {
         return Ok(());
     }
     let Some(spec) = config.target_spec() else {

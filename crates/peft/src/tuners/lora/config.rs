@@ -57,6 +57,87 @@ impl std::str::FromStr for LoraBias {
     }
 }
 
+/// LoRA's `trainable_token_indices`: embedding rows that train alongside the LoRA layers (PEFT wraps each
+/// such layer in a `TrainableTokensWrapper` around a trainable-tokens adapter).
+///
+/// - a list of token ids applies to the model's input embedding (transformers' `get_input_embeddings()`,
+///   `model.embed_tokens` in the Llama family);
+/// - a map `{module: [ids]}` applies to every module whose dotted name ends with `module` (PEFT's plain
+///   `str.endswith`, no dot boundary), e.g. `{"embed_tokens": [0, 1]}`; the first entry (in map order) that
+///   matches a module gives its ids.
+///
+/// With tied embeddings the output head follows the embedding's rows (one trained tensor, saved once under
+/// the embedding's name), as in PEFT.
+///
+/// ```
+/// use peft::config::TrainableTokenIndices;
+/// let t: TrainableTokenIndices = serde_json::from_str(r#"{"embed_tokens": [3, 5]}"#)?;
+/// assert_eq!(t.indices_for("model.embed_tokens"), Some(&[3usize, 5][..]));
+/// assert_eq!(t.indices_for("lm_head"), None);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TrainableTokenIndices {
+    /// `[ids]`: rows of the input embedding.
+    List(Vec<usize>),
+    /// `{module: [ids]}`: rows of each named module.
+    Map(indexmap::IndexMap<String, Vec<usize>>),
+}
+
+impl TrainableTokenIndices {
+    /// The ids of the module `module` when the layers are known by name: for the map form, the first entry
+    /// whose key `module` ends with; for the list form, the list (whatever the module: the caller decides
+    /// which module is the input embedding).
+    pub fn indices_for(&self, module: &str) -> Option<&[usize]> {
+        match self {
+            TrainableTokenIndices::List(l) => Some(l),
+            TrainableTokenIndices::Map(m) => m
+                .iter()
+                .find(|(k, _)| module.ends_with(k.as_str()))
+                .map(|(_, v)| v.as_slice()),
+        }
+    }
+
+    /// The layers and their ids, as PEFT's `set_additional_trainable_modules` reads them: the list form
+    /// names `input_embeddings` (PEFT's fallback is `"embed_tokens"` when the model has none).
+    pub fn target_layers(&self, input_embeddings: Option<&str>) -> Vec<(String, Vec<usize>)> {
+        match self {
+            TrainableTokenIndices::List(l) => {
+                vec![(input_embeddings.unwrap_or("embed_tokens").to_string(), l.clone())]
+            }
+            TrainableTokenIndices::Map(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+
+    /// An empty list of ids trains nothing (PEFT accepts it, then fails in the forward: `index_copy_()`
+    /// gets a float index), and an empty module name would match every module.
+    pub fn validate(&self) -> Result<()> {
+        let empty = |what: &str| {
+            Err(PeftError::InvalidConfig(format!(
+                "`trainable_token_indices`: {what} (PEFT's forward fails on an empty index list)"
+            )))
+        };
+        match self {
+            TrainableTokenIndices::List(l) if l.is_empty() => empty("the list of token ids is empty"),
+            TrainableTokenIndices::Map(m) => {
+                for (k, v) in m {
+                    if k.is_empty() {
+                        return Err(PeftError::InvalidConfig(
+                            "`trainable_token_indices`: a module name is empty".into(),
+                        ));
+                    }
+                    if v.is_empty() {
+                        return empty(&format!("the token ids of `{k}` are empty"));
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (random A and B, for tests), or a named
 /// method (`"gaussian"`, and many that peft-rs refuses, see [`LoraConfig::validate`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +168,9 @@ pub struct LoraOptionalFeatures {
     pub megatron_config: Option<Value>,
     /// `megatron_core` (default `"megatron.core"`): the module name, used only with `megatron_config`.
     pub megatron_core: Option<String>,
-    /// `trainable_token_indices` (default `null`): trainable rows of the embedding matrix.
-    pub trainable_token_indices: Option<Value>,
+    /// `trainable_token_indices` (default `null`): embedding rows trained alongside LoRA (PEFT's
+    /// `TrainableTokensWrapper`). Implemented for LoRA ([`LoraConfig::validate`]); AdaLoRA refuses it.
+    pub trainable_token_indices: Option<TrainableTokenIndices>,
     /// `loftq_config` (default `{}`): LoftQ quantisation settings, used with `init_lora_weights="loftq"`.
     pub loftq_config: Value,
     /// `eva_config` (default `null`): EVA data-driven initialisation.
@@ -151,17 +233,25 @@ impl LoraOptionalFeatures {
     /// even `{}` into a sub-config with its defaults, which enables the feature), a flag that is `true`, a
     /// non-empty `loftq_config` / `megatron_config` / `layer_replication` / `target_parameters` (PEFT tests these
     /// for truthiness). `megatron_core` and `qalora_group_size` only matter with their feature and are accepted.
+    /// This is AdaLoRA's check; LoRA accepts `trainable_token_indices` ([`LoraConfig::validate`]).
     pub fn validate(&self) -> Result<()> {
+        if let Some(t) = &self.trainable_token_indices {
+            return Err(PeftError::Unsupported {
+                field: "trainable_token_indices".into(),
+                value: serde_json::to_string(t).unwrap_or_default(),
+                reason: "trainable tokens are implemented for LoRA only".into(),
+            });
+        }
+        self.validate_except_trainable_tokens()
+    }
+
+    /// [`LoraOptionalFeatures::validate`] without the `trainable_token_indices` refusal (LoRA implements it).
+    pub fn validate_except_trainable_tokens(&self) -> Result<()> {
         let null = &Value::Null;
         refuse_if_truthy(
             "megatron_config",
             self.megatron_config.as_ref().unwrap_or(null),
             "Megatron-LM parallel layers are not supported",
-        )?;
-        refuse_if_some(
-            "trainable_token_indices",
-            self.trainable_token_indices.as_ref(),
-            "trainable tokens are not implemented",
         )?;
         refuse_if_truthy("loftq_config", &self.loftq_config, REWRITES_BASE)?;
         refuse_if_some(
@@ -427,7 +517,10 @@ impl LoraConfig {
             self.lora.lora_dropout,
         )?;
         check_init(&self.lora.init_lora_weights)?;
-        self.features.validate()?;
+        if let Some(t) = &self.features.trainable_token_indices {
+            t.validate()?;
+        }
+        self.features.validate_except_trainable_tokens()?;
         helpers::refuse_unknown_keys(&self.extra, "LoraConfig")
     }
 }
@@ -788,10 +881,6 @@ mod tests {
                 "megatron_config",
             ),
             (
-                r#""trainable_token_indices": [1, 2]"#,
-                "trainable_token_indices",
-            ),
-            (
                 r#""alora_invocation_tokens": [5, 6]"#,
                 "alora_invocation_tokens",
             ),
@@ -824,6 +913,49 @@ mod tests {
         }
     }
 
+    /// LoRA's `trainable_token_indices` reads both of PEFT's forms and writes them back as read; an empty id
+    /// list is refused (PEFT's forward fails on it); AdaLoRA still refuses the field.
+    #[test]
+    fn trainable_token_indices_forms() {
+        let c = PeftConfig::from_json_str(
+            r#"{"peft_type": "LORA", "trainable_token_indices": {"model.embed_tokens": [3, 5], "lm_head": [1]}}"#,
+        )
+        .unwrap();
+        let PeftConfig::Lora(l) = &c else { panic!() };
+        let t = l.features.trainable_token_indices.as_ref().unwrap();
+        assert_eq!(t.indices_for("model.embed_tokens"), Some(&[3usize, 5][..]));
+        assert_eq!(t.indices_for("lm_head"), Some(&[1usize][..]));
+        assert_eq!(t.indices_for("model.norm"), None);
+        assert_eq!(
+            c.to_json_value()["trainable_token_indices"],
+            serde_json::json!({"lm_head": [1], "model.embed_tokens": [3, 5]})
+        );
+        let c = PeftConfig::from_json_str(r#"{"peft_type": "LORA", "trainable_token_indices": [7]}"#).unwrap();
+        let PeftConfig::Lora(l) = &c else { panic!() };
+        let t = l.features.trainable_token_indices.as_ref().unwrap();
+        assert_eq!(
+            t.target_layers(Some("model.embed_tokens")),
+            vec![("model.embed_tokens".to_string(), vec![7])]
+        );
+        for bad in [
+            r#""trainable_token_indices": []"#,
+            r#""trainable_token_indices": {"embed_tokens": []}"#,
+            r#""trainable_token_indices": {"": [1]}"#,
+        ] {
+            match refused(&format!(r#"{{"peft_type": "LORA", {bad}}}"#)) {
+                PeftError::InvalidConfig(m) => assert!(m.contains("trainable_token_indices"), "{m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(
+            PeftConfig::from_json_str(r#"{"peft_type": "LORA", "trainable_token_indices": [-1]}"#).is_err()
+        );
+        let e = refused(
+            r#"{"peft_type": "ADALORA", "total_step": 10, "trainable_token_indices": [1]}"#,
+        );
+        assert!(matches!(e, PeftError::Unsupported { ref field, .. } if field == "trainable_token_indices"), "{e}");
+    }
+
     #[test]
     fn error_message_names_field_and_reason() {
         let e = refused(r#"{"peft_type": "LORA", "init_lora_weights": "pissa"}"#);
@@ -848,6 +980,9 @@ mod tests {
             r#""megatron_core": "something.else", "qalora_group_size": 32"#,
             r#""target_parameters": [], "layer_replication": [], "megatron_config": {}"#,
             r#""enable_lora": null, "merge_weights": false"#,
+            r#""trainable_token_indices": [1, 2]"#,
+            r#""trainable_token_indices": {"embed_tokens": [0], "lm_head": [3, 3]}"#,
+            r#""trainable_token_indices": {}"#,
         ] {
             let text = format!(r#"{{"peft_type": "LORA", {fields}}}"#);
             PeftConfig::from_json_str(&text)

@@ -11,6 +11,12 @@
 //!
 //! Merging replaces the rows in the weight (exactly) and unmerging puts the rows it replaced back. Not
 //! additive: no weighted merges.
+//!
+//! LoRA's `trainable_token_indices` uses the same layer inside PEFT's `TrainableTokensWrapper`
+//! ([`TrainableTokensAdapter::for_lora`]): the tensor is then saved as `token_adapter.trainable_tokens_delta`,
+//! the rows start as the original ones, the wrapped layer may also be a Linear (without bias: PEFT's
+//! `F.linear(x, W)` drops it), and the copy tied to the embedding saves nothing (the embedding's key holds the
+//! rows).
 
 use super::config::TrainableTokensConfig;
 use crate::layer::{Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape};
@@ -25,6 +31,12 @@ pub const DELTA: &str = "trainable_tokens_delta";
 /// The parameter names of the method's tensors in a file.
 pub const PARAM_PREFIXES: &[&str] = &[DELTA];
 
+/// The sub-module PEFT's `TrainableTokensWrapper` (LoRA's `trainable_token_indices`) keeps the adapter in.
+pub const WRAPPER_PREFIX: &str = "token_adapter";
+
+/// The key of LoRA's trainable tokens relative to the module: `token_adapter.trainable_tokens_delta`.
+pub const WRAPPED_DELTA: &str = "token_adapter.trainable_tokens_delta";
+
 /// Trainable tokens inside one Embedding layer, or the copy tied to it inside the output head.
 #[derive(Debug)]
 pub struct TrainableTokensAdapter {
@@ -38,6 +50,9 @@ pub struct TrainableTokensAdapter {
     delta: Var,
     /// Whether this is the copy tied to another layer's adapter (trains and merges nothing of its own).
     tied: bool,
+    /// Whether this sits in LoRA's `TrainableTokensWrapper` (`trainable_token_indices`) rather than being the
+    /// TRAINABLE_TOKENS method's own layer: it changes the saved key and what a tied copy saves.
+    wrapped: bool,
     saved_dtype: DType,
 }
 
@@ -56,21 +71,39 @@ fn geometry(base: &BaseLayer) -> Result<(usize, usize)> {
     }
 }
 
+/// The error of a token id outside the weight.
+fn out_of_range(wrapped: bool, bad: usize, rows: usize) -> PeftError {
+    let what = if wrapped { "trainable_token_indices" } else { "TRAINABLE_TOKENS" };
+    PeftError::Invalid(format!("{what}: token index {bad} is outside the {rows} rows of the embedding"))
+}
+
+/// A Linear with a bias: PEFT's wrapper computes `F.linear(x, W)` and would drop it; refused.
+fn refuse_linear_bias(base: &BaseLayer) -> Result<()> {
+    if *base.kind() == BaseKind::Linear && base.bias().is_some() {
+        return Err(PeftError::Unsupported {
+            field: "trainable_token_indices".into(),
+            value: "a Linear layer with a bias".into(),
+            reason: "PEFT's trainable tokens on a Linear compute `F.linear(x, W)` and drop the bias".into(),
+        });
+    }
+    Ok(())
+}
+
 impl TrainableTokensAdapter {
     fn assemble(
         base: &BaseLayer,
-        config: &TrainableTokensConfig,
+        token_indices: &[usize],
         delta: Tensor,
         saved_dtype: DType,
+        wrapped: bool,
     ) -> Result<Self> {
         let (rows, dim) = geometry(base)?;
-        if let Some(&bad) = config.token_indices.iter().find(|&&i| i >= rows) {
-            return Err(PeftError::Invalid(format!(
-                "TRAINABLE_TOKENS: token index {bad} is outside the {rows} rows of the embedding"
-            )));
+        if let Some(&bad) = token_indices.iter().find(|&&i| i >= rows) {
+            return Err(out_of_range(wrapped, bad, rows));
         }
-        check_shape(DELTA, &delta, &[config.token_indices.len(), dim])?;
-        let indices: Vec<u32> = config.token_indices.iter().map(|&i| i as u32).collect();
+        let key = if wrapped { WRAPPED_DELTA } else { DELTA };
+        check_shape(key, &delta, &[token_indices.len(), dim])?;
+        let indices: Vec<u32> = token_indices.iter().map(|&i| i as u32).collect();
         let mut at: HashMap<u32, usize> = HashMap::new();
         for (k, &t) in indices.iter().enumerate() {
             at.insert(t, k);
@@ -84,8 +117,51 @@ impl TrainableTokensAdapter {
             last,
             delta: Var::from_tensor(&delta.to_dtype(DType::F32)?)?,
             tied: false,
+            wrapped,
             saved_dtype,
         })
+    }
+
+    /// The original rows `token_indices` of the base weight, f32 `[n, dim]`.
+    fn original_rows(base: &BaseLayer, token_indices: &[usize], wrapped: bool) -> Result<Tensor> {
+        let (rows, _) = geometry(base)?;
+        if let Some(&bad) = token_indices.iter().find(|&&i| i >= rows) {
+            return Err(out_of_range(wrapped, bad, rows));
+        }
+        let idx: Vec<u32> = token_indices.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::from_vec(idx, token_indices.len(), base.device())?;
+        Ok(base.weight()?.to_dtype(DType::F32)?.contiguous()?.index_select(&idx, 0)?)
+    }
+
+    /// A new adapter for LoRA's `trainable_token_indices` on an Embedding, or on a Linear without bias (PEFT's
+    /// `TrainableTokensWrapper`, whose layer starts from the original rows: the identity).
+    pub fn for_lora(base: &BaseLayer, token_indices: &[usize]) -> Result<Self> {
+        refuse_linear_bias(base)?;
+        let delta = Self::original_rows(base, token_indices, true)?;
+        Self::assemble(base, token_indices, delta, DType::F32, true)
+    }
+
+    /// LoRA's trainable tokens from a PEFT file: `token_adapter.trainable_tokens_delta` (key relative to the
+    /// module). Every key must be used.
+    pub fn for_lora_from_tensors(
+        base: &BaseLayer,
+        token_indices: &[usize],
+        tensors: &IndexMap<String, Tensor>,
+    ) -> Result<Self> {
+        refuse_linear_bias(base)?;
+        let extra: Vec<String> = tensors.keys().filter(|k| *k != WRAPPED_DELTA).cloned().collect();
+        if !extra.is_empty() {
+            return Err(PeftError::UnexpectedKeys(extra));
+        }
+        let d = tensors
+            .get(WRAPPED_DELTA)
+            .ok_or_else(|| PeftError::MissingKey(WRAPPED_DELTA.into()))?;
+        Self::assemble(base, token_indices, d.clone(), d.dtype(), true)
+    }
+
+    /// The token ids, as configured.
+    pub fn token_indices(&self) -> Vec<usize> {
+        self.indices.iter().map(|&i| i as usize).collect()
     }
 
     /// A new adapter on an Embedding (PEFT's `update_layer`): the original rows with `init_weights`, N(0, 1)
@@ -98,21 +174,14 @@ impl TrainableTokensAdapter {
                 reason: "trainable tokens target an Embedding (the tied output head follows it), as PEFT".into(),
             });
         }
-        let (rows, dim) = geometry(base)?;
+        let (_, dim) = geometry(base)?;
         let n = config.token_indices.len();
         let delta = if config.init_weights {
-            if let Some(&bad) = config.token_indices.iter().find(|&&i| i >= rows) {
-                return Err(PeftError::Invalid(format!(
-                    "TRAINABLE_TOKENS: token index {bad} is outside the {rows} rows of the embedding"
-                )));
-            }
-            let idx: Vec<u32> = config.token_indices.iter().map(|&i| i as u32).collect();
-            let idx = Tensor::from_vec(idx, n, base.device())?;
-            base.weight()?.to_dtype(DType::F32)?.index_select(&idx, 0)?
+            Self::original_rows(base, &config.token_indices, false)?
         } else {
             rng.normal_tensor((n, dim), 0.0, 1.0, DType::F32, base.device())?
         };
-        Self::assemble(base, config, delta, DType::F32)
+        Self::assemble(base, &config.token_indices, delta, DType::F32, false)
     }
 
     /// An adapter from the tensor PEFT saves for one module (`trainable_tokens_delta`, key relative to the
@@ -129,7 +198,7 @@ impl TrainableTokensAdapter {
         let d = tensors
             .get(DELTA)
             .ok_or_else(|| PeftError::MissingKey(DELTA.into()))?;
-        Self::assemble(base, config, d.clone(), d.dtype())
+        Self::assemble(base, &config.token_indices, d.clone(), d.dtype(), false)
     }
 
     /// The new rows `[n, dim]` (f32).
@@ -236,15 +305,21 @@ impl Adapter for TrainableTokensAdapter {
         }
     }
 
+    /// `trainable_tokens_delta`; in LoRA's wrapper `token_adapter.trainable_tokens_delta`, and nothing for
+    /// the tied copy (PEFT's wrapper leaves the tied layer out of the state dict).
     fn tensors(&self) -> Vec<NamedTensor> {
-        vec![(DELTA.to_string(), self.delta.as_tensor().clone())]
+        match (self.wrapped, self.tied) {
+            (false, _) => vec![(DELTA.to_string(), self.delta.as_tensor().clone())],
+            (true, false) => vec![(WRAPPED_DELTA.to_string(), self.delta.as_tensor().clone())],
+            (true, true) => Vec::new(),
+        }
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        if self.tied {
-            Vec::new()
-        } else {
-            vec![(DELTA.to_string(), self.delta.clone())]
+        match (self.tied, self.wrapped) {
+            (true, _) => Vec::new(),
+            (false, false) => vec![(DELTA.to_string(), self.delta.clone())],
+            (false, true) => vec![(WRAPPED_DELTA.to_string(), self.delta.clone())],
         }
     }
 
@@ -276,6 +351,7 @@ impl Adapter for TrainableTokensAdapter {
             last: self.last.clone(),
             delta: self.delta.clone(),
             tied: true,
+            wrapped: self.wrapped,
             saved_dtype: self.saved_dtype,
         })))
     }
