@@ -379,6 +379,40 @@ impl ThinSvd {
         &self.s
     }
 
+    /// The top-`r` triplets `(U[:, :r]` `[rows, r]`, `S[:r]`, `Vᵀ[:r]` `[r, cols])`, row-major, each pair signed
+    /// as in [`factors`](Self::factors).
+    pub fn truncated(&self, r: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+        let (rows, cols) = (self.rows, self.cols);
+        if r > self.s.len() {
+            return Err(PeftError::Invalid(format!(
+                "SVD triplets of rank {r} from a [{rows}, {cols}] matrix"
+            )));
+        }
+        let mut u = vec![0f64; rows * r];
+        let mut vt = vec![0f64; r * cols];
+        for k in 0..r {
+            let sign = self.sign(k);
+            for i in 0..rows {
+                u[i * r + k] = sign * self.u[(i, k)];
+            }
+            for j in 0..cols {
+                vt[k * cols + j] = sign * self.v[(j, k)];
+            }
+        }
+        Ok((u, self.s[..r].to_vec(), vt))
+    }
+
+    /// The canonical sign of pair `k`: the largest-magnitude entry of `V[:, k]` made positive.
+    fn sign(&self, k: usize) -> f64 {
+        let mut best = 0usize;
+        for j in 0..self.cols {
+            if self.v[(j, k)].abs() > self.v[(best, k)].abs() {
+                best = j;
+            }
+        }
+        if self.v[(best, k)] < 0.0 { -1.0 } else { 1.0 }
+    }
+
     /// PEFT's rank-`r` factors `B′ = U[:, :r]·diag(S[:r])` (`[rows, r]`) and `A′ = Vᵀ[:r]` (`[r, cols]`),
     /// row-major, each singular pair signed canonically: the largest-magnitude entry of each row of `A′` is
     /// positive.
@@ -393,13 +427,7 @@ impl ThinSvd {
         let mut b = vec![0f32; rows * r];
         let mut a = vec![0f32; r * cols];
         for k in 0..r {
-            let mut best = 0usize;
-            for j in 0..cols {
-                if v[(j, k)].abs() > v[(best, k)].abs() {
-                    best = j;
-                }
-            }
-            let sign = if v[(best, k)] < 0.0 { -1.0 } else { 1.0 };
+            let sign = self.sign(k);
             for i in 0..rows {
                 b[i * r + k] = (sign * u[(i, k)]) as f32 * s[k] as f32;
             }

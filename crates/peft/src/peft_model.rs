@@ -459,6 +459,10 @@ impl<M: AdapterHost> PeftModel<M> {
         }
         built.extend(self.lora_trainable_tokens(&config, &targeted, &mts)?);
         self.add_tied_copies(&config, &mut built)?;
+        let residuals = self.rewritten_bases(&config, &built)?;
+        for (module, w) in residuals {
+            self.slot_mut(&module)?.set_base_tensors(Some(w), None)?;
+        }
         for (module, adapter) in built {
             let slot = self.slot_mut(&module)?;
             slot.add_adapter(name, adapter)?;
@@ -474,6 +478,45 @@ impl<M: AdapterHost> PeftModel<M> {
             self.set_adapter(&refs)?;
         }
         Ok(())
+    }
+
+    /// For a config whose init rewrites the base ([`PeftMethod::rewrites_base`]: PiSSA, OLoRA), the new base
+    /// weight of each module that gets one of `built`'s adapters of that method: `W − ΔW` in f32, rounded
+    /// once to the weight's dtype (PEFT's `weight.data - scaling * lora_B @ lora_A`).
+    fn rewritten_bases(
+        &self,
+        config: &PeftConfig,
+        built: &[(String, Box<dyn Adapter>)],
+    ) -> Result<Vec<(String, Tensor)>> {
+        if !config.method().rewrites_base() {
+            return Ok(Vec::new());
+        }
+        let method = config.peft_type().as_str();
+        let slots = self.model.slots();
+        let mut out = Vec::new();
+        for (module, adapter) in built {
+            if adapter.peft_type() != method {
+                continue;
+            }
+            let slot = slots.iter().find(|s| s.name() == module).ok_or_else(|| {
+                PeftError::MissingModule {
+                    module: module.clone(),
+                }
+            })?;
+            if !slot.merged().is_empty() {
+                return Err(PeftError::Invalid(format!(
+                    "`{module}` has merged adapters: unmerge them before an initialisation that rewrites the base"
+                )));
+            }
+            let base = slot.base();
+            let (delta, _) = adapter.delta_weight(base.kind())?.ok_or_else(|| {
+                PeftError::Invalid(format!("`{module}`: the new adapter has no additive delta"))
+            })?;
+            let w = base.weight()?;
+            let res = (w.to_dtype(candle_core::DType::F32)? - delta.to_device(w.device())?)?;
+            out.push((module.clone(), res.to_dtype(w.dtype())?));
+        }
+        Ok(out)
     }
 
     /// PEFT's `_mark_only_adapters_as_trainable` for `bias`: `"lora_only"` trains the biases of the targeted
@@ -551,6 +594,30 @@ impl<M: AdapterHost> PeftModel<M> {
         } = self.build_from_file(&file, device)?;
         for (k, t) in replaced {
             self.model.set_tensor(&k, t)?;
+        }
+        // PEFT's `from_pretrained` runs the layer init of the file's config before loading its tensors: a
+        // config that still names PiSSA / OLoRA rewrites the base it is given again (PEFT's documented
+        // workflow saves `init_lora_weights: true` for that reason).
+        if file.config.method().rewrites_base() {
+            let mut fresh: Vec<(String, Box<dyn Adapter>)> = Vec::new();
+            {
+                let slots = self.model.slots();
+                for (module, _) in &built {
+                    let Some(slot) = slots.iter().find(|s| s.name() == module) else {
+                        continue;
+                    };
+                    let a = registry::new_adapter(
+                        &file.config,
+                        module,
+                        slot.base(),
+                        &mut PeftRng::new(0),
+                    )?;
+                    fresh.push((module.clone(), a));
+                }
+            }
+            for (module, w) in self.rewritten_bases(&file.config, &fresh)? {
+                self.slot_mut(&module)?.set_base_tensors(Some(w), None)?;
+            }
         }
         for (module, adapter) in built {
             self.slot_mut(&module)?.add_adapter(name, adapter)?;
@@ -1218,6 +1285,12 @@ impl<M: AdapterHost> PeftModel<M> {
             };
             return crate::io::save_adapter(dir, p.config(), &p.state_dict()?);
         }
+        save_adapters(dir, &self.saved_adapters()?)
+    }
+
+    /// What [`save_pretrained`](Self::save_pretrained) writes for the layer adapters: each adapter's config
+    /// and tensors under PEFT's file keys.
+    pub(crate) fn saved_adapters(&self) -> Result<Vec<AdapterToSave<'_>>> {
         let input = self.model.input_embeddings();
         let output = self.model.output_layer();
         let modules = self.model.module_infos();
@@ -1284,6 +1357,6 @@ impl<M: AdapterHost> PeftModel<M> {
             }
             list.push((name.as_str(), config, sd));
         }
-        save_adapters(dir, &list)
+        Ok(list)
     }
 }

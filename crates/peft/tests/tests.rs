@@ -19,6 +19,7 @@ mod lokr;
 mod lora_init;
 mod lora_optim;
 mod lora_parity;
+mod lora_rewrite_init;
 mod lora_trainable_tokens;
 mod merge_files;
 mod miss;

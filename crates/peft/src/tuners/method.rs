@@ -177,6 +177,13 @@ pub trait PeftMethod: MethodType + std::fmt::Debug + Send + Sync {
         Ok(())
     }
 
+    /// Whether a new adapter's init moves part of the base weight into the adapter (LoRA's PiSSA and OLoRA):
+    /// [`crate::PeftModel`] then replaces each wrapped base weight `W` by `W − ΔW` (the adapter's
+    /// [`Adapter::delta_weight`]), so that the model's output is unchanged. `false` by default.
+    fn rewrites_base(&self) -> bool {
+        false
+    }
+
     /// Called with the base layers about to be wrapped, before their adapters are created (PEFT's VeRA
     /// records `fan_in_fan_out` from them).
     fn note_targets(&mut self, _targets: &[&BaseLayer]) {}

@@ -149,6 +149,25 @@ pub enum InitLoraWeights {
     Method(String),
 }
 
+impl InitLoraWeights {
+    /// The initialisation that rewrites the base weight this names (PiSSA, OLoRA), if any.
+    ///
+    /// ```
+    /// use peft::tuners::lora::config::InitLoraWeights;
+    /// use peft::tuners::lora::rewrite_init::RewriteInit;
+    /// assert_eq!(InitLoraWeights::Method("olora".into()).rewrites_base(), Some(RewriteInit::Olora));
+    /// assert_eq!(InitLoraWeights::Bool(true).rewrites_base(), None);
+    /// ```
+    pub fn rewrites_base(&self) -> Option<super::rewrite_init::RewriteInit> {
+        use super::rewrite_init::RewriteInit;
+        match self {
+            InitLoraWeights::Method(m) if m == "pissa" => Some(RewriteInit::Pissa),
+            InitLoraWeights::Method(m) if m.eq_ignore_ascii_case("olora") => Some(RewriteInit::Olora),
+            _ => None,
+        }
+    }
+}
+
 impl Default for InitLoraWeights {
     fn default() -> Self {
         InitLoraWeights::Bool(true)
@@ -317,11 +336,18 @@ fn check_init(init: &InitLoraWeights) -> Result<()> {
         InitLoraWeights::Bool(_) => Ok(()),
         // PEFT compares with `.lower()`.
         InitLoraWeights::Method(m) if m.eq_ignore_ascii_case("gaussian") => Ok(()),
+        // PEFT: `startswith("pissa")` then `== "pissa"`; `.lower() == "olora"`.
+        InitLoraWeights::Method(m) if m == "pissa" || m.eq_ignore_ascii_case("olora") => Ok(()),
+        InitLoraWeights::Method(m) if m.starts_with("pissa_niter_") => Err(PeftError::Unsupported {
+            field: "init_lora_weights".into(),
+            value: Value::String(m.clone()).to_string(),
+            reason: "fast PiSSA (torch.svd_lowrank) draws from torch's global normal stream, which is not \
+                     reproduced; use \"pissa\" (the exact SVD)"
+                .into(),
+        }),
         InitLoraWeights::Method(m) => {
             let lower = m.to_ascii_lowercase();
-            let rewrites = lower.starts_with("pissa")
-                || lower.starts_with("corda")
-                || lower == "olora"
+            let rewrites = lower.starts_with("corda")
                 || m == "loftq"
                 || m == "lora_ga";
             let reason = if rewrites {
@@ -517,6 +543,14 @@ impl LoraConfig {
             self.lora.lora_dropout,
         )?;
         check_init(&self.lora.init_lora_weights)?;
+        if self.lora.init_lora_weights.rewrites_base().is_some() && self.lora.use_dora {
+            return Err(PeftError::Unsupported {
+                field: "use_dora".into(),
+                value: "true".into(),
+                reason: "DoRA with an initialisation that rewrites the base (PiSSA, OLoRA) is not implemented yet"
+                    .into(),
+            });
+        }
         if let Some(t) = &self.features.trainable_token_indices {
             t.validate()?;
         }

@@ -151,6 +151,22 @@ impl LoraAdapter {
             rng.uniform_tensor(shape, -bound, bound, DType::F32, &dev)
         };
         let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev);
+        if let Some(init) = opts.init.rewrites_base() {
+            // PiSSA / OLoRA: A and B from the base weight; the model subtracts their delta from the base.
+            let (a, b) = super::rewrite_init::init_factors(init, base, opts.r, opts.scaling())?;
+            let out = sb[0];
+            let bb = opts.lora_bias.then(|| zeros(&[out])).transpose()?;
+            return Ok(Self {
+                kind: *base.kind(),
+                scaling: opts.scaling(),
+                opts,
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                b_bias: bb.map(|t| Var::from_tensor(&t)).transpose()?,
+                magnitude: None,
+                saved_dtype: DType::F32,
+            });
+        }
         let method = match &opts.init {
             InitLoraWeights::Bool(b) => Some(*b),
             InitLoraWeights::Method(m) if m.eq_ignore_ascii_case("gaussian") => None,

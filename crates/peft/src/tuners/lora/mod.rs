@@ -4,6 +4,7 @@ pub mod config;
 pub mod dora;
 pub mod layer;
 pub mod model;
+pub mod rewrite_init;
 pub mod conversion;
 pub mod weighted;
 

@@ -139,6 +139,10 @@ impl PeftMethod for LoraConfig {
         Ok(Box::new(LoraAdapter::from_tensors(base, opts, tensors)?))
     }
 
+    fn rewrites_base(&self) -> bool {
+        self.lora.init_lora_weights.rewrites_base().is_some()
+    }
+
     fn new_adapter(
         &self,
         module: &str,
