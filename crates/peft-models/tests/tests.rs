@@ -6,6 +6,7 @@ mod gguf_merge;
 mod half_base;
 mod hotswap;
 mod llama;
+mod lora_rewrite_init;
 mod lora_trainable_tokens;
 mod mixed_batch;
 mod prompt;
