@@ -24,8 +24,12 @@ fn load_st(path: &Path) -> IndexMap<String, Tensor> {
 
 fn base(dir: &Path) -> LlamaForCausalLM {
     let config = LlamaConfig::from_file(dir.join("base_hf/config.json")).unwrap();
-    LlamaForCausalLM::from_tensors(config, load_st(&dir.join("base_hf/model.safetensors")), &Device::Cpu)
-        .unwrap()
+    LlamaForCausalLM::from_tensors(
+        config,
+        load_st(&dir.join("base_hf/model.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn logits(pm: &PeftModel<LlamaForCausalLM>, ids: &Tensor) -> Tensor {
@@ -54,7 +58,13 @@ fn pissa_and_olora_on_a_tiny_llama_give_peft_residuals_logits_and_converted_lora
         let ids = io["model_input"].to_dtype(DType::U32).unwrap();
 
         let mut pm = PeftModel::get_peft_model(base(&dir), config, "default", 0).unwrap();
-        assert_close(&format!("{case}: init"), &logits(&pm, &ids), &io["logits_init"], 1e-4, 1e-4);
+        assert_close(
+            &format!("{case}: init"),
+            &logits(&pm, &ids),
+            &io["logits_init"],
+            1e-4,
+            1e-4,
+        );
         let targets: Vec<String> = meta["targets"]
             .as_array()
             .unwrap()
@@ -64,7 +74,13 @@ fn pissa_and_olora_on_a_tiny_llama_give_peft_residuals_logits_and_converted_lora
         for slot in pm.model().slots() {
             if targets.iter().any(|t| t == slot.name()) {
                 let want = &init[&format!("W_res.{}", slot.name())];
-                assert_close(&format!("{case}: {} residual", slot.name()), &slot.base().weight().unwrap(), want, 1e-5, 1e-4);
+                assert_close(
+                    &format!("{case}: {} residual", slot.name()),
+                    &slot.base().weight().unwrap(),
+                    want,
+                    1e-5,
+                    1e-4,
+                );
             }
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -76,7 +92,13 @@ fn pissa_and_olora_on_a_tiny_llama_give_peft_residuals_logits_and_converted_lora
             let key = format!("trained_{}.{m}", &which[..1]);
             var.set(&init[&key]).unwrap();
         }
-        assert_close(&format!("{case}: trained"), &logits(&pm, &ids), &io["logits_trained"], 1e-4, 1e-4);
+        assert_close(
+            &format!("{case}: trained"),
+            &logits(&pm, &ids),
+            &io["logits_trained"],
+            1e-4,
+            1e-4,
+        );
         let out = tmp.path().join("as_lora");
         pm.save_pretrained_converted(&out, &initial).unwrap();
         assert_eq!(
@@ -88,7 +110,14 @@ fn pissa_and_olora_on_a_tiny_llama_give_peft_residuals_logits_and_converted_lora
             json(&out.join("adapter_config.json")),
             json(&dir.join("converted/adapter_config.json")),
         );
-        for k in ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights", "use_rslora"] {
+        for k in [
+            "r",
+            "lora_alpha",
+            "rank_pattern",
+            "alpha_pattern",
+            "init_lora_weights",
+            "use_rslora",
+        ] {
             let (a, b) = (&mine[k], &theirs[k]);
             let same = match (a.as_f64(), b.as_f64()) {
                 (Some(x), Some(y)) => (x - y).abs() < 1e-9,
@@ -104,15 +133,41 @@ fn pissa_and_olora_on_a_tiny_llama_give_peft_residuals_logits_and_converted_lora
         for (k, a) in &peft {
             if let Some(m) = k.strip_suffix(".lora_A.weight") {
                 let b = &peft[&format!("{m}.lora_B.weight")];
-                let mine = ours[&format!("{m}.lora_B.weight")].matmul(&ours[k]).unwrap();
-                assert_close(&format!("{case}: {m}"), &mine, &b.matmul(a).unwrap(), 1e-5, 1e-4);
+                let mine = ours[&format!("{m}.lora_B.weight")]
+                    .matmul(&ours[k])
+                    .unwrap();
+                assert_close(
+                    &format!("{case}: {m}"),
+                    &mine,
+                    &b.matmul(a).unwrap(),
+                    1e-5,
+                    1e-4,
+                );
             }
         }
+        // PEFT's trained file (config still naming the init) on the original base: the init runs again.
+        let again =
+            PeftModel::from_pretrained(base(&dir), dir.join("trained"), "default", &Device::Cpu)
+                .unwrap();
+        assert_close(
+            &format!("{case}: trained/ reloaded"),
+            &logits(&again, &ids),
+            &io["logits_trained_reloaded"],
+            1e-4,
+            1e-4,
+        );
         let lora = PeftModel::from_pretrained(base(&dir), &out, "default", &Device::Cpu).unwrap();
-        assert_close(&format!("{case}: converted"), &logits(&lora, &ids), &io["logits_converted"], 1e-4, 1e-4);
+        assert_close(
+            &format!("{case}: converted"),
+            &logits(&lora, &ids),
+            &io["logits_converted"],
+            1e-4,
+            1e-4,
+        );
         // The initial adapter (now `init_lora_weights: true`) loads on the original base as a plain LoRA: the
         // model then adds B₀A₀ to W, so its logits are not the base's.
-        let plain = PeftModel::from_pretrained(base(&dir), &initial, "default", &Device::Cpu).unwrap();
+        let plain =
+            PeftModel::from_pretrained(base(&dir), &initial, "default", &Device::Cpu).unwrap();
         let moved = peft_test_support::max_diff(&logits(&plain, &ids), &io["logits_base"]);
         assert!(moved > 1e-3, "{case}: {moved}");
         checked += 1;
@@ -130,14 +185,29 @@ fn loading_a_file_whose_config_names_pissa_rewrites_the_base_as_peft_does() {
     let tmp = tempfile::tempdir().unwrap();
     let ad = tmp.path().join("pissa");
     std::fs::create_dir(&ad).unwrap();
-    std::fs::copy(dir.join("initial/adapter_model.safetensors"), ad.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        dir.join("initial/adapter_model.safetensors"),
+        ad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let mut cfg = json(&dir.join("initial/adapter_config.json"));
     cfg["init_lora_weights"] = "pissa".into();
     std::fs::write(ad.join("adapter_config.json"), cfg.to_string()).unwrap();
     let pm = PeftModel::from_pretrained(base(&dir), &ad, "default", &Device::Cpu).unwrap();
     // The file holds PEFT's initial factors, so W_res + B₀A₀ = W: the base's logits.
-    assert_close("pissa reload", &logits(&pm, &ids), &io["logits_base"], 1e-4, 1e-4);
-    let plain = PeftModel::from_pretrained(base(&dir), dir.join("initial"), "default", &Device::Cpu).unwrap();
+    assert_close(
+        "pissa reload",
+        &logits(&pm, &ids),
+        &io["logits_base"],
+        1e-4,
+        1e-4,
+    );
+    let plain =
+        PeftModel::from_pretrained(base(&dir), dir.join("initial"), "default", &Device::Cpu)
+            .unwrap();
     let moved = peft_test_support::max_diff(&logits(&plain, &ids), &io["logits_base"]);
-    assert!(moved > 1e-3, "without the rewrite the logits move ({moved})");
+    assert!(
+        moved > 1e-3,
+        "without the rewrite the logits move ({moved})"
+    );
 }

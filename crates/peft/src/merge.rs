@@ -349,6 +349,30 @@ impl Merger {
         weight: Tensor,
         bias: Option<Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        // PEFT's loading runs each adapter's layer init first: PiSSA / OLoRA configs rewrite the base weight
+        // (`W − ΔW₀` of a fresh init on the current weight), in load order, before anything merges.
+        let mut weight = weight;
+        for ad in self
+            .adapters
+            .iter()
+            .filter(|a| a.split.modules.contains_key(module) && a.config.method().rewrites_base())
+        {
+            let params = &ad.split.modules[module];
+            let kind = ad
+                .config
+                .method()
+                .infer_kind(module, params, weight.dims())?;
+            let layer = BaseLayer::new(kind, weight.clone(), bias.clone())?;
+            let fresh =
+                registry::new_adapter(&ad.config, module, &layer, &mut crate::PeftRng::new(0))?;
+            let (dw, _) = fresh.delta_weight(&kind)?.ok_or_else(|| {
+                PeftError::Invalid(format!(
+                    "{}: the init of `{module}` has no delta",
+                    ad.source
+                ))
+            })?;
+            weight = (weight - dw)?;
+        }
         let unmerged = weight.clone();
         let unmerged_bias = bias.clone();
         let (mut w, mut b) = (weight, bias);

@@ -208,3 +208,49 @@ fn rewrite_inits_refuse_what_they_cannot_do() {
     let e = registry::new_adapter(&olora, "emb", &emb, &mut PeftRng::new(0)).unwrap_err();
     assert!(e.to_string().contains("Linear layers only"), "{e}");
 }
+
+#[test]
+fn peft_merge_of_a_rewrite_init_adapter_is_peft_s_merge_and_unload() {
+    use peft::merge::{MergeAdapter, merge_model};
+    for dir in rewrite_cases() {
+        let case = dir.file_name().unwrap().to_string_lossy().to_string();
+        let merged = load(&dir.join("merged.safetensors"));
+        let adapter = MergeAdapter::load(dir.join("trained"), None, &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let written = if dir.join("base_hf").exists() {
+            let out = tmp.path().join("merged");
+            merge_model(
+                &dir.join("base_hf"),
+                vec![adapter],
+                &out,
+                None,
+                &mut |_, _, _| {},
+            )
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+            load(&out.join("model.safetensors"))
+        } else {
+            let out = tmp.path().join("merged.safetensors");
+            merge_model(
+                &dir.join("base.safetensors"),
+                vec![adapter],
+                &out,
+                None,
+                &mut |_, _, _| {},
+            )
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+            load(&out)
+        };
+        let base = load(&dir.join("base.safetensors"));
+        let mut moved = 0;
+        for (k, t) in &written {
+            let want = merged
+                .get(k)
+                .unwrap_or_else(|| panic!("{case}: {k} not in PEFT's merge"));
+            assert_close(&format!("{case}: {k}"), t, want, 1e-5, 1e-4);
+            if base.get(k).is_some_and(|b| max_diff(b, want) > 1e-4) {
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, strings(&case_json(&dir), "targets").len(), "{case}");
+    }
+}
