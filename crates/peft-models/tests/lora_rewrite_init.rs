@@ -57,7 +57,7 @@ fn pissa_and_olora_on_a_tiny_llama_give_peft_residuals_logits_and_converted_lora
         let init = load_st(&dir.join("init.safetensors"));
         let ids = io["model_input"].to_dtype(DType::U32).unwrap();
 
-        let mut pm = PeftModel::get_peft_model(base(&dir), config, "default", 0).unwrap();
+        let pm = PeftModel::get_peft_model(base(&dir), config, "default", 0).unwrap();
         assert_close(
             &format!("{case}: init"),
             &logits(&pm, &ids),

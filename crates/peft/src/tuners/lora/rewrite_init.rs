@@ -33,6 +33,9 @@ use crate::{PeftError, Result};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 
+/// Tensors with their file keys.
+type NamedTensors = Vec<(String, Tensor)>;
+
 /// An initialisation that rewrites the base weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RewriteInit {
@@ -272,7 +275,7 @@ impl<M: crate::host::AdapterHost> crate::PeftModel<M> {
                 reason: "the model has no layer adapter (prompt learning cannot be converted)".into(),
             });
         }
-        let mut converted: Vec<(String, PeftConfig, Vec<(String, Tensor)>)> = Vec::new();
+        let mut converted: Vec<(String, PeftConfig, NamedTensors)> = Vec::new();
         for (name, config, sd) in list {
             let PeftConfig::Lora(c) = config else {
                 return Err(PeftError::Unsupported {
