@@ -254,3 +254,18 @@ fn peft_merge_of_a_rewrite_init_adapter_is_peft_s_merge_and_unload() {
         assert_eq!(moved, strings(&case_json(&dir), "targets").len(), "{case}");
     }
 }
+
+#[test]
+fn a_rewrite_init_adapter_is_not_converted_by_svd() {
+    use peft::tuners::lora::conversion::{ConversionRank, convert_slots};
+    let dir = fixtures_dir().join("lora/rewrite_init/pissa_mlp");
+    let json = case_json(&dir);
+    let config = case_config(&json);
+    let base = load(&dir.join("base.safetensors"));
+    let layer = base_layer(&json, &base, "lin0");
+    let mut slot = AdapterSlot::new("lin0", layer.clone());
+    let a = registry::new_adapter(&config, "lin0", &layer, &mut PeftRng::new(0)).unwrap();
+    slot.add_adapter("default", a).unwrap();
+    let e = convert_slots(&[&slot], &config, "default", ConversionRank::Fixed(2)).unwrap_err();
+    assert!(e.to_string().contains("save_pretrained_converted"), "{e}");
+}

@@ -885,12 +885,11 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused_by_name() {
         let cases: &[(&str, &str)] = &[
-            (r#""init_lora_weights": "pissa""#, "init_lora_weights"),
             (
                 r#""init_lora_weights": "pissa_niter_4""#,
                 "init_lora_weights",
             ),
-            (r#""init_lora_weights": "olora""#, "init_lora_weights"),
+            (r#""init_lora_weights": "PiSSA""#, "init_lora_weights"),
             (r#""init_lora_weights": "corda""#, "init_lora_weights"),
             (
                 r#""init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}"#,
@@ -992,7 +991,7 @@ mod tests {
 
     #[test]
     fn error_message_names_field_and_reason() {
-        let e = refused(r#"{"peft_type": "LORA", "init_lora_weights": "pissa"}"#);
+        let e = refused(r#"{"peft_type": "LORA", "init_lora_weights": "corda"}"#);
         let msg = e.to_string();
         assert!(
             msg.contains("init_lora_weights") && msg.contains("rewrite the base weights"),
@@ -1006,6 +1005,8 @@ mod tests {
             r#""init_lora_weights": false"#,
             r#""init_lora_weights": "gaussian""#,
             r#""init_lora_weights": "Gaussian""#,
+            r#""init_lora_weights": "pissa""#,
+            r#""init_lora_weights": "OLoRA""#,
             r#""bias": "all""#,
             r#""bias": "lora_only", "lora_bias": true"#,
             r#""use_dora": true, "use_rslora": true"#,

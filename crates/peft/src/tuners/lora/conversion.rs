@@ -166,6 +166,17 @@ pub fn convert_slots(
             "Could not detect any layer of adapter `{adapter_name}` that supports LoRA conversion"
         )));
     }
+    if let PeftConfig::Lora(c) = config
+        && let Some(init) = c.lora.init_lora_weights.rewrites_base()
+    {
+        // PEFT would factorize B·A, which is the update of the residual base, not of the original one.
+        return Err(refused(format!(
+            "the adapter's init_lora_weights={:?} rewrote the base weights, so B·A is an update of the residual \
+             base: save it for the original base with PeftModel::save_pretrained_converted (PEFT's \
+             path_initial_model_for_weight_conversion) instead",
+            init.as_str()
+        )));
+    }
     let mut warnings = Vec::new();
     if let PeftConfig::Lora(c) = config {
         warnings.push(
