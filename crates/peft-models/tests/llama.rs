@@ -1552,6 +1552,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "randlora/cases/randlora_llama",
         "trainable_tokens/cases/tt_llama",
         "trainable_tokens/cases/tt_llama_tied",
+        "deft/cases/deft_llama",
     ] {
         let dir = root.join(case);
         let base = || {

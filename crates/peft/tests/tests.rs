@@ -6,6 +6,7 @@ mod boft;
 mod c3a;
 mod common;
 mod conversion;
+mod deft;
 mod delora;
 mod fourierft;
 mod glora;

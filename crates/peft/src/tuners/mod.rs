@@ -205,4 +205,6 @@ peft_methods! {
     RandLora("RANDLORA") => randlora::RandLoraConfig,
     /// `"TRAINABLE_TOKENS"`: trainable tokens, chosen rows of the embedding trained.
     TrainableTokens("TRAINABLE_TOKENS") => trainable_tokens::TrainableTokensConfig,
+    /// `"DEFT"`: DEFT, a learned output subspace of the weight removed and replaced (PaRa: removed only).
+    Deft("DEFT") => deft::DeftConfig,
 }
