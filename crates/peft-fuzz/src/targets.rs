@@ -269,6 +269,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "pvera/cases/pvera_llama",
         "randlora/cases/randlora_llama",
         "trainable_tokens/cases/tt_llama",
+        "deft/cases/deft_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (
