@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
 use peft::PeftModel;
+use peft::host::AdapterHost;
 use peft::tuners::lora::conversion::ConversionRank;
 use peft_models::{LoadOptions, load_model_with};
 use std::io::Write;
@@ -34,9 +35,10 @@ pub struct ConvertAdapterArgs {
     /// The method to convert to (only `lora`).
     #[arg(long, default_value = "lora")]
     pub to: String,
-    /// An integer rank (every layer), or an energy threshold in (0, 1] such as 0.9 (a rank per layer).
+    /// An integer rank (every layer), or an energy threshold in (0, 1] such as 0.9 (a rank per layer). Not
+    /// taken by a PiSSA / OLoRA adapter, whose conversion is exact at rank 2r.
     #[arg(long, value_parser = parse_rank)]
-    pub rank: ConversionRank,
+    pub rank: Option<ConversionRank>,
     /// The adapter directory to write (must not exist).
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: PathBuf,
@@ -80,14 +82,24 @@ pub fn run(args: &ConvertAdapterArgs, out: &mut dyn Write) -> anyhow::Result<Con
         );
     }
     let device = Device::Cpu;
-    let loaded = load_model_with(&args.base, &device, &LoadOptions::default())
-        .with_context(|| format!("cannot load the base {}", args.base.display()))?;
-    let mut pm = PeftModel::new(loaded.model, 0);
+    let load_base = || {
+        load_model_with(&args.base, &device, &LoadOptions::default())
+            .with_context(|| format!("cannot load the base {}", args.base.display()))
+    };
+    let config = peft::PeftConfig::from_dir(&args.adapter)
+        .with_context(|| format!("cannot read the adapter {}", args.adapter.display()))?;
+    if config.method().rewrites_base() {
+        return convert_rewritten(args, config, &load_base, out);
+    }
+    let rank = args.rank.ok_or_else(|| {
+        anyhow::anyhow!("--rank is required: an integer rank (16) or an energy threshold (0.9)")
+    })?;
+    let mut pm = PeftModel::new(load_base()?.model, 0);
     pm.load_adapter(&args.adapter, SOURCE, &device)
         .with_context(|| format!("cannot load the adapter {}", args.adapter.display()))?;
     let method = pm.configs()[SOURCE].peft_type().as_str();
     let lora = pm
-        .convert_to_lora(SOURCE, args.rank)
+        .convert_to_lora(SOURCE, rank)
         .with_context(|| format!("cannot convert the {method} adapter to LoRA"))?;
     for w in &lora.warnings {
         eprintln!("warning: {w}");
@@ -121,6 +133,74 @@ pub fn run(args: &ConvertAdapterArgs, out: &mut dyn Write) -> anyhow::Result<Con
     Ok(ConvertAdapterReport { ranks })
 }
 
+/// A LoRA whose init rewrote the base (PiSSA, OLoRA) as a plain LoRA of the original base, exactly:
+/// PEFT's `save_pretrained(path_initial_model_for_weight_conversion=…)` with the initial adapter recomputed
+/// from the original weights (the init is deterministic; its singular-vector signs cancel in `B₀·A₀`).
+fn convert_rewritten(
+    args: &ConvertAdapterArgs,
+    config: peft::PeftConfig,
+    load_base: &dyn Fn() -> anyhow::Result<peft_models::LoadedModel>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ConvertAdapterReport> {
+    if args.rank.is_some() {
+        bail!(
+            "--rank: an adapter whose init rewrote the base (PiSSA, OLoRA) converts exactly, at rank 2r \
+             ([B | -B0]·[A ; A0]); leave --rank out"
+        );
+    }
+    let device = Device::Cpu;
+    // The recomputed initial adapter lives beside the output as `.NAME.initial.tmp-PID`, removed when done (a
+    // killed run's copy is removed by the next one).
+    let name = args
+        .output
+        .file_name()
+        .map(|n| format!("{}.initial", n.to_string_lossy()))
+        .ok_or_else(|| anyhow::anyhow!("{}: names no directory", args.output.display()))?;
+    let beside = args.output.with_file_name(name);
+    peft::io::remove_stale_temps_beside(&beside)?;
+    let initial = peft::io::temp_path(&beside, peft::io::TempKind::Tmp)?;
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _guard = RemoveOnDrop(initial.clone());
+    let mut first = PeftModel::new(load_base()?.model, 0);
+    first
+        .add_adapter(SOURCE, config)
+        .context("cannot recompute the initial adapter on the original base")?;
+    first.save_pretrained(&initial)?;
+    drop(first);
+    let mut pm = PeftModel::new(load_base()?.model, 0);
+    pm.load_adapter(&args.adapter, SOURCE, &device)
+        .with_context(|| format!("cannot load the adapter {}", args.adapter.display()))?;
+    pm.save_pretrained_converted(&args.output, &initial)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let (r, modules) = match &pm.configs()[SOURCE] {
+        peft::PeftConfig::Lora(c) => (
+            c.lora.r,
+            pm.model()
+                .slots()
+                .iter()
+                .filter(|s| s.adapter(SOURCE).is_some())
+                .map(|s| (s.name().to_string(), 2 * c.rank_and_alpha_for(s.name()).0))
+                .collect::<Vec<_>>(),
+        ),
+        _ => unreachable!("only LoRA rewrites the base"),
+    };
+    writeln!(
+        out,
+        "converted the LORA (init rewrote the base) adapter {} to LoRA of the original base: {} modules, r={}, \
+         written to {}",
+        args.adapter.display(),
+        modules.len(),
+        2 * r,
+        args.output.display()
+    )?;
+    Ok(ConvertAdapterReport { ranks: modules })
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{Cli, run_with};
@@ -133,21 +213,32 @@ mod tests {
     }
 
     fn convert(source: &str, rank: &str, out: &Path) -> anyhow::Result<String> {
-        let src = fixtures().join(source);
-        let argv = [
+        convert_dir(&fixtures().join(source), "adapter", Some(rank), out)
+    }
+
+    fn convert_dir(
+        src: &Path,
+        adapter: &str,
+        rank: Option<&str>,
+        out: &Path,
+    ) -> anyhow::Result<String> {
+        let mut argv: Vec<String> = [
             "peft",
             "convert-adapter",
             "--base",
             &src.join("base_hf").display().to_string(),
             "--adapter",
-            &src.join("adapter").display().to_string(),
+            &src.join(adapter).display().to_string(),
             "--to",
             "lora",
-            "--rank",
-            rank,
             "--output",
             &out.display().to_string(),
-        ];
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(r) = rank {
+            argv.extend(["--rank".to_string(), r.to_string()]);
+        }
         let mut buf = Vec::new();
         run_with(Cli::try_parse_from(argv)?, &mut buf)?;
         Ok(String::from_utf8(buf)?)
@@ -187,7 +278,7 @@ mod tests {
         assert!(format!("{e:#}").contains("already exists"), "{e:#}");
         let e = Cli::try_parse_from(["peft", "convert-adapter", "--base", "b", "--adapter", "a"])
             .unwrap_err();
-        assert!(e.to_string().contains("--rank"), "{e}");
+        assert!(e.to_string().contains("--output"), "{e}");
     }
 
     #[test]
@@ -209,5 +300,47 @@ mod tests {
             0,
             "a temporary was left"
         );
+    }
+
+    #[test]
+    fn convert_adapter_turns_a_pissa_adapter_into_peft_s_lora_of_the_original_base() {
+        let src = fixtures().join("lora/rewrite_init/pissa_llama");
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("as_lora");
+        let e = convert_dir(&src, "trained", Some("4"), &out).unwrap_err();
+        assert!(format!("{e:#}").contains("leave --rank out"), "{e:#}");
+        let report = convert_dir(&src, "trained", None, &out).unwrap();
+        assert!(
+            report.contains("6 modules, r=8") || report.contains("modules, r=8"),
+            "{report}"
+        );
+        let want = products(&src.join("converted"));
+        let got = products(&out);
+        assert_eq!(got.len(), want.len());
+        for ((gm, g), (wm, w)) in got.iter().zip(&want) {
+            assert_eq!(gm, wm);
+            peft_test_support::assert_close(gm, g, w, 1e-5, 1e-4);
+        }
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["r"], 8);
+        assert_eq!(cfg["init_lora_weights"], true);
+        // The source directory is not touched.
+        let src_cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(src.join("trained/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(src_cfg["init_lora_weights"], "pissa");
+        // Other sources still need a rank.
+        let e = convert_dir(
+            &fixtures().join("loha/cases/loha_llama"),
+            "adapter",
+            None,
+            &tmp.path().join("x"),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--rank is required"), "{e:#}");
     }
 }

@@ -172,8 +172,8 @@ pub fn convert_slots(
         // PEFT would factorize B·A, which is the update of the residual base, not of the original one.
         return Err(refused(format!(
             "the adapter's init_lora_weights={:?} rewrote the base weights, so B·A is an update of the residual \
-             base: save it for the original base with PeftModel::save_pretrained_converted (PEFT's \
-             path_initial_model_for_weight_conversion) instead",
+             base: convert it exactly with PeftModel::save_pretrained_converted (PEFT's \
+             path_initial_model_for_weight_conversion) or `peft convert-adapter` without --rank",
             init.as_str()
         )));
     }
