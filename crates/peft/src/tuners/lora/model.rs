@@ -169,6 +169,10 @@ impl PeftMethod for LoraConfig {
         if self.lora.use_rslora {
             flags.push("rslora".into());
         }
+        if let Some(init) = self.lora.init_lora_weights.rewrites_base() {
+            // The base is rewritten on loading: PEFT and peft-rs run the init again.
+            flags.push(format!("init={}", init.as_str()));
+        }
         if self.lora.use_dora
             || tensors
                 .iter()
