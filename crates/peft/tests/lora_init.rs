@@ -252,3 +252,50 @@ fn adapters_are_created_in_f32_and_report_it() {
     assert_eq!(a.saved_dtype(), DType::F32);
     assert!(a.vars().iter().all(|(_, v)| v.dtype() == DType::F32));
 }
+
+#[test]
+fn orthogonal_init_is_the_identity_with_both_factors_trained() {
+    // PEFT's orthogonal_init: A from the even rows of an orthogonal Q, B from the odd ones, so B·A = 0 exactly
+    // (up to rounding) while both factors are nonzero, each entry N(0, 1)·Q / 10 (std √(1/r)·… ≈ 1/10 over a row).
+    let base = linear(64, 48);
+    let init = InitLoraWeights::Method("orthogonal".into());
+    let a = LoraAdapter::new(&base, opts(8, init.clone()), &mut PeftRng::new(11)).unwrap();
+    let t: std::collections::HashMap<String, Tensor> = a.tensors().into_iter().collect();
+    let (ta, tb) = (&t["lora_A.weight"], &t["lora_B.weight"]);
+    assert_eq!(
+        (ta.dims(), tb.dims()),
+        (&[8usize, 64][..], &[48usize, 8][..])
+    );
+    let ba = tb.matmul(ta).unwrap();
+    let big = ba
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(big < 1e-5, "B·A = {big}");
+    for (name, x) in [("A", ta), ("B", tb)] {
+        let (mean, std, _, _) = stats(x);
+        // each entry is a sum of r/2 = 4 products N(0,1)·q with Σq² over half a row of Q ≈ 1/2: std ≈ √(1/2)/10
+        assert!(
+            mean.abs() < 0.02 && (0.04..0.11).contains(&std),
+            "{name}: mean {mean} std {std}"
+        );
+    }
+    // Rows of A (columns of B) come from different rows of one orthogonal matrix: A's row space is r/2-dim.
+    let aat = ta.matmul(&ta.t().unwrap()).unwrap();
+    assert!(!is_zero(&aat));
+    // Odd ranks and non-Linear layers are refused as PEFT refuses them.
+    let e = LoraAdapter::new(&base, opts(3, init.clone()), &mut PeftRng::new(0)).unwrap_err();
+    assert!(e.to_string().contains("rank to be even"), "{e}");
+    let emb =
+        BaseLayer::embedding(Tensor::ones((10, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let e = LoraAdapter::new(&emb, opts(2, init), &mut PeftRng::new(0)).unwrap_err();
+    assert!(e.to_string().contains("Linear layers only"), "{e}");
+    let c = peft::PeftConfig::from_json_str(
+        r#"{"peft_type": "LORA", "r": 5, "init_lora_weights": "orthogonal", "target_modules": ["q"]}"#,
+    )
+    .unwrap();
+    assert!(c.validate().unwrap_err().to_string().contains("even"));
+}

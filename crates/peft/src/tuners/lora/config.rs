@@ -338,6 +338,8 @@ fn check_init(init: &InitLoraWeights) -> Result<()> {
         InitLoraWeights::Method(m) if m.eq_ignore_ascii_case("gaussian") => Ok(()),
         // PEFT: `startswith("pissa")` then `== "pissa"`; `.lower() == "olora"`.
         InitLoraWeights::Method(m) if m == "pissa" || m.eq_ignore_ascii_case("olora") => Ok(()),
+        // PEFT: `init_lora_weights == "orthogonal"`.
+        InitLoraWeights::Method(m) if m == "orthogonal" => Ok(()),
         InitLoraWeights::Method(m) if m.starts_with("pissa_niter_") => Err(PeftError::Unsupported {
             field: "init_lora_weights".into(),
             value: Value::String(m.clone()).to_string(),
@@ -543,6 +545,16 @@ impl LoraConfig {
             self.lora.lora_dropout,
         )?;
         check_init(&self.lora.init_lora_weights)?;
+        if self.lora.init_lora_weights == InitLoraWeights::Method("orthogonal".into()) {
+            let odd = std::iter::once(self.lora.r)
+                .chain(self.patterns.rank_pattern.values().copied())
+                .find(|r| r % 2 != 0);
+            if let Some(r) = odd {
+                return Err(PeftError::InvalidConfig(format!(
+                    "Orthogonal initialization requires the LoRA rank to be even, got {r} instead."
+                )));
+            }
+        }
         if self.lora.init_lora_weights.rewrites_base().is_some() && self.lora.use_dora {
             return Err(PeftError::Unsupported {
                 field: "use_dora".into(),
@@ -896,7 +908,7 @@ mod tests {
                 "init_lora_weights",
             ),
             (r#""init_lora_weights": "eva""#, "init_lora_weights"),
-            (r#""init_lora_weights": "orthogonal""#, "init_lora_weights"),
+            (r#""init_lora_weights": "Orthogonal""#, "init_lora_weights"),
             (r#""init_lora_weights": "mystery""#, "init_lora_weights"),
             (r#""use_qalora": true"#, "use_qalora"),
             (
@@ -1007,6 +1019,7 @@ mod tests {
             r#""init_lora_weights": "Gaussian""#,
             r#""init_lora_weights": "pissa""#,
             r#""init_lora_weights": "OLoRA""#,
+            r#""init_lora_weights": "orthogonal""#,
             r#""bias": "all""#,
             r#""bias": "lora_only", "lora_bias": true"#,
             r#""use_dora": true, "use_rslora": true"#,

@@ -167,6 +167,29 @@ impl LoraAdapter {
                 saved_dtype: DType::F32,
             });
         }
+        if opts.init == InitLoraWeights::Method("orthogonal".into()) {
+            let (a, b) = orthogonal_init(base, opts.r, rng)?;
+            let out = sb[0];
+            let bb = opts.lora_bias.then(|| zeros(&[out])).transpose()?;
+            let mut me = Self {
+                kind: *base.kind(),
+                scaling: opts.scaling(),
+                opts,
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                b_bias: bb.map(|t| Var::from_tensor(&t)).transpose()?,
+                magnitude: None,
+                saved_dtype: DType::F32,
+            };
+            if me.opts.use_dora {
+                let w = base.weight()?.to_dtype(DType::F32)?;
+                let (_, _, sm) = Self::shapes(base, me.opts.r)?;
+                let m = dora::weight_norm(&me.kind, &w, &me.lora_weight(false)?, me.scaling)?
+                    .reshape(sm)?;
+                me.magnitude = Some(Var::from_tensor(&m)?);
+            }
+            return Ok(me);
+        }
         let method = match &opts.init {
             InitLoraWeights::Bool(b) => Some(*b),
             InitLoraWeights::Method(m) if m.eq_ignore_ascii_case("gaussian") => None,
@@ -423,6 +446,43 @@ impl LoraAdapter {
         }
         Ok(())
     }
+}
+
+/// PEFT's `orthogonal_init`: `Q` the orthonormal factor (LAPACK's signs) of an `r × r` standard normal matrix,
+/// `A = (N_in·Q[0::2])ᵀ / 10` `[r, in]` and `B = N_outᵀ·Q[1::2] / 10` `[out, r]` with `N_in` `[in, r/2]` and `N_out`
+/// `[r/2, out]` standard normal, so that `B·A = 0` (the rows of `Q` are orthogonal) while both train from the
+/// first step. Drawn from the adapter's own stream (as every fresh init here), Linear and Conv1D layers only.
+fn orthogonal_init(base: &BaseLayer, r: usize, rng: &mut PeftRng) -> Result<(Tensor, Tensor)> {
+    if !matches!(base.kind(), BaseKind::Linear | BaseKind::Conv1D) {
+        return Err(PeftError::Unsupported {
+            field: "init_lora_weights".into(),
+            value: "\"orthogonal\"".into(),
+            reason: format!("the orthogonal init sets 2-D factors: Linear layers only, not {:?}", base.kind()),
+        });
+    }
+    if r % 2 != 0 {
+        return Err(PeftError::InvalidConfig(format!(
+            "Orthogonal initialization requires the LoRA rank to be even, got {r} instead."
+        )));
+    }
+    let dev = base.device();
+    let x = rng.normal_tensor((r, r), 0.0, 1.0, DType::F32, &candle_core::Device::Cpu)?;
+    let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let (q, _) = super::rewrite_init::householder_qr(&xv, r, r);
+    let rows = |start: usize| -> Result<Tensor> {
+        let v: Vec<f32> = (start..r)
+            .step_by(2)
+            .flat_map(|i| (0..r).map(move |j| (i, j)))
+            .map(|(i, j)| q[i * r + j] as f32)
+            .collect();
+        Ok(Tensor::from_vec(v, (r / 2, r), dev)?)
+    };
+    let (q_odd, q_even) = (rows(0)?, rows(1)?);
+    let n_in = rng.normal_tensor((base.in_features(), r / 2), 0.0, 1.0, DType::F32, dev)?;
+    let n_out = rng.normal_tensor((r / 2, base.out_features()), 0.0, 1.0, DType::F32, dev)?;
+    let a = (n_in.matmul(&q_odd)?.t()?.contiguous()? / 10.0)?;
+    let b = (n_out.t()?.matmul(&q_even)? / 10.0)?;
+    Ok((a, b))
 }
 
 impl Adapter for LoraAdapter {
