@@ -548,7 +548,7 @@ impl LoraConfig {
         if self.lora.init_lora_weights == InitLoraWeights::Method("orthogonal".into()) {
             let odd = std::iter::once(self.lora.r)
                 .chain(self.patterns.rank_pattern.values().copied())
-                .find(|r| r % 2 != 0);
+                .find(|r| !r.is_multiple_of(2));
             if let Some(r) = odd {
                 return Err(PeftError::InvalidConfig(format!(
                     "Orthogonal initialization requires the LoRA rank to be even, got {r} instead."

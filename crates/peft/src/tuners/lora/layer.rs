@@ -460,7 +460,7 @@ fn orthogonal_init(base: &BaseLayer, r: usize, rng: &mut PeftRng) -> Result<(Ten
             reason: format!("the orthogonal init sets 2-D factors: Linear layers only, not {:?}", base.kind()),
         });
     }
-    if r % 2 != 0 {
+    if !r.is_multiple_of(2) {
         return Err(PeftError::InvalidConfig(format!(
             "Orthogonal initialization requires the LoRA rank to be even, got {r} instead."
         )));
