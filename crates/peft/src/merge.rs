@@ -363,15 +363,7 @@ impl Merger {
                 .method()
                 .infer_kind(module, params, weight.dims())?;
             let layer = BaseLayer::new(kind, weight.clone(), bias.clone())?;
-            let fresh =
-                registry::new_adapter(&ad.config, module, &layer, &mut crate::PeftRng::new(0))?;
-            let (dw, _) = fresh.delta_weight(&kind)?.ok_or_else(|| {
-                PeftError::Invalid(format!(
-                    "{}: the init of `{module}` has no delta",
-                    ad.source
-                ))
-            })?;
-            weight = (weight - dw)?;
+            weight = crate::tuners::lora::rewrite_init::fresh_residual(&ad.config, module, &layer)?;
         }
         let unmerged = weight.clone();
         let unmerged_bias = bias.clone();

@@ -423,18 +423,14 @@ impl ThinSvd {
                 "SVD factors of rank {r} from a [{rows}, {cols}] matrix"
             )));
         }
-        let (u, v, s) = (&self.u, &self.v, &self.s);
+        let (u, s, vt) = self.truncated(r)?;
         let mut b = vec![0f32; rows * r];
-        let mut a = vec![0f32; r * cols];
-        for k in 0..r {
-            let sign = self.sign(k);
-            for i in 0..rows {
-                b[i * r + k] = (sign * u[(i, k)]) as f32 * s[k] as f32;
-            }
-            for j in 0..cols {
-                a[k * cols + j] = (sign * v[(j, k)]) as f32;
+        for i in 0..rows {
+            for k in 0..r {
+                b[i * r + k] = u[i * r + k] as f32 * s[k] as f32;
             }
         }
+        let a: Vec<f32> = vt.iter().map(|&x| x as f32).collect();
         Ok((b, a))
     }
 }

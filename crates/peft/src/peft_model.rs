@@ -508,13 +508,14 @@ impl<M: AdapterHost> PeftModel<M> {
                     "`{module}` has merged adapters: unmerge them before an initialisation that rewrites the base"
                 )));
             }
-            let base = slot.base();
-            let (delta, _) = adapter.delta_weight(base.kind())?.ok_or_else(|| {
-                PeftError::Invalid(format!("`{module}`: the new adapter has no additive delta"))
-            })?;
-            let w = base.weight()?;
-            let res = (w.to_dtype(candle_core::DType::F32)? - delta.to_device(w.device())?)?;
-            out.push((module.clone(), res.to_dtype(w.dtype())?));
+            out.push((
+                module.clone(),
+                crate::tuners::lora::rewrite_init::residual_weight(
+                    adapter.as_ref(),
+                    slot.base(),
+                    module,
+                )?,
+            ));
         }
         Ok(out)
     }
@@ -599,23 +600,21 @@ impl<M: AdapterHost> PeftModel<M> {
         // config that still names PiSSA / OLoRA rewrites the base it is given again (PEFT's documented
         // workflow saves `init_lora_weights: true` for that reason).
         if file.config.method().rewrites_base() {
-            let mut fresh: Vec<(String, Box<dyn Adapter>)> = Vec::new();
+            let mut residuals = Vec::new();
             {
                 let slots = self.model.slots();
                 for (module, _) in &built {
-                    let Some(slot) = slots.iter().find(|s| s.name() == module) else {
-                        continue;
-                    };
-                    let a = registry::new_adapter(
-                        &file.config,
-                        module,
-                        slot.base(),
-                        &mut PeftRng::new(0),
-                    )?;
-                    fresh.push((module.clone(), a));
+                    if let Some(slot) = slots.iter().find(|s| s.name() == module) {
+                        let w = crate::tuners::lora::rewrite_init::fresh_residual(
+                            &file.config,
+                            module,
+                            slot.base(),
+                        )?;
+                        residuals.push((module.clone(), w));
+                    }
                 }
             }
-            for (module, w) in self.rewritten_bases(&file.config, &fresh)? {
+            for (module, w) in residuals {
                 self.slot_mut(&module)?.set_base_tensors(Some(w), None)?;
             }
         }

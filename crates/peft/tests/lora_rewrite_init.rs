@@ -217,29 +217,22 @@ fn peft_merge_of_a_rewrite_init_adapter_is_peft_s_merge_and_unload() {
         let merged = load(&dir.join("merged.safetensors"));
         let adapter = MergeAdapter::load(dir.join("trained"), None, &Device::Cpu).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let written = if dir.join("base_hf").exists() {
-            let out = tmp.path().join("merged");
-            merge_model(
-                &dir.join("base_hf"),
-                vec![adapter],
-                &out,
-                None,
-                &mut |_, _, _| {},
-            )
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
-            load(&out.join("model.safetensors"))
+        let hf = dir.join("base_hf").exists();
+        let (src, out) = if hf {
+            (dir.join("base_hf"), tmp.path().join("merged"))
         } else {
-            let out = tmp.path().join("merged.safetensors");
-            merge_model(
-                &dir.join("base.safetensors"),
-                vec![adapter],
-                &out,
-                None,
-                &mut |_, _, _| {},
+            (
+                dir.join("base.safetensors"),
+                tmp.path().join("merged.safetensors"),
             )
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
-            load(&out)
         };
+        merge_model(&src, vec![adapter], &out, None, &mut |_, _, _| {})
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let written = load(&if hf {
+            out.join("model.safetensors")
+        } else {
+            out
+        });
         let base = load(&dir.join("base.safetensors"));
         let mut moved = 0;
         for (k, t) in &written {

@@ -151,48 +151,13 @@ impl LoraAdapter {
             rng.uniform_tensor(shape, -bound, bound, DType::F32, &dev)
         };
         let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev);
-        if let Some(init) = opts.init.rewrites_base() {
-            // PiSSA / OLoRA: A and B from the base weight; the model subtracts their delta from the base.
-            let (a, b) = super::rewrite_init::init_factors(init, base, opts.r, opts.scaling())?;
-            let out = sb[0];
-            let bb = opts.lora_bias.then(|| zeros(&[out])).transpose()?;
-            return Ok(Self {
-                kind: *base.kind(),
-                scaling: opts.scaling(),
-                opts,
-                a: Var::from_tensor(&a)?,
-                b: Var::from_tensor(&b)?,
-                b_bias: bb.map(|t| Var::from_tensor(&t)).transpose()?,
-                magnitude: None,
-                saved_dtype: DType::F32,
-            });
-        }
-        if opts.init == InitLoraWeights::Method("orthogonal".into()) {
-            let (a, b) = orthogonal_init(base, opts.r, rng)?;
-            let out = sb[0];
-            let bb = opts.lora_bias.then(|| zeros(&[out])).transpose()?;
-            let mut me = Self {
-                kind: *base.kind(),
-                scaling: opts.scaling(),
-                opts,
-                a: Var::from_tensor(&a)?,
-                b: Var::from_tensor(&b)?,
-                b_bias: bb.map(|t| Var::from_tensor(&t)).transpose()?,
-                magnitude: None,
-                saved_dtype: DType::F32,
-            };
-            if me.opts.use_dora {
-                let w = base.weight()?.to_dtype(DType::F32)?;
-                let (_, _, sm) = Self::shapes(base, me.opts.r)?;
-                let m = dora::weight_norm(&me.kind, &w, &me.lora_weight(false)?, me.scaling)?
-                    .reshape(sm)?;
-                me.magnitude = Some(Var::from_tensor(&m)?);
-            }
-            return Ok(me);
-        }
+        let zero_bias = || opts.lora_bias.then(|| zeros(&[sb[0]])).transpose();
         let method = match &opts.init {
             InitLoraWeights::Bool(b) => Some(*b),
             InitLoraWeights::Method(m) if m.eq_ignore_ascii_case("gaussian") => None,
+            // PiSSA / OLoRA (A and B from the base weight; the model subtracts their delta from the base) and
+            // the orthogonal init are handled below.
+            InitLoraWeights::Method(m) if opts.init.rewrites_base().is_some() || m == "orthogonal" => None,
             InitLoraWeights::Method(m) => {
                 return Err(PeftError::Unsupported {
                     field: "init_lora_weights".into(),
@@ -201,7 +166,22 @@ impl LoraAdapter {
                 });
             }
         };
-        let (a, b, bb) = if *base.kind() == BaseKind::Embedding {
+        let (a, b, bb) = if let Some(init) = opts.init.rewrites_base() {
+            if opts.use_dora {
+                return Err(PeftError::Unsupported {
+                    field: "use_dora".into(),
+                    value: "true".into(),
+                    reason: "DoRA with an initialisation that rewrites the base (PiSSA, OLoRA) is not \
+                             implemented yet"
+                        .into(),
+                });
+            }
+            let (a, b) = super::rewrite_init::init_factors(init, base, opts.r, opts.scaling())?;
+            (a, b, zero_bias()?)
+        } else if opts.init == InitLoraWeights::Method("orthogonal".into()) {
+            let (a, b) = orthogonal_init(base, opts.r, rng)?;
+            (a, b, zero_bias()?)
+        } else if *base.kind() == BaseKind::Embedding {
             match method {
                 Some(false) => (
                     rng.normal_tensor(sa.as_slice(), 0.0, 1.0, DType::F32, &dev)?,
@@ -217,15 +197,11 @@ impl LoraAdapter {
         } else {
             let out = sb[0];
             match method {
-                Some(true) => (
-                    kaiming(rng, &sa, fan_in_a)?,
-                    zeros(&sb)?,
-                    opts.lora_bias.then(|| zeros(&[out])).transpose()?,
-                ),
+                Some(true) => (kaiming(rng, &sa, fan_in_a)?, zeros(&sb)?, zero_bias()?),
                 None => (
                     rng.normal_tensor(sa.as_slice(), 0.0, 1.0 / opts.r as f64, DType::F32, &dev)?,
                     zeros(&sb)?,
-                    opts.lora_bias.then(|| zeros(&[out])).transpose()?,
+                    zero_bias()?,
                 ),
                 Some(false) => {
                     let a = kaiming(rng, &sa, fan_in_a)?;

@@ -27,9 +27,10 @@
 //! # Ok(()) }
 //! ```
 
-use crate::layer::{BaseKind, BaseLayer};
+use crate::config::PeftConfig;
+use crate::layer::{Adapter, BaseKind, BaseLayer, registry};
 use crate::merge_utils::ThinSvd;
-use crate::{PeftError, Result};
+use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Device, Tensor};
 use indexmap::IndexMap;
 
@@ -137,6 +138,24 @@ pub fn init_factors(
         Tensor::from_vec(a, (r, inp), &Device::Cpu)?.to_device(dev)?,
         Tensor::from_vec(b, (out, r), &Device::Cpu)?.to_device(dev)?,
     ))
+}
+
+/// `W − ΔW` for `adapter` on `base`: the residual its init leaves in the base, in f32 and rounded once to the
+/// weight's dtype (PEFT's `weight.data - scaling * lora_B @ lora_A`).
+pub fn residual_weight(adapter: &dyn Adapter, base: &BaseLayer, module: &str) -> Result<Tensor> {
+    let (delta, _) = adapter.delta_weight(base.kind())?.ok_or_else(|| {
+        PeftError::Invalid(format!("`{module}`: the new adapter has no additive delta"))
+    })?;
+    let w = base.weight()?;
+    let res = (w.to_dtype(DType::F32)? - delta.to_device(w.device())?)?;
+    Ok(res.to_dtype(w.dtype())?)
+}
+
+/// The residual a fresh init of `config` leaves in `base`: what PEFT's loading does when a file's config
+/// still names the init (it runs the init again before it loads the tensors). The init draws nothing random.
+pub fn fresh_residual(config: &PeftConfig, module: &str, base: &BaseLayer) -> Result<Tensor> {
+    let fresh = registry::new_adapter(config, module, base, &mut PeftRng::new(0))?;
+    residual_weight(fresh.as_ref(), base, module)
 }
 
 /// The reduced QR factorization `M = Q·R` of a row-major `[m, n]` matrix by Householder reflections with
@@ -259,7 +278,6 @@ impl<M: crate::host::AdapterHost> crate::PeftModel<M> {
         dir: impl AsRef<std::path::Path>,
         initial: impl AsRef<std::path::Path>,
     ) -> Result<()> {
-        use crate::config::PeftConfig;
         let initial = initial.as_ref();
         let file = crate::io::load_adapter(initial, &Device::Cpu).map_err(|e| {
             PeftError::Invalid(format!(
