@@ -156,6 +156,8 @@ const TOKENS: &[&str] = &[
     "\"RANDLORA\"",
     "\"TRAINABLE_TOKENS\"",
     "\"DEFT\"",
+    "\"UNILORA\"",
+    "\"save_indices\"",
     "\"qr\"",
     "\"pissa\"",
     "\"olora\"",

@@ -270,6 +270,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "randlora/cases/randlora_llama",
         "trainable_tokens/cases/tt_llama",
         "deft/cases/deft_llama",
+        "unilora/cases/unilora_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

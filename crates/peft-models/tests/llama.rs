@@ -1553,6 +1553,8 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "trainable_tokens/cases/tt_llama",
         "trainable_tokens/cases/tt_llama_tied",
         "deft/cases/deft_llama",
+        "unilora/cases/unilora_llama",
+        "unilora/cases/unilora_llama_long",
     ] {
         let dir = root.join(case);
         let base = || {

@@ -184,7 +184,7 @@ impl Merger {
                 let w =
                     Tensor::zeros(1, DType::F32, &Device::Cpu)?.broadcast_as(wshape.as_slice())?;
                 let layer = BaseLayer::new(kind, w, None)?;
-                dims.push((layer.in_features(), layer.out_features()));
+                dims.push(crate::tuners::TargetLayer::of(m, &layer));
             }
             ad.split.shared =
                 registry::shared_tensors(&ad.config, Some(&ad.split.shared), &dims, &Device::Cpu)
@@ -819,6 +819,117 @@ fn merge_shard(
 }
 
 /// The error for [`MergeOptions::requantize`] on a weight with no re-quantizer.
+/// The Llama family's linear layers in transformers' module order (`named_modules()`): the embedding, then per
+/// decoder layer the attention's `q, k, v, o` and the MLP's `gate, up, down`, then the head.
+const LLAMA_LAYER_ORDER: &[&str] = &[
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The model types whose module order [`transformers_module_order`] knows.
+const ORDERED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// The position of `module` in transformers' `named_modules()` order for a Llama-family model, `None` for a
+/// name outside that layout.
+fn llama_module_rank(module: &str) -> Option<(usize, usize, usize)> {
+    match module {
+        "model.embed_tokens" => return Some((0, 0, 0)),
+        "lm_head" => return Some((2, 0, 0)),
+        _ => {}
+    }
+    let rest = module.strip_prefix("model.layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let j = LLAMA_LAYER_ORDER.iter().position(|n| *n == rest)?;
+    Some((1, i, j))
+}
+
+/// `modules` sorted in transformers' module order, for a base whose `config.json` names a Llama-family
+/// `model_type`; an error naming what is missing otherwise.
+fn transformers_module_order(
+    config: Option<&serde_json::Value>,
+    mut modules: Vec<String>,
+    source: &str,
+) -> Result<Vec<String>> {
+    let model_type = config
+        .and_then(|c| c.get("model_type"))
+        .and_then(|v| v.as_str());
+    let why = |what: String| {
+        PeftError::Invalid(format!(
+            "{source}: this adapter's layers depend on the model's module order (UniLoRA draws its indices \
+             over the targeted layers in that order, and its file does not hold them: `save_indices` false), \
+             and {what}; merge it through a model, or save it with `save_indices: true`"
+        ))
+    };
+    match model_type {
+        Some(t) if ORDERED_MODEL_TYPES.contains(&t) => {}
+        Some(t) => {
+            return Err(why(format!(
+                "peft-rs knows no module order for model_type `{t}`"
+            )));
+        }
+        None => return Err(why("the base has no config.json with a model_type".into())),
+    }
+    if let Some(m) = modules.iter().find(|m| llama_module_rank(m).is_none()) {
+        return Err(why(format!("`{m}` is not a module of the Llama layout")));
+    }
+    modules.sort_by_key(|m| llama_module_rank(m));
+    Ok(modules)
+}
+
+/// The adapters whose layers are the config's targets ([`crate::tuners::PeftMethod::layers_from_config`])
+/// get every module of the base that their config targets, in transformers' module order, as PEFT injects
+/// them (the file may name none).
+fn add_config_layers(adapters: &mut [MergeAdapter], model: &BaseModel) -> Result<()> {
+    let model_type = model
+        .config
+        .as_ref()
+        .and_then(|c| c.get("model_type"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    for ad in adapters
+        .iter_mut()
+        .filter(|a| a.config.method().layers_from_config())
+    {
+        let mut config = ad.config.clone();
+        config
+            .method_mut()
+            .prepare_adapter_config(model_type.as_deref())?;
+        let Some(spec) = config.target_spec() else {
+            continue;
+        };
+        let mut targeted = Vec::new();
+        for (_, f) in &model.shards {
+            for n in f.names() {
+                if let Some(m) = n.strip_suffix(".weight")
+                    && crate::tuners::tuners_utils::check_target_module_exists(&spec, m)?
+                    && !targeted.iter().any(|t: &String| t == m)
+                {
+                    targeted.push(m.to_string());
+                }
+            }
+        }
+        let missing = targeted.iter().any(|m| !ad.split.modules.contains_key(m));
+        if !missing {
+            continue;
+        }
+        let ordered = transformers_module_order(model.config.as_ref(), targeted, &ad.source)?;
+        let mut modules = IndexMap::new();
+        for m in ordered {
+            let params = ad.split.modules.shift_remove(&m).unwrap_or_default();
+            modules.insert(m, params);
+        }
+        modules.extend(std::mem::take(&mut ad.split.modules));
+        ad.split.modules = modules;
+    }
+    Ok(())
+}
+
 fn no_requantizer(q: &QuantizedWeight) -> PeftError {
     PeftError::Unsupported {
         field: "requantize".into(),
@@ -955,6 +1066,8 @@ pub fn merge_model_with(
             .shape(n)
             .or_else(|| model.shards.iter().find_map(|(_, f)| packed_shape(f, n)))
     };
+    let mut adapters = adapters;
+    add_config_layers(&mut adapters, &model)?;
     let merger = Merger::new(adapters, &shape, aliases)?;
     let mut report = MergeReport {
         modules: merger.modules(),

@@ -14,6 +14,7 @@ use crate::io::{
 use crate::layer::Adapter;
 use crate::layer::modules_to_save::ModulesToSave;
 use crate::layer::registry;
+use crate::tuners::TargetLayer;
 use crate::tuners::trainable_tokens::TrainableTokensAdapter;
 use crate::tuners::tuners_utils::{ModuleKind, resolve_targets};
 use crate::{PeftError, PeftRng, Result};
@@ -404,9 +405,9 @@ impl<M: AdapterHost> PeftModel<M> {
                 .iter()
                 .filter(|s| targeted.contains(s.name()))
                 .collect();
-            let dims: Vec<(usize, usize)> = targets
+            let dims: Vec<TargetLayer> = targets
                 .iter()
-                .map(|s| (s.base().in_features(), s.base().out_features()))
+                .map(|s| TargetLayer::of(s.name(), s.base()))
                 .collect();
             let device = targets
                 .first()
@@ -808,7 +809,35 @@ impl<M: AdapterHost> PeftModel<M> {
     /// The adapters an adapter file builds for this model's slots (by module name), the model tensors it
     /// replaces, and its shared tensors, without changing the model.
     fn build_from_file(&self, file: &AdapterFile, device: &Device) -> Result<Built> {
-        let split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
+        let mut split = split_keys(&file.tensors, registry::param_prefixes(&file.config)?)?;
+        if file.config.method().layers_from_config() {
+            // PEFT injects by the config before it loads the file: every targeted module is a layer, also
+            // those of which the file holds nothing (UniLoRA without `save_indices`).
+            let mut config = file.config.clone();
+            let model_type = self.model.model_type();
+            config
+                .method_mut()
+                .prepare_adapter_config(model_type.as_deref())?;
+            if let Some(spec) = config.target_spec() {
+                let resolved = resolve_targets(
+                    &spec,
+                    &self.model.module_infos(),
+                    self.model.output_layer().as_deref(),
+                    config.peft_type().as_str(),
+                )?;
+                let slots: HashSet<String> = self
+                    .model
+                    .slots()
+                    .iter()
+                    .map(|s| s.name().to_string())
+                    .collect();
+                for m in resolved.targeted {
+                    if slots.contains(&m) {
+                        split.modules.entry(m).or_default();
+                    }
+                }
+            }
+        }
         // A tied partner's tensors (PEFT saves the shared rows under both names) are the targeted layer's.
         let partners: HashSet<String> = if file.config.method().follows_tied_weights() {
             self.tied_pairs()?
@@ -829,10 +858,10 @@ impl<M: AdapterHost> PeftModel<M> {
         )?;
         let shared = {
             let slots = self.model.slots();
-            let dims: Vec<(usize, usize)> = slots
+            let dims: Vec<TargetLayer> = slots
                 .iter()
                 .filter(|s| split.modules.contains_key(s.name()))
-                .map(|s| (s.base().in_features(), s.base().out_features()))
+                .map(|s| TargetLayer::of(s.name(), s.base()))
                 .collect();
             registry::shared_tensors(&file.config, Some(&split.shared), &dims, device)?
         };
@@ -1349,10 +1378,8 @@ impl<M: AdapterHost> PeftModel<M> {
                     }
                 }
             }
-            if registry::saves_shared(config)
-                && let Some(shared) = self.shared.get(name)
-            {
-                sd.extend(shared.iter().map(|(k, t)| (k.clone(), t.clone())));
+            if let Some(shared) = self.shared.get(name) {
+                sd.extend(registry::saved_shared(config, shared));
             }
             list.push((name.as_str(), config, sd));
         }

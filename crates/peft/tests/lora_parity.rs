@@ -95,15 +95,27 @@ pub fn load_case_with(dir: &Path, adapter_root: &Path) -> LoadedCase {
     };
     // Methods with model-level shared tensors (VB-LoRA's vector bank) get them resolved, in `split.shared`,
     // over the layers each adapter targets, as a model does.
+    // A method whose layers are its config's targets (UniLoRA without `save_indices`: the file names none)
+    // gets every target of the case; the shared tensors are drawn over them in module order (the case's).
+    let targets = strings(&json, "targets");
     for (name, config, split, _) in adapters.iter_mut() {
+        if config.method().layers_from_config() {
+            for m in &targets {
+                let targeted = config
+                    .target_spec()
+                    .map(|s| peft::tuners::tuners_utils::check_target_module_exists(&s, m).unwrap())
+                    .unwrap_or(false);
+                if targeted {
+                    split.modules.entry(m.clone()).or_default();
+                }
+            }
+        }
         if config.method().shares_tensors() {
-            let dims: Vec<(usize, usize)> = split
-                .modules
-                .keys()
-                .map(|m| {
-                    let b = base_layer(m);
-                    (b.in_features(), b.out_features())
-                })
+            let dims: Vec<peft::tuners::TargetLayer> = targets
+                .iter()
+                .filter(|m| split.modules.contains_key(*m))
+                .chain(split.modules.keys().filter(|m| !targets.contains(m)))
+                .map(|m| peft::tuners::TargetLayer::of(m, &base_layer(m)))
                 .collect();
             split.shared =
                 registry::shared_tensors(config, Some(&split.shared), &dims, &Device::Cpu)

@@ -63,7 +63,8 @@ fn pvera_new_adapter_is_the_identity_and_training_samples() {
     v["init_weights"] = serde_json::Value::Bool(true);
     let identity = PeftConfig::from_json_str(&v.to_string()).unwrap();
     let dims = [(16, 24), (24, 8)];
-    let shared = registry::shared_tensors(&identity, None, &dims, &Device::Cpu).unwrap();
+    let shared =
+        registry::shared_tensors(&identity, None, &target_layers(&dims), &Device::Cpu).unwrap();
     for m in ["lin0", "lin1"] {
         let base = c.slots[m].base();
         let fresh = registry::new_adapter_with_shared(
@@ -137,13 +138,23 @@ fn pvera_bad_configs_and_files_are_named() {
         "pvera_lambda_d".into(),
         Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
     );
-    let s = registry::shared_tensors(config, Some(&shared), &[(16, 24), (24, 8)], &Device::Cpu)
-        .unwrap();
+    let s = registry::shared_tensors(
+        config,
+        Some(&shared),
+        &target_layers(&[(16, 24), (24, 8)]),
+        &Device::Cpu,
+    )
+    .unwrap();
     let e = registry::build_adapter_with_shared(config, "lin0", base, &wrong, &s).unwrap_err();
     assert!(e.to_string().contains("pvera_lambda_d"), "{e}");
     let mut missing = shared.clone();
     missing.shift_remove(PVERA_B_KEY);
-    let e =
-        registry::shared_tensors(config, Some(&missing), &[(16, 24)], &Device::Cpu).unwrap_err();
+    let e = registry::shared_tensors(
+        config,
+        Some(&missing),
+        &target_layers(&[(16, 24)]),
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains(PVERA_B_KEY), "{e}");
 }

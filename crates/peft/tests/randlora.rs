@@ -94,13 +94,10 @@ fn randlora_fresh_bases_equal_peft_s_saved_ones() {
         let dir = fixtures_dir().join("randlora/cases").join(case);
         let c = load_case(&dir);
         for (name, config, split, original) in &c.adapters {
-            let dims: Vec<(usize, usize)> = split
+            let dims: Vec<peft::tuners::TargetLayer> = split
                 .modules
                 .keys()
-                .map(|m| {
-                    let b = c.slots[m].base();
-                    (b.in_features(), b.out_features())
-                })
+                .map(|m| peft::tuners::TargetLayer::of(m, c.slots[m].base()))
                 .collect();
             let fresh = registry::shared_tensors(config, None, &dims, &Device::Cpu).unwrap();
             // `split.shared` holds what the adapter uses: the file's bases, or regenerated ones
@@ -249,10 +246,24 @@ fn randlora_bad_configs_and_tensors_are_named_errors() {
         "base_model.vera_A".into(),
         Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap(),
     );
-    assert!(registry::shared_tensors(config, Some(&other), &[(16, 24)], &Device::Cpu).is_err());
+    assert!(
+        registry::shared_tensors(
+            config,
+            Some(&other),
+            &target_layers(&[(16, 24)]),
+            &Device::Cpu
+        )
+        .is_err()
+    );
     let mut no_b = split.shared.clone();
     no_b.shift_remove(RANDLORA_B_KEY);
-    let e = registry::shared_tensors(config, Some(&no_b), &[(16, 24)], &Device::Cpu).unwrap_err();
+    let e = registry::shared_tensors(
+        config,
+        Some(&no_b),
+        &target_layers(&[(16, 24)]),
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(
         matches!(&e, PeftError::MissingKey(k) if k == RANDLORA_B_KEY),
         "{e}"

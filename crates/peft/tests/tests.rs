@@ -36,6 +36,7 @@ mod shira;
 mod supertuning;
 mod train;
 mod trainable_tokens;
+mod unilora;
 mod varbuilder;
 mod vblora;
 mod vera;

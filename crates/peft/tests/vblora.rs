@@ -33,6 +33,14 @@ layer_method_parity_tests!(
     |k| k.contains(".vblora_logits_") || k == "base_model.vblora_vector_bank"
 );
 
+fn lin0_target() -> peft::tuners::TargetLayer {
+    peft::tuners::TargetLayer {
+        module: "lin0".into(),
+        in_features: 16,
+        out_features: 24,
+    }
+}
+
 fn case_dir(name: &str) -> std::path::PathBuf {
     fixtures_dir().join("vblora/cases").join(name)
 }
@@ -157,7 +165,7 @@ fn vblora_missing_unexpected_and_misshapen_tensors_are_named() {
         Some(&file_shared(
             Tensor::zeros((16, 8), DType::F32, &Device::Cpu).unwrap(),
         )),
-        &[(16, 24)],
+        &[lin0_target()],
         &Device::Cpu,
     )
     .unwrap_err();
@@ -168,7 +176,7 @@ fn vblora_missing_unexpected_and_misshapen_tensors_are_named() {
     let e = registry::shared_tensors(
         config,
         Some(&registry::SharedTensors::new()),
-        &[(16, 24)],
+        &[lin0_target()],
         &Device::Cpu,
     )
     .unwrap_err();
@@ -181,7 +189,8 @@ fn vblora_missing_unexpected_and_misshapen_tensors_are_named() {
         "base_model.vblora_other".into(),
         shared[VECTOR_BANK_KEY].clone(),
     );
-    let e = registry::shared_tensors(config, Some(&more), &[(16, 24)], &Device::Cpu).unwrap_err();
+    let e =
+        registry::shared_tensors(config, Some(&more), &[lin0_target()], &Device::Cpu).unwrap_err();
     assert!(
         matches!(&e, PeftError::UnexpectedKeys(k) if k == &["base_model.vblora_other"]),
         "{e}"
@@ -199,7 +208,7 @@ fn vblora_bad_configs_and_unsupported_layers_are_errors() {
         r#"{"peft_type": "VBLORA", "num_vectors": 8, "vector_length": 5}"#,
     )
     .unwrap();
-    let shared = registry::new_shared_tensors(&odd, &[(16, 24)], &Device::Cpu, &rng).unwrap();
+    let shared = registry::new_shared_tensors(&odd, &[lin0_target()], &Device::Cpu, &rng).unwrap();
     let e = registry::new_adapter_with_shared(&odd, "lin0", base, &mut rng, &shared).unwrap_err();
     assert!(
         matches!(&e, PeftError::InvalidConfig(m) if m.contains("`in_features` 16 must be divisible by `vector_length` 5")),

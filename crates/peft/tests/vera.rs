@@ -76,8 +76,13 @@ fn load_vera_case(dir: &Path) -> (PeftConfig, IndexMap<String, AdapterSlot>) {
             (b.in_features(), b.out_features())
         })
         .collect();
-    let shared =
-        registry::shared_tensors(&file.config, Some(&split.shared), &dims, &Device::Cpu).unwrap();
+    let shared = registry::shared_tensors(
+        &file.config,
+        Some(&split.shared),
+        &target_layers(&dims),
+        &Device::Cpu,
+    )
+    .unwrap();
     for (m, params) in &split.modules {
         let slot = &mut slots[m];
         let a = registry::build_adapter_with_shared(&file.config, m, slot.base(), params, &shared)
@@ -137,9 +142,13 @@ fn vera_regenerated_projections_equal_peft_bit_for_bit() {
                 .values()
                 .map(|s| (s.base().in_features(), s.base().out_features()))
                 .collect();
-            let shared =
-                registry::shared_tensors(&file.config, Some(&IndexMap::new()), &dims, &Device::Cpu)
-                    .unwrap();
+            let shared = registry::shared_tensors(
+                &file.config,
+                Some(&IndexMap::new()),
+                &target_layers(&dims),
+                &Device::Cpu,
+            )
+            .unwrap();
             assert_eq!(bits(&shared["base_model.vera_A"]), bits(ea));
             assert_eq!(bits(&shared["base_model.vera_B"]), bits(eb));
         }

@@ -38,12 +38,14 @@ impl Default for AdapterChecks {
 
 /// Whether `name` is one of the integer tensors PEFT writes: VB-LoRA's top-k indices
 /// (`….vblora_logits_A_topk_indices`, `….vblora_logits_B_topk_indices`, `save_only_topk_weights`) and
-/// SuperTuning's `….supertuning_indices` and SHiRA's `….shira_indices`, by the last component of the key.
+/// SuperTuning's `….supertuning_indices`, SHiRA's `….shira_indices` and UniLoRA's `….unilora_indices_A` /
+/// `_B`, by the last component of the key.
 fn admitted_integer(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
     crate::tuners::vblora::layer::INTEGER_TENSORS.contains(&last)
         || crate::tuners::supertuning::layer::INTEGER_TENSORS.contains(&last)
         || crate::tuners::shira::layer::INTEGER_TENSORS.contains(&last)
+        || crate::tuners::unilora::layer::INTEGER_TENSORS.contains(&last)
 }
 
 /// Checks the tensors of an adapter file: at least one tensor, every one of a floating dtype but VB-LoRA's

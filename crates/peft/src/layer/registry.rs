@@ -92,21 +92,37 @@ pub fn new_adapter(
 pub fn shared_tensors(
     config: &PeftConfig,
     file_shared: Option<&SharedTensors>,
-    dims: &[(usize, usize)],
+    targets: &[crate::tuners::TargetLayer],
     device: &candle_core::Device,
 ) -> Result<SharedTensors> {
-    config.method().shared_tensors(file_shared, dims, device)
+    config.method().shared_tensors(file_shared, targets, device)
 }
 
 /// The model-level tensors of a freshly created adapter ([`crate::tuners::PeftMethod::new_shared_tensors`]),
 /// random ones drawn from `rng` (VB-LoRA's vector bank); otherwise as [`shared_tensors`] with no file.
 pub fn new_shared_tensors(
     config: &PeftConfig,
-    dims: &[(usize, usize)],
+    targets: &[crate::tuners::TargetLayer],
     device: &candle_core::Device,
     rng: &PeftRng,
 ) -> Result<SharedTensors> {
-    config.method().new_shared_tensors(dims, device, rng)
+    config.method().new_shared_tensors(targets, device, rng)
+}
+
+/// The shared tensors an adapter file holds (those under `base_model.`, when the method saves them at all:
+/// [`saves_shared`]); the others are the method's own layout (UniLoRA's per-layer indices), never saved.
+pub fn saved_shared(
+    config: &PeftConfig,
+    shared: &SharedTensors,
+) -> Vec<(String, candle_core::Tensor)> {
+    if !saves_shared(config) {
+        return Vec::new();
+    }
+    shared
+        .iter()
+        .filter(|(k, _)| k.starts_with("base_model."))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect()
 }
 
 /// Whether the method saves its [`shared_tensors`] in the adapter file (VeRA with `save_projection`,

@@ -26,6 +26,29 @@ use serde_json::{Map, Value};
 /// `Var`, and [`crate::PeftModel::trainable_vars`] lists it once, under its key without `base_model.`.
 pub type SharedTensors = IndexMap<String, Tensor>;
 
+/// One targeted layer as the shared-tensor hooks see it ([`PeftMethod::shared_tensors`]): its module name
+/// and sizes. The hooks get every targeted layer, in the model's module order (PyTorch's `named_modules()`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetLayer {
+    /// The module's dotted name (`model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    /// The layer's input features.
+    pub in_features: usize,
+    /// The layer's output features.
+    pub out_features: usize,
+}
+
+impl TargetLayer {
+    /// The target of `module` with the sizes of `base`.
+    pub fn of(module: &str, base: &BaseLayer) -> Self {
+        Self {
+            module: module.to_string(),
+            in_features: base.in_features(),
+            out_features: base.out_features(),
+        }
+    }
+}
+
 /// One tensor of an adapter file as `peft inspect` sees it: its name relative to the module and its shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorInfo<'a> {
@@ -217,12 +240,14 @@ pub trait PeftMethod: MethodType + std::fmt::Debug + Send + Sync {
     }
 
     /// The model-level tensors the adapter's layers share, from the file's keys outside `base_model.model.`
-    /// (`file_shared`; `None` for a freshly created adapter) and the `(in_features, out_features)` of every
-    /// targeted layer. The default: none, and a file that holds such keys is an error naming them.
+    /// (`file_shared`; `None` for a freshly created adapter) and every targeted layer, in module order. Keys
+    /// under `base_model.` are saved with the adapter when [`saves_shared`](Self::saves_shared) says so;
+    /// others are the method's own (UniLoRA's per-layer indices) and never saved. The default: none, and a
+    /// file that holds such keys is an error naming them.
     fn shared_tensors(
         &self,
         file_shared: Option<&SharedTensors>,
-        _dims: &[(usize, usize)],
+        _targets: &[TargetLayer],
         _device: &Device,
     ) -> Result<SharedTensors> {
         match file_shared {
@@ -237,15 +262,23 @@ pub trait PeftMethod: MethodType + std::fmt::Debug + Send + Sync {
     /// no file (VeRA generates its projections from its own key).
     fn new_shared_tensors(
         &self,
-        dims: &[(usize, usize)],
+        targets: &[TargetLayer],
         device: &Device,
         _rng: &PeftRng,
     ) -> Result<SharedTensors> {
-        self.shared_tensors(None, dims, device)
+        self.shared_tensors(None, targets, device)
     }
 
     /// Whether the method has model-level [`shared_tensors`](Self::shared_tensors) at all (VeRA, VB-LoRA).
     fn shares_tensors(&self) -> bool {
+        false
+    }
+
+    /// Whether the adapter's layers are the modules its config targets, whatever the file names (PEFT
+    /// always injects by the config before loading the tensors): a method whose layers may save nothing
+    /// (UniLoRA without `save_indices`). A loader then wraps every targeted module the file does not name,
+    /// building it from no tensors. `false` by default: the file's keys name the layers.
+    fn layers_from_config(&self) -> bool {
         false
     }
 

@@ -13,7 +13,7 @@ pub mod lycoris_utils;
 pub mod method;
 pub mod tuners_utils;
 
-pub use method::{MethodType, ModuleSummary, PeftMethod, SharedTensors, TensorInfo};
+pub use method::{MethodType, ModuleSummary, PeftMethod, SharedTensors, TargetLayer, TensorInfo};
 
 /// Generates the method registry from one line per method:
 /// `Variant("PEFT_TYPE") => folder::ConfigStruct`, with the variant's doc comment above it.
@@ -207,4 +207,6 @@ peft_methods! {
     TrainableTokens("TRAINABLE_TOKENS") => trainable_tokens::TrainableTokensConfig,
     /// `"DEFT"`: DEFT, a learned output subspace of the weight removed and replaced (PaRa: removed only).
     Deft("DEFT") => deft::DeftConfig,
+    /// `"UNILORA"`: UniLoRA, every LoRA factor entry read from one shared trained vector.
+    UniLora("UNILORA") => unilora::UniLoraConfig,
 }

@@ -363,9 +363,7 @@ pub mod parity {
             let mut saved =
                 peft::io::adapter_state_dict(c.slots.values(), name, config, &|_| false).unwrap();
             // model-level shared tensors (VB-LoRA's vector bank), as a model saves them
-            if peft::layer::registry::saves_shared(config) {
-                saved.extend(split.shared.iter().map(|(k, t)| (k.clone(), t.clone())));
-            }
+            saved.extend(peft::layer::registry::saved_shared(config, &split.shared));
             assert_reloads_as_peft(dir, name, config, &saved, original, &key_ok);
         }
     }
@@ -526,3 +524,18 @@ macro_rules! layer_method_parity_tests {
     };
 }
 pub(crate) use layer_method_parity_tests;
+
+/// Targeted layers of the given `(in_features, out_features)`, named `layer0`, `layer1`, … (for the
+/// shared-tensor hooks, which get every targeted layer).
+pub fn target_layers(dims: &[(usize, usize)]) -> Vec<peft::tuners::TargetLayer> {
+    dims.iter()
+        .enumerate()
+        .map(
+            |(i, &(in_features, out_features))| peft::tuners::TargetLayer {
+                module: format!("layer{i}"),
+                in_features,
+                out_features,
+            },
+        )
+        .collect()
+}

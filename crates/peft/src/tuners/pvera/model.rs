@@ -5,7 +5,7 @@ use super::layer::{PveraAdapter, PveraProjections};
 use crate::config::common::{TargetModules, TargetSpec};
 use crate::layer::{Adapter, BaseKind, BaseLayer};
 use crate::tuners::constants::{LORA_TARGET_MODULES, TargetDefault, lookup};
-use crate::tuners::method::{PeftMethod, SharedTensors};
+use crate::tuners::method::{PeftMethod, SharedTensors, TargetLayer};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{Device, Tensor};
 use indexmap::IndexMap;
@@ -63,17 +63,17 @@ impl PeftMethod for PveraConfig {
     fn shared_tensors(
         &self,
         file_shared: Option<&SharedTensors>,
-        dims: &[(usize, usize)],
+        targets: &[TargetLayer],
         device: &Device,
     ) -> Result<SharedTensors> {
         let p = match file_shared {
-            Some(f) => PveraProjections::resolve(self, f, dims.iter().copied(), device)?,
+            Some(f) => PveraProjections::resolve(self, f, targets.iter().map(|t| (t.in_features, t.out_features)), device)?,
             None => {
                 let fresh = PveraConfig {
                     save_projection: false,
                     ..self.clone()
                 };
-                PveraProjections::resolve(&fresh, &SharedTensors::new(), dims.iter().copied(), device)?
+                PveraProjections::resolve(&fresh, &SharedTensors::new(), targets.iter().map(|t| (t.in_features, t.out_features)), device)?
             }
         };
         Ok(p.to_shared().into_iter().collect())

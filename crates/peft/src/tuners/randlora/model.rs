@@ -4,7 +4,7 @@ use super::config::RandLoraConfig;
 use super::layer::{GAMMA, LAMBDA, LAYER_A, LAYER_B, RandLoraAdapter, RandLoraBases};
 use crate::config::common::{TargetModules, TargetSpec};
 use crate::layer::{Adapter, BaseKind, BaseLayer};
-use crate::tuners::method::{ModuleSummary, PeftMethod, SharedTensors, TensorInfo};
+use crate::tuners::method::{ModuleSummary, PeftMethod, SharedTensors, TargetLayer, TensorInfo};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{Device, Tensor};
 use indexmap::IndexMap;
@@ -60,17 +60,17 @@ impl PeftMethod for RandLoraConfig {
     fn shared_tensors(
         &self,
         file_shared: Option<&SharedTensors>,
-        dims: &[(usize, usize)],
+        targets: &[TargetLayer],
         device: &Device,
     ) -> Result<SharedTensors> {
         let p = match file_shared {
-            Some(f) => RandLoraBases::resolve(self, f, dims.iter().copied(), device)?,
+            Some(f) => RandLoraBases::resolve(self, f, targets.iter().map(|t| (t.in_features, t.out_features)), device)?,
             None => {
                 let fresh = RandLoraConfig {
                     save_projection: false,
                     ..self.clone()
                 };
-                RandLoraBases::resolve(&fresh, &SharedTensors::new(), dims.iter().copied(), device)?
+                RandLoraBases::resolve(&fresh, &SharedTensors::new(), targets.iter().map(|t| (t.in_features, t.out_features)), device)?
             }
         };
         Ok(p.to_shared().into_iter().collect())

@@ -10,7 +10,7 @@ use super::topk;
 use crate::config::common::{TargetFields, TargetModules};
 use crate::layer::{Adapter, BaseKind, BaseLayer, NamedTensor};
 use crate::tuners::constants::{TargetDefault, lookup};
-use crate::tuners::method::{ModuleSummary, PeftMethod, SharedTensors, TensorInfo};
+use crate::tuners::method::{ModuleSummary, PeftMethod, SharedTensors, TargetLayer, TensorInfo};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use indexmap::IndexMap;
@@ -149,7 +149,7 @@ impl PeftMethod for VbLoraConfig {
     fn shared_tensors(
         &self,
         file_shared: Option<&SharedTensors>,
-        dims: &[(usize, usize)],
+        targets: &[TargetLayer],
         device: &Device,
     ) -> Result<SharedTensors> {
         match file_shared {
@@ -157,13 +157,13 @@ impl PeftMethod for VbLoraConfig {
                 VECTOR_BANK_KEY.to_string(),
                 self.vector_bank_from_file(f)?,
             )])),
-            None => self.new_shared_tensors(dims, device, &PeftRng::new(0)),
+            None => self.new_shared_tensors(targets, device, &PeftRng::new(0)),
         }
     }
 
     fn new_shared_tensors(
         &self,
-        _dims: &[(usize, usize)],
+        _targets: &[TargetLayer],
         device: &Device,
         rng: &PeftRng,
     ) -> Result<SharedTensors> {
