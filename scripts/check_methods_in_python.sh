@@ -79,13 +79,15 @@ config() { # name -> adapter_config.json-style spec
     deft_qr_para) echo '{"peft_type":"DEFT","task_type":"CAUSAL_LM","r":2,"decomposition_method":"qr","para":true,"target_modules":["q_proj","v_proj","down_proj"]}' ;;
     unilora) echo '{"peft_type":"UNILORA","task_type":"CAUSAL_LM","r":4,"theta_d_length":256,"init_theta_d_bound":0.1,"target_modules":["q_proj","v_proj"]}' ;;
     unilora_saved) echo '{"peft_type":"UNILORA","task_type":"CAUSAL_LM","r":2,"theta_d_length":20000,"proj_seed":5,"save_indices":true,"unilora_dropout":0.1,"init_theta_d_bound":0.1,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}' ;;
+    frod) echo '{"peft_type":"FROD","task_type":"CAUSAL_LM","sparse_rate":0.02,"progressbar":false,"target_modules":["q_proj","v_proj"]}' ;;
+    frod_2) echo '{"peft_type":"FROD","task_type":"CAUSAL_LM","sparse_rate":0.05,"projection_prng_key":9,"frod_dropout":0.1,"init_weights":false,"progressbar":false,"target_modules":["q_proj","k_proj","o_proj","down_proj"]}' ;;
     pissa) echo '{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":8,"lora_dropout":0.0,"target_modules":["q_proj","v_proj"],"init_lora_weights":"pissa"}' ;;
     olora) echo '{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":16,"lora_dropout":0.0,"target_modules":["q_proj","v_proj","down_proj"],"init_lora_weights":"olora"}' ;;
     esac
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning | pvera* | trainable_tokens* | lora_trainable_tokens*) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all vblora vblora_topk glora glora_vector fourierft fourierft_pattern peanut peanut_deep supertuning supertuning_supra shira shira_default_seed pvera pvera_no_projection randlora randlora_2 trainable_tokens trainable_tokens_random lora_trainable_tokens lora_trainable_tokens_map pissa olora lora_orthogonal deft deft_qr_para unilora unilora_saved"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all vblora vblora_topk glora glora_vector fourierft fourierft_pattern peanut peanut_deep supertuning supertuning_supra shira shira_default_seed pvera pvera_no_projection randlora randlora_2 trainable_tokens trainable_tokens_random lora_trainable_tokens lora_trainable_tokens_map pissa olora lora_orthogonal deft deft_qr_para unilora unilora_saved frod frod_2"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"

@@ -158,6 +158,8 @@ const TOKENS: &[&str] = &[
     "\"DEFT\"",
     "\"UNILORA\"",
     "\"save_indices\"",
+    "\"FROD\"",
+    "\"sparse_rate\"",
     "\"qr\"",
     "\"pissa\"",
     "\"olora\"",

@@ -271,6 +271,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "trainable_tokens/cases/tt_llama",
         "deft/cases/deft_llama",
         "unilora/cases/unilora_llama",
+        "frod/cases/frod_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -1555,6 +1555,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "deft/cases/deft_llama",
         "unilora/cases/unilora_llama",
         "unilora/cases/unilora_llama_long",
+        "frod/cases/frod_llama",
     ] {
         let dir = root.join(case);
         let base = || {

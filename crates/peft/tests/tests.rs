@@ -9,6 +9,7 @@ mod conversion;
 mod deft;
 mod delora;
 mod fourierft;
+mod frod;
 mod glora;
 mod gralora;
 mod half_linear;

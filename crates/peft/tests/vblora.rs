@@ -38,6 +38,7 @@ fn lin0_target() -> peft::tuners::TargetLayer {
         module: "lin0".into(),
         in_features: 16,
         out_features: 24,
+        base: None,
     }
 }
 

@@ -46,6 +46,8 @@ fn admitted_integer(name: &str) -> bool {
         || crate::tuners::supertuning::layer::INTEGER_TENSORS.contains(&last)
         || crate::tuners::shira::layer::INTEGER_TENSORS.contains(&last)
         || crate::tuners::unilora::layer::INTEGER_TENSORS.contains(&last)
+        || (name.starts_with("base_model.frod_s_indices.")
+            || name.starts_with("base_model.frod_s_size."))
 }
 
 /// Checks the tensors of an adapter file: at least one tensor, every one of a floating dtype but VB-LoRA's

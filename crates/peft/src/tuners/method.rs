@@ -28,7 +28,7 @@ pub type SharedTensors = IndexMap<String, Tensor>;
 
 /// One targeted layer as the shared-tensor hooks see it ([`PeftMethod::shared_tensors`]): its module name
 /// and sizes. The hooks get every targeted layer, in the model's module order (PyTorch's `named_modules()`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct TargetLayer {
     /// The module's dotted name (`model.layers.0.self_attn.q_proj`).
     pub module: String,
@@ -36,15 +36,19 @@ pub struct TargetLayer {
     pub in_features: usize,
     /// The layer's output features.
     pub out_features: usize,
+    /// The base layer itself where the caller has it (a model does; a merge without a model has only
+    /// shapes): FRoD builds a fresh adapter's shared bases from the base weights.
+    pub base: Option<BaseLayer>,
 }
 
 impl TargetLayer {
-    /// The target of `module` with the sizes of `base`.
+    /// The target of `module` with the sizes (and the weights) of `base`.
     pub fn of(module: &str, base: &BaseLayer) -> Self {
         Self {
             module: module.to_string(),
             in_features: base.in_features(),
             out_features: base.out_features(),
+            base: Some(base.clone()),
         }
     }
 }

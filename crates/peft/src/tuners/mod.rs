@@ -209,4 +209,6 @@ peft_methods! {
     Deft("DEFT") => deft::DeftConfig,
     /// `"UNILORA"`: UniLoRA, every LoRA factor entry read from one shared trained vector.
     UniLora("UNILORA") => unilora::UniLoraConfig,
+    /// `"FROD"`: FRoD, the weight in a shared basis per layer role, its scales and a sparse coupling trained.
+    Frod("FROD") => frod::FrodConfig,
 }

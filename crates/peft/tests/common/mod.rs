@@ -535,6 +535,7 @@ pub fn target_layers(dims: &[(usize, usize)]) -> Vec<peft::tuners::TargetLayer> 
                 module: format!("layer{i}"),
                 in_features,
                 out_features,
+                base: None,
             },
         )
         .collect()

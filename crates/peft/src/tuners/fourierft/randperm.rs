@@ -55,6 +55,27 @@ pub fn randperm_prefix(n: u64, k: usize, seed: u64) -> Result<Vec<u64>> {
     }
 }
 
+/// The first `k` entries of `torch.randperm(n, generator=g)` drawn from an existing generator `g`, which is
+/// left where the whole call leaves it (every draw of the full permutation consumed), so that later draws
+/// continue torch's stream (FRoD draws one permutation per category from one generator). `k > n` is an
+/// error.
+pub fn randperm_prefix_continuing(n: u64, k: usize, g: &mut Mt19937) -> Result<Vec<u64>> {
+    if k as u64 > n {
+        return Err(PeftError::Invalid(format!(
+            "randperm: {k} entries asked of a permutation of {n}"
+        )));
+    }
+    if n >= LARGE_N {
+        return Ok(inside_out(n, k, g));
+    }
+    let out = front_fisher_yates(n, k, g);
+    // the full call draws once for each i < n − 1
+    for _ in (k as u64).min(n.saturating_sub(1))..n.saturating_sub(1) {
+        g.next_u32();
+    }
+    Ok(out)
+}
+
 /// The small-`n` algorithm, stopped after `k` steps: positions `< i` are final after step `i − 1`.
 fn front_fisher_yates(n: u64, k: usize, g: &mut Mt19937) -> Vec<u64> {
     let mut moved: HashMap<u64, u64> = HashMap::with_capacity(2 * k);
