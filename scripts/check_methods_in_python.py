@@ -3,8 +3,11 @@
 Usage (from the repository root; bash scripts/check_methods_in_python.sh does everything):
     python scripts/check_methods_in_python.py build-tiny TOKENIZER_HF_DIR OUT_DIR
     python scripts/check_methods_in_python.py compare TINY_HF_DIR METHODS_DIR NAME [NAME ...]
+    python scripts/check_methods_in_python.py init-adapter TINY_HF_DIR CONFIG_JSON OUT_DIR
 
 `build-tiny` writes a seeded f32 tiny Llama (2 layers, hidden 64) with SmolLM2's tokenizer.
+`init-adapter` writes PEFT's fresh adapter of CONFIG_JSON on the tiny Llama (get_peft_model + save_pretrained), for
+the methods whose initialisation only PEFT can do (FRoD), which `peft train --init-adapter` then trains.
 `compare` reads, for each NAME, METHODS_DIR/NAME/{summary.json, adapter/, rust_logits.safetensors}
 (`peft train` / `peft eval --save-logits`), runs PeftModel.from_pretrained on the same input_ids and
 attention_mask, cuts the virtual-token positions for prompt tuning / P-tuning (Rust saves the real-token
@@ -40,6 +43,17 @@ def build_tiny(tok_dir: str, out: str) -> int:
         if os.path.exists(p):
             shutil.copy(p, os.path.join(out, f))
     print(f"tiny llama: {out} (vocab {vocab}, {sum(p.numel() for p in model.parameters())} params)")
+    return 0
+
+
+def init_adapter(base_dir: str, config_json: str, out: str) -> int:
+    from peft import get_peft_config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = get_peft_config(json.load(open(config_json)))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    get_peft_model(model, config).save_pretrained(out)
     return 0
 
 
@@ -129,6 +143,8 @@ def main() -> int:
         return build_tiny(sys.argv[2], sys.argv[3])
     if sys.argv[1] == "compare":
         return compare(sys.argv[2], sys.argv[3], sys.argv[4:])
+    if sys.argv[1] == "init-adapter":
+        return init_adapter(sys.argv[2], sys.argv[3], sys.argv[4])
     print(__doc__)
     return 2
 

@@ -81,20 +81,31 @@ config() { # name -> adapter_config.json-style spec
     unilora_saved) echo '{"peft_type":"UNILORA","task_type":"CAUSAL_LM","r":2,"theta_d_length":20000,"proj_seed":5,"save_indices":true,"unilora_dropout":0.1,"init_theta_d_bound":0.1,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}' ;;
     frod) echo '{"peft_type":"FROD","task_type":"CAUSAL_LM","sparse_rate":0.02,"progressbar":false,"target_modules":["q_proj","v_proj"]}' ;;
     frod_2) echo '{"peft_type":"FROD","task_type":"CAUSAL_LM","sparse_rate":0.05,"projection_prng_key":9,"frod_dropout":0.1,"init_weights":false,"progressbar":false,"target_modules":["q_proj","k_proj","o_proj","down_proj"]}' ;;
+    osf) echo '{"peft_type":"OSF","task_type":"CAUSAL_LM","target_modules":["q_proj","v_proj"]}' ;;
+    osf_patterns) echo '{"peft_type":"OSF","task_type":"CAUSAL_LM","effective_rank":0.75,"rank_pattern":{"down_proj":60},"target_modules":["q_proj","k_proj","down_proj"]}' ;;
     pissa) echo '{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":8,"lora_dropout":0.0,"target_modules":["q_proj","v_proj"],"init_lora_weights":"pissa"}' ;;
     olora) echo '{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":16,"lora_dropout":0.0,"target_modules":["q_proj","v_proj","down_proj"],"init_lora_weights":"olora"}' ;;
     esac
 }
 lr_of() { case "$1" in prompt_tuning | prefix_tuning* | p_tuning | pvera* | trainable_tokens* | lora_trainable_tokens*) echo 5e-2 ;; *) echo 1e-2 ;; esac; }
 
-methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all vblora vblora_topk glora glora_vector fourierft fourierft_pattern peanut peanut_deep supertuning supertuning_supra shira shira_default_seed pvera pvera_no_projection randlora randlora_2 trainable_tokens trainable_tokens_random lora_trainable_tokens lora_trainable_tokens_map pissa olora lora_orthogonal deft deft_qr_para unilora unilora_saved frod frod_2"}
+methods=${METHODS:-"lora dora ia3 adalora vera loha lokr oft boft prompt_tuning prefix_tuning prefix_tuning_proj p_tuning hra hra_gs road road_4 delora delora_patterns miss miss_bat miss_mini gralora gralora_hybrid c3a c3a_pattern hira hira_patterns beft beft_all vblora vblora_topk glora glora_vector fourierft fourierft_pattern peanut peanut_deep supertuning supertuning_supra shira shira_default_seed pvera pvera_no_projection randlora randlora_2 trainable_tokens trainable_tokens_random lora_trainable_tokens lora_trainable_tokens_map pissa olora lora_orthogonal deft deft_qr_para unilora unilora_saved frod frod_2 osf osf_patterns"}
 for m in $methods; do
     d="$out/$m"
     rm -rf "$d"
     mkdir -p "$d"
     config "$m" >"$d/adapter_config.in.json"
     echo "== $m: $(cat "$d/adapter_config.in.json")"
-    if ! $peft train --model "$tiny" --data "$data" --adapter-config "$d/adapter_config.in.json" --steps $steps \
+    # FRoD: PEFT builds the adapter (its bases are PEFT's own), peft-rs trains it (--init-adapter)
+    start=(--adapter-config "$d/adapter_config.in.json")
+    case "$m" in frod*)
+        if ! "$py" scripts/check_methods_in_python.py init-adapter "$tiny" "$d/adapter_config.in.json" "$d/init" >"$d/init.log" 2>&1; then
+            echo "   PEFT init failed:"; tail -n 5 "$d/init.log" | sed 's/^/   /'
+            continue
+        fi
+        start=(--init-adapter "$d/init") ;;
+    esac
+    if ! $peft train --model "$tiny" --data "$data" "${start[@]}" --steps $steps \
         --batch-size 4 --seq-len 32 --lr "$(lr_of "$m")" --eval-max-examples 8 --quiet --output "$d" >"$d/train.log" 2>&1; then
         echo "   peft train failed:"; tail -n 5 "$d/train.log" | sed 's/^/   /'
         continue

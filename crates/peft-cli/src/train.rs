@@ -37,6 +37,11 @@ pub struct TrainArgs {
     /// overrides the LoRA flags below.
     #[arg(long)]
     pub adapter_config: Option<PathBuf>,
+    /// Start from an existing PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`)
+    /// instead of a fresh adapter: continue training an adapter trained in Python, or train a method whose
+    /// initialisation only PEFT can do (FRoD). Not with --adapter-config.
+    #[arg(long, conflicts_with = "adapter_config")]
+    pub init_adapter: Option<PathBuf>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8, value_parser = positive_usize)]
     pub r: usize,
@@ -371,7 +376,15 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
             model.dtype()
         )?;
     }
-    let mut config = adapter_config(args)?;
+    let mut config = match &args.init_adapter {
+        Some(dir) => {
+            let mut c = PeftConfig::from_dir(dir)
+                .with_context(|| format!("reading the adapter {}", dir.display()))?;
+            c.base_mut().inference_mode = false;
+            c
+        }
+        None => adapter_config(args)?,
+    };
     if let Some(name) = hf_config.get("_name_or_path").and_then(|v| v.as_str()) {
         config.base_mut().base_model_name_or_path = Some(name.to_string());
     }
@@ -391,13 +404,26 @@ pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<TrainSummary
     }
     // TEXT prompt-tuning init: PEFT tokenizes `prompt_tuning_init_text` with `tokenizer_name_or_path`; we use
     // the model's tokenizer.
-    let mut pm = match peft_models::prompt_learning::init_text_ids(&config, tokenizer.as_ref())? {
-        Some(ids) => {
+    let init = peft_models::prompt_learning::init_text_ids(&config, tokenizer.as_ref())?;
+    let mut pm = match (&args.init_adapter, init) {
+        (Some(dir), _) => {
+            let mut pm = PeftModel::new(model, args.seed);
+            pm.load_adapter(dir, "default", &device)
+                .with_context(|| format!("cannot load the adapter {}", dir.display()))?;
+            if config.is_prompt_learning() {
+                bail!(
+                    "{}: --init-adapter takes layer adapters (a prompt-learning adapter trains from its config)",
+                    dir.display()
+                );
+            }
+            pm
+        }
+        (None, Some(ids)) => {
             let mut pm = PeftModel::new(model, args.seed);
             pm.add_prompt_adapter("default", config, Some(&ids))?;
             pm
         }
-        None => PeftModel::get_peft_model(model, config, "default", args.seed)?,
+        (None, None) => PeftModel::get_peft_model(model, config, "default", args.seed)?,
     };
     writeln!(out, "{}", pm.trainable_parameters())?;
     let mut bar = None;

@@ -160,6 +160,8 @@ const TOKENS: &[&str] = &[
     "\"save_indices\"",
     "\"FROD\"",
     "\"sparse_rate\"",
+    "\"OSF\"",
+    "\"effective_rank\"",
     "\"qr\"",
     "\"pissa\"",
     "\"olora\"",

@@ -272,6 +272,7 @@ fn adapter_seeds() -> Vec<Vec<u8>> {
         "deft/cases/deft_llama",
         "unilora/cases/unilora_llama",
         "frod/cases/frod_llama",
+        "osf/cases/osf_llama",
     ] {
         let dir = fixtures().join(case).join("adapter");
         if let (Ok(c), Ok(w)) = (

@@ -522,6 +522,9 @@ pub fn train(
             .map(|l| peft::tuners::lora::layer::LoraOptions::from_config(l, module).scaling())
     };
     let mut trainer = build_trainer(options, params.clone(), &scaling, max_steps)?;
+    for (name, projection) in model.gradient_projections() {
+        trainer.add_grad_projection(name, projection);
+    }
     let allocator = match &adalora {
         Some(a) => Some(peft::tuners::adalora::attach_adalora(
             &mut trainer,

@@ -1556,6 +1556,7 @@ fn newer_methods_give_peft_logits_on_the_tiny_llama() {
         "unilora/cases/unilora_llama",
         "unilora/cases/unilora_llama_long",
         "frod/cases/frod_llama",
+        "osf/cases/osf_llama",
     ] {
         let dir = root.join(case);
         let base = || {

@@ -1214,6 +1214,25 @@ impl<M: AdapterHost> PeftModel<M> {
         Ok(self.model)
     }
 
+    /// The gradient projections the active adapters ask for ([`crate::layer::Adapter::gradient_projection`]),
+    /// keyed as in [`trainable_vars`](Self::trainable_vars) (`<module>.<key>`): OSF's. A trainer applies each
+    /// to its variable's gradient before the optimizer step.
+    pub fn gradient_projections(&self) -> Vec<(String, crate::layer::GradProjection)> {
+        let mut out = Vec::new();
+        for slot in self.model.slots() {
+            for a in &self.active {
+                if let Some(ad) = slot.adapter(a) {
+                    for (k, _) in ad.vars() {
+                        if let Some(p) = ad.gradient_projection(&k) {
+                            out.push((format!("{}.{k}", slot.name()), p));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The trainable parameters: every `Var` of the active adapters, keyed `<module>.<key>` (PEFT's names
     /// without the `base_model.model.` prefix). A model-level shared tensor that trains (VB-LoRA's vector
     /// bank, one `Var` held by every layer) is listed once, keyed as in the file without `base_model.`

@@ -46,12 +46,17 @@ fn fresh_projections_draw_peft_s_positions_and_bases() {
         // (PEFT's second adapter reuses the first one's bases and positions, its own `sparse_rate` ignored;
         // here each adapter draws its own: only the first is compared)
         for (adapter, config, split, original) in c.adapters.iter().take(1) {
-            assert!(matches!(config, PeftConfig::Frod(_)));
             let layers: Vec<TargetLayer> = targets
                 .iter()
                 .map(|m| TargetLayer::of(m, c.slots[m].base()))
                 .collect();
-            let fresh = registry::shared_tensors(config, None, &layers, &Device::Cpu).unwrap();
+            let PeftConfig::Frod(cfg) = config else {
+                unreachable!()
+            };
+            let fresh = cfg.new_projections(&layers).unwrap();
+            // a model refuses to create one (PEFT would not load it back)
+            let e = registry::shared_tensors(config, None, &layers, &Device::Cpu).unwrap_err();
+            assert!(e.to_string().contains("--init-adapter"), "{e}");
             let mut cats: Vec<String> = targets.iter().map(|m| category_from_key(m)).collect();
             cats.sort();
             cats.dedup();

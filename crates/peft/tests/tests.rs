@@ -26,6 +26,7 @@ mod lora_trainable_tokens;
 mod merge_files;
 mod miss;
 mod oft;
+mod osf;
 mod peanut;
 mod peft_model;
 mod pvera;

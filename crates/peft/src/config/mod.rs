@@ -524,6 +524,7 @@ mod tests {
             crate::tuners::configs::DeftConfig::default().into(),
             crate::tuners::configs::UniLoraConfig::default().into(),
             crate::tuners::configs::FrodConfig::default().into(),
+            crate::tuners::configs::OsfConfig::default().into(),
             crate::tuners::configs::TrainableTokensConfig {
                 token_indices: vec![0],
                 ..Default::default()

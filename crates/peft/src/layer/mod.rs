@@ -139,6 +139,44 @@ pub struct Merged {
     pub cache: Option<Tensor>,
 }
 
+/// A linear projection of a gradient that an adapter asks for ([`Adapter::gradient_projection`]), applied
+/// by the trainer to the accumulated gradient before clipping (PEFT's `register_hook` on the parameter).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use peft::layer::GradProjection;
+/// let q = Tensor::new(&[[1f32], [0.]], &Device::Cpu)?; // the first axis
+/// let g = Tensor::new(&[[3f32, 4.], [5., 6.]], &Device::Cpu)?;
+/// let p = GradProjection::Left(q).apply(&g)?;
+/// assert_eq!(p.to_vec2::<f32>()?, [[0., 0.], [5., 6.]]);
+/// # Ok::<(), peft::PeftError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub enum GradProjection {
+    /// `g − Q·(Qᵀ·g)`: removes the column space of the orthonormal `Q` `[rows, k]`.
+    Left(Tensor),
+    /// `g − (g·Qᵀ)·Q`: removes the row space of the orthonormal `Q` `[k, cols]`.
+    Right(Tensor),
+}
+
+impl GradProjection {
+    /// The projected gradient (f32).
+    pub fn apply(&self, g: &Tensor) -> Result<Tensor> {
+        let g32 = g.to_dtype(DType::F32)?;
+        let out = match self {
+            GradProjection::Left(q) => {
+                let q = q.to_dtype(DType::F32)?;
+                (&g32 - q.matmul(&q.t()?.matmul(&g32)?)?)?
+            }
+            GradProjection::Right(q) => {
+                let q = q.to_dtype(DType::F32)?;
+                (&g32 - g32.matmul(&q.t()?)?.matmul(&q)?)?
+            }
+        };
+        Ok(out.to_dtype(g.dtype())?)
+    }
+}
+
 /// The weights an adapter merges into, all f32.
 #[derive(Clone, Copy, Debug)]
 pub struct MergeInput<'a> {
@@ -310,6 +348,13 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// `true` by default; a method whose forward mixes rows must say `false`.
     fn supports_mixed_batch(&self) -> bool {
         true
+    }
+
+    /// How the trainer must project the gradient of the variable `var` (a key of [`Adapter::vars`]) before
+    /// the optimizer sees it, if at all (OSF keeps its trained singular vectors orthogonal to the frozen
+    /// ones, PEFT's gradient hooks). `None` by default.
+    fn gradient_projection(&self, _var: &str) -> Option<GradProjection> {
+        None
     }
 
     /// A warning to show when this adapter is merged, if merging it does not reproduce its unmerged forward

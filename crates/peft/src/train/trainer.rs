@@ -178,6 +178,7 @@ pub struct Trainer {
     pub(super) window: LogWindow,
     pub(super) log: Option<MetricsLog>,
     extra_losses: Vec<(String, ExtraLoss)>,
+    grad_projections: IndexMap<String, crate::layer::GradProjection>,
     hooks: Vec<StepHook>,
     progress: Option<ProgressCallback>,
     pub(super) last: Option<StepReport>,
@@ -316,6 +317,7 @@ impl Trainer {
             window: LogWindow::default(),
             log: None,
             extra_losses: Vec::new(),
+            grad_projections: IndexMap::new(),
             hooks: Vec::new(),
             progress: None,
             last: None,
@@ -339,6 +341,17 @@ impl Trainer {
     /// Adds a loss term to every micro-batch's loss (reported under `name`).
     pub fn add_extra_loss(&mut self, name: impl Into<String>, term: ExtraLoss) {
         self.extra_losses.push((name.into(), term));
+    }
+
+    /// Projects the gradient of the parameter `name` (one of [`params`](Self::params)) with `projection`
+    /// before clipping and the optimizer step (PEFT's gradient hooks: OSF's, from
+    /// [`crate::PeftModel::gradient_projections`]).
+    pub fn add_grad_projection(
+        &mut self,
+        name: impl Into<String>,
+        projection: crate::layer::GradProjection,
+    ) {
+        self.grad_projections.insert(name.into(), projection);
     }
 
     /// Adds a hook called after every optimizer step.
@@ -494,6 +507,12 @@ impl Trainer {
                     };
                     acc.insert(name.clone(), g);
                 }
+            }
+        }
+        for (name, p) in &self.grad_projections {
+            if let Some(g) = acc.get(name) {
+                let projected = p.apply(g)?;
+                acc.insert(name.clone(), projected);
             }
         }
         // Clip in parameter order.

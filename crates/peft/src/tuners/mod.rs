@@ -211,4 +211,6 @@ peft_methods! {
     UniLora("UNILORA") => unilora::UniLoraConfig,
     /// `"FROD"`: FRoD, the weight in a shared basis per layer role, its scales and a sparse coupling trained.
     Frod("FROD") => frod::FrodConfig,
+    /// `"OSF"`: OSF, the weight's lower singular directions trained orthogonally to its top ones.
+    Osf("OSF") => osf::OsfConfig,
 }

@@ -61,6 +61,12 @@ fn is_match(re: &Regex, haystack: &str, field: &str) -> Result<bool> {
     })
 }
 
+/// Python's `re.search(pattern, haystack)`.
+pub(crate) fn search(pattern: &str, haystack: &str, field: &str) -> Result<bool> {
+    let re = compile(pattern, field, pattern)?;
+    is_match(&re, haystack, field)
+}
+
 /// Python's `re.fullmatch(pattern, haystack)`.
 pub(crate) fn fullmatch(pattern: &str, haystack: &str, field: &str) -> Result<bool> {
     let re = compile(&format!("^(?:{pattern})$"), field, pattern)?;

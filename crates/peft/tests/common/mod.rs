@@ -413,6 +413,15 @@ pub mod parity {
     /// (`base_hf/` when the case has one, else `base.safetensors`): every written tensor equals PEFT's
     /// `merge_and_unload` state dict (1e-6 / 1e-5). Returns how many written names `is_target` accepts.
     pub fn assert_merge_model_matches(dir: &Path, is_target: impl Fn(&str) -> bool) -> usize {
+        assert_merge_model_matches_within(dir, is_target, (1e-6, 1e-5))
+    }
+
+    /// [`assert_merge_model_matches`] within `tol` (OSF: PEFT's float32 SVD of the base).
+    pub fn assert_merge_model_matches_within(
+        dir: &Path,
+        is_target: impl Fn(&str) -> bool,
+        tol: Tol,
+    ) -> usize {
         let json = case_json(dir);
         let merged = load(&dir.join("merged.safetensors"));
         let adapters: Vec<MergeAdapter> = strings(&json, "merge_order")
@@ -450,8 +459,8 @@ pub mod parity {
                 &format!("{}: merged {k}", dir.display()),
                 t,
                 expected,
-                1e-6,
-                1e-5,
+                tol.0,
+                tol.1,
             );
             touched += usize::from(is_target(k));
         }
@@ -466,6 +475,16 @@ pub mod parity {
 /// the file's own tests.
 macro_rules! layer_method_parity_tests {
     ($method:literal, $cases:expr, $peft_type:literal, $checks:expr, $saved:expr) => {
+        $crate::common::layer_method_parity_tests!(
+            $method,
+            $cases,
+            $peft_type,
+            $checks,
+            $saved,
+            (1e-6, 1e-5)
+        );
+    };
+    ($method:literal, $cases:expr, $peft_type:literal, $checks:expr, $saved:expr, $merge_tol:expr) => {
         fn for_each_case(f: impl Fn(&std::path::Path, &mut $crate::lora_parity::LoadedCase)) {
             $crate::common::parity::for_each_case(
                 $method,
@@ -508,9 +527,11 @@ macro_rules! layer_method_parity_tests {
         fn merge_files_matches_peft_merge_and_unload() {
             for dir in $crate::common::cases($method) {
                 let targets = $crate::common::strings(&$crate::common::case_json(&dir), "targets");
-                let touched = $crate::common::parity::assert_merge_model_matches(&dir, |k| {
-                    targets.iter().any(|m| k.starts_with(m))
-                });
+                let touched = $crate::common::parity::assert_merge_model_matches_within(
+                    &dir,
+                    |k| targets.iter().any(|m| k.starts_with(m)),
+                    $merge_tol,
+                );
                 // Every case merges into two tensors or more, but those of a method on one embedding (whose
                 // tied head shares the one matrix).
                 let min = if $method == "trainable_tokens" { 1 } else { 2 };

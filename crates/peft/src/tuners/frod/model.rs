@@ -187,6 +187,13 @@ impl FrodConfig {
     }
 }
 
+/// Why a new FRoD adapter is not created here.
+const FRESH_REFUSED: &str = "a new FRoD adapter cannot be created by peft-rs: PEFT recomputes every basis V \
+     from the base weights when it loads an adapter (float32 QR, inverses and a symmetric eigendecomposition \
+     whose eigenvectors are not unique) and builds U from its own V before it reads the saved one, so only \
+     bases PEFT computed itself load back with the same outputs. Create the adapter with PEFT \
+     (get_peft_model + save_pretrained) and train it here with `peft train --init-adapter DIR`, or load it";
+
 /// The integers of an int64 (or other integer) tensor.
 fn ints(name: &str, t: &Tensor) -> Result<Vec<i64>> {
     match t.dtype() {
@@ -303,8 +310,9 @@ impl PeftMethod for FrodConfig {
         Ok(PARAM_PREFIXES)
     }
 
-    /// The file's bases and positions (every category of the targets must be there), or for a fresh adapter
-    /// (`None`) ones built from the targets' base weights.
+    /// The file's bases and positions (every category of the targets must be there). A fresh adapter
+    /// (`None`) is refused: its bases ([`FrodConfig::new_projections`]) would not be PEFT's, and PEFT builds
+    /// `U` from the bases it recomputes, not from the saved ones.
     fn shared_tensors(
         &self,
         file_shared: Option<&SharedTensors>,
@@ -312,7 +320,8 @@ impl PeftMethod for FrodConfig {
         _device: &Device,
     ) -> Result<SharedTensors> {
         let Some(f) = file_shared else {
-            return self.new_projections(targets);
+            let _ = targets;
+            return Err(PeftError::Invalid(FRESH_REFUSED.into()));
         };
         let known = |k: &str| {
             [V_PREFIX, INDICES_PREFIX, SIZE_PREFIX]
