@@ -544,6 +544,68 @@ fn adapter_config_file_trains_ia3_with_llama_defaults() {
     assert!(with.is_finite());
 }
 
+/// `--init-adapter DIR` continues from a saved adapter: the second run starts where the first ended (its
+/// eval loss before training is the first run's after), trains it further, and saves the same kind of
+/// adapter; it does not combine with `--adapter-config`, and a FRoD config (which only PEFT can create) is
+/// refused with a pointer to it.
+#[test]
+fn init_adapter_continues_a_saved_adapter() {
+    let f = fixture();
+    let cfg = f.path("ia3_init.json");
+    std::fs::write(
+        &cfg,
+        json!({"peft_type": "IA3", "task_type": "CAUSAL_LM"}).to_string(),
+    )
+    .unwrap();
+    let first = f.path("ia3_first");
+    train(&f, &first, 4, &args!["--adapter-config", cfg]).unwrap();
+    let second = f.path("ia3_second");
+    train(
+        &f,
+        &second,
+        4,
+        &args!["--init-adapter", first.join("adapter")],
+    )
+    .unwrap();
+    let (a, b) = (
+        read_json(&first.join("summary.json")),
+        read_json(&second.join("summary.json")),
+    );
+    let after_first = a["eval_loss_after"].as_f64().unwrap();
+    let before_second = b["eval_loss_before"].as_f64().unwrap();
+    assert!((after_first - before_second).abs() < 1e-6, "{a} / {b}");
+    assert!(
+        b["eval_loss_after"].as_f64().unwrap() < before_second,
+        "{b}"
+    );
+    let saved = read_json(&second.join("adapter/adapter_config.json"));
+    assert_eq!(saved["peft_type"], "IA3");
+    assert_ne!(
+        tensor_bits(&first.join("adapter/adapter_model.safetensors")),
+        tensor_bits(&second.join("adapter/adapter_model.safetensors"))
+    );
+    let both = train(
+        &f,
+        &f.path("ia3_both"),
+        1,
+        &args![
+            "--init-adapter",
+            first.join("adapter"),
+            "--adapter-config",
+            cfg
+        ],
+    );
+    assert!(both.is_err());
+    let frod = f.path("frod.json");
+    std::fs::write(
+        &frod,
+        json!({"peft_type": "FROD", "target_modules": ["q_proj"]}).to_string(),
+    )
+    .unwrap();
+    let e = train(&f, &f.path("frod_out"), 1, &args!["--adapter-config", frod]).unwrap_err();
+    assert!(format!("{e:#}").contains("--init-adapter"), "{e:#}");
+}
+
 /// `--optimizer lorafa` keeps every `lora_A` at its initialisation (bit for bit that of an `--lr 0` run) and
 /// trains the `B`s; `--loraplus-lr-ratio 1` is plain AdamW bit for bit, and ratio 4 moves the `B`s (zero at
 /// the start) of a one-step run 4 times as far as plain AdamW does; misuse is named.

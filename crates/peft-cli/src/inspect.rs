@@ -302,7 +302,18 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
             .err()
             .map(|e| e.to_string())
             .or_else(|| tensor_problem(&file, &weights)),
-        grouping_note,
+        grouping_note: grouping_note.or_else(|| {
+            (modules.is_empty() && config.method().layers_from_config()).then(|| {
+                let targets = config
+                    .target_spec()
+                    .and_then(|t| t.target_modules.and_then(|m| serde_json::to_string(m).ok()))
+                    .unwrap_or_else(|| "PEFT's defaults for the model type".into());
+                format!(
+                    "the file holds no per-layer tensors: the layers are the modules the config targets \
+                     ({targets}), drawn again at load"
+                )
+            })
+        }),
         modules,
         replaced_tensors,
         shared_tensors,
