@@ -413,3 +413,24 @@ fn unilora_trains_the_one_shared_theta_d() {
     let y = slots[1].forward(&h, &ForwardCtx::eval()).unwrap();
     assert_close("reloaded", &y, &after, 1e-6, 1e-5);
 }
+
+#[test]
+fn unilora_absurd_ranks_are_an_error_not_an_allocation() {
+    let config: PeftConfig = UniLoraConfig {
+        r: 1 << 28,
+        ..Default::default()
+    }
+    .into();
+    let layers = target_layers(&[(16, 24), (24, 12)]);
+    let e = registry::shared_tensors(
+        &config,
+        Some(&registry::SharedTensors::from([(
+            THETA_D_KEY.to_string(),
+            Tensor::zeros(256, DType::F32, &Device::Cpu).unwrap(),
+        )])),
+        &layers,
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("factor entries"), "{e}");
+}

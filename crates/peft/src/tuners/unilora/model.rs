@@ -19,6 +19,9 @@ use indexmap::IndexMap;
 /// internal, never saved (only keys under `base_model.` are).
 const LAYOUT_PREFIX: &str = "unilora_layout:";
 
+/// The most `A` / `B` entries the index assignment draws for (2³⁰, 8 GiB of indices).
+const MAX_ENTRIES: u64 = 1 << 30;
+
 fn layout_key(module: &str, param: &str) -> String {
     format!("{LAYOUT_PREFIX}{module}.{param}")
 }
@@ -52,6 +55,13 @@ impl UniLoraConfig {
             .sum();
         if total == 0 {
             return Ok(Vec::new());
+        }
+        if total > MAX_ENTRIES {
+            return Err(PeftError::InvalidConfig(format!(
+                "UniLoRA: r = {} gives the targeted layers {total} factor entries, more than peft-rs draws \
+                 indices for ({MAX_ENTRIES})",
+                self.r
+            )));
         }
         let len = self.theta_d_length;
         let idx = generate_index(total, len as u64, self.proj_seed as u128)?;
