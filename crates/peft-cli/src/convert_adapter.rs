@@ -1,5 +1,5 @@
 //! `peft convert-adapter`: PEFT's `save_as_lora` from the command line. Loads the base model and an adapter
-//! of another method (LoHa, LoKr, VeRA, VB-LoRA, FourierFT, RandLoRA, C3A, MiSS, GraLoRA, DeLoRA) and writes
+//! of another method (LoHa, LoKr, VeRA, VB-LoRA, FourierFT, RandLoRA, C3A, MiSS, GraLoRA, DeLoRA, UniLoRA) and writes
 //! it as a plain LoRA adapter directory that PEFT's `PeftModel.from_pretrained`, LoRA-only servers, `peft
 //! serve` and `peft merge` load ([`peft::tuners::lora::conversion`]).
 //!

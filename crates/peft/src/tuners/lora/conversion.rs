@@ -9,8 +9,8 @@
 //! MiSS outside "bat" gives its exact factors at its own rank, as PEFT does.
 //!
 //! The layers PEFT converts are those whose class says `supports_lora_conversion()`: Linear layers of LoRA,
-//! LoHa, LoKr, VeRA, VB-LoRA, FourierFT, RandLoRA, C3A, MiSS, GraLoRA and DeLoRA, and GPT-2 Conv1D layers of
-//! LoRA, VeRA, VB-LoRA, RandLoRA and GraLoRA. Any other adapted layer (IA3, OFT, BOFT, HiRA, SHiRA, AdaLoRA,
+//! LoHa, LoKr, VeRA, VB-LoRA, FourierFT, RandLoRA, C3A, MiSS, GraLoRA, DeLoRA and UniLoRA, and GPT-2 Conv1D
+//! layers of LoRA, VeRA, VB-LoRA, RandLoRA, GraLoRA and UniLoRA. Any other adapted layer (IA3, OFT, BOFT, HiRA, SHiRA, AdaLoRA,
 //! embeddings, trainable tokens, …) makes the conversion an error naming it, as PEFT's `TypeError` does.
 //! `modules_to_save` are carried over under their plain keys.
 //!
@@ -157,7 +157,7 @@ pub fn convert_slots(
         return Err(refused(format!(
             "Some module types on this model do not support LoRA conversion: {} (PEFT converts only additive \
              updates W + ΔW: Linear layers of LoRA, LoHa, LoKr, VeRA, VB-LoRA, FourierFT, RandLoRA, C3A, MiSS, \
-             GraLoRA and DeLoRA)",
+             GraLoRA, DeLoRA and UniLoRA)",
             unsupported.join(", ")
         )));
     }
