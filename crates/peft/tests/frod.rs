@@ -45,7 +45,7 @@ fn fresh_projections_draw_peft_s_positions_and_bases() {
         let targets = strings(&case_json(&dir), "targets");
         // (PEFT's second adapter reuses the first one's bases and positions, its own `sparse_rate` ignored;
         // here each adapter draws its own: only the first is compared)
-        for (adapter, config, split, original) in c.adapters.iter().take(1) {
+        for (adapter, config, _, original) in c.adapters.iter().take(1) {
             let layers: Vec<TargetLayer> = targets
                 .iter()
                 .map(|m| TargetLayer::of(m, c.slots[m].base()))
@@ -101,7 +101,6 @@ fn fresh_projections_draw_peft_s_positions_and_bases() {
                     1e-3,
                 );
             }
-            let _ = split;
         }
     }
 }

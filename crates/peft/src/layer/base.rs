@@ -414,6 +414,16 @@ pub(crate) fn linear_apply(x: &Tensor, w: &Tensor, transpose: bool) -> candle_co
     y.reshape(out)
 }
 
+/// A 2-D base weight in the `[out, in]` layout, f32 (GPT-2's Conv1D `[in, out]` transposed; PEFT's
+/// `transpose(weight, fan_in_fan_out)`).
+pub(crate) fn logical_weight(kind: &BaseKind, w: &Tensor) -> crate::Result<Tensor> {
+    let w = w.to_dtype(candle_core::DType::F32)?;
+    Ok(match kind {
+        BaseKind::Conv1D => w.t()?.contiguous()?,
+        _ => w,
+    })
+}
+
 /// Whether a gradient flows through `x` while the weight and bias are frozen (not trained): then
 /// [`crate::ops::frozen_linear`] skips the weight gradient candle's matmul backward would compute. A trained
 /// weight (a `modules_to_save` copy) keeps the plain candle ops and its gradient.

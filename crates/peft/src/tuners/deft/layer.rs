@@ -19,6 +19,7 @@
 //! same `Q` and hence the same gradient as torch's `linalg.qr`.
 
 use super::config::{DeftConfig, DeftDecomposition};
+use crate::layer::base::logical_weight;
 use crate::layer::{Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -54,15 +55,6 @@ fn dims(base: &BaseLayer) -> Result<(usize, usize)> {
             reason: "DEFT wraps torch.nn.Linear and GPT-2 Conv1D layers only (as PEFT)".into(),
         }),
     }
-}
-
-/// The weight as `[out, in]` f32 (Conv1D stores it transposed).
-fn logical_weight(kind: &BaseKind, w: &Tensor) -> Result<Tensor> {
-    let w = w.to_dtype(DType::F32)?;
-    Ok(match kind {
-        BaseKind::Conv1D => w.t()?.contiguous()?,
-        _ => w,
-    })
 }
 
 /// The orthonormal factor of `P`'s reduced QR with LAPACK's column signs, differentiable in `P`.

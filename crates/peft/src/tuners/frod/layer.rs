@@ -13,7 +13,7 @@
 //! ```
 
 use super::config::FrodConfig;
-use crate::layer::base::linear_apply;
+use crate::layer::base::{linear_apply, logical_weight};
 use crate::layer::{Adapter, BaseKind, BaseLayer, CallCtx, MergeInput, Merged, NamedTensor, check_shape};
 use crate::{PeftError, PeftRng, Result};
 use candle_core::{DType, Tensor, Var};
@@ -62,15 +62,6 @@ fn check_kind_supported(base: &BaseLayer) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// The base weight `[out, in]` (a Conv1D's transposed), f32.
-pub(crate) fn logical_weight(kind: &BaseKind, w: &Tensor) -> Result<Tensor> {
-    let w = w.to_dtype(DType::F32)?;
-    Ok(match kind {
-        BaseKind::Conv1D => w.t()?.contiguous()?,
-        _ => w,
-    })
 }
 
 /// `U` and `λ` of `W = U·diag(λ)·Vᵀ` (PEFT's `_calculate_frod_u_and_lambda`, in f64): `B = W·V⁻ᵀ` (torch's
@@ -249,8 +240,8 @@ impl Adapter for FrodAdapter {
         let out = linear_apply(&(zs + zl)?, &self.u, true)?;
         // what the base contributes for `h` (`h Wᵀ`): replaced by this adapter's weight (`result` may already
         // hold other adapters' updates, so it is recomputed)
-        let w = logical_weight(base.kind(), &base.weight()?)?;
-        let base_out = linear_apply(&h, &w, true)?;
+        let w = base.weight()?.to_dtype(DType::F32)?;
+        let base_out = linear_apply(&h, &w, *base.kind() != BaseKind::Conv1D)?;
         Ok(((result + out)? - base_out)?)
     }
 

@@ -4,7 +4,8 @@
 //! `base_model.frod_s_size.<category>`).
 
 use super::config::FrodConfig;
-use super::layer::{FrodAdapter, LAMBDA_L, LAMBDA_S_VALUES, PARAM_PREFIXES, Projection, logical_weight};
+use super::layer::{FrodAdapter, LAMBDA_L, LAMBDA_S_VALUES, PARAM_PREFIXES, Projection};
+use crate::layer::base::logical_weight;
 use crate::config::common::{TargetModules, TargetSpec};
 use crate::layer::{Adapter, BaseKind, BaseLayer, check_shape};
 use crate::tuners::fourierft::randperm::randperm_prefix_continuing;
@@ -320,7 +321,6 @@ impl PeftMethod for FrodConfig {
         _device: &Device,
     ) -> Result<SharedTensors> {
         let Some(f) = file_shared else {
-            let _ = targets;
             return Err(PeftError::Invalid(FRESH_REFUSED.into()));
         };
         let known = |k: &str| {
